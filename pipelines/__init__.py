@@ -1,0 +1,1 @@
+"""Bank-side Spark pipelines: raw transactions -> validated -> point-in-time features."""
