@@ -1,0 +1,54 @@
+"""Shared fixtures: one real SparkSession per test session, small contract-shaped data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+
+import pytest
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("FEDFRAUD_SHUFFLE_PARTITIONS", "2")
+
+from pipelines.contract import RAW_SCHEMA  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pipelines.spark import get_spark
+
+    session = get_spark("fedfraud-tests", cores="2")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def config():
+    from pipelines.config import load_config
+
+    return load_config()
+
+
+def ts(text: str) -> datetime:
+    """Naive UTC timestamp from 'YYYY-MM-DD HH:MM:SS'."""
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+
+
+def txn(tid, when, account="a1", amount=10.0, currency="EUR", merchant="m1", category="grocery",
+        channel="card_present", country="DE", device="d1", is_fraud=0):
+    """One raw transaction in contract column order."""
+    return (tid, ts(when) if isinstance(when, str) else when, account, amount, currency, merchant,
+            category, channel, country, device, is_fraud)
+
+
+@pytest.fixture(scope="session")
+def make_raw(spark):
+    """Build a contract-typed DataFrame from ``txn`` tuples."""
+
+    def build(rows):
+        return spark.createDataFrame(rows, RAW_SCHEMA)
+
+    return build
