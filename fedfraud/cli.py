@@ -86,42 +86,118 @@ def features(
     out.print(f"features: {report['features_path']}  contract: {report['feature_contract_hash'][:12]}")
 
 
+def _parse_banks(specs: list[str]) -> dict[str, Path]:
+    banks: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--bank takes NAME=PATH, got {spec!r}")
+        if name in banks:
+            _fail(f"bank {name} is given twice")
+        if not Path(path).exists():
+            _fail(f"bank {name}: input not found: {path}")
+        banks[name] = Path(path)
+    return banks
+
+
+@app.command()
+def federate(
+    bank: list[str] = typer.Option(..., "--bank", help="NAME=PATH of a bank's raw data (repeat per bank)."),
+    rounds: int = typer.Option(5, "--rounds", min=1),
+    strategy: str = typer.Option("bagging", "--strategy", help="bagging, cyclic, local or centralized (benchmark only)."),
+    model_name: str = typer.Option(..., "--model-name", help="Registered model name in MLflow."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI, else sqlite in the work dir."),
+    work_dir: Path = typer.Option(Path("work/federation"), "--work-dir"),
+    seed: int = typer.Option(0, "--seed"),
+    trees_per_round: int = typer.Option(20, "--trees-per-round", min=1),
+    min_banks: int = typer.Option(1, "--min-banks", min=1, help="Quorum: accepted updates a round needs."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Train a model across banks; the last stdout line is the registered model URI."""
+    from aggregator.federation import RoundFailed
+    from aggregator.runner import STRATEGY_CHOICES, federate as run, prepare_consortium
+    from aggregator.settings import FederationSettings
+    from pipelines.config import load_config
+
+    if strategy not in STRATEGY_CHOICES:
+        _fail(f"--strategy must be one of {', '.join(STRATEGY_CHOICES)}, got {strategy!r}")
+    settings = FederationSettings(trees_per_round=trees_per_round, min_banks=min_banks)
+    progress = lambda message: err.print(f"[dim]{message}[/]")  # noqa: E731 - stdout is for results
+    consortium = _run_gate(lambda: prepare_consortium(_parse_banks(bank), work_dir, load_config(config), settings, progress))
+    try:
+        results = run(consortium, strategy, rounds, model_name, tracking_uri, settings, seed, progress)
+    except RoundFailed as exc:
+        _fail(f"federation failed, nothing registered for the failed round: {exc}", code=4)
+    for name, result in results.items():
+        pooled = result.evaluation.pooled["auprc"]
+        err.print(f"{name or 'pooled'}: AUPRC {pooled:.4f}")
+        print(f"{name} {result.model_uri}" if name else result.model_uri)
+
+
+@app.command()
+def score(
+    model: str = typer.Option(..., "--model", help="models:/NAME/VERSION or models:/NAME@champion"),
+    input_path: Path = typer.Option(..., "--input"),
+    output: Path = typer.Option(..., "--output", help="Parquet file with transaction_id, score."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Score every input row with a registered model (quarantined rows get a null score)."""
+    from bank_node.scoring import score_transactions
+    from pipelines.config import load_config
+    from pipelines.spark import get_spark
+
+    counts = _run_gate(lambda: score_transactions(get_spark("fedfraud-score"), model, input_path, output,
+                                                  load_config(config), tracking_uri))
+    out.print(f"scored {counts['scored']:,} rows, {counts['quarantined']:,} quarantined (null score) -> {output}")
+
+
 @app.command()
 def demo(
     work_dir: Path = typer.Option(Path("work/demo"), "--work-dir", help="Where the demo writes everything."),
-    banks: int = typer.Option(5, "--banks", min=1),
-    rows: int = typer.Option(200_000, "--rows", min=1000),
+    banks: int = typer.Option(5, "--banks", min=2),
+    rows: int = typer.Option(300_000, "--rows", min=5000),
+    rounds: int = typer.Option(5, "--rounds", min=1),
     seed: int = typer.Option(7, "--seed"),
 ) -> None:
-    """Generate synthetic banks and run each one's gate and feature pipeline; print a summary."""
-    from rich.progress import Progress
+    """Synthetic banks -> gate + features -> local-only vs federated (bagging) -> MLflow."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from pipelines.build import build_bank_features
+    from aggregator.runner import federate as run, prepare_consortium
+    from aggregator.settings import FederationSettings
+    from aggregator.tracking import default_tracking_uri
     from pipelines.config import load_config
-    from pipelines.spark import get_spark
     from pipelines.synthetic import write_banks
 
-    config = load_config()
+    settings, model_name = FederationSettings(), "fedfraud-demo"
+    uri = default_tracking_uri(work_dir)
     out.print(f"[bold]fedfraud demo[/]: {banks} synthetic banks, {rows:,} transactions, seed {seed}")
     paths = write_banks(work_dir / "raw", n_banks=banks, total_rows=rows, seed=seed)
-    spark = get_spark("fedfraud-demo")
-    reports = {}
-    with Progress(console=out, transient=True) as progress:
-        task = progress.add_task("validate + features", total=len(paths))
-        for name, path in paths.items():
-            progress.update(task, description=f"{name}: validate + features")
-            reports[name] = build_bank_features(spark, path, work_dir / "banks" / name, config)
-            progress.advance(task)
-    table = Table(title="Per-bank data path")
-    for column in ("bank", "input", "valid", "quarantined", "labelled", "fraud rate", "may train", "contract"):
-        table.add_column(column, justify="right" if column not in ("bank", "contract") else "left")
-    for name, r in reports.items():
-        rate = f"{r['fraud_rate']:.3%}" if r["fraud_rate"] is not None else "-"
-        table.add_row(name, f"{r['input_rows']:,}", f"{r['valid_rows']:,}", f"{r['quarantined_rows']:,}",
-                      f"{r['labelled_rows']:,}", rate, "yes" if r["training_allowed"] else "no",
-                      r["feature_contract_hash"][:12])
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=out, transient=True) as bar:
+        task = bar.add_task("starting Spark")
+        step = lambda message: bar.update(task, description=message)  # noqa: E731
+        consortium = prepare_consortium(paths, work_dir, load_config(), settings, step)
+        local = run(consortium, "local", rounds, model_name, uri, settings, seed, step)
+        federated = run(consortium, "bagging", rounds, model_name, uri, settings, seed, step)[""]
+    _print_bank_table(consortium, local, federated)
+    out.print(f"Registered model: [bold]{federated.model_uri}[/] (alias champion/challenger in MLflow)")
+    out.print(f"Open it: [bold]{Path(sys.executable).parent}/mlflow ui --backend-store-uri {uri}[/] "
+              "then http://127.0.0.1:5000")
+
+
+def _print_bank_table(consortium, local, federated) -> None:
+    table = Table(title="Holdout AUPRC per bank: local-only vs federated (bagging)")
+    for column in ("bank", "rows", "fraud rate", "local-only", "federated", "gain"):
+        table.add_column(column, justify="left" if column == "bank" else "right")
+    for bank, node in consortium.nodes.items():
+        report = node.report
+        alone = local[bank].evaluation.per_bank[bank]["auprc"] if bank in local else float("nan")
+        together = federated.evaluation.per_bank.get(bank, {}).get("auprc", float("nan"))
+        table.add_row(bank, f"{report['valid_rows']:,}", f"{report['fraud_rate']:.3%}", f"{alone:.3f}",
+                      f"{together:.3f}", f"{together - alone:+.3f}")
+    table.add_row("pooled", "", "", "", f"{federated.evaluation.pooled['auprc']:.3f}", "")
     out.print(table)
-    out.print(f"Outputs under {work_dir}/banks/<bank>/ (validation/report.json, features/, feature_contract.json).")
 
 
 def _print_report(report: dict) -> None:

@@ -52,3 +52,21 @@ def make_raw(spark):
         return spark.createDataFrame(rows, RAW_SCHEMA)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def toy_banks():
+    """Three tiny numeric 'banks' (X, y) sharing 6 features, for training and aggregation tests."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    banks = {}
+    for index, bank in enumerate(["alpha", "beta", "gamma"]):
+        X = rng.normal(size=(400 + 100 * index, 6)).astype(np.float32)
+        logit = 2.0 * X[:, index] - 3.0 + 0.5 * X[:, 5]
+        y = (rng.random(len(X)) < 1 / (1 + np.exp(-logit))).astype(np.int32)
+        banks[bank] = (X, y)
+    return banks
+
+
+TOY_FEATURES = [f"x{i}" for i in range(6)]

@@ -1,0 +1,1 @@
+"""The consortium's aggregator: strategies, update checks, federated evaluation, MLflow registry."""

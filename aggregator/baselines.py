@@ -1,0 +1,80 @@
+"""Benchmark baselines beside federation: each bank alone (``local``) and everyone's rows pooled
+(``centralized``). Centralized training copies raw feature rows out of the banks: it exists
+only to measure what federation gives up, never for production.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from aggregator.evaluation import FederatedEvaluation, combine
+from aggregator.federation import FederationResult, federation_id, select_banks
+from aggregator.settings import FederationSettings, consortium_params
+from aggregator.tracking import FederationTracker
+from bank_node.node import BankNode
+from bank_node.training import train_trees
+from fedfraud import model_json
+from fedfraud.wire import EvaluationReport, TrainTask
+
+
+def _register(tracker: FederationTracker, fid: str, booster, evaluation: FederatedEvaluation, contract, tags) -> int:
+    example = pd.DataFrame([[0.0] * len(contract["names"])], columns=contract["names"])
+    with tracker.round(1):
+        tracker.log_round_metrics(1, evaluation.per_bank, evaluation.pooled)
+        version = tracker.register_round_model(booster, fid, 1, example, {
+            "fedfraud.feature_contract_hash": contract["hash"], "fedfraud.federation_id": fid,
+            "fedfraud.pooled_auprc": f"{evaluation.pooled['auprc']:.6f}", **tags})
+        tracker.promote(version, evaluation.pooled["auprc"], None)
+    return version
+
+
+def _evaluate(nodes: dict[str, BankNode], banks: list[str], booster, budget: float) -> FederatedEvaluation:
+    payload = model_json.to_bytes(model_json.to_doc(booster))
+    return combine([EvaluationReport.from_bytes(nodes[b].evaluate(payload)) for b in banks], budget)
+
+
+def run_local(nodes: dict[str, BankNode], rounds: int, tracking_uri: str, model_name: str, contract: dict[str, Any],
+              settings: FederationSettings = FederationSettings(), seed: int = 0) -> dict[str, FederationResult]:
+    """Each bank trains alone with the same number of trees; one registered model per bank."""
+    summaries = {b: n.summary() for b, n in nodes.items()}
+    banks, excluded = select_banks(summaries, contract["hash"])
+    results = {}
+    for index, bank in enumerate(banks):
+        counts = summaries[bank]["counts"]
+        params = {**consortium_params(settings, counts["positives"], counts["negatives"]), "seed": seed + index}
+        booster = nodes[bank].fit_local(params, rounds * settings.trees_per_round)
+        evaluation = _evaluate(nodes, [bank], booster, settings.alert_budget)
+        tracker = FederationTracker(tracking_uri, f"{model_name}-{bank}")
+        fid = federation_id(tracker.model_name, "local", rounds, seed, settings, {bank: summaries[bank]})
+        with tracker.federation(fid, {"strategy": "local", "rounds": rounds, **settings.as_params()},
+                                {"fedfraud.strategy": "local"}):
+            version = _register(tracker, fid, booster, evaluation, contract,
+                                {"fedfraud.strategy": "local", "fedfraud.participating_banks": bank})
+        results[bank] = FederationResult(tracker.model_uri(version), version, fid, evaluation, excluded=excluded)
+    return results
+
+
+def run_centralized(nodes: dict[str, BankNode], rounds: int, tracker: FederationTracker, contract: dict[str, Any],
+                    settings: FederationSettings = FederationSettings(), seed: int = 0) -> FederationResult:
+    """BENCHMARK ONLY: pool every bank's training rows in one place and fit one model."""
+    summaries = {b: n.summary() for b, n in nodes.items()}
+    banks, excluded = select_banks(summaries, contract["hash"])
+    X = np.concatenate([nodes[b].data.X_train for b in banks])
+    y = np.concatenate([nodes[b].data.y_train for b in banks])
+    params = {**consortium_params(settings, int(y.sum()), int(len(y) - y.sum())), "seed": seed}
+    task = TrainTask(bank="pooled", round_id=1, base_model_id="none", contract_hash=contract["hash"],
+                     num_trees=rounds * settings.trees_per_round, params=params)
+    booster = train_trees(task, X, y, contract["names"])
+    evaluation = _evaluate(nodes, banks, booster, settings.alert_budget)
+    fid = federation_id(tracker.model_name, "centralized", rounds, seed, settings, summaries)
+    run_params = {"strategy": "centralized", "rounds": rounds, "banks": ",".join(banks), **settings.as_params()}
+    with tracker.federation(fid, run_params, {"fedfraud.strategy": "centralized",
+                                              "fedfraud.benchmark_only": "pools raw rows"}):
+        version = _register(tracker, fid, booster, evaluation, contract, {
+            "fedfraud.strategy": "centralized", "fedfraud.participating_banks": ",".join(banks),
+            "fedfraud.benchmark_only": "pools raw rows", "fedfraud.params": json.dumps(params, sort_keys=True)})
+    return FederationResult(tracker.model_uri(version), version, fid, evaluation, excluded=excluded)

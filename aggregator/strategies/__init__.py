@@ -1,0 +1,9 @@
+"""Strategies that turn banks' updates into the next global model; one module each."""
+
+from aggregator.strategies.bagging import Bagging
+from aggregator.strategies.base import Strategy
+from aggregator.strategies.cyclic import Cyclic
+
+STRATEGIES: dict[str, type[Strategy]] = {"bagging": Bagging, "cyclic": Cyclic}
+
+__all__ = ["STRATEGIES", "Bagging", "Cyclic", "Strategy"]

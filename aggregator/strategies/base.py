@@ -1,0 +1,53 @@
+"""The strategy interface: plan a round's stages, configure each bank's task, aggregate replies.
+
+A round is a list of stages; the banks of one stage train in parallel on the same global
+model and their accepted updates are aggregated before the next stage starts. Bagging is one
+stage of every bank; cyclic is one stage per bank. A strategy in which banks build each tree
+together (histogram federation) is a single stage whose training is collective.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from aggregator.settings import FederationSettings, derive_seed
+from fedfraud import model_json
+from fedfraud.model_json import Doc
+from fedfraud.wire import ModelUpdate, TrainTask
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, settings: FederationSettings, seed: int, consortium_params: dict[str, Any]):
+        self.settings = settings
+        self.seed = seed
+        self.consortium_params = consortium_params
+
+    def stages(self, round_id: int, banks: list[str]) -> list[list[str]]:
+        """Groups of banks that train one after another within a round (default: all at once)."""
+        return [list(banks)]
+
+    def configure(self, round_id: int, bank: str, bank_index: int, global_model: Doc | None,
+                  contract_hash: str) -> TrainTask:
+        """The task for one bank: trees on top of ``global_model``, a seed of its own."""
+        params = {**self.consortium_params, "seed": derive_seed(self.seed, round_id, bank_index)}
+        return TrainTask(
+            bank=bank,
+            round_id=round_id,
+            base_model_id=model_json.model_id(global_model),
+            contract_hash=contract_hash,
+            num_trees=self.settings.trees_per_round,
+            params=params,
+            base_model=global_model,
+        )
+
+    @abstractmethod
+    def aggregate(self, global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:
+        """The next global model from the current one and this stage's accepted updates."""
+
+    @staticmethod
+    def start_from(global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:
+        """The model to append to: the global one, or an empty model with the shared base score."""
+        return global_model if global_model is not None else model_json.empty_like(updates[0].model)

@@ -1,0 +1,114 @@
+"""The bank's node in embedded mode: its data stays here; only bytes of JSON go in and out.
+
+The aggregator talks to a node through four calls — ``summary``, ``train``, ``evaluate`` and
+``prepare`` — whose inputs and outputs are exactly the messages of ``fedfraud.wire``, so the
+networked agent can carry the same calls over HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from bank_node.dataset import BankDataset, read_features, time_split
+from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, holdout_metrics
+from bank_node.training import build_update, dmatrix, train_trees
+from fedfraud import model_json
+from fedfraud.wire import TrainTask
+from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR
+from pipelines.config import PipelineConfig
+from pipelines.feature_contract import load_contract
+from pipelines.validation import REPORT_FILE
+
+FINGERPRINT_FILE = "input_fingerprint.json"
+
+
+class BankDeclined(RuntimeError):
+    """The bank's own checks say it must not train (e.g. its fraud rate is out of band)."""
+
+
+def input_fingerprint(path: Path, config: PipelineConfig) -> dict[str, Any]:
+    """What decides whether prepared features are still current: input files and config."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    digest = hashlib.sha256(json.dumps([stat, repr(config)]).encode()).hexdigest()
+    return {"input": str(path), "digest": digest}
+
+
+class BankNode:
+    def __init__(self, bank: str, raw_path: str | Path, work_dir: str | Path, config: PipelineConfig,
+                 holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET):
+        self.bank = bank
+        self.raw_path = Path(raw_path)
+        self.work_dir = Path(work_dir)
+        self.config = config
+        self.holdout_fraction = holdout_fraction
+        self.alert_budget = alert_budget
+
+    def prepare(self, spark) -> dict[str, Any]:
+        """Validate and build features unless they are current for this input and config."""
+        from pipelines.build import build_bank_features
+
+        fingerprint = input_fingerprint(self.raw_path, self.config)
+        marker = self.work_dir / FINGERPRINT_FILE
+        if not (marker.exists() and json.loads(marker.read_text()) == fingerprint):
+            build_bank_features(spark, self.raw_path, self.work_dir, self.config)
+            marker.write_text(json.dumps(fingerprint))
+        self.__dict__.pop("data", None)
+        return self.report
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.work_dir / VALIDATION_DIR / REPORT_FILE).read_text())
+
+    @cached_property
+    def contract(self) -> dict[str, Any]:
+        return load_contract(self.work_dir / CONTRACT_FILE)
+
+    @cached_property
+    def data(self) -> BankDataset:
+        names = self.contract["names"]
+        return time_split(read_features(self.work_dir / FEATURES_DIR, names), names, self.holdout_fraction)
+
+    def summary(self) -> dict[str, Any]:
+        """What the bank tells the aggregator before a round: counts, contract, readiness."""
+        report = self.report
+        return {
+            "bank": self.bank,
+            "contract_hash": self.contract["hash"],
+            "counts": self.data.counts(),
+            "training_allowed": report["training_allowed"],
+            "decline_reasons": report["decline_reasons"],
+            "data_window": [report["event_time_min"], report["event_time_max"]],
+            "holdout_start": self.data.holdout_start,
+        }
+
+    def train(self, task_bytes: bytes) -> bytes:
+        """Run one training task; return the update's bytes."""
+        task = TrainTask.from_bytes(task_bytes)
+        if not self.report["training_allowed"]:
+            raise BankDeclined(f"{self.bank} declines to train: {'; '.join(self.report['decline_reasons'])}")
+        data = self.data
+        booster = train_trees(task, data.X_train, data.y_train, data.feature_names)
+        scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
+        metrics = holdout_metrics(scores, data.y_holdout, self.alert_budget)
+        return build_update(task, booster, data.counts(), metrics).to_bytes()
+
+    def evaluate(self, model_bytes: bytes) -> bytes:
+        """Score the holdout with a candidate model; return metrics and histograms only."""
+        doc = json.loads(model_bytes)
+        booster = model_json.to_booster(doc)
+        data = self.data
+        scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
+        report = evaluation_report(self.bank, model_json.model_id(doc), scores, data.y_holdout, self.alert_budget)
+        return report.to_bytes()
+
+    def fit_local(self, params: dict[str, Any], num_trees: int):
+        """A model from this bank's rows alone (the local-only baseline; nothing leaves the bank)."""
+        data = self.data
+        task = TrainTask(bank=self.bank, round_id=0, base_model_id="none", contract_hash=self.contract["hash"],
+                         num_trees=num_trees, params=params)
+        return train_trees(task, data.X_train, data.y_train, data.feature_names)

@@ -1,0 +1,75 @@
+"""Batch scoring at the bank: every input row gets a score, or a null score if quarantined."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bank_node.dataset import read_features
+from bank_node.training import dmatrix
+from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR, build_bank_features
+from pipelines.config import PipelineConfig
+from pipelines.feature_contract import load_contract, require_same_contract
+from pipelines.validation import QUARANTINE_DIR
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+def resolve_model(model_uri: str, tracking_uri: str | None) -> tuple[Any, dict[str, str]]:
+    """Load a registered model (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) and its tags."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    match = _MODEL_URI.match(model_uri)
+    if not match:
+        raise ValueError(f"model URI must look like models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if match["alias"]:
+        version = client.get_model_version_by_alias(match["name"], match["alias"])
+    else:
+        version = client.get_model_version(match["name"], match["version"])
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    booster = mlflow.xgboost.load_model(f"models:/{match['name']}/{version.version}")
+    return booster, dict(version.tags)
+
+
+def write_scores(frame: pd.DataFrame, output: Path) -> None:
+    """Write ``transaction_id, score`` Parquet atomically (temp file, then rename)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame, schema=pa.schema([("transaction_id", pa.string()), ("score", pa.float64())]),
+                                 preserve_index=False)
+    with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}-", delete=False) as tmp:
+        pq.write_table(table, tmp.name)
+    Path(tmp.name).replace(output)
+
+
+def score_transactions(spark, model_uri: str, input_path: str | Path, output_path: str | Path,
+                       config: PipelineConfig, tracking_uri: str | None = None) -> dict[str, int]:
+    """Validate and build features over the whole input (history included), score every valid row.
+
+    Quarantined rows are listed with a null score, so the output has one row per input row.
+    """
+    booster, tags = resolve_model(model_uri, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="fedfraud-score-") as tmp:
+        work = Path(tmp)
+        build_bank_features(spark, input_path, work, config)
+        contract = load_contract(work / CONTRACT_FILE)
+        expected = tags.get("fedfraud.feature_contract_hash")
+        if expected:
+            require_same_contract(expected, contract, "this bank")
+        features = read_features(work / FEATURES_DIR, contract["names"])
+        scores = booster.predict(dmatrix(features[contract["names"]].to_numpy(np.float32), None, contract["names"]))
+        quarantined = pq.read_table(str(work / VALIDATION_DIR / QUARANTINE_DIR), columns=["transaction_id"]).to_pandas()
+    scored = pd.DataFrame({"transaction_id": features["transaction_id"], "score": scores.astype(np.float64)})
+    unscored = pd.DataFrame({"transaction_id": quarantined["transaction_id"], "score": np.nan})
+    write_scores(pd.concat([scored, unscored], ignore_index=True), Path(output_path))
+    return {"scored": len(scored), "quarantined": len(unscored)}

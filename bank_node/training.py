@@ -1,0 +1,40 @@
+"""Local training: K new XGBoost trees on the bank's rows, warm-started from the global model."""
+
+from __future__ import annotations
+
+import numpy as np
+import xgboost as xgb
+
+from fedfraud import model_json
+from fedfraud.wire import ModelUpdate, TrainTask
+
+BASE_PARAMS = {"objective": "binary:logistic", "tree_method": "hist", "eval_metric": "aucpr", "nthread": 2}
+
+
+def dmatrix(X: np.ndarray, y: np.ndarray | None, feature_names: list[str]) -> xgb.DMatrix:
+    return xgb.DMatrix(X, label=y, feature_names=feature_names, missing=np.nan)
+
+
+def train_trees(task: TrainTask, X: np.ndarray, y: np.ndarray, feature_names: list[str]) -> xgb.Booster:
+    """The global model (if any) plus ``task.num_trees`` trees fitted on (X, y)."""
+    base = model_json.to_booster(task.base_model) if task.base_model else None
+    params = {**BASE_PARAMS, **task.params}
+    if base is not None:
+        params.pop("base_score", None)  # the global model fixes it for every bank
+    return xgb.train(params, dmatrix(X, y, feature_names), num_boost_round=task.num_trees, xgb_model=base)
+
+
+def build_update(task: TrainTask, booster: xgb.Booster, counts: dict[str, int], metrics: dict[str, float]) -> ModelUpdate:
+    """The update that leaves the bank: new trees only, training statistics scrubbed, metadata."""
+    base_rounds = model_json.to_booster(task.base_model).num_boosted_rounds() if task.base_model else 0
+    trees = model_json.scrub_training_stats(model_json.new_trees_only(booster, base_rounds))
+    return ModelUpdate(
+        bank=task.bank,
+        round_id=task.round_id,
+        base_model_id=task.base_model_id,
+        contract_hash=task.contract_hash,
+        seed=int(task.params.get("seed", 0)),
+        counts=counts,
+        metrics=metrics,
+        model=trees,
+    )

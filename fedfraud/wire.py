@@ -1,0 +1,99 @@
+"""What crosses a bank's boundary: training tasks in; model updates and evaluation reports out.
+
+Every message is JSON: an update carries the bank's new trees (XGBoost JSON, training
+statistics scrubbed) and metadata — bank, round, the global model it was trained on, the
+feature-contract hash, row counts and local metrics. Parsing never unpickles and refuses
+oversized, malformed or incomplete bytes with a ``WireFormatError`` that says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from fedfraud.model_json import Doc
+
+DEFAULT_MAX_UPDATE_BYTES = 32 * 1024 * 1024
+Message = TypeVar("Message", bound="WireMessage")
+
+
+class WireFormatError(ValueError):
+    """Bytes received are not a well-formed, bounded message."""
+
+
+class WireMessage:
+    """JSON (de)serialisation with a size bound, shared by every message type."""
+
+    KIND: ClassVar[str] = "message"
+    MAX_BYTES: ClassVar[int] = DEFAULT_MAX_UPDATE_BYTES
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls: type[Message], data: bytes, max_bytes: int | None = None) -> Message:
+        limit = cls.MAX_BYTES if max_bytes is None else max_bytes
+        if len(data) > limit:
+            raise WireFormatError(f"{cls.KIND} of {len(data)} bytes exceeds the {limit}-byte limit")
+        try:
+            parsed = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WireFormatError(f"{cls.KIND} is not valid JSON ({exc})") from exc
+        if not isinstance(parsed, dict):
+            raise WireFormatError(f"{cls.KIND} must be a JSON object")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in parsed]
+        if missing:
+            raise WireFormatError(f"{cls.KIND} is missing {', '.join(missing)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in parsed.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TrainTask(WireMessage):
+    """What the aggregator asks of one bank in one round: K trees on top of the global model."""
+
+    KIND: ClassVar[str] = "training task"
+    MAX_BYTES: ClassVar[int] = 4 * DEFAULT_MAX_UPDATE_BYTES
+
+    bank: str
+    round_id: int
+    base_model_id: str
+    contract_hash: str
+    num_trees: int
+    params: dict[str, Any]
+    base_model: Doc | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ModelUpdate(WireMessage):
+    """A bank's new trees for one round, with the metadata the aggregator checks."""
+
+    KIND: ClassVar[str] = "update"
+
+    bank: str
+    round_id: int
+    base_model_id: str
+    contract_hash: str
+    seed: int
+    counts: dict[str, int]
+    metrics: dict[str, float]
+    model: Doc = field(repr=False)
+
+
+@dataclass(frozen=True)
+class EvaluationReport(WireMessage):
+    """A bank's verdict on one model: metrics and score histograms, never a score."""
+
+    KIND: ClassVar[str] = "evaluation report"
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
+
+    bank: str
+    model_id: str
+    positives: int
+    negatives: int
+    metrics: dict[str, float]
+    hist_pos: list[int] = field(repr=False)
+    hist_neg: list[int] = field(repr=False)
