@@ -108,7 +108,7 @@ def run_federation(
         global_doc: Doc | None = None
         for round_id in range(1, rounds + 1):
             with tracker.round(round_id):
-                global_doc, participants, rejections = _train_round(nodes, strategy, banks, round_id, global_doc,
+                global_doc, participants, rejections = train_round(nodes, strategy, banks, round_id, global_doc,
                                                                    contract, settings, on_progress)
                 tracker.log_rejections(round_id, [r.as_dict() for r in rejections])
                 all_rejections += [{"round": str(round_id), **r.as_dict()} for r in rejections]
@@ -148,7 +148,13 @@ def run_federation(
     return result
 
 
-def _train_round(nodes, strategy, banks, round_id, global_doc, contract, settings, on_progress):
+def train_round(nodes: dict[str, Node], strategy, banks: list[str], round_id: int, global_doc: Doc | None,
+                contract: dict[str, Any], settings: FederationSettings,
+                on_progress: Callable[[str], None] = lambda message: None):
+    """Every stage of one round: tasks out, updates in, checks, aggregation.
+
+    Returns (new global model, banks whose updates were accepted, named rejections).
+    """
     participants: set[str] = set()
     rejections: list[Rejection] = []
     for stage in strategy.stages(round_id, banks):

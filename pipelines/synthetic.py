@@ -31,7 +31,10 @@ TYPOLOGIES = ("card_testing", "account_takeover", "mule_transfer", "atm_cashout"
 # Mean rows per event of each typology, so that typology weights are shares of fraud rows.
 ROWS_PER_EVENT = {"card_testing": 7.1, "account_takeover": 2.0, "mule_transfer": 2.5,
                   "atm_cashout": 5.5}
-RARE_TYPOLOGY_WEIGHT = 0.03
+RARE_TYPOLOGY_WEIGHT = 0.06
+# Fraud rings move between banks: a typology that is rare at a bank arrives there late, in the
+# last LATE_ARRIVAL share of the window, after other banks have already seen it.
+LATE_ARRIVAL = 0.3
 SIZE_DECAY = 0.72  # bank i's row share is proportional to SIZE_DECAY**i
 BANKS = (  # name, currency, home country, dominant typologies
     ("alpine", "CHF", "CH", ("account_takeover", "mule_transfer")),
@@ -266,9 +269,10 @@ class _BankSimulation:
         rows["amount"][on_trip] *= np.where(rows["channel"][on_trip] == CP, 1.3, 1.0)
 
     # ---- events: fraud typologies and legitimate bursts (small per-event loops) --------------
-    def _start_time(self, night: bool = False) -> int:
-        """Event start after some account history, ending before the window closes."""
-        t = self.t0 + int(self.rng.integers(min(3 * DAY, self.span // 4), self.span - 12 * HOUR))
+    def _start_time(self, night: bool = False, late: bool = False) -> int:
+        """Event start after some account history (or late in the window), before it closes."""
+        earliest = int(self.span * (1 - LATE_ARRIVAL)) if late else min(3 * DAY, self.span // 4)
+        t = self.t0 + int(self.rng.integers(earliest, self.span - 12 * HOUR))
         return t - (t - self.t0) % DAY + int(self.rng.integers(0, 5 * HOUR)) if night else t
 
     def _online_row(self, a, t, amount, device, label, m=None) -> tuple:
@@ -347,7 +351,8 @@ class _BankSimulation:
         history_t, history_acct = legit["t"][history], legit["acct"][history]
         while len(rows) < n_fraud:  # the last event is cut to hit the target exactly
             typology = TYPOLOGIES[rng.choice(len(TYPOLOGIES), p=weights / weights.sum())]
-            start = self._start_time(night=typology == "mule_transfer" and rng.random() < 0.7)
+            start = self._start_time(night=typology == "mule_transfer" and rng.random() < 0.6,
+                                     late=typology not in self.profile.dominant_typologies)
             earlier = np.searchsorted(history_t, start)  # legit rows before the event
             a = history_acct[rng.integers(earlier)] if earlier else rng.integers(self.n_accounts)
             rows += build[typology](int(a), start)[: n_fraud - len(rows)]
