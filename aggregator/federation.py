@@ -117,7 +117,7 @@ def run_federation(
                                       f"{settings.min_banks}; rejected: {[r.as_dict() for r in rejections]}")
                 on_progress(f"round {round_id}: evaluating at {len(banks)} banks")
                 evaluation = evaluate_everywhere(nodes, banks, global_doc, settings.alert_budget)
-                champion_auprc = _champion_auprc(tracker, nodes, banks, contract, settings)
+                champion_auprc, champion_stale = _champion_auprc(tracker, nodes, banks, contract, settings)
                 history.append({"round": round_id, **{f"pooled.{k}": v for k, v in evaluation.pooled.items()},
                                 **{f"{b}.{k}": v for b, m in evaluation.per_bank.items() for k, v in m.items()}})
                 tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
@@ -133,7 +133,7 @@ def run_federation(
                 }
                 example = pd.DataFrame([[0.0] * len(contract["names"])], columns=contract["names"])
                 version = tracker.register_round_model(booster, fid, round_id, example, tags)
-                promoted = tracker.promote(version, evaluation.pooled["auprc"], champion_auprc)
+                promoted = tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, champion_stale)
                 report = {"federation_id": fid, "round": round_id, "strategy": strategy_name, "version": version,
                           "participating_banks": sorted(participants), "excluded_banks": excluded,
                           "rejections": [r.as_dict() for r in rejections], "pooled": evaluation.pooled,
@@ -181,12 +181,16 @@ def train_round(nodes: dict[str, Node], strategy, banks: list[str], round_id: in
     return global_doc, participants, rejections
 
 
-def _champion_auprc(tracker, nodes, banks, contract, settings) -> float | None:
-    """The current champion's pooled AUPRC on the same holdouts, if it speaks the same contract."""
+def _champion_auprc(tracker, nodes, banks, contract, settings) -> tuple[float | None, bool]:
+    """(the champion's pooled AUPRC on the same holdouts, whether it is stale).
+
+    A champion built on another feature contract cannot score today's features: it is stale.
+    """
     champion = tracker.champion()
     if champion is None:
-        return None
+        return None, False
     version, booster = champion
     if tracker.version_tags(version).get("fedfraud.feature_contract_hash") != contract["hash"]:
-        return None
-    return evaluate_everywhere(nodes, banks, model_json.to_doc(booster), settings.alert_budget).pooled["auprc"]
+        return None, True
+    doc = model_json.to_doc(booster)
+    return evaluate_everywhere(nodes, banks, doc, settings.alert_budget).pooled["auprc"], False

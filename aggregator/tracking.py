@@ -321,18 +321,21 @@ class FederationTracker:
             raise
         return int(aliases[alias]) if alias in aliases else None
 
-    def promote(self, version: int, candidate_auprc: float, champion_auprc: float | None) -> bool:
-        """``challenger`` -> version; ``champion`` -> version if there is none yet or the candidate's
-        AUPRC is >= the champion's (an existing champion with unknown AUPRC stays). Returns whether
-        ``version`` is now champion (True again when re-promoting the current champion)."""
+    def promote(self, version: int, candidate_auprc: float, champion_auprc: float | None,
+                champion_stale: bool = False) -> bool:
+        """``challenger`` -> version; ``champion`` -> version if there is none yet, the candidate's
+        AUPRC is >= the champion's, or the champion is stale (another feature contract: it cannot
+        score today's features). An existing champion with unknown AUPRC otherwise stays.
+        Returns whether ``version`` is now champion (True again when re-promoting it)."""
         current = self._alias_version(CHAMPION)
         self.client.set_registered_model_alias(self.model_name, CHALLENGER, str(version))
-        moved = (current is None or current == version
+        moved = (current is None or current == version or champion_stale
                  or (champion_auprc is not None and candidate_auprc >= champion_auprc))
         if moved:
             self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
         champion_text = "none" if champion_auprc is None else f"{champion_auprc:.6f}"
-        detail = f"candidate_auprc={candidate_auprc:.6f} champion_auprc={champion_text} champion_version={current}"
+        detail = (f"candidate_auprc={candidate_auprc:.6f} champion_auprc={champion_text} "
+                  f"champion_version={current} champion_stale={champion_stale}")
         self.client.set_model_version_tag(self.model_name, str(version), PROMOTION_TAG,
                                           CHAMPION if moved else CHALLENGER)
         self.client.set_model_version_tag(self.model_name, str(version), PROMOTION_DETAIL_TAG, detail)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fraud detection for bank consortia.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 ConfigOption = typer.Option(None, "--config", help="Pipeline config YAML (default: the packaged consortium config).")

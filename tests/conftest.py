@@ -70,3 +70,28 @@ def toy_banks():
 
 
 TOY_FEATURES = [f"x{i}" for i in range(6)]
+
+
+def _e2e_settings():
+    from aggregator.settings import FederationSettings
+
+    return FederationSettings(trees_per_round=15)
+
+
+E2E_SETTINGS = _e2e_settings()
+
+
+@pytest.fixture(scope="session")
+def consortium(spark, config, tmp_path_factory):
+    """Four small generated banks, validated and featurised once for every end-to-end test."""
+    from aggregator.runner import prepare_consortium
+    from pipelines.synthetic import write_banks
+
+    root = tmp_path_factory.mktemp("consortium")
+    paths = write_banks(root / "raw", n_banks=4, total_rows=160_000, seed=5)
+    return prepare_consortium(paths, root, config, E2E_SETTINGS, on_progress=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def uri(consortium):
+    return f"sqlite:///{consortium.work_dir}/mlflow.db"

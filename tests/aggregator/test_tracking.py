@@ -99,6 +99,8 @@ def test_promotion_gate(tracker, booster, example):
     assert gate.version_tags(v3)["fedfraud.promotion"] == "champion"
     assert gate.promote(v4, 0.99, None) is False  # champion exists but its AUPRC is unknown: keep it
     assert aliases() == {"champion": v3, "challenger": v4}
+    assert gate.promote(v4, 0.10, None, champion_stale=True) is True  # old contract: replaced
+    assert aliases() == {"champion": v4, "challenger": v4}
 
 
 def test_champion_loads_the_registered_booster(tracker, example):
