@@ -20,6 +20,7 @@ class BankDataset:
     X_holdout: np.ndarray
     y_holdout: np.ndarray
     holdout_start: str | None  # first event_time in the holdout (ISO, UTC)
+    holdout_first_id: str | None = None  # its transaction_id (ties in time are ordered by id)
 
     def counts(self) -> dict[str, int]:
         """The only facts about its data a bank shares: row and class counts."""
@@ -55,4 +56,18 @@ def time_split(frame: pd.DataFrame, feature_names: list[str], holdout_fraction: 
         X_holdout=matrix(holdout),
         y_holdout=holdout[LABEL].to_numpy(dtype=np.int32),
         holdout_start=holdout["event_time"].iloc[0].isoformat() if len(holdout) else None,
+        holdout_first_id=str(holdout["transaction_id"].iloc[0]) if len(holdout) else None,
     )
+
+
+def spark_training_rows(spark, features_dir: str | Path, data: BankDataset):
+    """The same training rows as ``data.X_train`` as a Spark DataFrame (labelled, before the holdout)."""
+    from pyspark.sql import functions as F
+
+    rows = spark.read.parquet(str(features_dir)).filter(F.col(LABEL).isNotNull())
+    if data.holdout_start is None:
+        return rows
+    start = F.lit(pd.Timestamp(data.holdout_start).tz_localize(None).to_pydatetime())
+    before = (F.col("event_time") < start) | (
+        (F.col("event_time") == start) & (F.col("transaction_id") < F.lit(data.holdout_first_id)))
+    return rows.filter(before)

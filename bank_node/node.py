@@ -13,9 +13,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from bank_node.dataset import BankDataset, read_features, time_split
+from bank_node.dataset import BankDataset, read_features, spark_training_rows, time_split
 from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, holdout_metrics
-from bank_node.training import build_update, dmatrix, train_trees
+from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
 from fedfraud import model_json
 from fedfraud.wire import TrainTask
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR
@@ -40,13 +40,14 @@ def input_fingerprint(path: Path, config: PipelineConfig) -> dict[str, Any]:
 
 class BankNode:
     def __init__(self, bank: str, raw_path: str | Path, work_dir: str | Path, config: PipelineConfig,
-                 holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET):
+                 holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET, engine: str = "local"):
         self.bank = bank
         self.raw_path = Path(raw_path)
         self.work_dir = Path(work_dir)
         self.config = config
         self.holdout_fraction = holdout_fraction
         self.alert_budget = alert_budget
+        self.engine = engine  # "local" (one machine) or "spark" (SparkXGBClassifier)
 
     def prepare(self, spark) -> dict[str, Any]:
         """Validate and build features unless they are current for this input and config."""
@@ -92,7 +93,13 @@ class BankNode:
         if not self.report["training_allowed"]:
             raise BankDeclined(f"{self.bank} declines to train: {'; '.join(self.report['decline_reasons'])}")
         data = self.data
-        booster = train_trees(task, data.X_train, data.y_train, data.feature_names)
+        if self.engine == "spark":
+            from pipelines.spark import get_spark
+
+            rows = spark_training_rows(get_spark("fedfraud-bank"), self.work_dir / FEATURES_DIR, data)
+            booster = train_trees_spark(task, rows, data.feature_names)
+        else:
+            booster = train_trees(task, data.X_train, data.y_train, data.feature_names)
         scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
         metrics = holdout_metrics(scores, data.y_holdout, self.alert_budget)
         return build_update(task, booster, data.counts(), metrics).to_bytes()
