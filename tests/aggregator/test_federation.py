@@ -46,7 +46,7 @@ def test_every_round_registered_with_lineage(consortium, uri, local_and_bagging)
     assert tags["fedfraud.feature_contract_hash"] == consortium.contract["hash"]
     assert set(eval(tags["fedfraud.data_windows"].replace("null", "None"))) == set(consortium.nodes)
     client = MlflowClient(uri, registry_uri=uri)
-    assert client.get_model_version_by_alias("e2e", "challenger").version == str(ROUNDS)
+    assert str(client.get_model_version_by_alias("e2e", "challenger").version) == str(ROUNDS)
     assert client.get_model_version_by_alias("e2e", "champion") is not None
 
 

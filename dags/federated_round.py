@@ -1,0 +1,135 @@
+"""Federated rounds on a schedule: prepare banks, then per round train, check + aggregate,
+evaluate at every bank, register and promote.
+
+One mapped task per bank (labelled with the bank). A failed or timed-out bank does not sink a
+round while the quorum (``min_banks``) holds; below it the run fails, nothing is registered and
+``champion`` stays. Retries and re-runs register no second version. ``mode`` picks where bank
+work runs: ``embedded`` (in the worker, on the bank's data path) or ``networked`` (the task
+waits, bounded, for the bank node's message via the aggregator service). This file only
+orchestrates: every task calls ``aggregator.scheduling``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, TaskGroup, dag, task
+
+MAX_ROUNDS = int(os.environ.get("FEDFRAUD_MAX_ROUNDS", "5"))  # round task groups unrolled per run
+RETRY_DELAY = timedelta(seconds=int(os.environ.get("FEDFRAUD_RETRY_DELAY_SECONDS", "60")))
+TASK_TIMEOUT = timedelta(minutes=int(os.environ.get("FEDFRAUD_TASK_TIMEOUT_MINUTES", "60")))
+
+
+def _spec(params, run_id=None):
+    from aggregator.scheduling import RunSpec
+
+    return RunSpec.from_params(dict(params), run_id)
+
+
+def _fail_cleanly(call):
+    """Below quorum is a verdict, not a glitch: fail at once, without retries."""
+    from airflow.exceptions import AirflowFailException
+
+    from aggregator.federation import RoundFailed
+
+    try:
+        return call()
+    except RoundFailed as exc:
+        raise AirflowFailException(str(exc)) from exc
+
+
+@dag(
+    dag_id="federated_round",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    dagrun_timeout=timedelta(hours=12),
+    tags=["fedfraud", "federation"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY, "execution_timeout": TASK_TIMEOUT},
+    params={
+        "banks": Param({}, type="object", description="{bank: raw data path}; empty: Variable/env FEDFRAUD_BANKS"),
+        "model_name": Param("fedfraud", type="string"),
+        "strategy": Param("bagging", enum=["bagging", "cyclic"]),
+        "rounds": Param(3, type="integer", minimum=1, maximum=MAX_ROUNDS),
+        "min_banks": Param(2, type="integer", minimum=1, description="quorum of accepted updates per round"),
+        "trees_per_round": Param(20, type="integer", minimum=1),
+        "seed": Param(0, type="integer"),
+        "mode": Param("embedded", enum=["embedded", "networked"]),
+        "work_dir": Param("", type="string", description="empty: $FEDFRAUD_WORK_DIR or work/airflow"),
+    },
+)
+def federated_round():
+    @task
+    def banks(params=None) -> list[str]:
+        from airflow.sdk import Variable
+
+        if not params.get("banks"):
+            params = {**params, "banks": Variable.get("fedfraud_banks", default=None, deserialize_json=True) or {}}
+        return sorted(_spec(params).banks)
+
+    @task(map_index_template="{{ bank }}")
+    def prepare(bank: str, params=None) -> str:
+        from aggregator.scheduling import prepare_bank
+
+        return prepare_bank(_spec(params), bank)
+
+    @task(trigger_rule="all_done")
+    def open_federation(prepared, params=None, run_id=None) -> list[str]:
+        from aggregator.scheduling import open_federation as open_
+
+        list(prepared)  # the banks whose preparation succeeded left their summaries
+        return _fail_cleanly(lambda: open_(_spec(params, run_id)))
+
+    @task(map_index_template="{{ bank }}")
+    def train(round_id: int, bank: str, params=None) -> str:
+        from aggregator.scheduling import train_bank
+
+        return train_bank(_spec(params), round_id, bank)
+
+    @task(map_index_template="{{ bank }}")
+    def evaluate(round_id: int, bank: str, params=None) -> str:
+        from aggregator.scheduling import evaluate_bank
+
+        return evaluate_bank(_spec(params), round_id, bank)
+
+    previous = open_federation(prepare.expand(bank=banks()))
+    for round_id in range(1, MAX_ROUNDS + 1):
+        with TaskGroup(group_id=f"round_{round_id}"):
+
+            @task.short_circuit(task_id="wanted")
+            def wanted(r: int = round_id, params=None) -> bool:
+                return r <= int(params["rounds"])
+
+            @task(task_id="open")
+            def open_round(r: int = round_id, params=None, run_id=None) -> list[str]:
+                from aggregator.scheduling import open_round as open_
+
+                return _fail_cleanly(lambda: open_(_spec(params, run_id), r))
+
+            @task(task_id="check_and_aggregate", trigger_rule="all_done")
+            def aggregate(trained, r: int = round_id, params=None, run_id=None) -> list[str]:
+                from aggregator.scheduling import aggregate_round
+
+                list(trained)
+                return _fail_cleanly(lambda: aggregate_round(_spec(params, run_id), r))
+
+            @task(task_id="register_and_promote", trigger_rule="all_done")
+            def finish(evaluated, r: int = round_id, params=None, run_id=None) -> str:
+                from aggregator.scheduling import finish_round
+
+                list(evaluated)
+                return _fail_cleanly(lambda: finish_round(_spec(params, run_id), r))
+
+            gate = wanted()
+            previous >> gate
+            opened = open_round()
+            gate >> opened
+            aggregated = aggregate(train.partial(round_id=round_id).expand(bank=opened))
+            previous = finish(evaluate.partial(round_id=round_id).expand(bank=aggregated))
+
+
+federated_round()
