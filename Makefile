@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-lock
 PYTEST_ARGS ?=
 
-.PHONY: demo test install check-java lint bench clean
+.PHONY: demo test install check-java lint bench airflow clean
 
 install: $(STAMP)
 
@@ -31,6 +31,16 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff check --select AIR --preview dags
+
+# Airflow on this machine: standalone on 127.0.0.1, its home inside the work dir, dags/ as DAG folder.
+AIRFLOW_HOME_DIR := $(CURDIR)/work/airflow/home
+airflow: install
+	@mkdir -p $(AIRFLOW_HOME_DIR)
+	AIRFLOW_HOME=$(AIRFLOW_HOME_DIR) AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8080 \
+	FEDFRAUD_WORK_DIR=$(CURDIR)/work/airflow PATH=$(CURDIR)/$(BIN):$$PATH \
+	$(BIN)/airflow standalone
 
 bench: install
 	$(BIN)/python bench/feature_pipeline.py

@@ -174,7 +174,6 @@ def _close_round(ws, plan, round_id, doc, participants, rejections, tracker) -> 
     if len(participants) < settings.min_banks or doc is None:
         raise RoundFailed(f"round {round_id}: {len(participants)} accepted update(s), quorum is {settings.min_banks}; "
                           f"rejected: {outcome['rejections']}")
-    write_atomic(ws.path(round_id, "model"), model_json.to_bytes(doc))
     champion, stale = tracker.champion(), False
     ws.path(round_id, "champion").unlink(missing_ok=True)
     if champion is not None:
@@ -184,6 +183,7 @@ def _close_round(ws, plan, round_id, doc, participants, rejections, tracker) -> 
             write_atomic(ws.path(round_id, "champion"), model_json.to_bytes(model_json.to_doc(booster)))
     outcome["champion_stale"], outcome["accepted"] = stale, True
     write_atomic(ws.path(round_id, "outcome"), _dump(outcome))
+    write_atomic(ws.path(round_id, "model"), model_json.to_bytes(doc))  # last: banks may now evaluate
     return outcome
 
 

@@ -59,6 +59,7 @@ def _fail_cleanly(call):
         "trees_per_round": Param(20, type="integer", minimum=1),
         "seed": Param(0, type="integer"),
         "mode": Param("embedded", enum=["embedded", "networked"]),
+        "wait_seconds": Param(1800, type="integer", minimum=1, description="networked: how long to wait per bank"),
         "work_dir": Param("", type="string", description="empty: $FEDFRAUD_WORK_DIR or work/airflow"),
     },
 )

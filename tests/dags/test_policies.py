@@ -41,3 +41,14 @@ def test_no_secrets_in_dag_files():
     for path in DAG_FILES:
         text = path.read_text().lower()
         assert "password" not in text and "secret=" not in text and "token=" not in text, path.name
+
+
+def test_dags_pass_ruffs_airflow_rules():
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).parent / "ruff"
+    dags = Path(__file__).resolve().parents[2] / "dags"
+    result = subprocess.run([str(ruff), "check", "--select", "AIR", "--preview", str(dags)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
