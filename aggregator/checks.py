@@ -55,7 +55,9 @@ class RoundId(UpdateCheck):
     name = "wrong_round"
 
     def __call__(self, update, ctx):
-        return None if update.round_id == ctx.round_id else f"update for round {update.round_id}, round is {ctx.round_id}"
+        return (
+            None if update.round_id == ctx.round_id else f"update for round {update.round_id}, round is {ctx.round_id}"
+        )
 
 
 class ContractHash(UpdateCheck):
@@ -80,7 +82,9 @@ class Duplicate(UpdateCheck):
     name = "duplicate_update"
 
     def __call__(self, update, ctx):
-        return f"{update.bank} already has an accepted update this round" if update.bank in ctx.accepted_before else None
+        return (
+            f"{update.bank} already has an accepted update this round" if update.bank in ctx.accepted_before else None
+        )
 
 
 class TreeCount(UpdateCheck):
@@ -107,12 +111,20 @@ class FiniteLeaves(UpdateCheck):
 
 
 DEFAULT_CHECKS: tuple[UpdateCheck, ...] = (
-    ExpectedBank(), RoundId(), ContractHash(), StaleBase(), Duplicate(), TreeCount(), NumFeature(), FiniteLeaves()
+    ExpectedBank(),
+    RoundId(),
+    ContractHash(),
+    StaleBase(),
+    Duplicate(),
+    TreeCount(),
+    NumFeature(),
+    FiniteLeaves(),
 )
 
 
-def screen(received: dict[str, bytes], ctx: RoundContext,
-           checks: tuple[UpdateCheck, ...] = DEFAULT_CHECKS) -> tuple[list[ModelUpdate], list[Rejection]]:
+def screen(
+    received: dict[str, bytes], ctx: RoundContext, checks: tuple[UpdateCheck, ...] = DEFAULT_CHECKS
+) -> tuple[list[ModelUpdate], list[Rejection]]:
     """Parse and check each bank's bytes; return (accepted updates, named rejections)."""
     accepted: list[ModelUpdate] = []
     rejections: list[Rejection] = []

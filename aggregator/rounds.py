@@ -76,6 +76,7 @@ def _dump(obj: Any) -> bytes:
 
 # ---- bank side -------------------------------------------------------------------------------
 
+
 def record_summary(ws: Workspace, summary: dict[str, Any]) -> None:
     """A bank reports it is prepared: counts, contract hash, data window, readiness."""
     write_atomic(ws.summary_path(summary["bank"]), _dump(summary))
@@ -97,9 +98,18 @@ def bank_evaluate(ws: Workspace, round_id: int, node) -> None:
 
 # ---- aggregator side -------------------------------------------------------------------------
 
-def open_federation(ws: Workspace, model_name: str, strategy: str, rounds: int, seed: int,
-                    settings: FederationSettings, contract: dict[str, Any], banks: list[str],
-                    run_id: str | None = None) -> dict[str, Any]:
+
+def open_federation(
+    ws: Workspace,
+    model_name: str,
+    strategy: str,
+    rounds: int,
+    seed: int,
+    settings: FederationSettings,
+    contract: dict[str, Any],
+    banks: list[str],
+    run_id: str | None = None,
+) -> dict[str, Any]:
     """Plan the federation from the summaries of the banks that prepared; check the quorum."""
     ws.plan_path.unlink(missing_ok=True)
     summaries = {b: ws.read_json(ws.summary_path(b)) for b in banks if ws.summary_path(b).exists()}
@@ -111,11 +121,19 @@ def open_federation(ws: Workspace, model_name: str, strategy: str, rounds: int, 
     positives = sum(summaries[b]["counts"]["positives"] for b in ready)
     negatives = sum(summaries[b]["counts"]["negatives"] for b in ready)
     plan = {
-        "model_name": model_name, "strategy": strategy, "rounds": rounds, "seed": seed,
-        "settings": asdict(settings), "contract_hash": contract["hash"], "feature_names": contract["names"],
-        "banks": ready, "excluded": excluded, "consortium_params": consortium_params(settings, positives, negatives),
+        "model_name": model_name,
+        "strategy": strategy,
+        "rounds": rounds,
+        "seed": seed,
+        "settings": asdict(settings),
+        "contract_hash": contract["hash"],
+        "feature_names": contract["names"],
+        "banks": ready,
+        "excluded": excluded,
+        "consortium_params": consortium_params(settings, positives, negatives),
         "federation_id": federation_id(model_name, strategy, rounds, seed, settings, summaries),
-        "data_windows": {b: summaries[b]["data_window"] for b in ready}, "run_id": run_id,
+        "data_windows": {b: summaries[b]["data_window"] for b in ready},
+        "run_id": run_id,
     }
     write_atomic(ws.plan_path, _dump(plan))
     return plan
@@ -158,22 +176,29 @@ def open_round(ws: Workspace, plan: dict[str, Any], round_id: int) -> list[str]:
 
 def _context(plan, round_id, stage, base, accepted_before) -> RoundContext:
     settings = FederationSettings(**plan["settings"])
-    return RoundContext(round_id=round_id, contract_hash=plan["contract_hash"], base_model_id=model_json.model_id(base),
-                        num_feature=len(plan["feature_names"]), expected_banks=frozenset(stage),
-                        max_trees=settings.max_trees_per_update, max_bytes=settings.max_update_bytes,
-                        accepted_before=frozenset(accepted_before))
+    return RoundContext(
+        round_id=round_id,
+        contract_hash=plan["contract_hash"],
+        base_model_id=model_json.model_id(base),
+        num_feature=len(plan["feature_names"]),
+        expected_banks=frozenset(stage),
+        max_trees=settings.max_trees_per_update,
+        max_bytes=settings.max_update_bytes,
+        accepted_before=frozenset(accepted_before),
+    )
 
 
 def _close_round(ws, plan, round_id, doc, participants, rejections, tracker) -> dict[str, Any]:
     """Quorum check, then the candidate (and the champion to compare with) for the banks to evaluate."""
     settings = FederationSettings(**plan["settings"])
     ws.path(round_id, "model").unlink(missing_ok=True)
-    outcome = {"participants": sorted(participants), "rejections": [r.as_dict() for r in rejections],
-               "accepted": False}
+    outcome = {"participants": sorted(participants), "rejections": [r.as_dict() for r in rejections], "accepted": False}
     write_atomic(ws.path(round_id, "outcome"), _dump(outcome))
     if len(participants) < settings.min_banks or doc is None:
-        raise RoundFailed(f"round {round_id}: {len(participants)} accepted update(s), quorum is {settings.min_banks}; "
-                          f"rejected: {outcome['rejections']}")
+        raise RoundFailed(
+            f"round {round_id}: {len(participants)} accepted update(s), quorum is {settings.min_banks}; "
+            f"rejected: {outcome['rejections']}"
+        )
     champion, stale = tracker.champion(), False
     ws.path(round_id, "champion").unlink(missing_ok=True)
     if champion is not None:
@@ -201,8 +226,9 @@ def aggregate_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker:
     return _close_round(ws, plan, round_id, doc, {u.bank for u in accepted}, rejections, tracker)
 
 
-def train_in_turn(ws: Workspace, plan: dict[str, Any], round_id: int, nodes: dict, tracker: FederationTracker
-                  ) -> dict[str, Any]:
+def train_in_turn(
+    ws: Workspace, plan: dict[str, Any], round_id: int, nodes: dict, tracker: FederationTracker
+) -> dict[str, Any]:
     """Multi-stage rounds (cyclic): each stage's banks train on the model the last stage left."""
     strategy, _ = strategy_for(plan)
     doc, participants, rejections = global_model(ws, round_id), set(), []
@@ -246,30 +272,51 @@ def finish_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker: Fe
     booster = model_json.to_booster(doc)
     names = plan["feature_names"]
     tags = {
-        "fedfraud.round": str(round_id), "fedfraud.strategy": plan["strategy"],
+        "fedfraud.round": str(round_id),
+        "fedfraud.strategy": plan["strategy"],
         "fedfraud.participating_banks": ",".join(outcome["participants"]),
         "fedfraud.rejected_banks": ",".join(sorted({r["bank"] for r in outcome["rejections"]})),
-        "fedfraud.feature_contract_hash": plan["contract_hash"], "fedfraud.federation_id": plan["federation_id"],
+        "fedfraud.feature_contract_hash": plan["contract_hash"],
+        "fedfraud.federation_id": plan["federation_id"],
         "fedfraud.data_windows": json.dumps(plan["data_windows"]),
         "fedfraud.params": json.dumps({**plan["settings"], **plan["consortium_params"]}, sort_keys=True),
         "fedfraud.pooled_auprc": f"{evaluation.pooled['auprc']:.6f}",
     }
-    params = {"strategy": plan["strategy"], "rounds": plan["rounds"], "seed": plan["seed"],
-              "banks": ",".join(plan["banks"]), **plan["settings"]}
-    with tracker.federation(plan["federation_id"], params, {"fedfraud.strategy": plan["strategy"],
-                                                            "fedfraud.excluded_banks": json.dumps(plan["excluded"])}):
+    params = {
+        "strategy": plan["strategy"],
+        "rounds": plan["rounds"],
+        "seed": plan["seed"],
+        "banks": ",".join(plan["banks"]),
+        **plan["settings"],
+    }
+    with tracker.federation(
+        plan["federation_id"],
+        params,
+        {"fedfraud.strategy": plan["strategy"], "fedfraud.excluded_banks": json.dumps(plan["excluded"])},
+    ):
         with tracker.round(round_id):
             tracker.log_rejections(round_id, outcome["rejections"])
             tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
             example = pd.DataFrame([[0.0] * len(names)], columns=names)
             version = tracker.register_round_model(booster, plan["federation_id"], round_id, example, tags)
             promoted = tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, outcome["champion_stale"])
-            report = {"federation_id": plan["federation_id"], "round": round_id, "version": version,
-                      **outcome, "excluded_banks": plan["excluded"], "pooled": evaluation.pooled,
-                      "per_bank": evaluation.per_bank, "champion_auprc_before": champion_auprc,
-                      "promoted_to_champion": promoted, "trees": booster.num_boosted_rounds()}
-            history = [{"round": r, **{f"pooled.{k}": v for k, v in ws.read_json(ws.path(r, "registered"))["pooled"].items()}}
-                       for r in range(1, round_id) if ws.path(r, "registered").exists()]
+            report = {
+                "federation_id": plan["federation_id"],
+                "round": round_id,
+                "version": version,
+                **outcome,
+                "excluded_banks": plan["excluded"],
+                "pooled": evaluation.pooled,
+                "per_bank": evaluation.per_bank,
+                "champion_auprc_before": champion_auprc,
+                "promoted_to_champion": promoted,
+                "trees": booster.num_boosted_rounds(),
+            }
+            history = [
+                {"round": r, **{f"pooled.{k}": v for k, v in ws.read_json(ws.path(r, "registered"))["pooled"].items()}}
+                for r in range(1, round_id)
+                if ws.path(r, "registered").exists()
+            ]
             history.append({"round": round_id, **{f"pooled.{k}": v for k, v in evaluation.pooled.items()}})
             tracker.log_round_artifacts(round_id, evaluation.histograms, history, booster, names, report)
     write_atomic(ws.path(round_id, "registered"), _dump(report))

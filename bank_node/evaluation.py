@@ -13,12 +13,18 @@ from fedfraud.wire import EvaluationReport
 DEFAULT_ALERT_BUDGET = 0.005  # share of transactions the fraud team can review
 
 
-def holdout_metrics(scores: np.ndarray, labels: np.ndarray, alert_budget: float = DEFAULT_ALERT_BUDGET) -> dict[str, float]:
+def holdout_metrics(
+    scores: np.ndarray, labels: np.ndarray, alert_budget: float = DEFAULT_ALERT_BUDGET
+) -> dict[str, float]:
     """AUPRC, ROC-AUC, recall at 1% false-positive rate, precision in the top ``alert_budget``."""
     labels = np.asarray(labels).astype(int)
     if labels.min(initial=0) == labels.max(initial=0):
-        return {"auprc": float("nan"), "roc_auc": float("nan"), "recall_at_1pct_fpr": float("nan"),
-                "precision_at_budget": float("nan")}
+        return {
+            "auprc": float("nan"),
+            "roc_auc": float("nan"),
+            "recall_at_1pct_fpr": float("nan"),
+            "precision_at_budget": float("nan"),
+        }
     fpr, tpr, _ = roc_curve(labels, scores)
     alerts = max(1, math.ceil(alert_budget * len(scores)))
     top = np.argsort(-scores, kind="stable")[:alerts]
@@ -30,8 +36,9 @@ def holdout_metrics(scores: np.ndarray, labels: np.ndarray, alert_budget: float 
     }
 
 
-def evaluation_report(bank: str, model_id: str, scores: np.ndarray, labels: np.ndarray,
-                      alert_budget: float = DEFAULT_ALERT_BUDGET) -> EvaluationReport:
+def evaluation_report(
+    bank: str, model_id: str, scores: np.ndarray, labels: np.ndarray, alert_budget: float = DEFAULT_ALERT_BUDGET
+) -> EvaluationReport:
     pos, neg = score_histograms(scores, labels)
     return EvaluationReport(
         bank=bank,

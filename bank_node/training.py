@@ -27,8 +27,9 @@ def train_trees(task: TrainTask, X: np.ndarray, y: np.ndarray, feature_names: li
 _SKLEARN_NAMES = {"eta": "learning_rate", "seed": "random_state"}
 
 
-def train_trees_spark(task: TrainTask, train_rows, feature_names: list[str], label: str = "is_fraud",
-                      num_workers: int = 1) -> xgb.Booster:
+def train_trees_spark(
+    task: TrainTask, train_rows, feature_names: list[str], label: str = "is_fraud", num_workers: int = 1
+) -> xgb.Booster:
     """As ``train_trees``, on a Spark DataFrame, for banks whose rows do not fit one machine.
 
     Uses ``xgboost.spark.SparkXGBClassifier`` with the same parameters and warm start.
@@ -42,14 +43,20 @@ def train_trees_spark(task: TrainTask, train_rows, feature_names: list[str], lab
         params.pop("base_score", None)
     params = {_SKLEARN_NAMES.get(k, k): v for k, v in params.items()}
     classifier = SparkXGBClassifier(
-        features_col=list(feature_names), label_col=label, num_workers=num_workers, n_estimators=task.num_trees,
-        missing=float("nan"), xgb_model=model_json.to_booster(task.base_model) if task.base_model else None,
+        features_col=list(feature_names),
+        label_col=label,
+        num_workers=num_workers,
+        n_estimators=task.num_trees,
+        missing=float("nan"),
+        xgb_model=model_json.to_booster(task.base_model) if task.base_model else None,
         **params,
     )
     return classifier.fit(train_rows).get_booster()
 
 
-def build_update(task: TrainTask, booster: xgb.Booster, counts: dict[str, int], metrics: dict[str, float]) -> ModelUpdate:
+def build_update(
+    task: TrainTask, booster: xgb.Booster, counts: dict[str, int], metrics: dict[str, float]
+) -> ModelUpdate:
     """The update that leaves the bank: new trees only, training statistics scrubbed, metadata."""
     base_rounds = model_json.to_booster(task.base_model).num_boosted_rounds() if task.base_model else 0
     trees = model_json.scrub_training_stats(model_json.new_trees_only(booster, base_rounds))

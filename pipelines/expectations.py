@@ -55,7 +55,9 @@ def run_suite(df: DataFrame, expectations: list, gx_root: Path, asset_name: str)
     asset = next((a for a in source.assets if a.name == asset_name), None) or source.add_dataframe_asset(asset_name)
     batch = next((b for b in asset.batch_definitions if b.name == "whole"), None)
     batch = batch or asset.add_batch_definition_whole_dataframe("whole")
-    suite = context.suites.add_or_update(gx.ExpectationSuite(name="raw_transaction_contract", expectations=[copy.copy(e) for e in expectations]))
+    suite = context.suites.add_or_update(
+        gx.ExpectationSuite(name="raw_transaction_contract", expectations=[copy.copy(e) for e in expectations])
+    )
     definition = context.validation_definitions.add_or_update(
         gx.ValidationDefinition(name=f"{asset_name}_vs_contract", data=batch, suite=suite)
     )
@@ -76,4 +78,6 @@ def run_suite(df: DataFrame, expectations: list, gx_root: Path, asset_name: str)
                 key = f"{config.type}({config.kwargs.get('column', '')})"
                 failures[key] = int(outcome.result.get("unexpected_count") or 0)
     sites = context.get_docs_sites_urls()
-    return SuiteOutcome(success=bool(result.success), failures=failures, data_docs=sites[0]["site_url"] if sites else None)
+    return SuiteOutcome(
+        success=bool(result.success), failures=failures, data_docs=sites[0]["site_url"] if sites else None
+    )

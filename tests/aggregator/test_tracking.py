@@ -25,8 +25,11 @@ def train_booster(seed: int, rounds: int = 3) -> xgboost.Booster:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(200, 5))
     y = (x[:, 0] + 0.5 * x[:, 2] + rng.normal(scale=0.5, size=200) > 0).astype(int)
-    return xgboost.train({"objective": "binary:logistic", "max_depth": 2, "seed": seed},
-                         xgboost.DMatrix(x, label=y), num_boost_round=rounds)
+    return xgboost.train(
+        {"objective": "binary:logistic", "max_depth": 2, "seed": seed},
+        xgboost.DMatrix(x, label=y),
+        num_boost_round=rounds,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,10 @@ def other_model(tracker: FederationTracker, name: str) -> FederationTracker:
 
 
 def parent_runs(tracker: FederationTracker, federation_id: str):
-    return tracker.client.search_runs([tracker.experiment_id],
-                                      f"tags.`fedfraud.federation_id` = '{federation_id}' "
-                                      "and tags.`fedfraud.run_kind` = 'federation'")
+    return tracker.client.search_runs(
+        [tracker.experiment_id],
+        f"tags.`fedfraud.federation_id` = '{federation_id}' and tags.`fedfraud.run_kind` = 'federation'",
+    )
 
 
 def test_registration_happens_once_per_round(tracker, booster, example):
@@ -70,8 +74,11 @@ def test_registration_happens_once_per_round(tracker, booster, example):
     assert sorted(int(v.version) for v in versions) == [first, second]
     logged = tracker.client.search_logged_models([tracker.experiment_id], f"source_run_id = '{run_1}'")
     assert len(logged) == 1
-    assert tracker.version_tags(first) == {"bank_count": "3", "fedfraud.round_key": "fed-register:1",
-                                           "fedfraud.run_id": run_1}
+    assert tracker.version_tags(first) == {
+        "bank_count": "3",
+        "fedfraud.round_key": "fed-register:1",
+        "fedfraud.run_id": run_1,
+    }
     assert tracker.version_tags(second)["fedfraud.run_id"] == run_2
     assert tracker.model_uri(second) == f"models:/fraud-model/{second}"
 
@@ -124,16 +131,17 @@ def test_champion_loads_the_registered_booster(tracker, example):
 
 def test_retried_federation_reuses_parent_and_round_runs(tracker):
     params = {"rounds": 3, "strategy": "fedavg"}
-    with (pytest.raises(RuntimeError, match="bank timed out"),
-          tracker.federation("fed-retry", params, {"trigger": "manual"}) as first,
-          tracker.round(1) as round_first):
+    with (
+        pytest.raises(RuntimeError, match="bank timed out"),
+        tracker.federation("fed-retry", params, {"trigger": "manual"}) as first,
+        tracker.round(1) as round_first,
+    ):
         tracker.log_round_metrics(1, {"bank_a": {"auprc": 0.25}}, {"auprc": 0.5})
         raise RuntimeError("bank timed out")
     assert tracker.client.get_run(first).info.status == "FAILED"
     assert tracker.client.get_run(round_first).info.status == "FAILED"
 
-    with (tracker.federation("fed-retry", params, {"trigger": "retry"}) as second,
-          tracker.round(1) as round_second):
+    with tracker.federation("fed-retry", params, {"trigger": "retry"}) as second, tracker.round(1) as round_second:
         tracker.log_round_metrics(1, {"bank_a": {"auprc": 0.25}}, {"auprc": 0.5})  # same values again
     assert (second, round_second) == (first, round_first)
     for run_id in (first, round_first):  # the retry did not duplicate metric points
@@ -157,20 +165,24 @@ def test_metrics_by_round_in_round_and_parent_runs(tracker):
         for round_id in (1, 2, 3):
             with tracker.round(round_id) as run_id:
                 round_runs[round_id] = run_id
-                tracker.log_round_metrics(round_id, {"bank_a": {"auprc": 0.1 * round_id, "recall": 0.5}},
-                                          {"auprc": 0.2 * round_id})
+                tracker.log_round_metrics(
+                    round_id, {"bank_a": {"auprc": 0.1 * round_id, "recall": 0.5}}, {"auprc": 0.2 * round_id}
+                )
     history = tracker.client.get_metric_history(parent, "pooled.auprc")
     assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.2), (2, 0.4), (3, 0.6)]
     assert len(tracker.client.get_metric_history(parent, "bank_a.auprc")) == 3
     round_2 = tracker.client.get_metric_history(round_runs[2], "bank_a.auprc")
     assert [(m.step, round(m.value, 6)) for m in round_2] == [(2, 0.2)]
     assert tracker.client.get_run(round_runs[3]).data.metrics == pytest.approx(
-        {"bank_a.auprc": 0.3, "bank_a.recall": 0.5, "pooled.auprc": 0.6})
+        {"bank_a.auprc": 0.3, "bank_a.recall": 0.5, "pooled.auprc": 0.6}
+    )
 
 
 def test_rejections_logged_as_artifact_tag_and_metric(tracker, tmp_path):
-    rejections = [{"bank": "bank_c", "check": "norm", "detail": "update norm 9.1 > 5.0"},
-                  {"bank": "bank_a", "check": "schema", "detail": "feature count 4 != 5"}]
+    rejections = [
+        {"bank": "bank_c", "check": "norm", "detail": "update norm 9.1 > 5.0"},
+        {"bank": "bank_a", "check": "schema", "detail": "feature count 4 != 5"},
+    ]
     with tracker.federation("fed-reject", {}, {}) as parent:
         with tracker.round(1) as run_1:
             tracker.log_rejections(1, rejections)
@@ -181,21 +193,34 @@ def test_rejections_logged_as_artifact_tag_and_metric(tracker, tmp_path):
     path = tracker.client.download_artifacts(run_1, "rejected_updates.json", str(tmp_path))
     assert json.loads(Path(path).read_text()) == rejections
     assert tracker.client.get_run(run_1).data.metrics["rejected_updates"] == 2
-    assert [(m.step, m.value) for m in tracker.client.get_metric_history(parent, "rejected_updates")] == [(1, 2), (2, 0)]
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(parent, "rejected_updates")] == [
+        (1, 2),
+        (2, 0),
+    ]
 
 
 def test_round_artifacts_in_round_run(tracker, booster, tmp_path):
     rng = np.random.default_rng(5)
     histograms = {bank: (rng.integers(0, 5, 100), rng.integers(0, 50, 100)) for bank in ("bank_a", "bank_b")}
     histograms["pooled"] = tuple(sum(h[i] for h in histograms.values()) for i in (0, 1))
-    report = {"round": 1, "pooled_auprc": np.float64(0.42), "accepted": ["bank_a", "bank_b"],
-              "banks": {"bank_a": {"auprc": 0.4, "rows": 100}, "bank_b": {"auprc": 0.45, "rows": 120}}}
+    report = {
+        "round": 1,
+        "pooled_auprc": np.float64(0.42),
+        "accepted": ["bank_a", "bank_b"],
+        "banks": {"bank_a": {"auprc": 0.4, "rows": 100}, "bank_b": {"auprc": 0.45, "rows": 120}},
+    }
     with tracker.federation("fed-artifacts", {}, {}), tracker.round(1) as run_id:
-        tracker.log_round_artifacts(1, histograms, [{"round": 1, "pooled.auprc": 0.42, "bank_a.auprc": 0.4}],
-                                    booster, FEATURES, report)
+        tracker.log_round_artifacts(
+            1, histograms, [{"round": 1, "pooled.auprc": 0.42, "bank_a.auprc": 0.4}], booster, FEATURES, report
+        )
     names = {artifact.path for artifact in tracker.client.list_artifacts(run_id)}
-    assert names == {"pr_curves.png", "metrics_by_round.png", "feature_importance.png",
-                     "round_report.json", "round_report.md"}
+    assert names == {
+        "pr_curves.png",
+        "metrics_by_round.png",
+        "feature_importance.png",
+        "round_report.json",
+        "round_report.md",
+    }
     local = tracker.client.download_artifacts(run_id, "round_report.json", str(tmp_path))
     assert json.loads(Path(local).read_text())["pooled_auprc"] == 0.42
     markdown = Path(tracker.client.download_artifacts(run_id, "round_report.md", str(tmp_path))).read_text()
@@ -204,8 +229,9 @@ def test_round_artifacts_in_round_run(tracker, booster, tmp_path):
 
 
 def test_report_markdown_rendering():
-    text = render_report_markdown(3, {"status": "ok", "banks": {"a": {"auprc": 0.5}}, "rejected": [],
-                                      "updates": [{"bank": "a", "norm": 1.25}]})
+    text = render_report_markdown(
+        3, {"status": "ok", "banks": {"a": {"auprc": 0.5}}, "rejected": [], "updates": [{"bank": "a", "norm": 1.25}]}
+    )
     assert text.splitlines()[:3] == ["# Round 3 report", "", "- **status**: ok"]
     assert "|  | auprc |" in text and "| a | 0.5000 |" in text
     assert "## rejected\n\n_(none)_" in text
@@ -222,8 +248,11 @@ def test_trackers_on_different_stores_are_independent(tracker, booster, example,
     assert (tmp_path / "mlartifacts").is_dir()
     assert other.client.get_run(run_id).info.experiment_id == other.experiment_id
     assert parent_runs(tracker, "fed-other") == []
-    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"),
-            os.environ.get("MLFLOW_REGISTRY_URI")) == before
+    assert (
+        mlflow.get_tracking_uri(),
+        os.environ.get("MLFLOW_TRACKING_URI"),
+        os.environ.get("MLFLOW_REGISTRY_URI"),
+    ) == before
     assert mlflow.active_run() is None
 
 

@@ -25,7 +25,12 @@ def test_hash_is_pinned(config):
 
 @pytest.mark.parametrize(
     "change",
-    [{"version": 2}, {"small_amount_base": 4.0}, {"merchant_categories": ("grocery",)}, {"rates_to_base": {"EUR": 1.0}}],
+    [
+        {"version": 2},
+        {"small_amount_base": 4.0},
+        {"merchant_categories": ("grocery",)},
+        {"rates_to_base": {"EUR": 1.0}},
+    ],
 )
 def test_any_feature_setting_changes_the_hash(config, change):
     changed = dataclasses.replace(config.features, **change)

@@ -9,32 +9,49 @@ from pyspark.testing import assertDataFrameEqual
 
 from pipelines.features import build_features, feature_names
 
-CHECKED = ["transaction_id", "amount_base", "prior_txn_count", "seconds_since_prev_txn", "amount_to_prior_mean",
-           "txn_count_1h", "amount_sum_1h", "first_device", "first_merchant", "first_country",
-           "away_from_first_country", "is_small_amount", "small_count_burst", "small_burst",
-           "new_merchants_24h", "device_missing"]
+CHECKED = [
+    "transaction_id",
+    "amount_base",
+    "prior_txn_count",
+    "seconds_since_prev_txn",
+    "amount_to_prior_mean",
+    "txn_count_1h",
+    "amount_sum_1h",
+    "first_device",
+    "first_merchant",
+    "first_country",
+    "away_from_first_country",
+    "is_small_amount",
+    "small_count_burst",
+    "small_burst",
+    "new_merchants_24h",
+    "device_missing",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(make_raw):
-    return make_raw([
-        txn("t1", "2026-01-05 10:00:00", amount=10.0, merchant="m1", device="d1"),
-        txn("t2", "2026-01-05 10:30:00", amount=30.0, merchant="m2", channel="ecommerce", device="d1"),
-        # Same instant as t2: ordered after it by transaction_id, so it may see t2 but not vice versa.
-        txn("t3", "2026-01-05 10:30:00", amount=2.0, merchant="m3", channel="ecommerce", device="d2"),
-        txn("t4", "2026-01-05 12:00:00", amount=1.0, merchant="m4", country="FR", device="d2"),
-        txn("t5", "2026-01-05 10:00:00", account="a2", amount=100.0, currency="SEK", country="SE", device=None),
-        txn("b1", "2026-01-05 09:00:00", account="a3", amount=1.0, merchant="m9"),
-        txn("b2", "2026-01-05 09:02:00", account="a3", amount=1.5, merchant="m9"),
-        txn("b3", "2026-01-05 09:04:00", account="a3", amount=0.5, merchant="m9"),
-    ])
+    return make_raw(
+        [
+            txn("t1", "2026-01-05 10:00:00", amount=10.0, merchant="m1", device="d1"),
+            txn("t2", "2026-01-05 10:30:00", amount=30.0, merchant="m2", channel="ecommerce", device="d1"),
+            # Same instant as t2: ordered after it by transaction_id, so it may see t2 but not vice versa.
+            txn("t3", "2026-01-05 10:30:00", amount=2.0, merchant="m3", channel="ecommerce", device="d2"),
+            txn("t4", "2026-01-05 12:00:00", amount=1.0, merchant="m4", country="FR", device="d2"),
+            txn("t5", "2026-01-05 10:00:00", account="a2", amount=100.0, currency="SEK", country="SE", device=None),
+            txn("b1", "2026-01-05 09:00:00", account="a3", amount=1.0, merchant="m9"),
+            txn("b2", "2026-01-05 09:02:00", account="a3", amount=1.5, merchant="m9"),
+            txn("b3", "2026-01-05 09:04:00", account="a3", amount=0.5, merchant="m9"),
+        ]
+    )
 
 
 def test_hand_computed_values(spark, config, tiny):
     got = build_features(tiny, config.features).select(*CHECKED)
     expected = spark.createDataFrame(
         [
-            # id, base, prior, secs, ratio, cnt1h, sum1h, f_dev, f_mer, f_cty, away, small, burst_n, burst, new_m24h, dev_missing
+            # id, base, prior, secs, ratio, cnt1h, sum1h, f_dev, f_mer, f_cty, away, small, burst_n, burst,
+            # new_m24h, dev_missing
             ("t1", 10.0, 0.0, None, None, 1.0, 10.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0),
             ("t2", 30.0, 1.0, 1800.0, 3.0, 2.0, 40.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0),
             ("t3", 2.0, 2.0, 0.0, 0.1, 3.0, 42.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 3.0, 0.0),
@@ -51,7 +68,13 @@ def test_hand_computed_values(spark, config, tiny):
 
 def test_output_columns_follow_the_contract(config, tiny):
     featured = build_features(tiny, config.features)
-    assert featured.columns == ["transaction_id", "account_id", "event_time", "is_fraud", *feature_names(config.features)]
+    assert featured.columns == [
+        "transaction_id",
+        "account_id",
+        "event_time",
+        "is_fraud",
+        *feature_names(config.features),
+    ]
     assert all(dict(featured.dtypes)[name] == "double" for name in feature_names(config.features))
 
 
@@ -69,12 +92,14 @@ def test_unknown_category_maps_to_other(make_raw, config):
 
 def test_no_leakage_when_later_rows_are_appended(make_raw, config, tiny):
     """Appending later events (and same-instant events ordered later) changes no earlier row."""
-    later = make_raw([
-        txn("t9", "2026-01-05 12:00:00", amount=5000.0, merchant="m1", device="d1"),  # ties t4, sorts after it
-        txn("t10", "2026-01-05 12:20:00", amount=0.2, merchant="m7", country="US", device="d7"),
-        txn("b4", "2026-01-05 09:05:00", account="a3", amount=0.1, merchant="zz"),
-        txn("t6", "2026-01-08 10:00:00", account="a2", amount=9e5, currency="SEK", country="NO", device="dx"),
-    ])
+    later = make_raw(
+        [
+            txn("t9", "2026-01-05 12:00:00", amount=5000.0, merchant="m1", device="d1"),  # ties t4, sorts after it
+            txn("t10", "2026-01-05 12:20:00", amount=0.2, merchant="m7", country="US", device="d7"),
+            txn("b4", "2026-01-05 09:05:00", account="a3", amount=0.1, merchant="zz"),
+            txn("t6", "2026-01-08 10:00:00", account="a2", amount=9e5, currency="SEK", country="NO", device="dx"),
+        ]
+    )
     before = build_features(tiny, config.features)
     after = build_features(tiny.unionByName(later), config.features).join(
         tiny.select("transaction_id"), "transaction_id", "left_semi"

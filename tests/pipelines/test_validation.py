@@ -11,6 +11,7 @@ from pyspark.sql import functions as F
 
 from pipelines.config import ValidationConfig
 from pipelines.conform import ContractError, conform
+from pipelines.contract import COLUMN_NAMES
 from pipelines.validation import training_decision, validate
 
 AS_OF = datetime(2026, 6, 1)
@@ -46,7 +47,7 @@ def parquet_gate(spark, make_raw, config, tmp_path_factory):
 @pytest.fixture(scope="module")
 def csv_gate(spark, config, tmp_path_factory):
     root = tmp_path_factory.mktemp("gate_csv")
-    header = "transaction_id,event_time,account_id,amount,currency,merchant_id,merchant_category,channel,country,device_id,is_fraud"
+    header = ",".join(COLUMN_NAMES)
     lines = [
         "g1,2026-01-05T10:00:00Z,a1,12.50,EUR,m1,grocery,card_present,DE,d1,0",
         "u1,yesterday,a1,12.50,EUR,m1,grocery,card_present,DE,d1,0",
@@ -141,6 +142,10 @@ def test_missing_and_mistyped_columns_refuse_the_input(spark, make_raw):
 
 
 def test_widened_types_are_accepted(spark, make_raw):
-    df = make_raw(GOOD).withColumn("amount", F.col("amount").cast("int")).withColumn("is_fraud", F.col("is_fraud").cast("double"))
+    df = (
+        make_raw(GOOD)
+        .withColumn("amount", F.col("amount").cast("int"))
+        .withColumn("is_fraud", F.col("is_fraud").cast("double"))
+    )
     conformed = conform(df, "parquet")
     assert dict(conformed.dtypes)["amount"] == "double"
