@@ -25,7 +25,11 @@ log = logging.getLogger("fedfraud.federation")
 
 
 class Node(Protocol):
-    """What the aggregator may ask of a bank (embedded object or networked client)."""
+    """What the aggregator may ask of a bank (embedded object or networked client).
+
+    A collective strategy (histogram) also asks ``bin_counts``, ``train_histogram`` and
+    ``abort_histogram`` (see ``bank_node.node.BankNode``).
+    """
 
     bank: str
 
@@ -160,13 +164,17 @@ def train_round(nodes: dict[str, Node], strategy, banks: list[str], round_id: in
     for stage in strategy.stages(round_id, banks):
         tasks = {b: strategy.configure(round_id, b, banks.index(b), global_doc, contract["hash"]) for b in stage}
         received: dict[str, bytes] = {}
-        for bank, task in tasks.items():
-            on_progress(f"round {round_id}: {bank} trains {task.num_trees} trees")
-            try:
-                received[bank] = nodes[bank].train(task.to_bytes())
-            except Exception as exc:  # a bank failing must not sink the round while quorum holds
-                log.warning("bank %s failed in round %s: %s", bank, round_id, exc)
-                rejections.append(Rejection(bank, "bank_failed", f"{exc.__class__.__name__}: {exc}"))
+        if getattr(strategy, "collective", False):  # the stage's banks build every tree together
+            received, left_out = strategy.train_collective(nodes, tasks, round_id, on_progress)
+            rejections += left_out
+        else:
+            for bank, task in tasks.items():
+                on_progress(f"round {round_id}: {bank} trains {task.num_trees} trees")
+                try:
+                    received[bank] = nodes[bank].train(task.to_bytes())
+                except Exception as exc:  # a bank failing must not sink the round while quorum holds
+                    log.warning("bank %s failed in round %s: %s", bank, round_id, exc)
+                    rejections.append(Rejection(bank, "bank_failed", f"{exc.__class__.__name__}: {exc}"))
         ctx = RoundContext(round_id=round_id, contract_hash=contract["hash"],
                            base_model_id=model_json.model_id(global_doc), num_feature=len(contract["names"]),
                            expected_banks=frozenset(stage), max_trees=settings.max_trees_per_update,

@@ -18,7 +18,7 @@ from bank_node.node import BankNode
 from pipelines.config import PipelineConfig
 from pipelines.feature_contract import feature_contract
 
-STRATEGY_CHOICES = ("bagging", "cyclic", "local", "centralized")
+STRATEGY_CHOICES = ("bagging", "cyclic", "histogram", "local", "centralized")
 
 
 @dataclass

@@ -17,8 +17,10 @@ server can never leave it hanging.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -32,6 +34,11 @@ import numpy as np
 from fedfraud.wire import WireMessage
 
 EXIT_WATCHDOG = 3
+STARTED = time.monotonic()
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# ``python -m bank_node.histogram_worker JOB`` works too; this skips xgboost's optional import of
+# scikit-learn (~2 s of a round on a busy machine), which training does not use.
+LAUNCH = "import sys; sys.modules.setdefault('sklearn', None); from bank_node.histogram_worker import main; main()"
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,36 @@ class HistogramSession(WireMessage):
     tls: bool = False  # the server demands client certificates (the bank brings its own)
     timeout_s: float = 1800.0
     nthread: int = 1
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """The bank's credentials on the federated channel (the consortium's certificates)."""
+
+    server_ca: str  # verifies the server's certificate
+    client_key: str
+    client_cert: str
+
+    @classmethod
+    def from_env(cls) -> "ClientTLS | None":
+        """``FEDFRAUD_FEDERATED_SERVER_CA`` / ``_CLIENT_KEY`` / ``_CLIENT_CERT``, or None if unset."""
+        names = ("FEDFRAUD_FEDERATED_SERVER_CA", "FEDFRAUD_FEDERATED_CLIENT_KEY", "FEDFRAUD_FEDERATED_CLIENT_CERT")
+        values = [os.environ.get(name) for name in names]
+        if not any(values):
+            return None
+        if not all(values):
+            raise ValueError(f"set all of {', '.join(names)} or none")
+        return cls(*values)
+
+    def communicator_args(self) -> dict[str, str]:
+        # xgboost 3.2's C++ reads these *_path keys. It silently ignores the names in its Python
+        # docstring (federated_server_cert, ...) and would then connect without TLS.
+        return {"federated_server_cert_path": self.server_ca, "federated_client_key_path": self.client_key,
+                "federated_client_cert_path": self.client_cert}
+
+
+class WorkerFailed(RuntimeError):
+    """The bank's training process failed, timed out or was aborted."""
 
 
 def loopback(address: str) -> bool:
@@ -70,6 +107,100 @@ def train_binned(dtrain, params: dict[str, Any], num_trees: int, base_model: dic
     if base is not None:
         params.pop("base_score", None)  # the global model fixes it for every bank
     return xgb.train(params, dtrain, num_boost_round=num_trees, xgb_model=base, callbacks=list(callbacks))
+
+
+class WorkerProcess:
+    """One running worker: ``result()`` waits (bounded) for its update, ``kill()`` aborts it."""
+
+    def __init__(self, job: Path, log: Path, out: Path, timeout_s: float):
+        self.out, self.log, self.timeout_s = out, log, timeout_s
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
+                                                                        os.environ.get("PYTHONPATH")]))}
+        with open(log, "wb") as handle:
+            self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, str(job)],
+                                            stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+        self.aborted = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        self.aborted = True
+        if self.process.poll() is None:
+            self.process.kill()
+
+    def result(self) -> bytes:
+        try:
+            code = self.process.wait(self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.process.wait()
+            raise WorkerFailed(f"no result within {self.timeout_s:.0f}s; killed. {self.log_tail()}") from None
+        if code != 0 or not self.out.exists():
+            reason = "aborted" if self.aborted else f"exited with {code}"
+            raise WorkerFailed(f"training process {reason}. {self.log_tail()}")
+        return self.out.read_bytes()
+
+    def log_tail(self, limit: int = 1500) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-limit:].strip()
+        except OSError:
+            return ""
+
+
+def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes, session: HistogramSession,
+                 tls: ClientTLS | None) -> WorkerProcess:
+    """Bin the bank's training rows with the shared edges into its own work folder and start a worker."""
+    from aggregator.binning import GlobalBins
+    from fedfraud.wire import TrainTask
+
+    task = TrainTask.from_bytes(task_bytes)
+    if task.bank != session.bank or task.round_id != session.round_id:
+        raise WorkerFailed(f"task for {task.bank}/round {task.round_id} does not match the session "
+                           f"({session.bank}/round {session.round_id})")
+    if task.contract_hash != contract_hash:
+        raise WorkerFailed(f"task's feature contract {task.contract_hash[:12]} is not this bank's {contract_hash[:12]}")
+    if not 0 <= session.rank < session.world_size:
+        raise WorkerFailed(f"rank {session.rank} outside a world of {session.world_size}")
+    if session.tls and tls is None:
+        raise WorkerFailed("the federated server requires TLS but this bank has no client certificate")
+    if not session.tls and not loopback(session.server_address):
+        raise WorkerFailed(f"refusing plain gRPC to {session.server_address}: only 127.0.0.1 may run without TLS")
+    bins = GlobalBins.from_dict(session.bins)
+    if bins.num_feature != len(dataset.feature_names):
+        raise WorkerFailed(f"bins for {bins.num_feature} features, the bank has {len(dataset.feature_names)}")
+    folder = Path(work_dir) / "histogram"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / name for name in ("task.json", "job.json", "progress", "update.json", "worker.log")}
+    for stale in ("progress", "update.json"):
+        paths[stale].unlink(missing_ok=True)
+    paths["x.npy"], paths["y.npy"] = _binned_rows(folder, dataset, bins)
+    paths["task.json"].write_bytes(task_bytes)
+    job = {"session": json.loads(session.to_bytes()), "task": str(paths["task.json"]), "x": str(paths["x.npy"]),
+           "y": str(paths["y.npy"]), "feature_names": list(dataset.feature_names), "counts": dataset.counts(),
+           "out": str(paths["update.json"]), "progress": str(paths["progress"]), "parent_pid": os.getpid(),
+           "tls": tls.communicator_args() if session.tls and tls else None}
+    paths["job.json"].write_text(json.dumps(job))
+    return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0)
+
+
+def _binned_rows(folder: Path, dataset, bins) -> tuple[Path, Path]:
+    """The bank's training rows binned with the shared edges, kept across the rounds of a federation."""
+    digest = hashlib.blake2b(bins.digest.encode(), digest_size=12)
+    digest.update(np.ascontiguousarray(dataset.X_train).tobytes())
+    digest.update(np.ascontiguousarray(dataset.y_train).tobytes())
+    key = digest.hexdigest()
+    x_path, y_path = folder / f"x-{key}.npy", folder / f"y-{key}.npy"
+    if not (x_path.exists() and y_path.exists()):
+        for old in [*folder.glob("x-*.npy"), *folder.glob("y-*.npy")]:
+            old.unlink(missing_ok=True)
+        for path, rows in ((x_path, bins.apply(dataset.X_train)), (y_path, dataset.y_train.astype(np.float32))):
+            tmp = path.with_name(path.stem + ".tmp.npy")
+            np.save(tmp, rows)
+            tmp.replace(path)
+    return x_path, y_path
 
 
 def _watchdog(deadline: float, parent: int) -> None:
@@ -117,8 +248,11 @@ def run(job_path: Path) -> None:
             reference = xgb.DMatrix(bins.reference_matrix(), feature_names=names, missing=np.nan)
             dtrain = xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
                                          ref=reference, nthread=session.nthread)
+            joined = time.monotonic()
             booster = train_binned(dtrain, {**task.params, "nthread": session.nthread}, task.num_trees,
                                    task.base_model, [Progress()])
+            print(f"{session.bank} rank {session.rank}/{session.world_size}: {task.num_trees} trees in "
+                  f"{time.monotonic() - joined:.2f}s (started {joined - STARTED:.2f}s after launch)", flush=True)
             doc = unbin_model(model_json.to_doc(booster), bins)
             update = build_update(task, model_json.to_booster(doc), job["counts"], {})
             out = Path(job["out"])

@@ -119,3 +119,37 @@ class BankNode:
         task = TrainTask(bank=self.bank, round_id=0, base_model_id="none", contract_hash=self.contract["hash"],
                          num_trees=num_trees, params=params)
         return train_trees(task, data.X_train, data.y_train, data.feature_names)
+
+    # Histogram federation (aggregator/strategies/histogram.py): banks grow each tree together.
+    histogram_tls = None  # ClientTLS for the federated channel; else FEDFRAUD_FEDERATED_* env vars
+    _histogram_worker = None
+
+    def bin_counts(self, grid_bytes: bytes) -> bytes:
+        """Counts of this bank's training rows per feature over the consortium's fixed grid (counts only)."""
+        from aggregator.binning import BinCounts, Grid, count_cells
+
+        grid = Grid.from_bytes(grid_bytes)
+        return BinCounts(self.bank, grid.mantissa_bits, count_cells(self.data.X_train, grid)).to_bytes()
+
+    def train_histogram(self, task_bytes: bytes, session_bytes: bytes) -> bytes:
+        """Join a collective round in a worker process of this bank; return its update's bytes."""
+        from bank_node.histogram_worker import ClientTLS, HistogramSession, start_worker
+
+        if not self.report["training_allowed"]:
+            raise BankDeclined(f"{self.bank} declines to train: {'; '.join(self.report['decline_reasons'])}")
+        session = HistogramSession.from_bytes(session_bytes)
+        if session.bank != self.bank:
+            raise ValueError(f"session for {session.bank} sent to {self.bank}")
+        worker = start_worker(self.work_dir, self.data, self.contract["hash"], task_bytes, session,
+                              self.histogram_tls or ClientTLS.from_env())
+        self._histogram_worker = worker
+        try:
+            return worker.result()
+        finally:
+            self._histogram_worker = None
+
+    def abort_histogram(self) -> None:
+        """Kill this bank's running worker, if any (the round failed elsewhere)."""
+        worker = self._histogram_worker
+        if worker is not None:
+            worker.kill()

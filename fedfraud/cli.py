@@ -104,7 +104,7 @@ def _parse_banks(specs: list[str]) -> dict[str, Path]:
 def federate(
     bank: list[str] = typer.Option(..., "--bank", help="NAME=PATH of a bank's raw data (repeat per bank)."),
     rounds: int = typer.Option(5, "--rounds", min=1),
-    strategy: str = typer.Option("bagging", "--strategy", help="bagging, cyclic, local or centralized (benchmark only)."),
+    strategy: str = typer.Option("bagging", "--strategy", help="bagging, cyclic, histogram, local or centralized (benchmark only)."),
     model_name: str = typer.Option(..., "--model-name", help="Registered model name in MLflow."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI, else sqlite in the work dir."),
     work_dir: Path = typer.Option(Path("work/federation"), "--work-dir"),

@@ -3,7 +3,8 @@
 from aggregator.strategies.bagging import Bagging
 from aggregator.strategies.base import Strategy
 from aggregator.strategies.cyclic import Cyclic
+from aggregator.strategies.histogram import Histogram
 
-STRATEGIES: dict[str, type[Strategy]] = {"bagging": Bagging, "cyclic": Cyclic}
+STRATEGIES: dict[str, type[Strategy]] = {"bagging": Bagging, "cyclic": Cyclic, "histogram": Histogram}
 
-__all__ = ["STRATEGIES", "Bagging", "Cyclic", "Strategy"]
+__all__ = ["STRATEGIES", "Bagging", "Cyclic", "Histogram", "Strategy"]

@@ -1,0 +1,198 @@
+"""Histogram federation: banks grow every tree together and get the pooled model, bit for bit.
+
+A round is one **collective** stage. The banks ready when it starts form the world (quorum is
+checked then). Each bank runs a worker process (``bank_node.histogram_worker``) that joins
+XGBoost's federated communicator in row-split mode. The aggregator runs the federated server
+(``aggregator.federated_server``) in its own process for that round only. For every tree
+node, each bank sends its gradient/hessian histograms over the *shared* bins
+(``aggregator.binning``). The server sums them, and every bank picks the same split from the
+sums. So every bank ends the round holding the same K new trees. They are exactly the trees
+a pooled fit on the same binned rows grows.
+
+Two choices make "exactly" hold:
+
+* **Shared bins.** Before the first round the banks send counts over a fixed grid, and the
+  aggregator derives at most ``max_bin`` edges per feature. Banks bin with them, and cut
+  points come from the public edges, not from a sketch of each bank's rows.
+* **No row subsampling** (``subsample`` = 1). XGBoost draws its row sample in each process
+  over that process's own row indices, so no federated sample equals a pooled one. Column
+  sampling is seeded the same at every rank (one seed per round for all banks), so it matches.
+
+The round's model is the update every bank returns. All must be identical, or the round
+fails. Then evaluation, registration and promotion run as for every other strategy. A bank
+that fails mid-round fails the round: every worker is killed, the server is stopped,
+nothing is registered, and ``RoundFailed`` names the bank. A retry starts a new world from the
+banks still healthy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, Callable
+
+from aggregator.binning import BinCounts, GlobalBins, Grid
+from aggregator.checks import Rejection
+from aggregator.federated_server import LOOPBACK, FederatedServer, ServerFailed, ServerTLS
+from aggregator.strategies.base import Strategy
+from bank_node.histogram_worker import HistogramSession, loopback
+from fedfraud import model_json
+from fedfraud.model_json import Doc
+from fedfraud.wire import ModelUpdate, TrainTask
+
+log = logging.getLogger("fedfraud.histogram")
+
+
+def _round_failed(message: str):
+    from aggregator.federation import RoundFailed  # federation imports the strategies
+
+    return RoundFailed(message)
+
+
+class Histogram(Strategy):
+    name = "histogram"
+    collective = True  # train_round hands the whole stage to train_collective
+
+    grid = Grid()
+    round_timeout_s = float(os.environ.get("FEDFRAUD_HISTOGRAM_TIMEOUT", "1800"))
+    abort_grace_s = 30.0
+    nthread = 1  # per bank process; embedded runs share the machine's cores
+    # Where banks reach the server. Embedded: loopback. Networked: the aggregator's name, TLS required.
+    server_host = os.environ.get("FEDFRAUD_FEDERATED_HOST", LOOPBACK)
+
+    def __init__(self, settings, seed: int, consortium_params: dict[str, Any]):
+        super().__init__(settings, seed, {**consortium_params, "subsample": 1.0})
+        self.bins: GlobalBins | None = None
+        self.world: list[str] = []
+        self.server_tls = ServerTLS.from_env()
+        if self.server_tls is None and not loopback(f"{self.server_host}:0"):
+            raise ServerFailed(f"the federated server on {self.server_host} needs TLS: set "
+                               "FEDFRAUD_FEDERATED_SERVER_KEY, _SERVER_CERT, _CLIENT_CA (plain gRPC: 127.0.0.1 only)")
+
+    def configure(self, round_id: int, bank: str, bank_index: int, global_model: Doc | None,
+                  contract_hash: str) -> TrainTask:
+        """Every rank gets the same seed: XGBoost draws column samples at each rank, and they must agree."""
+        return super().configure(round_id, bank, 0, global_model, contract_hash)
+
+    # ------------------------------------------------------------------ the collective stage
+
+    def train_collective(self, nodes: dict[str, Any], tasks: dict[str, TrainTask], round_id: int,
+                         on_progress: Callable[[str], None] = lambda message: None
+                         ) -> tuple[dict[str, bytes], list[Rejection]]:
+        """Run the stage with the banks ready now; returns (update bytes per bank, banks left out)."""
+        left_out, world = [], []
+        for bank in sorted(tasks):
+            reason = self._not_ready(nodes[bank])
+            if reason:
+                log.warning("round %s: %s left out: %s", round_id, bank, reason)
+                left_out.append(Rejection(bank, "bank_not_ready", reason))
+            else:
+                world.append(bank)
+        quorum = max(1, self.settings.min_banks)
+        if len(world) < quorum:
+            raise _round_failed(f"round {round_id}: {len(world)} bank(s) ready for the collective round, quorum is "
+                                f"{quorum}; not ready: {[r.as_dict() for r in left_out]}")
+        if self.bins is None:
+            on_progress(f"round {round_id}: shared bins from {len(world)} banks' grid counts")
+            self.bins = self.shared_bins(nodes, world)
+        self.world = world
+        on_progress(f"round {round_id}: {len(world)} banks grow {tasks[world[0]].num_trees} trees together")
+        return self._run(nodes, {b: tasks[b] for b in world}, round_id), left_out
+
+    @staticmethod
+    def _not_ready(node) -> str | None:
+        try:
+            summary = node.summary()
+        except Exception as exc:  # unreachable: not part of this round's world
+            return f"{exc.__class__.__name__}: {exc}"
+        if not summary.get("training_allowed", False):
+            return "declined to train: " + "; ".join(summary.get("decline_reasons", []))
+        return None
+
+    def shared_bins(self, nodes: dict[str, Any], banks: list[str]) -> GlobalBins:
+        """Grid counts from every bank (counts only) -> the consortium's edges."""
+        reports = []
+        for bank in banks:
+            try:
+                report = BinCounts.from_bytes(nodes[bank].bin_counts(self.grid.to_bytes()))
+            except Exception as exc:
+                raise _round_failed(f"{bank} sent no usable bin counts: {exc.__class__.__name__}: {exc}") from exc
+            if report.bank != bank:
+                raise _round_failed(f"bin counts from {bank} claim to be from {report.bank}")
+            reports.append(report)
+        bins = GlobalBins.from_counts(reports, self.settings.max_bin)
+        log.info("shared bins %s: %s bins per feature", bins.digest, [len(e) + 1 for e in bins.edges])
+        return bins
+
+    def _run(self, nodes: dict[str, Any], tasks: dict[str, TrainTask], round_id: int) -> dict[str, bytes]:
+        world = sorted(tasks)
+        assert self.bins is not None
+        started = time.monotonic()
+        server = FederatedServer(len(world), tls=self.server_tls, timeout_s=self.round_timeout_s + 60,
+                                 host=self.server_host)
+        pool = ThreadPoolExecutor(max_workers=len(world), thread_name_prefix="histogram-bank")
+        try:
+            server.launch()  # banks start binning and launching workers while the server comes up
+            sessions = {bank: HistogramSession(
+                bank=bank, round_id=round_id, server_address=server.address, world_size=len(world), rank=rank,
+                bins=self.bins.to_dict(), tls=self.server_tls is not None, timeout_s=self.round_timeout_s,
+                nthread=self.nthread).to_bytes() for rank, bank in enumerate(world)}
+            futures: dict[Future, str] = {
+                pool.submit(nodes[bank].train_histogram, tasks[bank].to_bytes(), sessions[bank]): bank
+                for bank in world}
+            try:
+                server.wait_ready()
+                failure = self._watch(futures, server, started)
+            except ServerFailed as exc:
+                failure = str(exc)
+            if failure:
+                self._abort(nodes, world, futures, server)
+                raise _round_failed(f"round {round_id}: collective training failed ({failure}); "
+                                    f"world was {world}; nothing registered")
+            return {bank: future.result() for future, bank in futures.items()}
+        finally:
+            server.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _watch(self, futures: dict[Future, str], server: FederatedServer, started: float) -> str | None:
+        """None when every bank returned; else why the round must stop (first failure wins)."""
+        while True:
+            done, pending = wait(futures, timeout=1.0, return_when=FIRST_EXCEPTION)
+            failed = {futures[f]: f.exception() for f in done if f.exception() is not None}
+            if failed:
+                return "; ".join(f"{bank} failed: {exc.__class__.__name__}: {exc}"
+                                 for bank, exc in sorted(failed.items()))
+            if not pending:
+                return None
+            if not server.alive():
+                return f"federated server exited: {server.log_tail()}"
+            if time.monotonic() - started > self.round_timeout_s:
+                return f"no result within {self.round_timeout_s:.0f}s from {sorted(futures[f] for f in pending)}"
+
+    def _abort(self, nodes, world, futures: dict[Future, str], server: FederatedServer) -> None:
+        """Kill every bank's worker and the server, then wait (bounded) for the calls to return."""
+        for bank in world:
+            abort = getattr(nodes[bank], "abort_histogram", None)
+            if abort is not None:
+                try:
+                    abort()
+                except Exception as exc:  # best effort: the bank's own watchdog ends its worker too
+                    log.warning("could not abort %s's worker: %s", bank, exc)
+        server.stop()
+        _, pending = wait(futures, timeout=self.abort_grace_s)
+        if pending:
+            log.warning("banks still running after abort: %s", sorted(futures[f] for f in pending))
+
+    # ------------------------------------------------------------------ the round's model
+
+    def aggregate(self, global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:
+        """Every bank of the world holds the same trees: check that, then append them once."""
+        banks = sorted(u.bank for u in updates)
+        if banks != self.world:
+            raise _round_failed(f"collective round: accepted updates from {banks}, but the world was {self.world}")
+        models = {model_json.model_id(u.model) for u in updates}
+        if len(models) != 1:
+            raise _round_failed(f"collective round: banks returned {len(models)} different models")
+        return model_json.append_trees(self.start_from(global_model, updates), updates[0].model)

@@ -1,0 +1,199 @@
+"""Bench: histogram federation against bagging / cyclic / centralized / local on generated banks.
+
+It reuses the banks that ``bench/federation.py`` prepared in ``--work-dir`` (and its
+results.json, for the other strategies' AUPRC). It generates and prepares them only when they
+are missing. Then:
+
+1. quality: ``--rounds`` x 20 trees of histogram federation (registered in the bench's MLflow).
+   It prints holdout AUPRC per bank and pooled beside the other strategies'.
+2. exactness: the registered model, scoring *raw* holdout features, against a centralized fit
+   on the same *binned* pooled rows. Both use the same rounds and seeds. It prints whether
+   every prediction is bit-identical.
+3. wall time: one round of 20 trees (server and bank processes included) against a
+   centralized fit of 20 trees on the pooled raw rows, as ``bench/federation.py`` times it
+   (XGBoost nthread=2), and with nthread=1. Median of ``--repeats``.
+
+    .venv/bin/python bench/federation.py --rows 300000 --repeats 1 --work-dir work/bench/fed300
+    .venv/bin/python bench/histogram.py --work-dir work/bench/fed300
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.federation import train_round
+from aggregator.runner import Consortium, federate, prepare_consortium
+from aggregator.settings import FederationSettings, consortium_params
+from aggregator.strategies.histogram import Histogram
+from aggregator.tracking import default_tracking_uri
+from bank_node.node import FINGERPRINT_FILE, BankNode, input_fingerprint
+from bank_node.training import dmatrix, train_trees
+from fedfraud import model_json
+from fedfraud.wire import TrainTask
+from pipelines.config import load_config
+from pipelines.synthetic import write_banks
+
+OTHERS = ("local", "bagging", "cyclic", "centralized")
+
+
+def log(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def load_consortium(work_dir: Path, rows: int, n_banks: int, seed: int, settings: FederationSettings) -> Consortium:
+    """The prepared banks in ``work_dir`` if they are current (no Spark needed), else generate/prepare."""
+    config = load_config()
+    raw = work_dir / "raw"
+    paths = {p.name: p / "transactions.parquet" for p in sorted(raw.iterdir())} if raw.exists() else {}
+    if len(paths) != n_banks or not all(p.exists() for p in paths.values()):
+        log(f"generating {n_banks} banks, {rows:,} rows")
+        paths = write_banks(raw, n_banks=n_banks, total_rows=rows, seed=seed)
+    nodes = {b: BankNode(b, p, work_dir / "banks" / b, config, settings.holdout_fraction, settings.alert_budget)
+             for b, p in paths.items()}
+    current = all((n.work_dir / FINGERPRINT_FILE).exists()
+                  and json.loads((n.work_dir / FINGERPRINT_FILE).read_text()) == input_fingerprint(n.raw_path, config)
+                  for n in nodes.values())
+    if current:
+        log("reusing prepared banks")
+        return Consortium(nodes, config, work_dir)
+    return prepare_consortium(paths, work_dir, config, settings, log)
+
+
+def other_strategies(work_dir: Path) -> tuple[dict[str, dict[str, float]], dict]:
+    """AUPRC rows of bench/federation.py for the same banks (its results.json), if present."""
+    path = work_dir / "results.json"
+    if not path.exists():
+        log(f"{path} missing: run bench/federation.py --work-dir {work_dir} for the other strategies")
+        return {}, {}
+    results = json.loads(path.read_text())
+    return {s: results["auprc"][s] for s in OTHERS if s in results["auprc"]}, results
+
+
+def histogram_quality(consortium: Consortium, rounds: int, settings: FederationSettings, seed: int):
+    uri = default_tracking_uri(consortium.work_dir)
+    started = time.perf_counter()
+    result = federate(consortium, "histogram", rounds, "bench-histogram", uri, settings, seed, log)[""]
+    seconds = time.perf_counter() - started
+    row = {b: m["auprc"] for b, m in result.evaluation.per_bank.items()}
+    row["pooled"] = result.evaluation.pooled["auprc"]
+    return row, result, uri, seconds
+
+
+def exactness(consortium: Consortium, result, uri: str, rounds: int, settings: FederationSettings, seed: int):
+    """Registered model on raw holdouts vs a centralized fit on the binned pooled rows, same seeds."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    registered = mlflow.xgboost.load_model(result.model_uri)
+    nodes, names = consortium.nodes, consortium.contract["names"]
+    banks = sorted(nodes)
+    counts = [nodes[b].summary()["counts"] for b in banks]
+    strategy = Histogram(settings, seed, consortium_params(settings, sum(c["positives"] for c in counts),
+                                                           sum(c["negatives"] for c in counts)))
+    bins = strategy.shared_bins(nodes, banks)
+    X = np.concatenate([bins.apply(nodes[b].data.X_train) for b in banks])
+    y = np.concatenate([nodes[b].data.y_train for b in banks])
+    booster = None
+    for round_id in range(1, rounds + 1):
+        task = strategy.configure(round_id, "pooled", 0, None, consortium.contract["hash"])
+        task = dataclasses.replace(task, base_model=None if booster is None else model_json.to_doc(booster))
+        booster = train_trees(task, X, y, names)
+    identical, worst = True, 0.0
+    for b in banks:
+        raw = registered.predict(dmatrix(nodes[b].data.X_holdout, None, names))
+        pooled = booster.predict(dmatrix(bins.apply(nodes[b].data.X_holdout), None, names))
+        identical &= bool(np.array_equal(raw, pooled))
+        worst = max(worst, float(np.abs(raw - pooled).max(initial=0.0)))
+    return identical, worst, [len(e) + 1 for e in bins.edges]
+
+
+def round_times(consortium: Consortium, settings: FederationSettings, seed: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one histogram round and of centralized fits of the same number of trees."""
+    nodes, contract = consortium.nodes, consortium.contract
+    banks = sorted(nodes)
+    counts = [nodes[b].summary()["counts"] for b in banks]
+    params = consortium_params(settings, sum(c["positives"] for c in counts), sum(c["negatives"] for c in counts))
+    X = np.concatenate([nodes[b].data.X_train for b in banks])
+    y = np.concatenate([nodes[b].data.y_train for b in banks])
+    strategy = Histogram(settings, seed, params)
+    started = time.perf_counter()
+    strategy.bins = strategy.shared_bins(nodes, banks)
+    timings: dict[str, list[float]] = {"histogram": [], "centralized": [], "centralized_nthread1": []}
+    bins_seconds = time.perf_counter() - started
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        train_round(nodes, strategy, banks, 1, None, contract, settings)
+        timings["histogram"].append(time.perf_counter() - started)
+        for name, extra in (("centralized", {}), ("centralized_nthread1", {"nthread": 1})):
+            task = TrainTask(bank="pooled", round_id=1, base_model_id="none", contract_hash=contract["hash"],
+                             num_trees=settings.trees_per_round, params={**params, "seed": seed + repeat, **extra})
+            started = time.perf_counter()
+            train_trees(task, X, y, contract["names"])
+            timings[name].append(time.perf_counter() - started)
+        log(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in timings.items()))
+    return {**{name: statistics.median(values) for name, values in timings.items()}, "shared_bins": bins_seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", type=Path, default=Path("work/bench/fed300"))
+    parser.add_argument("--rows", type=int, default=300_000, help="only used when banks must be generated")
+    parser.add_argument("--banks", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    settings = FederationSettings()
+    consortium = load_consortium(args.work_dir, args.rows, args.banks, args.seed, settings)
+    banks = sorted(consortium.nodes)
+    table, previous = other_strategies(args.work_dir)
+    row, result, uri, federation_seconds = histogram_quality(consortium, args.rounds, settings, args.seed)
+    table["histogram"] = row
+    identical, worst, bins_per_feature = exactness(consortium, result, uri, args.rounds, settings, args.seed)
+    times = round_times(consortium, settings, args.seed, args.repeats)
+
+    rows_total = sum(consortium.nodes[b].data.counts()["train_rows"] for b in banks)
+    print(f"\nHoldout AUPRC ({len(banks)} banks, {rows_total:,} training rows, {args.rounds} rounds x "
+          f"{settings.trees_per_round} trees, seed {args.seed}; other rows from {args.work_dir / 'results.json'})")
+    print("| strategy | " + " | ".join(banks) + " | pooled |")
+    print("|---" * (len(banks) + 2) + "|")
+    for strategy in (*OTHERS, "histogram"):
+        if strategy in table:
+            cells = [table[strategy].get(b, math.nan) for b in [*banks, "pooled"]]
+            print(f"| {strategy} | " + " | ".join("-" if math.isnan(v) else f"{v:.3f}" for v in cells) + " |")
+    if "centralized" in table:
+        print(f"histogram: pooled AUPRC {row['pooled'] / table['centralized']['pooled']:.3f}x centralized (raw rows)")
+    print(f"bit-identical to a centralized fit on the binned pooled rows (registered model on raw holdout "
+          f"features): {identical} (max |diff| {worst:g}); bins per feature {min(bins_per_feature)}.."
+          f"{max(bins_per_feature)}")
+    print(f"\nOne round of {settings.trees_per_round} trees (median of {args.repeats}; {os.cpu_count()} cores):")
+    for name in ("centralized", "centralized_nthread1"):
+        print(f"  histogram {times['histogram']:6.2f}s = {times['histogram'] / times[name]:.2f}x {name} "
+              f"({times[name]:.2f}s)")
+    print(f"  once per federation: shared bins from grid counts {times['shared_bins']:.2f}s; whole "
+          f"{args.rounds}-round federation incl. evaluation + MLflow {federation_seconds:.1f}s")
+    out = args.work_dir / "histogram_results.json"
+    out.write_text(json.dumps({
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "banks": banks, "rounds": args.rounds,
+        "seed": args.seed, "train_rows": rows_total, "auprc": table, "bit_identical": identical,
+        "max_abs_diff": worst, "bins_per_feature": bins_per_feature, "round_seconds": times,
+        "federation_seconds": federation_seconds, "model_uri": result.model_uri,
+        "other_strategies_from": previous.get("command"), "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(), "python": platform.python_version()}, indent=2))
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Histogram federation: banks as separate processes grow the pooled model, bit for bit.
+
+Toy banks (real BankNodes on small numpy data) cover exactness, worlds, failures and TLS in
+seconds. The `consortium` tests run the whole path (Spark-prepared banks, MLflow registry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from aggregator.binning import FLOAT32_MAX, BinCounts, GlobalBins, Grid, count_cells
+from aggregator.federated_server import FederatedServer, ServerFailed, ServerTLS
+from aggregator.federation import RoundFailed, run_federation, train_round
+from aggregator.runner import STRATEGY_CHOICES
+from aggregator.settings import FederationSettings, consortium_params
+from aggregator.strategies import STRATEGIES, Histogram
+from bank_node.dataset import BankDataset
+from bank_node.histogram_worker import ClientTLS, HistogramSession, WorkerFailed, start_worker
+from bank_node.node import BankNode
+from bank_node.training import dmatrix, train_trees
+from fedfraud import model_json
+from fedfraud.wire import ModelUpdate, TrainTask
+
+FEATURES = ["amount", "count", "signed", "heavy", "flag", "gap"]
+SETTINGS = FederationSettings(trees_per_round=6, max_depth=4, max_bin=32, colsample_bytree=0.8)
+
+
+# ---------------------------------------------------------------------------- toy banks
+
+def toy_rows(rng, rows, shift):
+    X = np.column_stack([
+        rng.exponential(40 * (1 + shift), rows), rng.integers(0, 5, rows), rng.normal(shift, 1, rows),
+        rng.lognormal(0, 2, rows), rng.random(rows) < 0.2, np.where(rng.random(rows) < 0.3, np.nan, 1.0),
+    ]).astype(np.float32)
+    X[:, :5][rng.random((rows, 5)) < 0.04] = np.nan
+    logit = (0.01 * np.nan_to_num(X[:, 0]) - 3 + 0.8 * np.nan_to_num(X[:, 2]) + np.nan_to_num(X[:, 4])
+             + 1.5 * np.isnan(X[:, 5]))
+    return X, (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int32)
+
+
+def toy_node(root: Path, bank: str, X, y, contract) -> BankNode:
+    """A real BankNode on in-memory rows (no Spark): its gate report says it may train."""
+    work = root / bank
+    (work / "validation").mkdir(parents=True, exist_ok=True)
+    (work / "validation" / "report.json").write_text(json.dumps(
+        {"training_allowed": True, "decline_reasons": [], "event_time_min": "0", "event_time_max": "1"}))
+    node = BankNode(bank, work, work, config=None)
+    cut = int(len(y) * 0.75)
+    node.__dict__["contract"] = contract
+    node.__dict__["data"] = BankDataset(FEATURES, X[:cut], y[:cut], X[cut:], y[cut:], None)
+    return node
+
+
+@pytest.fixture
+def toy(tmp_path):
+    rng = np.random.default_rng(17)
+    contract = {"names": FEATURES, "hash": "c" * 64}
+    nodes = {bank: toy_node(tmp_path, bank, *toy_rows(rng, rows, shift), contract)
+             for bank, rows, shift in (("alpha", 1200, 0), ("beta", 1800, 1), ("gamma", 900, 2))}
+    return nodes, contract
+
+
+def make_strategy(nodes, settings=SETTINGS, seed=5) -> Histogram:
+    y = np.concatenate([getattr(n, "node", n).data.y_train for n in nodes.values()])
+    return Histogram(settings, seed, consortium_params(settings, int(y.sum()), int(len(y) - y.sum())))
+
+
+def pooled_chain(nodes, banks, strategy, rounds, contract):
+    """The centralized fit on the same binned pooled rows: ``train_trees`` (what the centralized
+    baseline runs), one call per round with the round's task, warm-started like the federation."""
+    X = np.concatenate([strategy.bins.apply(nodes[b].data.X_train) for b in banks])
+    y = np.concatenate([nodes[b].data.y_train for b in banks])
+    booster = None
+    for round_id in range(1, rounds + 1):
+        task = strategy.configure(round_id, "pooled", 0, None, contract["hash"])
+        task = dataclasses.replace(task, base_model=None if booster is None else model_json.to_doc(booster))
+        booster = train_trees(task, X, y, FEATURES)
+    return booster
+
+
+def our_children() -> list[str]:
+    """Command lines of this process's live histogram workers and federated servers."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and (
+                "histogram_worker" in cmdline or "federated_server" in cmdline):
+            found.append(cmdline)
+    return found
+
+
+# ---------------------------------------------------------------------------- exactness
+
+def test_histogram_is_a_registered_strategy():
+    assert STRATEGIES["histogram"] is Histogram and "histogram" in STRATEGY_CHOICES
+
+
+def test_rounds_equal_a_pooled_fit_on_the_binned_rows(toy):
+    nodes, contract = toy
+    banks = sorted(nodes)
+    strategy = make_strategy(nodes)
+    doc = None
+    for round_id in (1, 2):
+        doc, participants, rejections = train_round(nodes, strategy, banks, round_id, doc, contract, SETTINGS)
+        assert participants == set(banks) and rejections == []
+    assert len(model_json.trees(doc)) == 2 * SETTINGS.trees_per_round
+    assert strategy.consortium_params["subsample"] == 1.0
+    pooled = pooled_chain(nodes, banks, strategy, 2, contract)
+    federated = model_json.to_booster(doc)
+    for part in ("X_train", "X_holdout"):
+        raw = np.concatenate([getattr(nodes[b].data, part) for b in banks])
+        binned = strategy.bins.apply(raw)
+        expected = pooled.predict(dmatrix(binned, None, FEATURES))
+        assert np.array_equal(federated.predict(dmatrix(binned, None, FEATURES)), expected)
+        assert np.array_equal(federated.predict(dmatrix(raw, None, FEATURES)), expected)  # raw features
+    conditions = [c for t in model_json.trees(doc) for n, c in enumerate(t["split_conditions"])
+                  if not model_json.is_leaf(t, n)]
+    assert any(abs(np.float32(c)) == np.float32(FLOAT32_MAX) for c in conditions), "no missing-vs-present split"
+    assert our_children() == []
+
+
+def test_shared_bins_come_from_counts_only(toy):
+    nodes, _ = toy
+    banks = sorted(nodes)
+    bins = make_strategy(nodes).shared_bins(nodes, banks)
+    pooled = np.concatenate([nodes[b].data.X_train for b in banks])
+    assert bins.digest == GlobalBins.from_counts([BinCounts("all", 7, count_cells(pooled))], SETTINGS.max_bin).digest
+    payload = json.loads(nodes["alpha"].bin_counts(Grid().to_bytes()))
+    assert all(isinstance(v, int) for part in payload["cells"] + payload["counts"] for v in part)
+
+
+def test_aggregate_refuses_banks_that_disagree(toy):
+    nodes, contract = toy
+    strategy = make_strategy(nodes)
+    strategy.world = ["alpha", "beta"]
+    X, y = nodes["alpha"].data.X_train, nodes["alpha"].data.y_train
+    docs = []
+    for seed in (1, 2):
+        task = TrainTask("alpha", 1, "none", contract["hash"], 2, {**strategy.consortium_params, "seed": seed})
+        docs.append(model_json.to_doc(train_trees(task, X, y, FEATURES)))
+    updates = [ModelUpdate(b, 1, "none", contract["hash"], 0, {}, {}, d) for b, d in zip(strategy.world, docs)]
+    with pytest.raises(RoundFailed, match="2 different models"):
+        strategy.aggregate(None, updates)
+    with pytest.raises(RoundFailed, match="world was"):
+        strategy.aggregate(None, updates[:1])
+    same = [dataclasses.replace(u, model=docs[0]) for u in updates]
+    assert len(model_json.trees(strategy.aggregate(None, same))) == 2
+
+
+# ---------------------------------------------------------------------------- worlds and failures
+
+class Unreachable:
+    """A bank that cannot be reached when the round starts."""
+
+    def __init__(self, node):
+        self.node, self.bank = node, node.bank
+
+    def summary(self):
+        raise ConnectionError(f"{self.bank} is unreachable")
+
+    def train_histogram(self, task_bytes, session_bytes):
+        raise AssertionError("a bank outside the world must not be asked to train")
+
+
+def test_the_world_is_the_banks_ready_at_round_start(toy):
+    nodes, contract = toy
+    nodes = {**nodes, "gamma": Unreachable(nodes["gamma"])}
+    strategy = make_strategy(nodes)
+    doc, participants, rejections = train_round(nodes, strategy, sorted(nodes), 1, None, contract, SETTINGS)
+    assert participants == {"alpha", "beta"}
+    assert [(r.bank, r.check) for r in rejections] == [("gamma", "bank_not_ready")]
+    pooled = pooled_chain(nodes, ["alpha", "beta"], strategy, 1, contract)
+    binned = strategy.bins.apply(nodes["beta"].data.X_holdout)
+    assert np.array_equal(model_json.to_booster(doc).predict(dmatrix(binned, None, FEATURES)),
+                          pooled.predict(dmatrix(binned, None, FEATURES)))
+    quorum = dataclasses.replace(SETTINGS, min_banks=3)
+    with pytest.raises(RoundFailed, match="2 bank\\(s\\) ready for the collective round, quorum is 3"):
+        train_round(nodes, make_strategy(nodes, quorum), sorted(nodes), 1, None, contract, quorum)
+    assert our_children() == []
+
+
+class Dies:
+    """A bank whose training process is killed (SIGKILL) once the first tree is built."""
+
+    def __init__(self, node, sig=signal.SIGKILL):
+        self.node, self.bank, self.sig = node, node.bank, sig
+        self.killed_at: float | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.node, name)
+
+    def train_histogram(self, task_bytes, session_bytes):
+        threading.Thread(target=self._kill_after_first_tree, daemon=True).start()
+        return self.node.train_histogram(task_bytes, session_bytes)
+
+    def _kill_after_first_tree(self):
+        progress = self.node.work_dir / "histogram" / "progress"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            worker = self.node._histogram_worker
+            if worker is not None and progress.exists() and progress.read_text().strip():
+                os.kill(worker.pid, self.sig)
+                self.killed_at = time.monotonic()
+                return
+            time.sleep(0.02)
+
+
+def test_a_bank_dying_mid_round_fails_the_round_fast_and_a_retry_runs_with_the_rest(toy):
+    nodes, contract = toy
+    many_trees = dataclasses.replace(SETTINGS, trees_per_round=400)
+    dying = Dies(nodes["beta"])
+    strategy = make_strategy(nodes, many_trees)
+    with pytest.raises(RoundFailed, match="beta failed") as failure:
+        train_round({**nodes, "beta": dying}, strategy, sorted(nodes), 1, None, contract, many_trees)
+    assert dying.killed_at is not None
+    assert time.monotonic() - dying.killed_at < 45, "the round must fail promptly, not wait for a timeout"
+    assert "nothing registered" in str(failure.value)
+    assert our_children() == [], "every worker and the server are gone"
+    healthy = {b: n for b, n in nodes.items() if b != "beta"}
+    retry = make_strategy(healthy)
+    doc, participants, _ = train_round(healthy, retry, sorted(healthy), 1, None, contract, SETTINGS)
+    assert participants == {"alpha", "gamma"} and len(model_json.trees(doc)) == SETTINGS.trees_per_round
+    assert our_children() == []
+
+
+def test_a_hung_bank_is_cut_off_by_the_round_timeout(toy):
+    nodes, contract = toy
+    many_trees = dataclasses.replace(SETTINGS, trees_per_round=400)
+    frozen = Dies(nodes["gamma"], signal.SIGSTOP)  # alive but silent: its peers wait on it
+    strategy = make_strategy(nodes, many_trees)
+    strategy.round_timeout_s = 12
+    started = time.monotonic()
+    with pytest.raises(RoundFailed, match="no result within 12s"):
+        train_round({**nodes, "gamma": frozen}, strategy, sorted(nodes), 1, None, contract, many_trees)
+    assert time.monotonic() - started < 12 + 40
+    assert our_children() == []
+
+
+# ---------------------------------------------------------------------------- channel security
+
+def test_a_bank_refuses_plain_grpc_off_loopback_and_tls_without_its_certificate(toy):
+    nodes, contract = toy
+    node = nodes["alpha"]
+    bins = make_strategy(nodes).shared_bins(nodes, ["alpha"])
+    task = TrainTask("alpha", 1, "none", contract["hash"], 1, {}).to_bytes()
+
+    def session(**kw):
+        return HistogramSession(**{"bank": "alpha", "round_id": 1, "server_address": "127.0.0.1:1", "world_size": 1,
+                                   "rank": 0, "bins": bins.to_dict(), **kw})
+
+    with pytest.raises(WorkerFailed, match="refusing plain gRPC"):
+        start_worker(node.work_dir, node.data, contract["hash"], task, session(server_address="10.0.0.5:5000"), None)
+    with pytest.raises(WorkerFailed, match="requires TLS"):
+        start_worker(node.work_dir, node.data, contract["hash"], task, session(tls=True), None)
+    with pytest.raises(WorkerFailed, match="feature contract"):
+        start_worker(node.work_dir, node.data, "d" * 64, task, session(), None)
+
+
+def test_federated_server_stops_and_frees_its_port():
+    server = FederatedServer(2).start()
+    port, pid = server.port, server.process.pid
+    assert server.alive()
+    server.stop()
+    assert not server.alive() and not Path(f"/proc/{pid}").exists()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # released
+    broken = FederatedServer(1, tls=ServerTLS("/nonexistent.key", "/nonexistent.crt", "/nonexistent.ca"),
+                             startup_timeout_s=30, attempts=1)
+    started = time.monotonic()
+    with pytest.raises(ServerFailed):
+        broken.start()
+    assert time.monotonic() - started < 30 and not broken.alive()
+
+
+def write_certificates(folder: Path, banks: list[str]) -> tuple[ServerTLS, dict[str, ClientTLS]]:
+    """A consortium CA, a server certificate for 127.0.0.1, one client certificate per bank."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name, key, issuer_name, issuer_key, ca=False, server=False):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        if not ca:
+            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def save(name, key, cert):
+        key_path, cert_path = folder / f"{name}.key", folder / f"{name}.crt"
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return str(key_path), str(cert_path)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedfraud consortium CA")])
+    _, ca_cert = save("ca", ca_key, issue("fedfraud consortium CA", ca_key, ca_name, ca_key, ca=True))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    key, cert = save("server", server_key, issue("127.0.0.1", server_key, ca_name, ca_key, server=True))
+    clients = {}
+    for bank in banks:
+        bank_key = ec.generate_private_key(ec.SECP256R1())
+        clients[bank] = ClientTLS(ca_cert, *save(bank, bank_key, issue(bank, bank_key, ca_name, ca_key)))
+    return ServerTLS(key, cert, ca_cert), clients
+
+
+def test_a_round_over_tls_with_consortium_certificates(toy, tmp_path):
+    pytest.importorskip("cryptography")
+    nodes, contract = toy
+    banks = sorted(nodes)
+    server_tls, clients = write_certificates(tmp_path, banks)
+    for bank in banks:
+        nodes[bank].histogram_tls = clients[bank]
+    with FederatedServer(1, tls=server_tls) as server:  # the server runs TLS-only
+        deadline = time.monotonic() + 10
+        while "listening" not in server.log_tail() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Federated server listening" in server.log_tail() and "Insecure" not in server.log_tail()
+    strategy = make_strategy(nodes)
+    strategy.server_tls = server_tls
+    doc, participants, _ = train_round(nodes, strategy, banks, 1, None, contract, SETTINGS)
+    assert participants == set(banks)
+    job = json.loads((nodes["alpha"].work_dir / "histogram" / "job.json").read_text())
+    assert job["session"]["tls"] is True and job["tls"]["federated_client_cert_path"].endswith("alpha.crt")
+    binned = strategy.bins.apply(nodes["alpha"].data.X_holdout)
+    pooled = pooled_chain(nodes, banks, strategy, 1, contract)
+    assert np.array_equal(model_json.to_booster(doc).predict(dmatrix(binned, None, FEATURES)),
+                          pooled.predict(dmatrix(binned, None, FEATURES)))
+    assert our_children() == []
+
+
+# ---------------------------------------------------------------------------- end to end
+
+E2E = FederationSettings(trees_per_round=5, colsample_bytree=1.0)
+
+
+class BinnedRows:
+    """A bank's view with its rows binned by the shared edges, for the centralized reference fit."""
+
+    def __init__(self, node, bins: GlobalBins):
+        self.node, self.bank = node, node.bank
+        d = node.data
+        self.data = BankDataset(d.feature_names, bins.apply(d.X_train), d.y_train, bins.apply(d.X_holdout),
+                                d.y_holdout, d.holdout_start)
+
+    def summary(self):
+        return self.node.summary()
+
+    def evaluate(self, model_bytes):
+        from bank_node.evaluation import evaluation_report
+
+        doc = json.loads(model_bytes)
+        scores = model_json.to_booster(doc).predict(dmatrix(self.data.X_holdout, None, self.data.feature_names))
+        return evaluation_report(self.bank, model_json.model_id(doc), scores, self.data.y_holdout).to_bytes()
+
+
+@pytest.mark.slow
+def test_histogram_federation_equals_the_centralized_strategy_on_binned_rows(consortium, uri):
+    from aggregator.baselines import run_centralized
+    from aggregator.tracking import FederationTracker
+
+    nodes, contract = consortium.nodes, consortium.contract
+    tracker = FederationTracker(uri, "e2e-histogram")
+    federated = run_federation(nodes, "histogram", 2, tracker, contract, E2E, seed=3)
+    versions = MlflowClient(uri, registry_uri=uri).search_model_versions("name='e2e-histogram'")
+    assert sorted(int(v.version) for v in versions) == [1, 2] and federated.model_uri == "models:/e2e-histogram/2"
+    tags = {int(v.version): v.tags for v in versions}[2]
+    assert tags["fedfraud.strategy"] == "histogram"
+    assert tags["fedfraud.participating_banks"] == ",".join(sorted(nodes))
+    _, registered = tracker.champion()
+
+    # the same bins the federation derived, from the same counts
+    banks = sorted(nodes)
+    bins = make_strategy(nodes, E2E).shared_bins(nodes, banks)
+    views = {b: BinnedRows(nodes[b], bins) for b in banks}
+    centralized_settings = dataclasses.replace(E2E, subsample=1.0)
+    central = run_centralized(views, 2, FederationTracker(uri, "e2e-histogram-central"), contract,
+                              centralized_settings, seed=3)
+    _, central_booster = FederationTracker(uri, "e2e-histogram-central").champion()
+    names = contract["names"]
+    for b in banks:
+        raw = registered.predict(dmatrix(nodes[b].data.X_holdout, None, names))
+        assert np.array_equal(raw, central_booster.predict(dmatrix(views[b].data.X_holdout, None, names))), b
+        assert np.array_equal(registered.predict(dmatrix(views[b].data.X_train, None, names)),
+                              central_booster.predict(dmatrix(views[b].data.X_train, None, names))), b
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 - NaN-safe
+    assert same(federated.evaluation.pooled, central.evaluation.pooled)
+    assert same(federated.evaluation.per_bank, central.evaluation.per_bank)
+    assert our_children() == []
+
+
+@pytest.mark.slow
+def test_a_dead_bank_registers_nothing_and_the_retry_runs_with_the_healthy_banks(consortium, uri):
+    from aggregator.tracking import FederationTracker
+
+    nodes, contract = dict(consortium.nodes), consortium.contract
+    lost = sorted(nodes)[1]
+    settings = dataclasses.replace(E2E, trees_per_round=300, min_banks=3)
+    client = MlflowClient(uri, registry_uri=uri)
+    with pytest.raises(RoundFailed, match=f"{lost} failed"):
+        run_federation({**nodes, lost: Dies(nodes[lost])}, "histogram", 1, FederationTracker(uri, "e2e-hist-retry"),
+                       contract, settings, seed=4)
+    assert client.search_model_versions("name='e2e-hist-retry'") == []
+    assert our_children() == []
+    healthy = {b: n for b, n in nodes.items() if b != lost}
+    retry = run_federation(healthy, "histogram", 1, FederationTracker(uri, "e2e-hist-retry"), contract,
+                           dataclasses.replace(settings, trees_per_round=5), seed=4)
+    [version] = client.search_model_versions("name='e2e-hist-retry'")
+    assert version.tags["fedfraud.participating_banks"] == ",".join(sorted(healthy))
+    assert retry.model_uri == "models:/e2e-hist-retry/1" and set(retry.evaluation.per_bank) == set(healthy)
