@@ -7,19 +7,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import pandas as pd
-
 from aggregator.checks import Rejection, RoundContext, screen
-from aggregator.evaluation import FederatedEvaluation, combine
-from aggregator.settings import FederationSettings, consortium_params
-from aggregator.strategies import STRATEGIES
+from aggregator.evaluation import FederatedEvaluation
+from aggregator.settings import FederationSettings
 from aggregator.tracking import FederationTracker
 from fedfraud import model_json
 from fedfraud.model_json import Doc
-from fedfraud.wire import EvaluationReport
 
 log = logging.getLogger("fedfraud.federation")
 
@@ -75,11 +74,6 @@ def federation_id(model_name: str, strategy: str, rounds: int, seed: int, settin
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def evaluate_everywhere(nodes: dict[str, Node], banks: list[str], doc: Doc, budget: float) -> FederatedEvaluation:
-    payload = model_json.to_bytes(doc)
-    return combine([EvaluationReport.from_bytes(nodes[b].evaluate(payload)) for b in banks], budget)
-
-
 def run_federation(
     nodes: dict[str, Node],
     strategy_name: str,
@@ -89,65 +83,40 @@ def run_federation(
     settings: FederationSettings = FederationSettings(),
     seed: int = 0,
     on_progress: Callable[[str], None] = lambda message: None,
+    work_dir: str | Path | None = None,
 ) -> FederationResult:
-    """Run ``rounds`` rounds of ``strategy_name`` over ``nodes``; register every round's model."""
-    summaries = {bank: node.summary() for bank, node in nodes.items()}
-    banks, excluded = select_banks(summaries, contract["hash"])
-    for bank, reason in excluded.items():
-        log.warning("bank %s excluded: %s", bank, reason)
-    if len(banks) < settings.min_banks:
-        raise RoundFailed(f"only {len(banks)} bank(s) ready, quorum is {settings.min_banks}: {excluded}")
-    positives = sum(summaries[b]["counts"]["positives"] for b in banks)
-    negatives = sum(summaries[b]["counts"]["negatives"] for b in banks)
-    strategy = STRATEGIES[strategy_name](settings, seed, consortium_params(settings, positives, negatives))
-    fid = federation_id(tracker.model_name, strategy_name, rounds, seed, settings, summaries)
-    params = {"strategy": strategy_name, "rounds": rounds, "seed": seed, "banks": ",".join(banks),
-              **settings.as_params(), **{f"xgb.{k}": v for k, v in strategy.consortium_params.items()}}
-    windows = {b: summaries[b]["data_window"] for b in banks}
-    result: FederationResult | None = None
-    history: list[dict[str, float]] = []
-    all_rejections: list[dict[str, str]] = []
-    with tracker.federation(fid, params, {"fedfraud.strategy": strategy_name,
-                                          "fedfraud.excluded_banks": json.dumps(excluded)}):
-        global_doc: Doc | None = None
+    """Run ``rounds`` rounds of ``strategy_name`` over ``nodes``; register every round's model.
+
+    The same steps as the Airflow DAG (``aggregator.rounds``), run in this process over a
+    workspace in ``work_dir`` (a temporary folder when not given).
+    """
+    from aggregator import rounds as steps
+
+    with (nullcontext(work_dir) if work_dir else tempfile.TemporaryDirectory(prefix="fedfraud-")) as root:
+        ws = steps.Workspace(root, tracker.model_name)
+        for node in nodes.values():
+            steps.record_summary(ws, node.summary())
+        plan = steps.open_federation(ws, tracker.model_name, strategy_name, rounds, seed, settings, contract,
+                                     sorted(nodes))
+        for bank, reason in plan["excluded"].items():
+            log.warning("bank %s excluded: %s", bank, reason)
+        strategy = steps.strategy_for(plan)[0]  # one instance per federation (histogram keeps its bins)
+        rejections: list[dict[str, str]] = []
+        result = None
         for round_id in range(1, rounds + 1):
-            with tracker.round(round_id):
-                global_doc, participants, rejections = train_round(nodes, strategy, banks, round_id, global_doc,
-                                                                   contract, settings, on_progress)
-                tracker.log_rejections(round_id, [r.as_dict() for r in rejections])
-                all_rejections += [{"round": str(round_id), **r.as_dict()} for r in rejections]
-                if len(participants) < settings.min_banks:
-                    raise RoundFailed(f"round {round_id}: {len(participants)} accepted update(s), quorum is "
-                                      f"{settings.min_banks}; rejected: {[r.as_dict() for r in rejections]}")
-                on_progress(f"round {round_id}: evaluating at {len(banks)} banks")
-                evaluation = evaluate_everywhere(nodes, banks, global_doc, settings.alert_budget)
-                champion_auprc, champion_stale = _champion_auprc(tracker, nodes, banks, contract, settings)
-                history.append({"round": round_id, **{f"pooled.{k}": v for k, v in evaluation.pooled.items()},
-                                **{f"{b}.{k}": v for b, m in evaluation.per_bank.items() for k, v in m.items()}})
-                tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
-                booster = model_json.to_booster(global_doc)
-                tags = {
-                    "fedfraud.round": str(round_id), "fedfraud.strategy": strategy_name,
-                    "fedfraud.participating_banks": ",".join(sorted(participants)),
-                    "fedfraud.rejected_banks": ",".join(sorted({r.bank for r in rejections})),
-                    "fedfraud.feature_contract_hash": contract["hash"],
-                    "fedfraud.data_windows": json.dumps(windows), "fedfraud.federation_id": fid,
-                    "fedfraud.params": json.dumps(params, sort_keys=True, default=str),
-                    "fedfraud.pooled_auprc": f"{evaluation.pooled['auprc']:.6f}",
-                }
-                example = pd.DataFrame([[0.0] * len(contract["names"])], columns=contract["names"])
-                version = tracker.register_round_model(booster, fid, round_id, example, tags)
-                promoted = tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, champion_stale)
-                report = {"federation_id": fid, "round": round_id, "strategy": strategy_name, "version": version,
-                          "participating_banks": sorted(participants), "excluded_banks": excluded,
-                          "rejections": [r.as_dict() for r in rejections], "pooled": evaluation.pooled,
-                          "per_bank": evaluation.per_bank, "champion_auprc_before": champion_auprc,
-                          "promoted_to_champion": promoted, "trees": booster.num_boosted_rounds()}
-                tracker.log_round_artifacts(round_id, evaluation.histograms, history, booster,
-                                            contract["names"], report)
-                on_progress(f"round {round_id}: pooled AUPRC {evaluation.pooled['auprc']:.4f} -> version {version}")
-                result = FederationResult(tracker.model_uri(version), version, fid, evaluation, list(history),
-                                          all_rejections, excluded)
+            steps.clear_round(ws, round_id)
+            outcome = steps.train_in_process(ws, plan, round_id, nodes, tracker, strategy, on_progress)
+            rejections += [{"round": str(round_id), **r} for r in outcome["rejections"]]
+            on_progress(f"round {round_id}: evaluating at {len(plan['banks'])} banks")
+            for bank in plan["banks"]:
+                try:
+                    steps.bank_evaluate(ws, round_id, nodes[bank])
+                except Exception as exc:  # a bank that cannot evaluate is left out of the pooled figures
+                    log.warning("bank %s could not evaluate round %s: %s", bank, round_id, exc)
+            version, evaluation, history = steps.finish_round(ws, plan, round_id, tracker)
+            on_progress(f"round {round_id}: pooled AUPRC {evaluation.pooled['auprc']:.4f} -> version {version}")
+            result = FederationResult(tracker.model_uri(version), version, plan["federation_id"], evaluation,
+                                      history, list(rejections), plan["excluded"])
     assert result is not None
     return result
 
@@ -187,18 +156,3 @@ def train_round(nodes: dict[str, Node], strategy, banks: list[str], round_id: in
             global_doc = strategy.aggregate(global_doc, accepted)
             participants |= {u.bank for u in accepted}
     return global_doc, participants, rejections
-
-
-def _champion_auprc(tracker, nodes, banks, contract, settings) -> tuple[float | None, bool]:
-    """(the champion's pooled AUPRC on the same holdouts, whether it is stale).
-
-    A champion built on another feature contract cannot score today's features: it is stale.
-    """
-    champion = tracker.champion()
-    if champion is None:
-        return None, False
-    version, booster = champion
-    if tracker.version_tags(version).get("fedfraud.feature_contract_hash") != contract["hash"]:
-        return None, True
-    doc = model_json.to_doc(booster)
-    return evaluate_everywhere(nodes, banks, doc, settings.alert_budget).pooled["auprc"], False

@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from aggregator.checks import Rejection, RoundContext, screen
-from aggregator.evaluation import combine
+from aggregator.evaluation import FederatedEvaluation, combine
 from aggregator.federation import RoundFailed, federation_id, select_banks
 from aggregator.settings import FederationSettings, consortium_params
 from aggregator.strategies import STRATEGIES
@@ -144,9 +145,11 @@ def strategy_for(plan: dict[str, Any]):
     return STRATEGIES[plan["strategy"]](settings, plan["seed"], plan["consortium_params"]), settings
 
 
-def trains_in_turn(plan: dict[str, Any], round_id: int) -> bool:
-    """True when the round has several stages (cyclic): one task must run them in order."""
-    return len(strategy_for(plan)[0].stages(round_id, plan["banks"])) > 1
+def trains_in_one_task(plan: dict[str, Any], round_id: int) -> bool:
+    """True when one task must run the whole round: several stages in turn (cyclic) or banks
+    that build every tree together (histogram)."""
+    strategy = strategy_for(plan)[0]
+    return getattr(strategy, "collective", False) or len(strategy.stages(round_id, plan["banks"])) > 1
 
 
 def clear_round(ws: Workspace, round_id: int) -> None:
@@ -164,9 +167,9 @@ def global_model(ws: Workspace, round_id: int) -> Doc | None:
 def open_round(ws: Workspace, plan: dict[str, Any], round_id: int) -> list[str]:
     """Write every bank's task for a one-stage round (all banks train on the same model)."""
     strategy, _ = strategy_for(plan)
+    if trains_in_one_task(plan, round_id):
+        raise ValueError(f"{plan['strategy']} rounds run in one task: use train_in_process")
     stages = strategy.stages(round_id, plan["banks"])
-    if len(stages) != 1:
-        raise ValueError(f"{plan['strategy']} trains in {len(stages)} stages; run it with train_in_turn")
     base = global_model(ws, round_id)
     for bank in stages[0]:
         task = strategy.configure(round_id, bank, plan["banks"].index(bank), base, plan["contract_hash"])
@@ -195,6 +198,8 @@ def _close_round(ws, plan, round_id, doc, participants, rejections, tracker) -> 
     outcome = {"participants": sorted(participants), "rejections": [r.as_dict() for r in rejections], "accepted": False}
     write_atomic(ws.path(round_id, "outcome"), _dump(outcome))
     if len(participants) < settings.min_banks or doc is None:
+        with _tracked_round(tracker, plan, round_id):  # a failed round's rejections go to MLflow too
+            tracker.log_rejections(round_id, outcome["rejections"])
         raise RoundFailed(
             f"round {round_id}: {len(participants)} accepted update(s), quorum is {settings.min_banks}; "
             f"rejected: {outcome['rejections']}"
@@ -226,26 +231,16 @@ def aggregate_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker:
     return _close_round(ws, plan, round_id, doc, {u.bank for u in accepted}, rejections, tracker)
 
 
-def train_in_turn(
-    ws: Workspace, plan: dict[str, Any], round_id: int, nodes: dict, tracker: FederationTracker
-) -> dict[str, Any]:
-    """Multi-stage rounds (cyclic): each stage's banks train on the model the last stage left."""
-    strategy, _ = strategy_for(plan)
-    doc, participants, rejections = global_model(ws, round_id), set(), []
-    for stage in strategy.stages(round_id, plan["banks"]):
-        for bank in stage:
-            task = strategy.configure(round_id, bank, plan["banks"].index(bank), doc, plan["contract_hash"])
-            write_atomic(ws.path(round_id, "tasks", bank), task.to_bytes())
-            try:
-                bank_train(ws, round_id, nodes[bank])
-            except Exception as exc:  # a failed bank must not sink the round while quorum holds
-                log.warning("round %s: %s failed: %s", round_id, bank, exc)
-        received = {b: data for b, data in ws.messages(round_id, "updates").items() if b in stage}
-        accepted, rejected = screen(received, _context(plan, round_id, stage, doc, participants))
-        rejections += rejected + [_missing(b) for b in stage if b not in received]
-        if accepted:
-            doc = strategy.aggregate(doc, accepted)
-            participants |= {u.bank for u in accepted}
+def train_in_process(ws: Workspace, plan: dict[str, Any], round_id: int, nodes: dict, tracker: FederationTracker,
+                     strategy=None, on_progress=lambda message: None) -> dict[str, Any]:
+    """Train, check and aggregate a whole round in this process (cyclic's turns, histogram's
+    collective training, the CLI's embedded federation), then close it like ``aggregate_round``."""
+    from aggregator.federation import train_round
+
+    strategy = strategy or strategy_for(plan)[0]
+    contract = {"hash": plan["contract_hash"], "names": plan["feature_names"]}
+    doc, participants, rejections = train_round(nodes, strategy, plan["banks"], round_id, global_model(ws, round_id),
+                                                contract, FederationSettings(**plan["settings"]), on_progress)
     return _close_round(ws, plan, round_id, doc, participants, rejections, tracker)
 
 
@@ -253,8 +248,22 @@ def _missing(bank: str) -> Rejection:
     return Rejection(bank, "no_update", "no update arrived (the bank's task failed or timed out)")
 
 
-def finish_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker: FederationTracker) -> int:
-    """Combine the banks' evaluations; register the candidate (exactly once) and promote it."""
+@contextmanager
+def _tracked_round(tracker: FederationTracker, plan: dict[str, Any], round_id: int):
+    """The federation's parent run and this round's nested run (both resumed on a retry)."""
+    params = {"strategy": plan["strategy"], "rounds": plan["rounds"], "seed": plan["seed"],
+              "banks": ",".join(plan["banks"]), **plan["settings"],
+              **{f"xgb.{k}": v for k, v in plan["consortium_params"].items()}}
+    tags = {"fedfraud.strategy": plan["strategy"], "fedfraud.excluded_banks": json.dumps(plan["excluded"])}
+    with tracker.federation(plan["federation_id"], params, tags), tracker.round(round_id):
+        yield
+
+
+def finish_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker: FederationTracker
+                 ) -> tuple[int, FederatedEvaluation, list[dict[str, float]]]:
+    """Combine the banks' evaluations; register the candidate (exactly once) and promote it.
+
+    Returns (version, the federated evaluation, pooled metrics of every round so far)."""
     import pandas as pd
 
     settings = FederationSettings(**plan["settings"])
@@ -282,42 +291,30 @@ def finish_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker: Fe
         "fedfraud.params": json.dumps({**plan["settings"], **plan["consortium_params"]}, sort_keys=True),
         "fedfraud.pooled_auprc": f"{evaluation.pooled['auprc']:.6f}",
     }
-    params = {
-        "strategy": plan["strategy"],
-        "rounds": plan["rounds"],
-        "seed": plan["seed"],
-        "banks": ",".join(plan["banks"]),
-        **plan["settings"],
-    }
-    with tracker.federation(
-        plan["federation_id"],
-        params,
-        {"fedfraud.strategy": plan["strategy"], "fedfraud.excluded_banks": json.dumps(plan["excluded"])},
-    ):
-        with tracker.round(round_id):
-            tracker.log_rejections(round_id, outcome["rejections"])
-            tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
-            example = pd.DataFrame([[0.0] * len(names)], columns=names)
-            version = tracker.register_round_model(booster, plan["federation_id"], round_id, example, tags)
-            promoted = tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, outcome["champion_stale"])
-            report = {
-                "federation_id": plan["federation_id"],
-                "round": round_id,
-                "version": version,
-                **outcome,
-                "excluded_banks": plan["excluded"],
-                "pooled": evaluation.pooled,
-                "per_bank": evaluation.per_bank,
-                "champion_auprc_before": champion_auprc,
-                "promoted_to_champion": promoted,
-                "trees": booster.num_boosted_rounds(),
-            }
-            history = [
-                {"round": r, **{f"pooled.{k}": v for k, v in ws.read_json(ws.path(r, "registered"))["pooled"].items()}}
-                for r in range(1, round_id)
-                if ws.path(r, "registered").exists()
-            ]
-            history.append({"round": round_id, **{f"pooled.{k}": v for k, v in evaluation.pooled.items()}})
-            tracker.log_round_artifacts(round_id, evaluation.histograms, history, booster, names, report)
+    with _tracked_round(tracker, plan, round_id):
+        tracker.log_rejections(round_id, outcome["rejections"])
+        tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
+        example = pd.DataFrame([[0.0] * len(names)], columns=names)
+        version = tracker.register_round_model(booster, plan["federation_id"], round_id, example, tags)
+        promoted = tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, outcome["champion_stale"])
+        report = {
+            "federation_id": plan["federation_id"],
+            "round": round_id,
+            "version": version,
+            **outcome,
+            "excluded_banks": plan["excluded"],
+            "pooled": evaluation.pooled,
+            "per_bank": evaluation.per_bank,
+            "champion_auprc_before": champion_auprc,
+            "promoted_to_champion": promoted,
+            "trees": booster.num_boosted_rounds(),
+        }
+        history = [
+            {"round": r, **{f"pooled.{k}": v for k, v in ws.read_json(ws.path(r, "registered"))["pooled"].items()}}
+            for r in range(1, round_id)
+            if ws.path(r, "registered").exists()
+        ]
+        history.append({"round": round_id, **{f"pooled.{k}": v for k, v in evaluation.pooled.items()}})
+        tracker.log_round_artifacts(round_id, evaluation.histograms, history, booster, names, report)
     write_atomic(ws.path(round_id, "registered"), _dump(report))
-    return version
+    return version, evaluation, history

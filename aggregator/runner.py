@@ -58,4 +58,4 @@ def federate(consortium: Consortium, strategy: str, rounds: int, model_name: str
     if strategy == "centralized":
         return {"": run_centralized(consortium.nodes, rounds, tracker, consortium.contract, settings, seed)}
     return {"": run_federation(consortium.nodes, strategy, rounds, tracker, consortium.contract, settings, seed,
-                               on_progress)}
+                               on_progress, work_dir=consortium.work_dir)}

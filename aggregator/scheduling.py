@@ -119,10 +119,10 @@ def _opened_round(spec: RunSpec, round_id: int) -> dict[str, Any]:
 
 
 def open_round(spec: RunSpec, round_id: int) -> list[str]:
-    """Write the round's tasks; multi-stage strategies train in one task (``train_in_turn``)."""
+    """Write the round's tasks; cyclic and histogram rounds train in one task (``train_in_process``)."""
     plan = _plan(spec)
     rounds.clear_round(spec.workspace, round_id)
-    banks = [] if rounds.trains_in_turn(plan, round_id) else rounds.open_round(spec.workspace, plan, round_id)
+    banks = [] if rounds.trains_in_one_task(plan, round_id) else rounds.open_round(spec.workspace, plan, round_id)
     rounds.write_atomic(spec.workspace.path(round_id, "opened"), json.dumps({"run_id": spec.run_id}).encode())
     return banks
 
@@ -138,9 +138,9 @@ def train_bank(spec: RunSpec, round_id: int, bank: str) -> str:
 
 def aggregate_round(spec: RunSpec, round_id: int) -> list[str]:
     plan, ws = _opened_round(spec, round_id), spec.workspace
-    if rounds.trains_in_turn(plan, round_id):
+    if rounds.trains_in_one_task(plan, round_id):
         nodes = {b: spec.node(b) for b in plan["banks"]}
-        outcome = rounds.train_in_turn(ws, plan, round_id, nodes, spec.tracker())
+        outcome = rounds.train_in_process(ws, plan, round_id, nodes, spec.tracker())
     else:
         outcome = rounds.aggregate_round(ws, plan, round_id, spec.tracker())
     return plan["banks"] if outcome else []
@@ -155,5 +155,5 @@ def evaluate_bank(spec: RunSpec, round_id: int, bank: str) -> str:
 
 
 def finish_round(spec: RunSpec, round_id: int) -> str:
-    version = rounds.finish_round(spec.workspace, _opened_round(spec, round_id), round_id, spec.tracker())
+    version, _, _ = rounds.finish_round(spec.workspace, _opened_round(spec, round_id), round_id, spec.tracker())
     return f"models:/{spec.model_name}/{version}"

@@ -53,7 +53,7 @@ def _fail_cleanly(call):
     params={
         "banks": Param({}, type="object", description="{bank: raw data path}; empty: Variable/env FEDFRAUD_BANKS"),
         "model_name": Param("fedfraud", type="string"),
-        "strategy": Param("bagging", enum=["bagging", "cyclic"]),
+        "strategy": Param("bagging", enum=["bagging", "cyclic", "histogram"]),
         "rounds": Param(3, type="integer", minimum=1, maximum=MAX_ROUNDS),
         "min_banks": Param(2, type="integer", minimum=1, description="quorum of accepted updates per round"),
         "trees_per_round": Param(20, type="integer", minimum=1),

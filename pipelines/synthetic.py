@@ -1,10 +1,14 @@
 """Deterministic synthetic bank transactions for a consortium of banks (numpy + pyarrow, no Spark).
 
 Each bank simulates accounts with a usual device or two, regular merchants and payees, a spend
-level and an activity rate. Fraud events are short labelled sequences inserted into normal account
-histories. Banks differ in size, fraud rate and above all in their mix of fraud typologies
-(non-IID). Legitimate look-alikes (travel, transit bursts, phone changes, new payees, large
-purchases) keep fraud from being separable by any single raw column.
+level, an activity rate and daily rhythm. Fraud events are short labelled sequences inserted into
+normal account histories. Banks differ in size, fraud rate and above all in their mix of fraud
+typologies (non-IID). Fraud is deliberately hard: every typology has a blatant and a subtle form
+(remote-access takeovers from the customer's own device, moderate daytime mule transfers, short
+card tests at ordinary merchants, cash-outs where tourists go), legitimate look-alikes are common
+(new phones and laptops followed by a purchase, in-app top-up bursts at new merchants, transit
+bursts, tourists' cash bursts abroad, large transfers to new payees, night owls) and some fraud is
+never reported (labelled 0). No single raw column separates fraud.
 """
 
 from __future__ import annotations
@@ -29,12 +33,20 @@ CONFIG_PATH = Path(__file__).with_name("config.yaml")
 DEFAULT_START = datetime(2026, 1, 5, tzinfo=UTC)
 TYPOLOGIES = ("card_testing", "account_takeover", "mule_transfer", "atm_cashout")
 # Mean rows per event of each typology, so that typology weights are shares of fraud rows.
-ROWS_PER_EVENT = {"card_testing": 7.1, "account_takeover": 2.0, "mule_transfer": 2.5,
-                  "atm_cashout": 5.5}
+ROWS_PER_EVENT = {"card_testing": 5.1, "account_takeover": 1.9, "mule_transfer": 2.3,
+                  "atm_cashout": 4.1}
 RARE_TYPOLOGY_WEIGHT = 0.06
 # Fraud rings move between banks: a typology that is rare at a bank arrives there late, in the
 # last LATE_ARRIVAL share of the window, after other banks have already seen it.
-LATE_ARRIVAL = 0.3
+LATE_ARRIVAL = 0.25
+# Each fraud event is blatant or, with this chance, subtle: close to legitimate behaviour.
+SUBTLE = 0.2
+UNREPORTED = 0.05  # share of fraud events the customer never notices or reports: labelled 0
+DEVICE_CHANGE = 0.08  # chance an account replaces its phone (and, separately, its laptop)
+NIGHT_OWLS = 0.06  # share of accounts (shift workers) whose day is shifted into the night
+LOOK_ALIKE_SHARE = 0.02  # rows in legitimate bursts that resemble fraud events
+# Row shares of the look-alike kinds: transit, in-app top-ups, tourists' cash, new-device purchase.
+LOOK_ALIKE_MIX = (0.35, 0.3, 0.2, 0.15)
 SIZE_DECAY = 0.72  # bank i's row share is proportional to SIZE_DECAY**i
 BANKS = (  # name, currency, home country, dominant typologies
     ("alpine", "CHF", "CH", ("account_takeover", "mule_transfer")),
@@ -48,7 +60,7 @@ BANKS = (  # name, currency, home country, dominant typologies
 )
 ONLINE_ABROAD = ("IE", "NL", "LU", "US", "GB", "DE")
 TRAVEL_DESTINATIONS = ("ES", "IT", "FR", "PT", "GR", "HR", "US", "TH", "TR", "GB", "DE", "AT")
-CASHOUT_COUNTRIES = ("US", "TH", "TR", "MX", "BR", "RO", "BG", "ES", "IT", "GR")
+CASHOUT_ONLY = ("MX", "BR", "RO", "BG")  # cash-out countries few tourists visit
 PHYSICAL_CATEGORIES = {"grocery": 34, "restaurant": 22, "fuel": 12, "fashion": 10, "transport": 8,
                        "electronics": 5, "travel": 4, "utilities": 3, "gambling": 2}
 ONLINE_CATEGORIES = {"digital_goods": 25, "fashion": 18, "electronics": 14, "grocery": 10,
@@ -57,6 +69,8 @@ SPEND_MULTIPLIER = {"restaurant": 0.9, "fuel": 1.5, "travel": 4.0, "electronics"
                     "fashion": 2.0, "digital_goods": 0.4, "transport": 0.5, "utilities": 2.5}
 HOUR_WEIGHTS = np.array([3, 2, 1, 1, 1, 2, 5, 9, 11, 11, 12, 13, 14, 13, 12, 12, 13, 14, 15, 14,
                          12, 10, 7, 5], dtype=float)
+FRAUD_HOURS = HOUR_WEIGHTS + 4  # fraudsters keep a flatter clock
+NIGHT_HOURS = np.array([1.0] * 5 + [0.0] * 19)
 CHANNEL_MIX = np.array([0.56, 0.30, 0.08, 0.06])  # in CHANNELS order
 MERCHANT_PREFIX = {"card_present": "M", "ecommerce": "M", "transfer": "P", "atm": "A"}
 CP, ECOM, TRANSFER, ATM = map(CHANNELS.index, ("card_present", "ecommerce", "transfer", "atm"))
@@ -128,8 +142,9 @@ class _BankSimulation:
         self.profile, self.rng, self.n_rows = profile, rng, n_rows
         self.eur_rate = float(config["rates_to_base"][profile.currency])  # EUR per local unit
         self.categories = tuple(config["merchant_categories"])
+        self.cash, self.p2p = self.categories.index("cash"), self.categories.index("p2p")
         self.countries = tuple(sorted({profile.home_country, *ONLINE_ABROAD,
-                                       *TRAVEL_DESTINATIONS, *CASHOUT_COUNTRIES}))
+                                       *TRAVEL_DESTINATIONS, *CASHOUT_ONLY}))
         self.home = self.countries.index(profile.home_country)
         self.abroad = self._country_ids(TRAVEL_DESTINATIONS)
         self.t0, self.span = int(start.timestamp()) * SECOND, days * DAY
@@ -137,11 +152,13 @@ class _BankSimulation:
         n = self.n_accounts = profile.accounts_for(n_rows, days)
         self.physical = self._merchant_pool(max(100, n // 5), PHYSICAL_CATEGORIES, abroad=0.0)
         self.online = self._merchant_pool(max(60, n // 20), ONLINE_CATEGORIES, abroad=0.35)
+        self.digital = np.flatnonzero(self.online["cat"] == self.categories.index("digital_goods"))
         self.atms = self._merchant_codes(max(20, n // 100))
         self.account_numbers = rng.choice(10**8, n, replace=False)
         self.spend_eur = rng.lognormal(np.log(28.0), 0.6, n)
         self.spend = self.spend_eur / self.eur_rate  # typical payment in local currency
         self.activity = rng.gamma(2.0, 0.5, n)
+        self.hour_shift = np.where(rng.random(n) < NIGHT_OWLS, rng.integers(6, 11, n), 0)
         self.devices = self._device_codes((n, 2))
         one_device = rng.random(n) < 0.6
         self.devices[one_device, 1] = self.devices[one_device, 0]
@@ -186,10 +203,10 @@ class _BankSimulation:
 
     # ---- legitimate behaviour (vectorised) ---------------------------------------------------
     def legit_rows(self, n: int) -> dict[str, np.ndarray]:
-        """n legitimate rows following each account's habits, plus travel and phone changes."""
+        """n legitimate rows following each account's habits, plus travel and device changes."""
         rng = self.rng
         acct = rng.choice(self.n_accounts, n, p=self.activity / self.activity.sum())
-        hour = rng.choice(24, n, p=HOUR_WEIGHTS / HOUR_WEIGHTS.sum())
+        hour = (rng.choice(24, n, p=HOUR_WEIGHTS / HOUR_WEIGHTS.sum()) + self.hour_shift[acct]) % 24
         day = rng.integers(0, self.span // DAY, n)
         t = self.t0 + day * DAY + hour * HOUR + rng.integers(0, HOUR, n)
         channel = (rng.random(n)[:, None] > self.channel_cdf[acct, :3]).sum(axis=1)
@@ -205,7 +222,7 @@ class _BankSimulation:
         border = np.flatnonzero((channel == CP) & (rng.random(n) < 0.01))  # cross-border shopping
         rows["country"][border] = rng.choice(self.abroad, len(border))
         rows["merchant"][border] = self._merchant_codes(len(border))
-        self._phone_changes(rows)
+        self._device_changes(rows)
         self._travel(rows)
         return rows
 
@@ -223,7 +240,7 @@ class _BankSimulation:
             rows["device"][i] = self.devices[acct, rng.integers(0, 2, len(i))]
 
     def _transfers(self, rows) -> None:
-        """Transfers to known payees, 20% to new payees with normal amounts."""
+        """Transfers to known payees; 20% to new payees, a few of them large (rent deposit, car)."""
         rng, i = self.rng, np.flatnonzero(rows["channel"] == TRANSFER)
         acct, k = rows["acct"][i], len(i)
         new_payee = rng.random(k) < 0.2
@@ -231,8 +248,9 @@ class _BankSimulation:
                                        self.payees[acct, rng.integers(0, 3, k)])
         abroad = new_payee & (rng.random(k) < 0.1)
         rows["country"][i] = np.where(abroad, rng.choice(self.abroad, k), self.home)
-        rows["cat"][i] = self.categories.index("p2p")
+        rows["cat"][i] = self.p2p
         amount = self.spend[acct] * 4 * rng.lognormal(0, 0.8, k)
+        amount *= np.where(new_payee & (rng.random(k) < 0.08), rng.uniform(3, 12, k), 1.0)
         rows["amount"][i] = np.where(rng.random(k) < 0.4, np.ceil(amount / 10) * 10, amount)
         rows["device"][i] = self.devices[acct, rng.integers(0, 2, k)]
 
@@ -242,89 +260,136 @@ class _BankSimulation:
         acct, k = rows["acct"][i], len(i)
         atm = np.where(rng.random(k) < 0.9, self.home_atms[acct, rng.integers(0, 2, k)],
                        rng.integers(0, len(self.atms), k))
-        rows["merchant"][i], rows["cat"][i] = self.atms[atm], self.categories.index("cash")
+        rows["merchant"][i], rows["cat"][i] = self.atms[atm], self.cash
         eur = rng.choice([20, 50, 100, 200], k, p=[0.3, 0.35, 0.25, 0.1])
         rows["amount"][i] = self._cash(eur * np.clip(self.spend_eur[acct] / 28, 0.5, 3))
 
-    def _phone_changes(self, rows) -> None:
-        """Some accounts switch to a new phone mid-window and carry on as usual."""
-        rng, n = self.rng, self.n_accounts
-        change_at = np.where(rng.random(n) < 0.04, self.t0 + rng.integers(0, self.span, n), NEVER)
-        new_device = self._device_codes(n)
-        acct = rows["acct"]
-        switched = np.flatnonzero((rows["device"] >= 0) & (rows["t"] >= change_at[acct]))
-        rows["device"][switched] = new_device[acct[switched]]
+    def _device_changes(self, rows) -> None:
+        """Some accounts replace their phone and/or laptop mid-window and carry on as usual."""
+        rng, n, acct, device = self.rng, self.n_accounts, rows["acct"], rows["device"]
+        self.change_at = np.where(rng.random((n, 2)) < DEVICE_CHANGE,
+                                  self.t0 + rng.integers(0, self.span, (n, 2)), NEVER)
+        self.change_at[self.devices[:, 0] == self.devices[:, 1], 1] = NEVER  # one device only
+        self.new_devices = self._device_codes((n, 2))
+        for slot in (0, 1):
+            hit = np.flatnonzero((device == self.devices[acct, slot])
+                                 & (rows["t"] >= self.change_at[acct, slot]))
+            device[hit] = self.new_devices[acct[hit], slot]
+        self.changed = np.flatnonzero(self.change_at.ravel() < NEVER)  # account * 2 + slot
+
+    def _device_at(self, a: int, t: int) -> int:
+        """The account's main device (its phone) in use at time t."""
+        return int(self.new_devices[a, 0] if t >= self.change_at[a, 0] else self.devices[a, 0])
 
     def _travel(self, rows) -> None:
         """Travellers' card-present/ATM rows during a 3-10 day trip are abroad, at new merchants."""
         rng, n, acct, t = self.rng, self.n_accounts, rows["acct"], rows["t"]
-        share = min(0.3, 0.05 * self.span / (30 * DAY))
-        trip_start = np.where(rng.random(n) < share, self.t0 + rng.integers(0, self.span, n), NEVER)
-        trip_end = trip_start + rng.integers(3, 11, n) * DAY
-        destination = rng.choice(self.abroad, n)
+        share = min(0.3, 0.06 * self.span / (30 * DAY))
+        self.trip_start = np.where(rng.random(n) < share, self.t0 + rng.integers(0, self.span, n),
+                                   NEVER)
+        self.trip_end = self.trip_start + rng.integers(3, 11, n) * DAY
+        self.destination = rng.choice(self.abroad, n)
+        self.travellers = np.flatnonzero(self.trip_start < NEVER)
         on_trip = np.flatnonzero(np.isin(rows["channel"], (CP, ATM))
-                                 & (t >= trip_start[acct]) & (t < trip_end[acct]))
-        rows["country"][on_trip] = destination[acct[on_trip]]
+                                 & (t >= self.trip_start[acct]) & (t < self.trip_end[acct]))
+        rows["country"][on_trip] = self.destination[acct[on_trip]]
         rows["merchant"][on_trip] = self._merchant_codes(len(on_trip))
         rows["amount"][on_trip] *= np.where(rows["channel"][on_trip] == CP, 1.3, 1.0)
 
-    # ---- events: fraud typologies and legitimate bursts (small per-event loops) --------------
-    def _start_time(self, night: bool = False, late: bool = False) -> int:
-        """Event start after some account history (or late in the window), before it closes."""
-        earliest = int(self.span * (1 - LATE_ARRIVAL)) if late else min(3 * DAY, self.span // 4)
-        t = self.t0 + int(self.rng.integers(earliest, self.span - 12 * HOUR))
-        return t - (t - self.t0) % DAY + int(self.rng.integers(0, 5 * HOUR)) if night else t
+    # ---- events: fraud typologies and legitimate look-alikes (small per-event loops) ---------
+    def _start_time(self, hours=HOUR_WEIGHTS, late: bool = False) -> int:
+        """Event start at an hour drawn from `hours`, on a day after some account history (or
+        late in the window), at least 12 hours before the window closes where possible."""
+        first = int(np.ceil((1 - LATE_ARRIVAL) * self.span / DAY)) if late else 3
+        day = self.rng.integers(min(first, self.span // DAY - 1), self.span // DAY)
+        hour = self.rng.choice(24, p=hours / hours.sum())
+        t = int(day * DAY + hour * HOUR + self.rng.integers(0, HOUR))
+        return self.t0 + (t - DAY if t > self.span - 12 * HOUR and t >= DAY else t)
+
+    def _account_before(self, t: int) -> int:
+        """An account drawn like a random transaction before t (active accounts more often)."""
+        earlier = np.searchsorted(self.history_t, t)
+        return int(self.history_acct[self.rng.integers(earlier)] if earlier
+                   else self.rng.integers(self.n_accounts))
 
     def _online_row(self, a, t, amount, device, label, m=None) -> tuple:
         pool = self.online
-        m = self.rng.integers(len(pool["code"])) if m is None else m
+        m = self.rng.choice(len(pool["code"]), p=pool["p"]) if m is None else m
         code, cat, country = pool["code"][m], pool["cat"][m], pool["country"][m]
         return a, t, amount, code, cat, ECOM, country, device, label
 
     def _transfer_row(self, a, t, amount, device, abroad_share) -> tuple:
         country = self.rng.choice(self.abroad) if self.rng.random() < abroad_share else self.home
-        payee = self._merchant_codes(None)
-        return a, t, amount, payee, self.categories.index("p2p"), TRANSFER, country, device, 1
+        return a, t, amount, self._merchant_codes(None), self.p2p, TRANSFER, country, device, 1
 
-    def _card_testing(self, a: int, start: int) -> list[tuple]:
-        """A burst of tiny e-commerce payments at new merchants, often then a larger one."""
-        rng, device = self.rng, self._device_codes(None)
-        gaps = rng.exponential(45 * SECOND, rng.integers(3, 11))
-        times = start + np.cumsum(gaps).astype(np.int64)
-        rows = [self._online_row(a, t, rng.uniform(0.2, 1.99) / self.eur_rate, device, 1)
-                for t in times]
-        if rng.random() < 0.6:
-            t = times[-1] + rng.integers(2, 30) * MINUTE
-            rows.append(self._online_row(a, t, rng.uniform(80, 600) / self.eur_rate, device, 1))
+    def _atm_row(self, a, t, amount, country, label) -> tuple:
+        return a, t, amount, self._merchant_codes(None), self.cash, ATM, country, -1, label
+
+    def _small_burst(self, a, start, device, label, sizes, digital_share, same,
+                     tiny=(0.5, 4.9)) -> list[tuple]:
+        """Tiny e-commerce payments minutes apart, at one merchant or at a different one each."""
+        rng = self.rng
+        times = start + np.cumsum(rng.exponential(60 * SECOND, rng.integers(*sizes))).astype(int)
+        pool = (self.digital if len(self.digital) and rng.random() < digital_share
+                else np.arange(len(self.online["code"])))
+        p = self.online["p"][pool] / self.online["p"][pool].sum()
+        merchants = np.resize(rng.choice(pool, 1 if rng.random() < same else len(times), p=p),
+                              len(times))  # one merchant throughout, or a different one each
+        return [self._online_row(a, t, rng.uniform(*tiny) / self.eur_rate, device, label, m)
+                for t, m in zip(times, merchants)]
+
+    def _card_testing(self, a: int, start: int, subtle: bool) -> list[tuple]:
+        """Tiny payments minutes apart from the fraudster's device, often then a larger purchase;
+        subtle: 2-4 at ordinary digital-goods merchants, sometimes from the hijacked device."""
+        rng = self.rng
+        own = subtle and rng.random() < 0.5
+        device = self._device_at(a, start) if own else self._device_codes(None)
+        rows = (self._small_burst(a, start, device, 1, (2, 5), 0.8, same=0.7, tiny=(0.5, 4.9))
+                if subtle else
+                self._small_burst(a, start, device, 1, (3, 9), 0.3, same=0.2, tiny=(0.2, 2.0)))
+        if rng.random() < (0.3 if subtle else 0.6):
+            t = rows[-1][1] + rng.integers(2, 60) * MINUTE
+            eur = self.spend_eur[a] * rng.uniform(2, 5) if subtle else rng.uniform(80, 600)
+            rows.append(self._online_row(a, t, eur / self.eur_rate, device, 1))
         return rows
 
-    def _account_takeover(self, a: int, start: int) -> list[tuple]:
-        """A new device, then 1-3 payments or transfers within an hour, several times the usual."""
-        rng, device = self.rng, self._device_codes(None)
-        times = start + np.sort(rng.integers(0, HOUR, rng.integers(1, 4)))
-        return [self._online_row(a, t, self.spend[a] * rng.uniform(5, 20), device, 1)
-                if rng.random() < 0.5 else
-                self._transfer_row(a, t, self.spend[a] * 4 * rng.uniform(3, 10), device, 0.2)
+    def _account_takeover(self, a: int, start: int, subtle: bool) -> list[tuple]:
+        """Payments or transfers within an hour from a new device at 5-20x the usual; subtle:
+        by remote access from the customer's own device at 2-6x."""
+        rng = self.rng
+        device = self._device_at(a, start) if subtle else self._device_codes(None)
+        times = start + np.sort(rng.integers(0, HOUR, rng.integers(1, 3 if subtle else 4)))
+        factor = (2, 6) if subtle else (5, 20)
+        return [self._online_row(a, t, self.spend[a] * rng.uniform(*factor), device, 1)
+                if rng.random() < 0.5 else self._transfer_row(
+                    a, t, self.spend[a] * 4 * rng.uniform(*factor) / 2, device, 0.2)
                 for t in times]
 
-    def _mule_transfer(self, a: int, start: int) -> list[tuple]:
-        """Large transfers to new payees, mostly at night, from the own or a new device."""
+    def _mule_transfer(self, a: int, start: int, subtle: bool) -> list[tuple]:
+        """Large transfers to new payees, often at night; subtle: 1-2 moderate daytime ones
+        from the customer's own device."""
         rng = self.rng
-        device = self.devices[a, 0] if rng.random() < 0.7 else self._device_codes(None)
-        gaps = rng.integers(10, 120, rng.integers(1, 5)) * MINUTE
-        times = start + np.cumsum(gaps)
-        return [self._transfer_row(a, t, self.spend[a] * 4 * rng.uniform(4, 20), device, 0.4)
-                for t in times]
+        device = (self._device_at(a, start) if subtle or rng.random() < 0.7
+                  else self._device_codes(None))
+        gaps = rng.integers(10, 120, rng.integers(1, 3 if subtle else 5)) * MINUTE
+        times, factor = start + np.cumsum(gaps), (2, 5) if subtle else (4, 20)
+        return [self._transfer_row(a, t, self.spend[a] * 4 * rng.uniform(*factor),
+                                   device, 0.1 if subtle else 0.4) for t in times]
 
-    def _atm_cashout(self, a: int, start: int) -> list[tuple]:
-        """Several withdrawals at foreign ATMs within a few hours."""
+    def _atm_cashout(self, a: int, start: int, subtle: bool) -> list[tuple]:
+        """Several large withdrawals at new foreign ATMs within hours; subtle: 2-3 smaller ones
+        where tourists go, or at home."""
         rng = self.rng
-        country = rng.choice(self._country_ids(CASHOUT_COUNTRIES))
-        times = start + np.cumsum(rng.integers(5, 45, rng.integers(3, 9))) * MINUTE
-        amounts = self._cash(rng.choice([200, 300, 400, 500], len(times)))
-        cash = self.categories.index("cash")
-        return [(a, t, x, self._merchant_codes(None), cash, ATM, country, -1, 1)
-                for t, x in zip(times, amounts)]
+        if subtle:
+            country = self.home if rng.random() < 0.3 else rng.choice(self.abroad)
+            count, gaps, eur = rng.integers(2, 4), (20, 120), (100, 300)
+        else:
+            country = rng.choice(self._country_ids(CASHOUT_ONLY) if rng.random() < 0.5
+                                 else self.abroad)
+            count, gaps, eur = rng.integers(3, 7), (5, 45), (200, 500)
+        times = start + np.cumsum(rng.integers(*gaps, count)) * MINUTE
+        return [self._atm_row(a, t, x, country, 1)
+                for t, x in zip(times, self._cash(rng.uniform(*eur, count)))]
 
     def _transit_burst(self) -> list[tuple]:
         """Legitimate look-alike: tiny payments within minutes at a merchant the commuter knows."""
@@ -334,38 +399,79 @@ class _BankSimulation:
         times = self._start_time() + np.cumsum(gaps).astype(np.int64)
         amounts = rng.uniform(0.8, 4, len(times)) / self.eur_rate
         if rng.random() < 0.4:  # parking app
-            m, device = self.regular_online[a, 0], self.devices[a, 0]
+            m, device = self.regular_online[a, 0], self._device_at(a, times[0])
             return [self._online_row(a, t, x, device, 0, m) for t, x in zip(times, amounts)]
         pool, m = self.physical, self.regular_physical[a, 0]
         return [(a, t, x, pool["code"][m], pool["cat"][m], CP, pool["country"][m], -1, 0)
                 for t, x in zip(times, amounts)]
 
-    def event_rows(self, legit: dict, n_fraud: int, n_bursts: int) -> list[tuple]:
-        """n_fraud fraud rows on accounts with prior history, then n_bursts transit-burst rows."""
-        rng, rows = self.rng, []
+    def _digital_burst(self) -> list[tuple]:
+        """Legitimate look-alike: in-app purchases and top-ups, often at new merchants and
+        sometimes from a brand-new tablet or console."""
+        start = self._start_time()
+        a = self._account_before(start)
+        device = self._device_at(a, start) if self.rng.random() < 0.85 else self._device_codes(None)
+        return self._small_burst(a, start, device, 0, (2, 7), 0.8, same=0.7)
+
+    def _tourist_cash(self) -> list[tuple]:
+        """Legitimate look-alike: a traveller draws cash at new ATMs abroad, several times within
+        hours (daily limits), often right on arrival."""
+        rng = self.rng
+        a = int(rng.choice(self.travellers))
+        days = (self.trip_end[a] - self.trip_start[a]) // DAY
+        start = self.trip_start[a] + (0 if rng.random() < 0.35 else rng.integers(0, days) * DAY)
+        start = min(start, self.t0 + self.span - 8 * HOUR)
+        times = start + np.cumsum(rng.integers(20, 240, rng.integers(2, 4))) * MINUTE
+        return [self._atm_row(a, t, x, self.destination[a], 0)
+                for t, x in zip(times, self._cash(rng.uniform(50, 300, len(times))))]
+
+    def _new_device_purchase(self) -> list[tuple]:
+        """Legitimate look-alike: a larger online purchase from a newly set-up phone or laptop."""
+        rng = self.rng
+        a, slot = divmod(int(rng.choice(self.changed)), 2)
+        t = self.change_at[a, slot] + rng.integers(0, 2 * DAY) * (rng.random() < 0.6)
+        return [self._online_row(a, t, self.spend[a] * rng.uniform(2, 8),
+                                 self.new_devices[a, slot], 0)]
+
+    def event_rows(self, legit: dict, n_fraud: int, n_look_alike: int) -> list[tuple]:
+        """n_fraud labelled fraud rows on accounts with prior history (plus the rows of unreported
+        fraud events, labelled 0), then legitimate look-alikes up to n_fraud + n_look_alike rows."""
+        rng, rows, reported, total = self.rng, [], 0, n_fraud + n_look_alike
         build = {"card_testing": self._card_testing, "account_takeover": self._account_takeover,
                  "mule_transfer": self._mule_transfer, "atm_cashout": self._atm_cashout}
         weights = np.array([self.profile.typology_weights.get(t, 0.0) / ROWS_PER_EVENT[t]
                             for t in TYPOLOGIES])
         history = np.argsort(legit["t"], kind="stable")
-        history_t, history_acct = legit["t"][history], legit["acct"][history]
-        while len(rows) < n_fraud:  # the last event is cut to hit the target exactly
+        self.history_t, self.history_acct = legit["t"][history], legit["acct"][history]
+        while reported < n_fraud:  # the last event is cut to hit the target exactly
             typology = TYPOLOGIES[rng.choice(len(TYPOLOGIES), p=weights / weights.sum())]
-            start = self._start_time(night=typology == "mule_transfer" and rng.random() < 0.6,
-                                     late=typology not in self.profile.dominant_typologies)
-            earlier = np.searchsorted(history_t, start)  # legit rows before the event
-            a = history_acct[rng.integers(earlier)] if earlier else rng.integers(self.n_accounts)
-            rows += build[typology](int(a), start)[: n_fraud - len(rows)]
-        while len(rows) < n_fraud + n_bursts:
-            rows += self._transit_burst()[: n_fraud + n_bursts - len(rows)]
+            subtle = rng.random() < SUBTLE
+            night = typology == "mule_transfer" and not subtle and rng.random() < 0.6
+            hours = NIGHT_HOURS if night else HOUR_WEIGHTS if subtle else FRAUD_HOURS
+            start = self._start_time(hours, late=typology not in self.profile.dominant_typologies)
+            event = build[typology](self._account_before(start), start, subtle)
+            if rng.random() < UNREPORTED:  # takes room from the look-alikes
+                room = max(0, total - len(rows) - (n_fraud - reported))
+                rows += [row[:-1] + (0,) for row in event][:room]
+            else:
+                rows += event[: n_fraud - reported]
+                reported += len(event[: n_fraud - reported])
+        kinds = [(make, share) for make, share, population in zip(
+            (self._transit_burst, self._digital_burst, self._tourist_cash,
+             self._new_device_purchase), LOOK_ALIKE_MIX,
+            (self.commuters, self.online["code"], self.travellers, self.changed)) if len(population)]
+        shares = np.array([share for _, share in kinds])
+        while len(rows) < total:
+            make = kinds[rng.choice(len(kinds), p=shares / shares.sum())][0]
+            rows += make()[: total - len(rows)]
         return rows
 
     def table(self, unlabelled_days: int) -> pa.Table:
         """All rows sorted by event time, as an Arrow table in contract column order."""
         n_fraud = min(self.n_rows, max(1, round(self.profile.fraud_rate * self.n_rows)))
-        n_bursts = min(self.n_rows - n_fraud, round(0.01 * self.n_rows) * bool(len(self.commuters)))
-        legit = self.legit_rows(self.n_rows - n_fraud - n_bursts)
-        events = self.event_rows(legit, n_fraud, n_bursts)
+        n_look_alike = min(self.n_rows - n_fraud, round(LOOK_ALIKE_SHARE * self.n_rows))
+        legit = self.legit_rows(self.n_rows - n_fraud - n_look_alike)
+        events = self.event_rows(legit, n_fraud, n_look_alike)
         columns = {k: np.concatenate([v, np.array([r[j] for r in events], dtype=v.dtype)])
                    for j, (k, v) in enumerate(legit.items())}
         end = self.t0 + self.span

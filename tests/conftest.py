@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +97,31 @@ def consortium(spark, config, tmp_path_factory):
 @pytest.fixture(scope="session")
 def uri(consortium):
     return f"sqlite:///{consortium.work_dir}/mlflow.db"
+
+
+# ---- Airflow: its own AIRFLOW_HOME, a migrated sqlite metadata DB, short retries -------------
+
+DAGS = Path(__file__).resolve().parents[1] / "dags"
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("airflow_home")
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "FEDFRAUD_RETRY_DELAY_SECONDS": "1",
+    }
+    os.environ.update(env)
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
+                   capture_output=True, env={**os.environ, **env})
+    return home
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_home):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS))

@@ -245,7 +245,8 @@ def test_a_hung_bank_is_cut_off_by_the_round_timeout(toy):
     strategy = make_strategy(nodes, many_trees)
     strategy.round_timeout_s = 12
     started = time.monotonic()
-    with pytest.raises(RoundFailed, match="no result within 12s"):
+    # The aggregator's watch or, on a loaded machine, the workers' own deadline cuts the round off.
+    with pytest.raises(RoundFailed, match="no result within 12s|deadline passed"):
         train_round({**nodes, "gamma": frozen}, strategy, sorted(nodes), 1, None, contract, many_trees)
     assert time.monotonic() - started < 12 + 40
     assert our_children() == []

@@ -6,6 +6,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from pipelines.contract import CHANNELS, COLUMN_NAMES, COUNTRY_PATTERN, CURRENCY
 from pipelines.synthetic import (
     CONFIG_PATH,
     DEFAULT_START,
+    LATE_ARRIVAL,
     RARE_TYPOLOGY_WEIGHT,
     TYPOLOGIES,
     bank_profiles,
@@ -26,6 +28,8 @@ from pipelines.synthetic import (
 SEED, N_BANKS, TOTAL_ROWS, DAYS = 11, 5, 200_000, 30
 FEATURES = yaml.safe_load(CONFIG_PATH.read_text())["features"]
 TYPOLOGY_CHANNEL = {"card_testing": "ecommerce", "mule_transfer": "transfer", "atm_cashout": "atm"}
+CHANNEL_TYPOLOGIES = {"atm": {"atm_cashout"}, "transfer": {"mule_transfer", "account_takeover"},
+                      "ecommerce": {"card_testing", "account_takeover"}}
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +133,12 @@ def test_spend_is_comparable_in_eur_across_currencies(tables):
 
 
 def test_fraud_rate_per_bank_within_band(tables):
-    for table in tables.values():
+    for p in bank_profiles(N_BANKS, SEED):
+        table = tables[p.name]
         rate = pc.mean(table["is_fraud"]).as_py()
         assert 0.0005 <= rate <= 0.01
+        # unreported fraud is labelled 0 on top: the labelled count is the profile's exactly
+        assert pc.sum(table["is_fraud"]).as_py() == round(p.fraud_rate * table.num_rows)
 
 
 def test_profiles_have_distinct_dominant_typologies():
@@ -155,6 +162,37 @@ def test_realised_fraud_reflects_each_banks_typologies(tables):
             assert channel_share.idxmax() == expected.pop(), p.name
         if "atm_cashout" not in p.dominant_typologies:  # a rarely seen typology stays rare
             assert channel_share.get("atm", 0.0) < 0.15, p.name
+
+
+def test_rare_typologies_arrive_late(tables):
+    """Fraud on a channel that only a bank's rare typologies use starts late in its window."""
+    late, checked = DEFAULT_START + timedelta(days=(1 - LATE_ARRIVAL) * DAYS), 0
+    for p in bank_profiles(N_BANKS, SEED):
+        fraud = tables[p.name].filter(pc.equal(tables[p.name]["is_fraud"], 1)).to_pandas()
+        for channel, typologies in CHANNEL_TYPOLOGIES.items():
+            if not typologies & set(p.dominant_typologies):
+                times = fraud.event_time[fraud.channel == channel]
+                assert (times >= late).all(), (p.name, channel)
+                checked += len(times)
+    assert checked >= 20
+
+
+def test_fraud_overlaps_legitimate_behaviour(tables):
+    """Legitimate look-alikes for each fraud signal; some fraud uses the customer's own device."""
+    known = []
+    for p in bank_profiles(N_BANKS, SEED):
+        df = tables[p.name].to_pandas().sort_values("event_time")
+        legit, fraud = df[df.is_fraud == 0], df[df.is_fraud == 1]
+        assert (legit.event_time.dt.hour < 6).mean() > 0.04  # night owls, not only fraudsters
+        atm_abroad = legit[(legit.channel == "atm") & (legit.country != p.home_country)]
+        tourist_bursts = atm_abroad.groupby("account_id").event_time.diff() < pd.Timedelta(hours=4)
+        assert tourist_bursts.sum() > 20, p.name
+        eur = legit.amount * FEATURES["rates_to_base"][p.currency]
+        assert ((legit.channel == "transfer") & (eur >= 1000)).sum() > 20, p.name  # rent, car
+        first_legit = legit.groupby(["account_id", "device_id"]).event_time.min().rename("first")
+        digital = fraud.dropna(subset=["device_id"]).join(first_legit, on=["account_id", "device_id"])
+        known += (digital["first"] < digital.event_time).tolist()
+    assert 0.1 < np.mean(known) < 0.7  # remote access and mules vs a fraudster's new device
 
 
 def _id_shapes(ids) -> set[str]:
