@@ -5,7 +5,8 @@ One mapped task per bank (labelled with the bank). A failed or timed-out bank do
 round while the quorum (``min_banks``) holds; below it the run fails, nothing is registered and
 ``champion`` stays. Retries and re-runs register no second version. ``mode`` picks where bank
 work runs: ``embedded`` (in the worker, on the bank's data path) or ``networked`` (the task
-waits, bounded, for the bank node's message via the aggregator service). This file only
+waits, bounded, for the bank node's message via the aggregator service). Cyclic and histogram
+rounds train inside ``check_and_aggregate`` (in turn / all banks together). This file only
 orchestrates: every task calls ``aggregator.scheduling``.
 """
 
