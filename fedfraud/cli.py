@@ -81,7 +81,9 @@ def features(
     from pipelines.config import load_config
     from pipelines.spark import get_spark
 
-    report = _run_gate(lambda: build_bank_features(get_spark("fedfraud-features"), input_path, out_dir, load_config(config)))
+    report = _run_gate(
+        lambda: build_bank_features(get_spark("fedfraud-features"), input_path, out_dir, load_config(config))
+    )
     _print_report(report)
     out.print(f"features: {report['features_path']}  contract: {report['feature_contract_hash'][:12]}")
 
@@ -104,9 +106,13 @@ def _parse_banks(specs: list[str]) -> dict[str, Path]:
 def federate(
     bank: list[str] = typer.Option(..., "--bank", help="NAME=PATH of a bank's raw data (repeat per bank)."),
     rounds: int = typer.Option(5, "--rounds", min=1),
-    strategy: str = typer.Option("bagging", "--strategy", help="bagging, cyclic, histogram, local or centralized (benchmark only)."),
+    strategy: str = typer.Option(
+        "bagging", "--strategy", help="bagging, cyclic, histogram, local or centralized (benchmark only)."
+    ),
     model_name: str = typer.Option(..., "--model-name", help="Registered model name in MLflow."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI, else sqlite in the work dir."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI, else sqlite in the work dir."
+    ),
     work_dir: Path = typer.Option(Path("work/federation"), "--work-dir"),
     seed: int = typer.Option(0, "--seed"),
     trees_per_round: int = typer.Option(20, "--trees-per-round", min=1),
@@ -123,7 +129,9 @@ def federate(
         _fail(f"--strategy must be one of {', '.join(STRATEGY_CHOICES)}, got {strategy!r}")
     settings = FederationSettings(trees_per_round=trees_per_round, min_banks=min_banks)
     progress = lambda message: err.print(f"[dim]{message}[/]")  # noqa: E731 - stdout is for results
-    consortium = _run_gate(lambda: prepare_consortium(_parse_banks(bank), work_dir, load_config(config), settings, progress))
+    consortium = _run_gate(
+        lambda: prepare_consortium(_parse_banks(bank), work_dir, load_config(config), settings, progress)
+    )
     try:
         results = run(consortium, strategy, rounds, model_name, tracking_uri, settings, seed, progress)
     except RoundFailed as exc:
@@ -147,8 +155,11 @@ def score(
     from pipelines.config import load_config
     from pipelines.spark import get_spark
 
-    counts = _run_gate(lambda: score_transactions(get_spark("fedfraud-score"), model, input_path, output,
-                                                  load_config(config), tracking_uri))
+    counts = _run_gate(
+        lambda: score_transactions(
+            get_spark("fedfraud-score"), model, input_path, output, load_config(config), tracking_uri
+        )
+    )
     out.print(f"scored {counts['scored']:,} rows, {counts['quarantined']:,} quarantined (null score) -> {output}")
 
 
@@ -160,7 +171,7 @@ def demo(
     rounds: int = typer.Option(5, "--rounds", min=1),
     seed: int = typer.Option(7, "--seed"),
 ) -> None:
-    """Synthetic banks -> gate + features -> local-only vs federated (bagging) -> MLflow."""
+    """Synthetic banks -> gate + features -> local-only vs federated (bagging, histogram) -> MLflow."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from aggregator.runner import federate as run, prepare_consortium
@@ -179,24 +190,42 @@ def demo(
         step = lambda message: bar.update(task, description=message)  # noqa: E731
         consortium = prepare_consortium(paths, work_dir, load_config(), settings, step)
         local = run(consortium, "local", rounds, model_name, uri, settings, seed, step)
-        federated = run(consortium, "bagging", rounds, model_name, uri, settings, seed, step)[""]
+        federated = {
+            name: run(consortium, name, rounds, model_name, uri, settings, seed, step)[""]
+            for name in ("bagging", "histogram")
+        }
     _print_bank_table(consortium, local, federated)
-    out.print(f"Registered model: [bold]{federated.model_uri}[/] (alias champion/challenger in MLflow)")
-    out.print(f"Open it: [bold]{Path(sys.executable).parent}/mlflow ui --backend-store-uri {uri}[/] "
-              "then http://127.0.0.1:5000")
+    last = federated["histogram"]
+    out.print(
+        f"Registered: [bold]{last.model_uri}[/] (round {rounds} of the histogram federation); every round's "
+        f"model is a version of {model_name}, and [bold]models:/{model_name}@champion[/] is the best so far."
+    )
+    out.print(
+        f"Open it: [bold]{Path(sys.executable).parent}/mlflow ui --backend-store-uri {uri}[/] "
+        "then http://127.0.0.1:5000"
+    )
 
 
-def _print_bank_table(consortium, local, federated) -> None:
-    table = Table(title="Holdout AUPRC per bank: local-only vs federated (bagging)")
-    for column in ("bank", "rows", "fraud rate", "local-only", "federated", "gain"):
+def _print_bank_table(consortium, local, federated: dict) -> None:
+    table = Table(title="Holdout AUPRC per bank: local-only vs federated")
+    for column in ("bank", "rows", "fraud rate", "local-only", *federated, "gain"):
         table.add_column(column, justify="left" if column == "bank" else "right")
+    best = list(federated)[-1]
     for bank, node in consortium.nodes.items():
         report = node.report
         alone = local[bank].evaluation.per_bank[bank]["auprc"] if bank in local else float("nan")
-        together = federated.evaluation.per_bank.get(bank, {}).get("auprc", float("nan"))
-        table.add_row(bank, f"{report['valid_rows']:,}", f"{report['fraud_rate']:.3%}", f"{alone:.3f}",
-                      f"{together:.3f}", f"{together - alone:+.3f}")
-    table.add_row("pooled", "", "", "", f"{federated.evaluation.pooled['auprc']:.3f}", "")
+        together = {
+            name: r.evaluation.per_bank.get(bank, {}).get("auprc", float("nan")) for name, r in federated.items()
+        }
+        table.add_row(
+            bank,
+            f"{report['valid_rows']:,}",
+            f"{report['fraud_rate']:.3%}",
+            f"{alone:.3f}",
+            *[f"{v:.3f}" for v in together.values()],
+            f"{together[best] - alone:+.3f}",
+        )
+    table.add_row("pooled", "", "", "", *[f"{r.evaluation.pooled['auprc']:.3f}" for r in federated.values()], "")
     out.print(table)
 
 
