@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +29,7 @@ from aggregator.tracking import FederationTracker
 from fedfraud import model_json
 from fedfraud.model_json import Doc
 from fedfraud.wire import EvaluationReport
+from pipelines.io import write_bytes
 
 log = logging.getLogger("fedfraud.rounds")
 
@@ -62,15 +61,6 @@ class Workspace:
         return json.loads(path.read_bytes())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def _dump(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, indent=1, default=str).encode()
 
@@ -80,21 +70,21 @@ def _dump(obj: Any) -> bytes:
 
 def record_summary(ws: Workspace, summary: dict[str, Any]) -> None:
     """A bank reports it is prepared: counts, contract hash, data window, readiness."""
-    write_atomic(ws.summary_path(summary["bank"]), _dump(summary))
+    write_bytes(_dump(summary), ws.summary_path(summary["bank"]))
 
 
 def bank_train(ws: Workspace, round_id: int, node) -> None:
     """A bank runs its task for ``round_id`` and leaves its update (bytes) in the workspace."""
     task = ws.path(round_id, "tasks", node.bank).read_bytes()
-    write_atomic(ws.path(round_id, "updates", node.bank), node.train(task))
+    write_bytes(node.train(task), ws.path(round_id, "updates", node.bank))
 
 
 def bank_evaluate(ws: Workspace, round_id: int, node) -> None:
     """A bank evaluates the round's candidate (and the champion, if any) on its holdout."""
-    write_atomic(ws.path(round_id, "evaluations", node.bank), node.evaluate(ws.path(round_id, "model").read_bytes()))
+    write_bytes(node.evaluate(ws.path(round_id, "model").read_bytes()), ws.path(round_id, "evaluations", node.bank))
     champion = ws.path(round_id, "champion")
     if champion.exists():
-        write_atomic(ws.path(round_id, "champion_evaluations", node.bank), node.evaluate(champion.read_bytes()))
+        write_bytes(node.evaluate(champion.read_bytes()), ws.path(round_id, "champion_evaluations", node.bank))
 
 
 # ---- aggregator side -------------------------------------------------------------------------
@@ -136,7 +126,7 @@ def open_federation(
         "data_windows": {b: summaries[b]["data_window"] for b in ready},
         "run_id": run_id,
     }
-    write_atomic(ws.plan_path, _dump(plan))
+    write_bytes(_dump(plan), ws.plan_path)
     return plan
 
 
@@ -173,7 +163,7 @@ def open_round(ws: Workspace, plan: dict[str, Any], round_id: int) -> list[str]:
     base = global_model(ws, round_id)
     for bank in stages[0]:
         task = strategy.configure(round_id, bank, plan["banks"].index(bank), base, plan["contract_hash"])
-        write_atomic(ws.path(round_id, "tasks", bank), task.to_bytes())
+        write_bytes(task.to_bytes(), ws.path(round_id, "tasks", bank))
     return stages[0]
 
 
@@ -196,7 +186,7 @@ def _close_round(ws, plan, round_id, doc, participants, rejections, tracker) -> 
     settings = FederationSettings(**plan["settings"])
     ws.path(round_id, "model").unlink(missing_ok=True)
     outcome = {"participants": sorted(participants), "rejections": [r.as_dict() for r in rejections], "accepted": False}
-    write_atomic(ws.path(round_id, "outcome"), _dump(outcome))
+    write_bytes(_dump(outcome), ws.path(round_id, "outcome"))
     if len(participants) < settings.min_banks or doc is None:
         with _tracked_round(tracker, plan, round_id):  # a failed round's rejections go to MLflow too
             tracker.log_rejections(round_id, outcome["rejections"])
@@ -210,10 +200,10 @@ def _close_round(ws, plan, round_id, doc, participants, rejections, tracker) -> 
         version, booster = champion
         stale = tracker.version_tags(version).get("fedfraud.feature_contract_hash") != plan["contract_hash"]
         if not stale:
-            write_atomic(ws.path(round_id, "champion"), model_json.to_bytes(model_json.to_doc(booster)))
+            write_bytes(model_json.to_bytes(model_json.to_doc(booster)), ws.path(round_id, "champion"))
     outcome["champion_stale"], outcome["accepted"] = stale, True
-    write_atomic(ws.path(round_id, "outcome"), _dump(outcome))
-    write_atomic(ws.path(round_id, "model"), model_json.to_bytes(doc))  # last: banks may now evaluate
+    write_bytes(_dump(outcome), ws.path(round_id, "outcome"))
+    write_bytes(model_json.to_bytes(doc), ws.path(round_id, "model"))  # last: banks may now evaluate
     return outcome
 
 
@@ -316,5 +306,5 @@ def finish_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker: Fe
         ]
         history.append({"round": round_id, **{f"pooled.{k}": v for k, v in evaluation.pooled.items()}})
         tracker.log_round_artifacts(round_id, evaluation.histograms, history, booster, names, report)
-    write_atomic(ws.path(round_id, "registered"), _dump(report))
+    write_bytes(_dump(report), ws.path(round_id, "registered"))
     return version, evaluation, history

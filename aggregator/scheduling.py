@@ -16,6 +16,7 @@ from typing import Any
 
 from aggregator import rounds
 from aggregator.settings import FederationSettings
+from pipelines.io import write_bytes
 
 MODES = ("embedded", "networked")
 
@@ -123,7 +124,7 @@ def open_round(spec: RunSpec, round_id: int) -> list[str]:
     plan = _plan(spec)
     rounds.clear_round(spec.workspace, round_id)
     banks = [] if rounds.trains_in_one_task(plan, round_id) else rounds.open_round(spec.workspace, plan, round_id)
-    rounds.write_atomic(spec.workspace.path(round_id, "opened"), json.dumps({"run_id": spec.run_id}).encode())
+    write_bytes(json.dumps({"run_id": spec.run_id}).encode(), spec.workspace.path(round_id, "opened"))
     return banks
 
 

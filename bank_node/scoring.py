@@ -17,6 +17,7 @@ from bank_node.training import dmatrix
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR, build_bank_features
 from pipelines.config import PipelineConfig
 from pipelines.feature_contract import load_contract, require_same_contract
+from pipelines.io import write_bytes
 from pipelines.validation import QUARANTINE_DIR
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
@@ -44,12 +45,10 @@ def resolve_model(model_uri: str, tracking_uri: str | None) -> tuple[Any, dict[s
 
 def write_scores(frame: pd.DataFrame, output: Path) -> None:
     """Write ``transaction_id, score`` Parquet atomically (temp file, then rename)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(frame, schema=pa.schema([("transaction_id", pa.string()), ("score", pa.float64())]),
-                                 preserve_index=False)
-    with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}-", delete=False) as tmp:
-        pq.write_table(table, tmp.name)
-    Path(tmp.name).replace(output)
+    schema = pa.schema([("transaction_id", pa.string()), ("score", pa.float64())])
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), buffer)
+    write_bytes(buffer.getvalue().to_pybytes(), output)
 
 
 def score_transactions(spark, model_uri: str, input_path: str | Path, output_path: str | Path,

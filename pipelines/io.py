@@ -65,16 +65,20 @@ def write_parquet(df: DataFrame, final: str | Path) -> None:
         df.write.mode("overwrite").parquet(str(stage))
 
 
-def write_json(obj: Any, final: str | Path) -> None:
-    """Write ``obj`` as indented JSON at ``final`` atomically."""
+def write_bytes(data: bytes, final: str | Path) -> None:
+    """Write ``data`` at ``final`` through a temp file and a rename: never a partial file."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}-", dir=final.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(obj: Any, final: str | Path) -> None:
+    """Write ``obj`` as indented JSON at ``final`` atomically."""
+    write_bytes((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), final)
