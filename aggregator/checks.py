@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from aggregator.settings import FederationSettings
 from fedfraud import model_json
 from fedfraud.wire import ModelUpdate, WireFormatError
 
@@ -24,6 +25,15 @@ class RoundContext:
     max_trees: int
     max_bytes: int
     accepted_before: frozenset[str] = field(default_factory=frozenset)  # banks already in this round
+
+    @classmethod
+    def for_stage(cls, round_id: int, contract: dict, stage: list[str], base_model_id: str,
+                  settings: FederationSettings, accepted_before=()) -> "RoundContext":
+        """What updates from ``stage``'s banks must match, with the federation's limits."""
+        return cls(round_id=round_id, contract_hash=contract["hash"], base_model_id=base_model_id,
+                   num_feature=len(contract["names"]), expected_banks=frozenset(stage),
+                   max_trees=settings.max_trees_per_update, max_bytes=settings.max_update_bytes,
+                   accepted_before=frozenset(accepted_before))
 
 
 @dataclass(frozen=True)

@@ -144,10 +144,7 @@ def train_round(nodes: dict[str, Node], strategy, banks: list[str], round_id: in
                 except Exception as exc:  # a bank failing must not sink the round while quorum holds
                     log.warning("bank %s failed in round %s: %s", bank, round_id, exc)
                     rejections.append(Rejection(bank, "bank_failed", f"{exc.__class__.__name__}: {exc}"))
-        ctx = RoundContext(round_id=round_id, contract_hash=contract["hash"],
-                           base_model_id=model_json.model_id(global_doc), num_feature=len(contract["names"]),
-                           expected_banks=frozenset(stage), max_trees=settings.max_trees_per_update,
-                           max_bytes=settings.max_update_bytes, accepted_before=frozenset(participants))
+        ctx = RoundContext.for_stage(round_id, contract, stage, model_json.model_id(global_doc), settings, participants)
         accepted, rejected = screen(received, ctx)
         for r in rejected:
             log.warning("update from %s rejected by %s: %s", r.bank, r.check, r.detail)

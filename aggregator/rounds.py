@@ -168,17 +168,9 @@ def open_round(ws: Workspace, plan: dict[str, Any], round_id: int) -> list[str]:
 
 
 def _context(plan, round_id, stage, base, accepted_before) -> RoundContext:
+    contract = {"hash": plan["contract_hash"], "names": plan["feature_names"]}
     settings = FederationSettings(**plan["settings"])
-    return RoundContext(
-        round_id=round_id,
-        contract_hash=plan["contract_hash"],
-        base_model_id=model_json.model_id(base),
-        num_feature=len(plan["feature_names"]),
-        expected_banks=frozenset(stage),
-        max_trees=settings.max_trees_per_update,
-        max_bytes=settings.max_update_bytes,
-        accepted_before=frozenset(accepted_before),
-    )
+    return RoundContext.for_stage(round_id, contract, stage, model_json.model_id(base), settings, accepted_before)
 
 
 def _close_round(ws, plan, round_id, doc, participants, rejections, tracker) -> dict[str, Any]:
