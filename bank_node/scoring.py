@@ -36,10 +36,8 @@ def resolve_model(model_uri: str, tracking_uri: str | None) -> tuple[Any, dict[s
         version = client.get_model_version_by_alias(match["name"], match["alias"])
     else:
         version = client.get_model_version(match["name"], match["version"])
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    booster = mlflow.xgboost.load_model(f"models:/{match['name']}/{version.version}")
+    # Load from the version's own artifact location: no global tracking URI is set or changed.
+    booster = mlflow.xgboost.load_model(client.get_model_version_download_uri(match["name"], version.version))
     return booster, dict(version.tags)
 
 

@@ -11,7 +11,8 @@ from fedfraud.cli import app
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_and_registers_a_champion(spark, tmp_path):
+def test_demo_runs_and_registers_a_champion(spark, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the demo's default: sqlite in its work dir
     result = CliRunner().invoke(
         app, ["demo", "--work-dir", str(tmp_path), "--banks", "3", "--rows", "30000", "--rounds", "1"]
     )
