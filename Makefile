@@ -1,6 +1,6 @@
 # Two commands do all set-up: `make demo` and `make test`. Both (re)create .venv from the
 # lock file when it is missing or the lock changed, then run.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
