@@ -9,12 +9,11 @@ import json
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from aggregator.evaluation import FederatedEvaluation, combine
 from aggregator.federation import FederationResult, federation_id, select_banks
 from aggregator.settings import FederationSettings, consortium_params
-from aggregator.tracking import FederationTracker
+from aggregator.tracking import FederationTracker, zero_example
 from bank_node.node import BankNode
 from bank_node.training import train_trees
 from fedfraud import model_json
@@ -22,10 +21,9 @@ from fedfraud.wire import EvaluationReport, TrainTask
 
 
 def _register(tracker: FederationTracker, fid: str, booster, evaluation: FederatedEvaluation, contract, tags) -> int:
-    example = pd.DataFrame([[0.0] * len(contract["names"])], columns=contract["names"])
     with tracker.round(1):
         tracker.log_round_metrics(1, evaluation.per_bank, evaluation.pooled)
-        version = tracker.register_round_model(booster, fid, 1, example, {
+        version = tracker.register_round_model(booster, fid, 1, zero_example(contract["names"]), {
             "fedfraud.feature_contract_hash": contract["hash"], "fedfraud.federation_id": fid,
             "fedfraud.pooled_auprc": f"{evaluation.pooled['auprc']:.6f}", **tags})
         tracker.promote(version, evaluation.pooled["auprc"], None)

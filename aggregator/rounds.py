@@ -25,7 +25,7 @@ from aggregator.evaluation import FederatedEvaluation, combine
 from aggregator.federation import RoundFailed, federation_id, select_banks
 from aggregator.settings import FederationSettings, consortium_params
 from aggregator.strategies import STRATEGIES
-from aggregator.tracking import FederationTracker
+from aggregator.tracking import FederationTracker, zero_example
 from fedfraud import model_json
 from fedfraud.model_json import Doc
 from fedfraud.wire import EvaluationReport
@@ -204,9 +204,9 @@ def aggregate_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker:
     strategy, _ = strategy_for(plan)
     stage = strategy.stages(round_id, plan["banks"])[0]
     base = global_model(ws, round_id)
-    accepted, rejections = screen(ws.messages(round_id, "updates"), _context(plan, round_id, stage, base, ()))
-    arrived = set(ws.messages(round_id, "updates"))
-    rejections += [_missing(b) for b in stage if b not in arrived]
+    received = ws.messages(round_id, "updates")
+    accepted, rejections = screen(received, _context(plan, round_id, stage, base, ()))
+    rejections += [_missing(b) for b in stage if b not in received]
     for r in rejections:
         log.warning("round %s: %s rejected by %s: %s", round_id, r.bank, r.check, r.detail)
     doc = strategy.aggregate(base, accepted) if accepted else None
@@ -246,8 +246,6 @@ def finish_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker: Fe
     """Combine the banks' evaluations; register the candidate (exactly once) and promote it.
 
     Returns (version, the federated evaluation, pooled metrics of every round so far)."""
-    import pandas as pd
-
     settings = FederationSettings(**plan["settings"])
     outcome_path = ws.path(round_id, "outcome")
     outcome = ws.read_json(outcome_path) if outcome_path.exists() else {"accepted": False}
@@ -276,8 +274,7 @@ def finish_round(ws: Workspace, plan: dict[str, Any], round_id: int, tracker: Fe
     with _tracked_round(tracker, plan, round_id):
         tracker.log_rejections(round_id, outcome["rejections"])
         tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
-        example = pd.DataFrame([[0.0] * len(names)], columns=names)
-        version = tracker.register_round_model(booster, plan["federation_id"], round_id, example, tags)
+        version = tracker.register_round_model(booster, plan["federation_id"], round_id, zero_example(names), tags)
         promoted = tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, outcome["champion_stale"])
         report = {
             "federation_id": plan["federation_id"],

@@ -103,19 +103,21 @@ def open_federation(spec: RunSpec) -> list[str]:
     return plan["banks"]
 
 
+def _opened_by_this_run(spec: RunSpec, marker: Path, what: str) -> dict[str, Any]:
+    """The JSON at ``marker`` if this run wrote it; stale state from another run is refused."""
+    content = spec.workspace.read_json(marker) if marker.exists() else {}
+    if content.get("run_id") != spec.run_id:
+        raise rounds.RoundFailed(f"{what} was not opened by this run (an earlier step failed)")
+    return content
+
+
 def _plan(spec: RunSpec) -> dict[str, Any]:
-    plan_path = spec.workspace.plan_path
-    plan = spec.workspace.read_json(plan_path) if plan_path.exists() else {}
-    if plan.get("run_id") != spec.run_id:
-        raise rounds.RoundFailed("the federation was not opened by this run (an earlier step failed)")
-    return plan
+    return _opened_by_this_run(spec, spec.workspace.plan_path, "the federation")
 
 
 def _opened_round(spec: RunSpec, round_id: int) -> dict[str, Any]:
     plan = _plan(spec)
-    marker = spec.workspace.path(round_id, "opened")
-    if not marker.exists() or spec.workspace.read_json(marker).get("run_id") != spec.run_id:
-        raise rounds.RoundFailed(f"round {round_id} was not opened by this run (an earlier step failed)")
+    _opened_by_this_run(spec, spec.workspace.path(round_id, "opened"), f"round {round_id}")
     return plan
 
 
@@ -141,10 +143,10 @@ def aggregate_round(spec: RunSpec, round_id: int) -> list[str]:
     plan, ws = _opened_round(spec, round_id), spec.workspace
     if rounds.trains_in_one_task(plan, round_id):
         nodes = {b: spec.node(b) for b in plan["banks"]}
-        outcome = rounds.train_in_process(ws, plan, round_id, nodes, spec.tracker())
+        rounds.train_in_process(ws, plan, round_id, nodes, spec.tracker())
     else:
-        outcome = rounds.aggregate_round(ws, plan, round_id, spec.tracker())
-    return plan["banks"] if outcome else []
+        rounds.aggregate_round(ws, plan, round_id, spec.tracker())
+    return plan["banks"]  # every bank evaluates the candidate, whether its update was accepted or not
 
 
 def evaluate_bank(spec: RunSpec, round_id: int, bank: str) -> str:

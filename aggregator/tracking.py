@@ -46,6 +46,11 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 _URI_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
+def zero_example(feature_names: list[str]) -> pd.DataFrame:
+    """The input example logged with a model: one all-zero row, so no bank's row is ever logged."""
+    return pd.DataFrame([[0.0] * len(feature_names)], columns=feature_names)
+
+
 def default_tracking_uri(work_dir: Path) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store ``<work_dir>/mlflow.db``."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):

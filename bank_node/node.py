@@ -90,8 +90,7 @@ class BankNode:
     def train(self, task_bytes: bytes) -> bytes:
         """Run one training task; return the update's bytes."""
         task = TrainTask.from_bytes(task_bytes)
-        if not self.report["training_allowed"]:
-            raise BankDeclined(f"{self.bank} declines to train: {'; '.join(self.report['decline_reasons'])}")
+        self._require_training_allowed()
         data = self.data
         if self.engine == "spark":
             from pipelines.spark import get_spark
@@ -103,6 +102,11 @@ class BankNode:
         scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
         metrics = holdout_metrics(scores, data.y_holdout, self.alert_budget)
         return build_update(task, booster, data.counts(), metrics).to_bytes()
+
+    def _require_training_allowed(self) -> None:
+        report = self.report
+        if not report["training_allowed"]:
+            raise BankDeclined(f"{self.bank} declines to train: {'; '.join(report['decline_reasons'])}")
 
     def evaluate(self, model_bytes: bytes) -> bytes:
         """Score the holdout with a candidate model; return metrics and histograms only."""
@@ -135,8 +139,7 @@ class BankNode:
         """Join a collective round in a worker process of this bank; return its update's bytes."""
         from bank_node.histogram_worker import ClientTLS, HistogramSession, start_worker
 
-        if not self.report["training_allowed"]:
-            raise BankDeclined(f"{self.bank} declines to train: {'; '.join(self.report['decline_reasons'])}")
+        self._require_training_allowed()
         session = HistogramSession.from_bytes(session_bytes)
         if session.bank != self.bank:
             raise ValueError(f"session for {session.bank} sent to {self.bank}")
