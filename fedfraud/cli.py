@@ -206,6 +206,91 @@ def demo(
     )
 
 
+# ---- networked deployment: the consortium's PKI, the aggregator service, the bank's agent -----
+
+node_app = typer.Typer(no_args_is_help=True, help="The bank's node agent: runs at the bank, connects out only.")
+aggregator_app = typer.Typer(no_args_is_help=True, help="The consortium's aggregator service (HTTPS, mutual TLS).")
+app.add_typer(node_app, name="node")
+app.add_typer(aggregator_app, name="aggregator")
+ServiceConfig = typer.Option(..., "--config", exists=True, dir_okay=False, help="The service's YAML config file.")
+
+
+@app.command()
+def provision(
+    consortium: str = typer.Option(..., "--consortium", help="The consortium's name (the CA's organisation)."),
+    participants: str = typer.Option(..., "--participants", help="Comma-separated: aggregator,bankA,bankB,..."),
+    operators: str = typer.Option("airflow", "--operators", help="Comma-separated operator identities (Airflow)."),
+    hosts: str = typer.Option("aggregator,localhost,127.0.0.1", "--hosts",
+                              help="Names and IPs the aggregator's certificate is valid for."),
+    days: int = typer.Option(365, "--days", min=1, help="Validity of every participant's certificate."),
+    out_dir: Path = typer.Option(..., "--out", help="One folder per participant is written here."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing consortium in --out."),
+) -> None:
+    """Create the consortium CA and a certificate + key per participant, one folder each."""
+    from fedfraud.pki import ProvisionError, provision as run
+
+    split = lambda text: [name.strip() for name in text.split(",") if name.strip()]  # noqa: E731
+    try:
+        written = run(consortium, split(participants), out_dir, days=days, operators=split(operators),
+                      hosts=split(hosts), force=force)
+    except ProvisionError as exc:
+        _fail(str(exc))
+    for name, folder in written.items():
+        out.print(f"{name}\t{folder}")
+
+
+@node_app.command("run")
+def node_run(
+    config: Path = ServiceConfig,
+    once: bool = typer.Option(False, "--once", help="Stop when no task is waiting (tests, cron)."),
+) -> None:
+    """Poll the aggregator for this bank's tasks; validate, build features, train or evaluate; upload."""
+    from bank_node.agent import AgentConfig, ConfigError, run_agent
+
+    try:
+        run_agent(AgentConfig.load(config), once=once)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@node_app.command("health")
+def node_health(
+    config: Path = ServiceConfig,
+    max_age: int = typer.Option(120, "--max-age", help="Seconds since the agent's last heartbeat."),
+) -> None:
+    """Exit 0 when the agent's heartbeat is fresh (container healthcheck)."""
+    from bank_node.agent import AgentConfig, heartbeat_age
+
+    age = heartbeat_age(AgentConfig.load(config))
+    if age is None or age > max_age:
+        _fail(f"no heartbeat within {max_age}s (last: {age if age is None else round(age)}s ago)", code=1)
+    out.print(f"alive, heartbeat {age:.0f}s ago")
+
+
+@aggregator_app.command("serve")
+def aggregator_serve(config: Path = ServiceConfig) -> None:
+    """Serve the aggregator's API over HTTPS with mutual TLS; state in the configured database."""
+    from aggregator.service.config import ConfigError, ServiceConfig as Config
+    from aggregator.service.app import serve
+
+    try:
+        serve(Config.load(config))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@aggregator_app.command("health")
+def aggregator_health(config: Path = ServiceConfig) -> None:
+    """Call the service's health endpoint with the aggregator's own certificate (container healthcheck)."""
+    from aggregator.service.client import health
+    from aggregator.service.config import ServiceConfig as Config
+
+    try:
+        out.print(health(Config.load(config)))
+    except Exception as exc:
+        _fail(f"aggregator not healthy: {exc}", code=1)
+
+
 def _print_bank_table(consortium, local, federated: dict) -> None:
     table = Table(title="Holdout AUPRC per bank: local-only vs federated")
     for column in ("bank", "rows", "fraud rate", "local-only", *federated, "gain"):
