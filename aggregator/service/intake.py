@@ -1,0 +1,71 @@
+"""What the service checks on every upload before it keeps a byte: size, format, sender.
+
+Each refusal is a ``Refused`` with an HTTP status and a named check, recorded in the
+rejections table and returned to the caller. Nothing received is unpickled: every body is
+bounded, then parsed as JSON into the wire message its task expects.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aggregator.binning import BinCounts
+from fedfraud.wire import EvaluationReport, ModelUpdate, WireFormatError
+
+MAX_SUMMARY_BYTES = 64 * 1024
+MAX_FAILURE_BYTES = 16 * 1024
+SUMMARY_KEYS = ("bank", "contract_hash", "counts", "training_allowed", "decline_reasons", "data_window")
+
+
+class Refused(Exception):
+    """An API call the service refuses: HTTP ``status``, the ``check`` that refused it, ``detail``."""
+
+    def __init__(self, status: int, check: str, detail: str):
+        super().__init__(f"{check}: {detail}")
+        self.status, self.check, self.detail = status, check, detail
+
+    def as_dict(self) -> dict[str, str]:
+        return {"rejected": self.check, "detail": self.detail}
+
+
+def limit_for(kind: str, max_update_bytes: int) -> int:
+    return {"summary": MAX_SUMMARY_BYTES, "evaluate": EvaluationReport.MAX_BYTES,
+            "evaluate_champion": EvaluationReport.MAX_BYTES, "bin_counts": BinCounts.MAX_BYTES,
+            "failure": MAX_FAILURE_BYTES}.get(kind, max_update_bytes)
+
+
+def screen_upload(kind: str, body: bytes, caller: str, round_id: int, max_update_bytes: int) -> None:
+    """Refuse a body too large, not the message ``kind`` expects, or sent on behalf of another bank."""
+    limit = limit_for(kind, max_update_bytes)
+    if len(body) > limit:
+        raise Refused(413, "too_large", f"{kind} of {len(body)} bytes exceeds the {limit}-byte limit")
+    try:
+        sender, for_round = _parse(kind, body)
+    except (WireFormatError, ValueError, KeyError, TypeError) as exc:
+        raise Refused(400, "malformed", f"{kind} from {caller} is not a well-formed message: {exc}") from exc
+    if sender != caller:
+        raise Refused(403, "wrong_sender", f"{caller} cannot upload a {kind} on behalf of {sender}")
+    if for_round is not None and for_round != round_id:
+        raise Refused(422, "wrong_round", f"{kind} is for round {for_round}, the task is for round {round_id}")
+
+
+def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
+    """(the bank the message says it is from, the round it says it is for)."""
+    if kind in ("train", "histogram"):
+        update = ModelUpdate.from_bytes(body, max_bytes=len(body))
+        return update.bank, update.round_id
+    if kind in ("evaluate", "evaluate_champion"):
+        return EvaluationReport.from_bytes(body).bank, None
+    if kind == "bin_counts":
+        return BinCounts.from_bytes(body).bank, None
+    if kind == "summary":
+        summary = json.loads(body.decode("utf-8"))
+        if not isinstance(summary, dict):
+            raise ValueError("a summary must be a JSON object")
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"summary is missing {', '.join(missing)}")
+        if not {"positives", "negatives"} <= set(summary["counts"]):
+            raise ValueError("summary counts need positives and negatives")
+        return str(summary["bank"]), None
+    raise ValueError(f"unknown task kind {kind!r}")

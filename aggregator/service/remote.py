@@ -1,0 +1,69 @@
+"""A bank as the aggregator sees it inside the service: each call becomes a task for that bank.
+
+Cyclic and histogram rounds run ``aggregator.rounds.train_in_process`` over these nodes, the
+same code as an embedded federation: ``train``, ``bin_counts`` and ``train_histogram`` post
+a task, wait (until its deadline) for the bank's agent to upload the answer, and return its
+bytes. With the histogram strategy the service hosts XGBoost's federated server and the
+bank's worker connects out to it with the bank's certificate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from aggregator.service import store
+from pipelines.io import write_bytes
+
+
+class RemoteNode:
+    def __init__(self, coordinator, federation: store.Federation, round_id: int, bank: str, poll_s: float = 0.2):
+        self.coordinator, self.federation, self.round_id, self.bank = coordinator, federation, round_id, bank
+        self.poll_s = poll_s
+
+    def summary(self) -> dict[str, Any]:
+        """The bank's summary, if it has been heard from recently enough to join a collective round."""
+        c = self.coordinator
+        with c.Session() as s:
+            last_seen = s.get(store.Participant, self.bank).last_seen
+        silent = time.time() - (last_seen or 0)
+        if silent > c.config.liveness_seconds:
+            raise ConnectionError(f"{self.bank} not heard from for {silent:.0f}s")
+        return json.loads(c.workspace(self.federation).summary_path(self.bank).read_bytes())
+
+    def train(self, task_bytes: bytes) -> bytes:
+        return self._ask("train", task_bytes)
+
+    def bin_counts(self, grid_bytes: bytes) -> bytes:
+        return self._ask("bin_counts", grid_bytes)
+
+    def train_histogram(self, task_bytes: bytes, session_bytes: bytes) -> bytes:
+        envelope = {"task": json.loads(task_bytes), "session": json.loads(session_bytes)}
+        return self._ask("histogram", json.dumps(envelope).encode())
+
+    def abort_histogram(self) -> None:
+        """Cancel the bank's histogram task; its worker ends when the server stops (or at its watchdog)."""
+        c = self.coordinator
+        with c.lock, c.Session.begin() as s:
+            c._expire(s, self.federation.key, self.round_id, "histogram", "the collective round was aborted")
+
+    def _ask(self, kind: str, input_bytes: bytes) -> bytes:
+        c, key = self.coordinator, self.federation.key
+        folder = c.workspace(self.federation).round_dir(self.round_id) / "exchange"
+        write_bytes(input_bytes, folder / f"{kind}-{self.bank}.in.json")
+        with c.lock, c.Session.begin() as s:
+            tid = c._add_task(s, self.federation, self.round_id, kind, self.bank,
+                              folder / f"{kind}-{self.bank}.in.json", folder / f"{kind}-{self.bank}.json").id
+        while True:
+            with c.Session() as s:
+                task = s.get(store.Task, tid)
+                if task.state == "done":
+                    return Path(task.result_path).read_bytes()
+                if task.state not in store.OPEN_TASK_STATES:
+                    raise RuntimeError(f"{self.bank} did not answer {kind}: {task.state} ({task.detail})")
+            if task.deadline <= time.time():
+                with c.lock, c.Session.begin() as s:
+                    c._expire(s, key, self.round_id, kind, "no answer before the deadline")
+            time.sleep(self.poll_s)
