@@ -17,7 +17,7 @@ from bank_node.dataset import BankDataset, read_features, spark_training_rows, t
 from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, holdout_metrics
 from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
 from fedfraud import model_json
-from fedfraud.wire import TrainTask
+from fedfraud.wire import TrainTask, WireFormatError
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR
 from pipelines.config import PipelineConfig
 from pipelines.feature_contract import load_contract
@@ -49,15 +49,18 @@ class BankNode:
         self.alert_budget = alert_budget
         self.engine = engine  # "local" (one machine) or "spark" (SparkXGBClassifier)
 
+    def is_prepared(self) -> bool:
+        """True when features exist for exactly this input and config (no Spark needed)."""
+        marker = self.work_dir / FINGERPRINT_FILE
+        return marker.exists() and json.loads(marker.read_text()) == input_fingerprint(self.raw_path, self.config)
+
     def prepare(self, spark) -> dict[str, Any]:
         """Validate and build features unless they are current for this input and config."""
         from pipelines.build import build_bank_features
 
-        fingerprint = input_fingerprint(self.raw_path, self.config)
-        marker = self.work_dir / FINGERPRINT_FILE
-        if not (marker.exists() and json.loads(marker.read_text()) == fingerprint):
+        if not self.is_prepared():
             build_bank_features(spark, self.raw_path, self.work_dir, self.config)
-            marker.write_text(json.dumps(fingerprint))
+            (self.work_dir / FINGERPRINT_FILE).write_text(json.dumps(input_fingerprint(self.raw_path, self.config)))
         self.__dict__.pop("data", None)
         return self.report
 
@@ -110,6 +113,8 @@ class BankNode:
 
     def evaluate(self, model_bytes: bytes) -> bytes:
         """Score the holdout with a candidate model; return metrics and histograms only."""
+        if len(model_bytes) > TrainTask.MAX_BYTES:
+            raise WireFormatError(f"model of {len(model_bytes)} bytes exceeds the {TrainTask.MAX_BYTES}-byte limit")
         doc = json.loads(model_bytes)
         booster = model_json.to_booster(doc)
         data = self.data

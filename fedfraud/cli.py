@@ -246,11 +246,14 @@ def node_run(
 ) -> None:
     """Poll the aggregator for this bank's tasks; validate, build features, train or evaluate; upload."""
     from bank_node.agent import AgentConfig, ConfigError, run_agent
+    from fedfraud.transport import AggregatorUnreachable
 
     try:
         run_agent(AgentConfig.load(config), once=once)
     except ConfigError as exc:
         _fail(str(exc))
+    except AggregatorUnreachable as exc:  # the container's restart policy brings it back
+        _fail(str(exc), code=1)
 
 
 @node_app.command("health")
@@ -282,7 +285,7 @@ def aggregator_serve(config: Path = ServiceConfig) -> None:
 @aggregator_app.command("health")
 def aggregator_health(config: Path = ServiceConfig) -> None:
     """Call the service's health endpoint with the aggregator's own certificate (container healthcheck)."""
-    from aggregator.service.client import health
+    from aggregator.service.app import health
     from aggregator.service.config import ServiceConfig as Config
 
     try:

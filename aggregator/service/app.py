@@ -208,3 +208,15 @@ def serve(config: ServiceConfig) -> None:
         )).run()
     finally:
         coordinator.stop()
+
+
+def health(config: ServiceConfig) -> dict[str, Any]:
+    """The service's own health, asked with the aggregator's certificate (container healthcheck)."""
+    from fedfraud.transport import AggregatorClient, Retry
+
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    client = AggregatorClient(f"https://{host}:{config.port}", config.tls, Retry(attempts=1), timeout_s=10)
+    try:
+        return client.call("GET", "/v1/health")
+    finally:
+        client.close()

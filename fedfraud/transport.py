@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from aggregator.service.config import ServiceConfig, TLSFiles
+from fedfraud.config_file import TLSFiles
 
 log = logging.getLogger("fedfraud.client")
 RETRY_STATUSES = (502, 503, 504)
@@ -131,13 +131,3 @@ class AggregatorClient:
 
     def round(self, key: str, round_id: int) -> dict[str, Any]:
         return self.call("GET", f"/v1/federations/{key}/rounds/{round_id}")
-
-
-def health(config: ServiceConfig) -> dict[str, Any]:
-    """The service's own health, asked with the aggregator's certificate (container healthcheck)."""
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    client = AggregatorClient(f"https://{host}:{config.port}", config.tls, Retry(attempts=1), timeout_s=10)
-    try:
-        return client.call("GET", "/v1/health")
-    finally:
-        client.close()
