@@ -215,6 +215,12 @@ app.add_typer(aggregator_app, name="aggregator")
 ServiceConfig = typer.Option(..., "--config", exists=True, dir_okay=False, help="The service's YAML config file.")
 
 
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 @app.command()
 def provision(
     consortium: str = typer.Option(..., "--consortium", help="The consortium's name (the CA's organisation)."),
@@ -248,6 +254,7 @@ def node_run(
     from bank_node.agent import AgentConfig, ConfigError, run_agent
     from fedfraud.transport import AggregatorUnreachable
 
+    _log_to_stderr()
     try:
         run_agent(AgentConfig.load(config), once=once)
     except ConfigError as exc:
@@ -276,6 +283,7 @@ def aggregator_serve(config: Path = ServiceConfig) -> None:
     from aggregator.service.config import ConfigError, ServiceConfig as Config
     from aggregator.service.app import serve
 
+    _log_to_stderr()
     try:
         serve(Config.load(config))
     except ConfigError as exc:
