@@ -1,18 +1,22 @@
 """What each task of the Airflow DAGs calls: small functions of plain, JSON-able arguments.
 
 Embedded mode: a bank's task runs that bank's node here, on its own data path and work folder.
-Networked mode: the same task waits, bounded, for the bank node's message to reach the
-workspace through the aggregator service, and fails at the deadline.
+Networked mode: the aggregator service (``aggregator.service``) runs the federation and the
+banks' agents do the bank work; each task asks the service to act (start, plan, open a
+round) or waits, bounded, for that bank's answer or the round's verdict, and fails by name
+at the deadline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aggregator import rounds
 from aggregator.settings import FederationSettings
@@ -71,20 +75,72 @@ class RunSpec:
                         settings.holdout_fraction, settings.alert_budget)
 
 
-def wait_for(path: Path, seconds: float, interval: float = 2.0) -> None:
-    """Poll until ``path`` exists; fail with its name at the deadline (networked mode)."""
+# ---- networked mode: the aggregator service does the work, these tasks ask and watch ----------
+
+FINISHED_TASK = ("done", "failed", "expired", "cancelled")
+
+
+def wait_until(condition: Callable[[], Any], seconds: float, what: str, interval: float = 2.0) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
     deadline = time.monotonic() + seconds
-    while not path.exists():
+    while not (value := condition()):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path.name} did not arrive within {seconds}s ({path.parent})")
+            raise TimeoutError(f"{what} did not happen within {seconds}s")
         time.sleep(interval)
+    return value
+
+
+def federation_key(spec: RunSpec) -> str:
+    """The service's name for this run's federation: readable, URL-safe, unique per run."""
+    raw = f"{spec.model_name}--{spec.run_id or 'manual'}"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', raw)[:80]}-{hashlib.sha256(raw.encode()).hexdigest()[:8]}"
+
+
+def _service():
+    from fedfraud.transport import AggregatorClient
+
+    return AggregatorClient.from_env()
+
+
+def _round_state(spec: RunSpec, round_id: int, done: Callable[[dict], bool], what: str) -> dict[str, Any]:
+    """The round's status once ``done`` holds; a failed round raises RoundFailed with its reason."""
+    service, key = _service(), federation_key(spec)
+    status = wait_until(lambda: (lambda s: s if done(s) or s["state"] == "failed" else None)(
+        service.round(key, round_id)), spec.wait_seconds, what)
+    if status["state"] == "failed":
+        raise rounds.RoundFailed(f"round {round_id}: {status['error']}")
+    return status
+
+
+def _bank_answer(spec: RunSpec, round_id: int, bank: str, kind: str) -> str:
+    """Wait for ``bank``'s answer to its ``kind`` task; an expired or failed one fails this bank's task."""
+    status = _round_state(spec, round_id, lambda s: s["tasks"].get(bank, {}).get(kind) in FINISHED_TASK,
+                          f"{bank}'s {kind} for round {round_id}")
+    state = status["tasks"][bank][kind]
+    if state != "done":
+        raise RuntimeError(f"{bank}: {kind} for round {round_id} {state} (see the round's status at the aggregator)")
+    return bank
+
+
+def _networked_prepare(spec: RunSpec, bank: str) -> str:
+    service, key = _service(), federation_key(spec)
+    request = {"model_name": spec.model_name, "strategy": spec.strategy, "rounds": spec.rounds, "seed": spec.seed,
+               "min_banks": spec.min_banks, "trees_per_round": spec.trees_per_round, "banks": sorted(spec.banks)}
+    service.start_federation(key, request)  # idempotent: every bank's task asks, the first creates it
+    state = wait_until(lambda: (lambda s: s if s in FINISHED_TASK else None)(
+        service.federation(key)["summaries"].get(bank, {}).get("summary")), spec.wait_seconds, f"{bank}'s summary")
+    if state != "done":
+        raise RuntimeError(f"{bank}: summary {state}")
+    return bank
+
+
+# ---- the tasks -----------------------------------------------------------------------------
 
 
 def prepare_bank(spec: RunSpec, bank: str) -> str:
     """Validate and build the bank's features (embedded) or wait for its summary (networked)."""
     if spec.mode == "networked":
-        wait_for(spec.workspace.summary_path(bank), spec.wait_seconds)
-        return bank
+        return _networked_prepare(spec, bank)
     from pipelines.spark import get_spark
 
     node = spec.node(bank)
@@ -97,6 +153,11 @@ def open_federation(spec: RunSpec) -> list[str]:
     from pipelines.config import load_config
     from pipelines.feature_contract import feature_contract
 
+    if spec.mode == "networked":
+        status = _service().plan(federation_key(spec))
+        if status["state"] != "planned":
+            raise rounds.RoundFailed(status["error"])
+        return status["banks"]
     contract = feature_contract(load_config().features)
     plan = rounds.open_federation(spec.workspace, spec.model_name, spec.strategy, spec.rounds, spec.seed,
                                   spec.settings, contract, sorted(spec.banks), run_id=spec.run_id)
@@ -123,6 +184,9 @@ def _opened_round(spec: RunSpec, round_id: int) -> dict[str, Any]:
 
 def open_round(spec: RunSpec, round_id: int) -> list[str]:
     """Write the round's tasks; cyclic and histogram rounds train in one task (``train_in_process``)."""
+    if spec.mode == "networked":
+        status = _service().open_round(federation_key(spec), round_id)
+        return sorted(b for b, kinds in status["tasks"].items() if "train" in kinds and not status.get("collective"))
     plan = _plan(spec)
     rounds.clear_round(spec.workspace, round_id)
     banks = [] if rounds.trains_in_one_task(plan, round_id) else rounds.open_round(spec.workspace, plan, round_id)
@@ -131,15 +195,16 @@ def open_round(spec: RunSpec, round_id: int) -> list[str]:
 
 
 def train_bank(spec: RunSpec, round_id: int, bank: str) -> str:
-    path = spec.workspace.path(round_id, "updates", bank)
     if spec.mode == "networked":
-        wait_for(path, spec.wait_seconds)
-    else:
-        rounds.bank_train(spec.workspace, round_id, spec.node(bank))
+        return _bank_answer(spec, round_id, bank, "train")
+    rounds.bank_train(spec.workspace, round_id, spec.node(bank))
     return bank
 
 
 def aggregate_round(spec: RunSpec, round_id: int) -> list[str]:
+    if spec.mode == "networked":  # the service aggregates when every bank answered or at the deadline
+        status = _round_state(spec, round_id, lambda s: s["state"] != "training", f"round {round_id}'s aggregation")
+        return sorted(b for b, kinds in status["tasks"].items() if "evaluate" in kinds)
     plan, ws = _opened_round(spec, round_id), spec.workspace
     if rounds.trains_in_one_task(plan, round_id):
         nodes = {b: spec.node(b) for b in plan["banks"]}
@@ -151,12 +216,14 @@ def aggregate_round(spec: RunSpec, round_id: int) -> list[str]:
 
 def evaluate_bank(spec: RunSpec, round_id: int, bank: str) -> str:
     if spec.mode == "networked":
-        wait_for(spec.workspace.path(round_id, "evaluations", bank), spec.wait_seconds)
-    else:
-        rounds.bank_evaluate(spec.workspace, round_id, spec.node(bank))
+        return _bank_answer(spec, round_id, bank, "evaluate")
+    rounds.bank_evaluate(spec.workspace, round_id, spec.node(bank))
     return bank
 
 
 def finish_round(spec: RunSpec, round_id: int) -> str:
+    if spec.mode == "networked":
+        status = _round_state(spec, round_id, lambda s: s["state"] == "registered", f"round {round_id}'s registration")
+        return f"models:/{spec.model_name}/{status['version']}"
     version, _, _ = rounds.finish_round(spec.workspace, _opened_round(spec, round_id), round_id, spec.tracker())
     return f"models:/{spec.model_name}/{version}"

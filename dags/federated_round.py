@@ -3,9 +3,10 @@ evaluate at every bank, register and promote.
 
 One mapped task per bank (labelled with the bank). A failed or timed-out bank does not sink a
 round while the quorum (``min_banks``) holds; below it the run fails, nothing is registered and
-``champion`` stays. Retries and re-runs register no second version. ``mode`` picks where bank
-work runs: ``embedded`` (in the worker, on the bank's data path) or ``networked`` (the task
-waits, bounded, for the bank node's message via the aggregator service). Cyclic and histogram
+``champion`` stays. Retries and re-runs register no second version. ``mode`` picks where the
+work runs: ``embedded`` (in the worker, on the bank's data path) or ``networked`` (the tasks ask
+the aggregator service to start, plan and open rounds, and wait, bounded, for each bank's
+answer through its agent; default from ``$FEDFRAUD_MODE``). Cyclic and histogram
 rounds train inside ``check_and_aggregate`` (in turn / all banks together). This file only
 orchestrates: every task calls ``aggregator.scheduling``.
 """
@@ -59,7 +60,8 @@ def _fail_cleanly(call):
         "min_banks": Param(2, type="integer", minimum=1, description="quorum of accepted updates per round"),
         "trees_per_round": Param(20, type="integer", minimum=1),
         "seed": Param(0, type="integer"),
-        "mode": Param("embedded", enum=["embedded", "networked"]),
+        "mode": Param(os.environ.get("FEDFRAUD_MODE", "embedded"), enum=["embedded", "networked"],
+                      description="networked: the aggregator service and the banks' agents do the work"),
         "wait_seconds": Param(1800, type="integer", minimum=1, description="networked: how long to wait per bank"),
         "work_dir": Param("", type="string", description="empty: $FEDFRAUD_WORK_DIR or work/airflow"),
     },
@@ -74,10 +76,10 @@ def federated_round():
         return sorted(_spec(params).banks)
 
     @task(map_index_template="{{ bank }}")
-    def prepare(bank: str, params=None) -> str:
+    def prepare(bank: str, params=None, run_id=None) -> str:
         from aggregator.scheduling import prepare_bank
 
-        return prepare_bank(_spec(params), bank)
+        return prepare_bank(_spec(params, run_id), bank)
 
     @task(trigger_rule="all_done")
     def open_federation(prepared, params=None, run_id=None) -> list[str]:
@@ -87,16 +89,16 @@ def federated_round():
         return _fail_cleanly(lambda: open_(_spec(params, run_id)))
 
     @task(map_index_template="{{ bank }}")
-    def train(round_id: int, bank: str, params=None) -> str:
+    def train(round_id: int, bank: str, params=None, run_id=None) -> str:
         from aggregator.scheduling import train_bank
 
-        return train_bank(_spec(params), round_id, bank)
+        return train_bank(_spec(params, run_id), round_id, bank)
 
     @task(map_index_template="{{ bank }}")
-    def evaluate(round_id: int, bank: str, params=None) -> str:
+    def evaluate(round_id: int, bank: str, params=None, run_id=None) -> str:
         from aggregator.scheduling import evaluate_bank
 
-        return evaluate_bank(_spec(params), round_id, bank)
+        return evaluate_bank(_spec(params, run_id), round_id, bank)
 
     previous = open_federation(prepare.expand(bank=banks()))
     for round_id in range(1, MAX_ROUNDS + 1):

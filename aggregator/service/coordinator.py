@@ -173,7 +173,7 @@ class Coordinator:
             rejections = s.scalars(select(store.Rejection).where(
                 store.Rejection.federation == key, store.Rejection.round_id == round_id))
             return {"federation": key, "round": round_id, "state": row.state, "error": row.error,
-                    "version": row.version, "model_name": federation.model_name,
+                    "version": row.version, "collective": row.collective, "model_name": federation.model_name,
                     "tasks": self._task_states(s, key, round_id),
                     "rejections": [{"bank": r.caller, "check": r.check, "detail": r.detail} for r in rejections]}
 

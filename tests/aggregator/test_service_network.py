@@ -146,6 +146,25 @@ def test_a_histogram_round_over_the_network_joins_the_aggregators_federated_serv
     assert {kind for kinds in status["tasks"].values() for kind in kinds} >= {"evaluate"}
 
 
+def test_airflow_runs_the_federation_through_the_service_in_networked_mode(stack, dagbag, monkeypatch):
+    """The real DAG (dag.test) as the operator: it starts, plans and opens rounds at the service
+    with Airflow's certificate and waits for each bank's answer; the agents do the bank work."""
+    from mlflow import MlflowClient
+
+    folder = stack.certs / "airflow"
+    for name, value in {"FEDFRAUD_AGGREGATOR_URL": stack.url, "FEDFRAUD_TLS_CA": folder / "ca.crt",
+                        "FEDFRAUD_TLS_CERT": folder / "cert.pem", "FEDFRAUD_TLS_KEY": folder / "key.pem"}.items():
+        monkeypatch.setenv(name, str(value))
+    conf = {"banks": dict.fromkeys(BANKS, ""), "model_name": "net-airflow", "rounds": 2, "min_banks": 2,
+            "trees_per_round": 5, "mode": "networked", "wait_seconds": 180, "work_dir": str(stack.root / "airflow")}
+    result = dagbag.get_dag("federated_round").test(run_conf=conf)
+    assert result.state == "success", stack.log("aggregator")
+    client = MlflowClient(tracking_uri=stack.tracking_uri)
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='net-airflow'"))
+    assert versions == [1, 2]
+    assert str(client.get_model_version_by_alias("net-airflow", "champion").version) in ("1", "2")
+
+
 def test_bagging_rounds_register_and_a_node_killed_mid_round_leaves_the_quorum_to_finish(stack):
     operator = start(stack, "bag-1", "bagging", rounds=2)
     operator.open_round("bag-1", 1)

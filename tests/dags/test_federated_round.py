@@ -79,37 +79,3 @@ def test_bank_features_and_scoring_dags(first_run, dagbag, consortium, uri, tmp_
     import pyarrow.parquet as pq
 
     assert pq.read_metadata(out).num_rows == consortium.nodes[bank].report["input_rows"]
-
-
-def test_networked_mode_waits_for_bank_nodes(dagbag, consortium, uri):
-    """The same DAG with mode=networked: bank nodes (here a thread playing their agents) deliver
-    summaries, updates and evaluations through the workspace; the DAG only waits for them."""
-    import threading
-    import time
-
-    from aggregator import rounds
-
-    ws = rounds.Workspace(consortium.work_dir, "af-net")
-    stop = threading.Event()
-
-    def bank_agents():
-        while not stop.is_set():
-            for bank, node in consortium.nodes.items():
-                if not ws.summary_path(bank).exists():
-                    rounds.record_summary(ws, node.summary())
-                for round_dir in ws.root.glob("round-*"):
-                    r = int(round_dir.name.split("-")[1])
-                    if ws.path(r, "tasks", bank).exists() and not ws.path(r, "updates", bank).exists():
-                        rounds.bank_train(ws, r, node)
-                    if ws.path(r, "model").exists() and not ws.path(r, "evaluations", bank).exists():
-                        rounds.bank_evaluate(ws, r, node)
-            time.sleep(0.3)
-
-    agents = threading.Thread(target=bank_agents, daemon=True)
-    agents.start()
-    try:
-        result = run(dagbag, **conf(consortium, "af-net", mode="networked", wait_seconds=300))
-    finally:
-        stop.set()
-        agents.join(timeout=30)
-    assert result.state == "success" and versions(uri, "af-net") == [1, 2]
