@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,38 @@ def consortium(spark, config, tmp_path_factory):
 @pytest.fixture(scope="session")
 def uri(consortium):
     return f"sqlite:///{consortium.work_dir}/mlflow.db"
+
+
+# ---- the aggregator service ------------------------------------------------------------------
+
+SERVICE_BANKS = ("alpha", "beta", "gamma")
+
+
+def make_coordinator(tmp_path: Path):
+    """The aggregator service's coordinator on a fresh sqlite state (no HTTP, no TLS needed)."""
+    from aggregator.service.config import ServiceConfig, TLSFiles
+    from aggregator.service.coordinator import Coordinator
+
+    tls = TLSFiles(tmp_path / "ca.crt", tmp_path / "cert.pem", tmp_path / "key.pem")
+    return Coordinator(ServiceConfig(tls=tls, banks=SERVICE_BANKS, database_url=f"sqlite:///{tmp_path / 'state.db'}",
+                                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg"))
+
+
+def federation_request(**overrides):
+    return {"model_name": "m", "strategy": "bagging", "rounds": 2, "seed": 0, "min_banks": 2,
+            "trees_per_round": 5, "banks": list(SERVICE_BANKS), **overrides}
+
+
+def bank_summary(bank: str, **overrides) -> bytes:
+    """A bank's summary message as its agent would upload it."""
+    from pipelines.config import load_config
+    from pipelines.feature_contract import feature_contract
+
+    body = {"bank": bank, "contract_hash": feature_contract(load_config().features)["hash"],
+            "counts": {"positives": 40, "negatives": 9000, "train_rows": 7000, "holdout_rows": 2040},
+            "training_allowed": True, "decline_reasons": [], "data_window": ["2026-01-01", "2026-03-01"],
+            "holdout_start": "2026-02-20", **overrides}
+    return json.dumps(body).encode()
 
 
 # ---- Airflow: its own AIRFLOW_HOME, a migrated sqlite metadata DB, short retries -------------

@@ -1,0 +1,77 @@
+"""The service's state machine on a real sqlite database, without HTTP: who may answer what, once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SERVICE_BANKS as BANKS, bank_summary as summary, federation_request as request, make_coordinator
+
+from aggregator.service import store
+from aggregator.service.intake import Refused
+
+def refused(call, *args) -> tuple[int, str]:
+    with pytest.raises(Refused) as exc:
+        call(*args)
+    return exc.value.status, exc.value.check
+
+
+def test_a_task_is_answered_once_by_its_own_bank_with_a_well_formed_message(tmp_path):
+    c = make_coordinator(tmp_path)
+    c.start_federation("f1", request())
+    task = c.next_task("alpha")
+    assert task["kind"] == "summary" and task["round"] == 0
+    assert refused(c.accept_result, "beta", task["id"], summary("beta")) == (403, "wrong_sender")
+    assert refused(c.accept_result, "alpha", task["id"], summary("beta")) == (403, "wrong_sender")
+    assert refused(c.accept_result, "alpha", task["id"], summary("alpha")[:40]) == (400, "malformed")
+    assert refused(c.accept_result, "alpha", task["id"], b" " * 70_000) == (413, "too_large")
+    assert c.accept_result("alpha", task["id"], summary("alpha"))["state"] == "done"
+    assert refused(c.accept_result, "alpha", task["id"], summary("alpha")) == (409, "duplicate")
+    assert c.next_task("alpha") is None
+    assert c.federation_status("f1")["summaries"]["alpha"] == {"summary": "done"}
+
+
+def test_the_plan_names_every_bank_left_out_and_a_late_summary_is_refused(tmp_path):
+    c = make_coordinator(tmp_path)
+    c.start_federation("f1", request(min_banks=2))
+    tasks = {bank: c.next_task(bank)["id"] for bank in BANKS}
+    c.accept_result("alpha", tasks["alpha"], summary("alpha"))
+    c.accept_failure("beta", tasks["beta"], "BankDeclined: fraud rate out of band")
+    status = c.plan_federation("f1")
+    assert status["state"] == "failed"
+    assert "quorum is 2" in status["error"] and "beta" in status["error"] and "gamma" in status["error"]
+    assert refused(c.accept_result, "gamma", tasks["gamma"], summary("gamma")) == (409, "late")
+    assert refused(c.open_round, "f1", 1) == (409, "not_planned")
+
+
+def test_federations_are_idempotent_and_only_for_members(tmp_path):
+    c = make_coordinator(tmp_path)
+    assert c.start_federation("f1", request()) == c.start_federation("f1", request())
+    assert refused(c.start_federation, "f1", request(rounds=3)) == (409, "conflict")
+    assert refused(c.start_federation, "f2", request(banks=["alpha", "zurich"])) == (422, "unknown_bank")
+
+
+def test_a_planned_bagging_round_hands_out_training_tasks_in_order(tmp_path):
+    c = make_coordinator(tmp_path)
+    c.start_federation("f1", request())
+    for bank in BANKS:
+        c.accept_result(bank, c.next_task(bank)["id"], summary(bank))
+    assert c.plan_federation("f1")["banks"] == list(BANKS)
+    assert refused(c.open_round, "f1", 2) == (409, "previous_round")
+    status = c.open_round("f1", 1)
+    assert status["state"] == "training" and {b: t["train"] for b, t in status["tasks"].items()} == dict.fromkeys(
+        BANKS, "pending")
+    task = c.next_task("gamma")
+    assert task["kind"] == "train" and json.loads(c.task_input("gamma", task["id"]))["bank"] == "gamma"
+    assert refused(c.task_input, "alpha", task["id"]) == (403, "wrong_sender")
+    assert c.open_round("f1", 1)["tasks"]["gamma"]["train"] == "fetched"  # opening again changes nothing
+
+
+def test_a_collective_round_in_flight_fails_by_name_when_the_service_restarts(tmp_path):
+    c = make_coordinator(tmp_path)
+    c.start_federation("f1", request(strategy="histogram"))
+    with c.Session.begin() as s:
+        s.add(store.Round(federation="f1", round_id=1, collective=True, deadline=0.0))
+    c.stop()
+    status = make_coordinator(tmp_path).round_status("f1", 1)
+    assert status["state"] == "failed" and "restarted" in status["error"]
