@@ -82,6 +82,9 @@ class Ledger:
     def closed(self, task_id: str) -> bool:
         return (self.folder / f"{task_id}.done").exists()
 
+    def outcome(self, task_id: str) -> str:
+        return json.loads((self.folder / f"{task_id}.done").read_bytes())["outcome"]
+
 
 class Agent:
     def __init__(self, config: AgentConfig, client: AggregatorClient | None = None):
@@ -117,12 +120,20 @@ class Agent:
 
     def handle(self, task: dict) -> None:
         tid, kind = task["id"], task["kind"]
+        if self.ledger.closed(tid):  # offered again after its answer was refused: end it, by name
+            reason = f"this bank's answer was refused: {self.ledger.outcome(tid)}"
+            self._send(tid, lambda: self.client.upload_failure(tid, reason))
+            return
         body = self.ledger.result(tid)
         if body is None:
             try:
-                body = self.compute(kind, self.client.task_input(tid) if task["has_input"] else b"")
-            except ServiceRefused:
-                raise
+                data = self.client.task_input(tid) if task["has_input"] else b""
+            except ServiceRefused as exc:
+                log.warning("%s: input of task %s refused: %s", self.config.bank, tid, exc)
+                self.ledger.close(tid, f"{exc.check}: {exc.detail}")
+                return
+            try:
+                body = self.compute(kind, data)
             except Exception as exc:  # the bank cannot do it: say why, so the round need not wait
                 log.warning("%s: %s for round %s failed: %s", self.config.bank, kind, task["round"], exc)
                 reason = f"{exc.__class__.__name__}: {exc}"

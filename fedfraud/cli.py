@@ -252,7 +252,7 @@ def node_run(
 ) -> None:
     """Poll the aggregator for this bank's tasks; validate, build features, train or evaluate; upload."""
     from bank_node.agent import AgentConfig, ConfigError, run_agent
-    from fedfraud.transport import AggregatorUnreachable
+    from fedfraud.transport import AggregatorUnreachable, ServiceRefused
 
     _log_to_stderr()
     try:
@@ -261,6 +261,8 @@ def node_run(
         _fail(str(exc))
     except AggregatorUnreachable as exc:  # the container's restart policy brings it back
         _fail(str(exc), code=1)
+    except ServiceRefused as exc:  # e.g. this bank's certificate is not (or no longer) a participant's
+        _fail(f"the aggregator refused this node: {exc}", code=1)
 
 
 @node_app.command("health")

@@ -22,6 +22,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aggregator.service.config import ServiceConfig
 from aggregator.service.coordinator import REQUEST_KEYS, Coordinator
+from aggregator.strategies import STRATEGIES
 from aggregator.service.intake import MAX_FAILURE_BYTES, MAX_SUMMARY_BYTES, Refused, limit_for
 
 log = logging.getLogger("fedfraud.service")
@@ -175,6 +176,8 @@ def _federation_request(body: bytes) -> dict[str, Any]:
         request = {key: raw[key] for key in REQUEST_KEYS}
         if not (isinstance(request["banks"], list) and request["banks"]):
             raise ValueError("banks must be a non-empty list")
+        if request["strategy"] not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
         for key in ("rounds", "seed", "min_banks", "trees_per_round"):
             request[key] = int(request[key])
     except (ValueError, KeyError, TypeError) as exc:

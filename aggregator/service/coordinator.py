@@ -318,8 +318,8 @@ class Coordinator:
             log.warning("round %s of %s failed: %s", round_id, key, exc)
             with self.Session.begin() as s:
                 row = s.get(store.Round, (key, round_id))
-                row.state, row.error = "failed", f"{exc.__class__.__name__}: {exc}" if not isinstance(
-                    exc, RoundFailed) else str(exc)
+                reason = str(exc) if isinstance(exc, RoundFailed) else f"{exc.__class__.__name__}: {exc}"
+                row.state, row.error = "failed", reason
                 self._expire(s, key, round_id, None, "the round failed")
 
     def _aggregate(self, federation: store.Federation, round_id: int) -> None:

@@ -7,6 +7,7 @@ import pytest
 import yaml
 from conftest import bank_summary as summary, federation_request as request, make_coordinator
 
+from aggregator.service import store
 from aggregator.service.intake import Refused
 from bank_node.agent import Agent, AgentConfig, ConfigError
 from fedfraud.config_file import TLSFiles
@@ -50,12 +51,13 @@ class CountingAgent(Agent):
 
     computed = 0
     fail_with: Exception | None = None
+    answer: bytes | None = None
 
     def compute(self, kind, data):
         type(self).computed += 1
         if self.fail_with is not None:
             raise self.fail_with
-        return summary(self.config.bank)
+        return self.answer or summary(self.config.bank)
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def agent_config(tmp_path):
 def coordinator(tmp_path):
     c = make_coordinator(tmp_path / "service")
     c.start_federation("f1", request())
-    CountingAgent.computed, CountingAgent.fail_with = 0, None
+    CountingAgent.computed, CountingAgent.fail_with, CountingAgent.answer = 0, None, None
     return c
 
 
@@ -98,6 +100,15 @@ def test_a_bank_that_cannot_do_a_task_says_why_and_the_phase_does_not_wait_for_i
     CountingAgent(agent_config, InProcessClient(coordinator, "alpha")).run(once=True)
     assert coordinator.federation_status("f1")["summaries"]["alpha"]["summary"] == "failed"
     assert coordinator.next_task("alpha") is None
+
+
+def test_a_refused_answer_is_not_sent_again_and_the_task_ends_with_the_reason(agent_config, coordinator):
+    CountingAgent.answer = b'{"bank": "alpha", "counts": '  # truncated
+    CountingAgent(agent_config, InProcessClient(coordinator, "alpha")).run(once=True)
+    with coordinator.Session() as s:
+        task = s.query(store.Task).filter_by(bank="alpha").one()
+        assert task.state == "failed" and "malformed" in task.detail
+    assert CountingAgent.computed == 1
 
 
 def test_the_config_names_what_is_wrong(tmp_path):

@@ -14,9 +14,11 @@ def run(dagbag, **conf):
 
 
 def conf(consortium, model, **extra):
+    """Every param given: dag.test() runs tasks in this process, where a run's conf stays in the
+    DAG's params for the runs after it (tests/aggregator runs this DAG in networked mode)."""
     banks = {b: str(n.raw_path) for b, n in consortium.nodes.items()}
     return {"banks": banks, "model_name": model, "rounds": 2, "min_banks": 2, "trees_per_round": 5,
-            "work_dir": str(consortium.work_dir), **extra}
+            "mode": "embedded", "work_dir": str(consortium.work_dir), **extra}
 
 
 def versions(uri, name):
