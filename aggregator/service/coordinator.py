@@ -129,6 +129,7 @@ class Coordinator:
 
     def open_round(self, key: str, round_id: int) -> dict[str, Any]:
         """Write the round's tasks (or start its collective training); idempotent."""
+        collective = False
         with self.lock, self.Session.begin() as s:
             federation = self._federation(s, key)
             if s.get(store.Round, (key, round_id)) is None:
@@ -137,13 +138,12 @@ class Coordinator:
                 collective = rounds.trains_in_one_task(plan, round_id)
                 s.add(store.Round(federation=key, round_id=round_id, collective=collective,
                                   deadline=time.time() + self.config.deadline_seconds))
-                if collective:
-                    threading.Thread(target=self._train_collective, args=(key, round_id), daemon=True,
-                                     name=f"fedfraud-round-{round_id}").start()
-                else:
-                    for bank in rounds.open_round(ws, plan, round_id):
-                        self._add_task(s, federation, round_id, "train", bank, ws.path(round_id, "tasks", bank),
-                                       ws.path(round_id, "updates", bank))
+                for bank in [] if collective else rounds.open_round(ws, plan, round_id):
+                    self._add_task(s, federation, round_id, "train", bank, ws.path(round_id, "tasks", bank),
+                                   ws.path(round_id, "updates", bank))
+        if collective:  # started once the round is committed
+            threading.Thread(target=self._train_collective, args=(key, round_id), daemon=True,
+                             name=f"fedfraud-round-{round_id}").start()
         return self.round_status(key, round_id)
 
     def _check_can_open(self, s, federation: store.Federation, round_id: int) -> None:
