@@ -207,7 +207,7 @@ def serve(config: ServiceConfig) -> None:
         uvicorn.Server(uvicorn.Config(
             create_app(coordinator), host=config.host, port=config.port, http=MutualTLSProtocol,
             ssl_certfile=str(config.tls.cert), ssl_keyfile=str(config.tls.key), ssl_ca_certs=str(config.tls.ca),
-            ssl_cert_reqs=ssl.CERT_REQUIRED, log_level="info", timeout_keep_alive=30,
+            ssl_cert_reqs=ssl.CERT_REQUIRED, log_level="info", timeout_keep_alive=30, timeout_graceful_shutdown=5,
         )).run()
     finally:
         coordinator.stop()
