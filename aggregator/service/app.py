@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import ssl
 from typing import Any
 
@@ -22,10 +21,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aggregator.service.config import ServiceConfig
 from aggregator.service.coordinator import REQUEST_KEYS, Coordinator
-from aggregator.strategies import STRATEGIES
 from aggregator.service.intake import MAX_FAILURE_BYTES, MAX_SUMMARY_BYTES, Refused, limit_for
+from aggregator.strategies import STRATEGIES
 
-log = logging.getLogger("fedfraud.service")
 MAX_LONG_POLL_S = 30.0
 
 
