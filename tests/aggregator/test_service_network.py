@@ -83,6 +83,13 @@ class Stack:
         wait(lambda: subprocess.run([FEDFRAUD, "aggregator", "health", "--config", str(self.service_config)],
                                     capture_output=True).returncode == 0, 60, "the aggregator to be healthy", 0.5)
 
+    def restart_service(self) -> None:
+        """Stop the aggregator (SIGTERM) and start it again on the same database and workspace."""
+        service = self.processes.pop("aggregator")
+        service.terminate()
+        service.wait(30)
+        self.start_service()
+
     def client(self, name: str, attempts: int = 3, folder: Path | None = None) -> AggregatorClient:
         return AggregatorClient(self.url, TLSFiles.from_folder(folder or self.certs / name), Retry(attempts, 0.2, 1))
 
@@ -165,12 +172,15 @@ def test_airflow_runs_the_federation_through_the_service_in_networked_mode(stack
     assert str(client.get_model_version_by_alias("net-airflow", "champion").version) in ("1", "2")
 
 
-def test_bagging_rounds_register_and_a_node_killed_mid_round_leaves_the_quorum_to_finish(stack):
+def test_bagging_rounds_survive_a_service_restart_and_a_node_killed_mid_round_leaves_the_quorum_to_finish(stack):
     operator = start(stack, "bag-1", "bagging", rounds=2)
     operator.open_round("bag-1", 1)
     first = finished(operator, "bag-1", 1)
     assert first["state"] == "registered", (first, stack.log("aggregator"))
     assert registered_version(stack, "net-bagging", first["version"]).tags["fedfraud.round"] == "1"
+
+    stack.restart_service()  # its state is in the database: the plan and round 1 survive, the agents wait it out
+    assert operator.round("bag-1", 1)["state"] == "registered"
 
     celtic = stack.processes["celtic"]
     celtic.send_signal(signal.SIGSTOP)  # frozen before round 2 opens, killed once it has
