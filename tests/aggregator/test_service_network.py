@@ -153,6 +153,16 @@ def test_a_histogram_round_over_the_network_joins_the_aggregators_federated_serv
     assert {kind for kinds in status["tasks"].values() for kind in kinds} >= {"evaluate"}
 
 
+def test_a_cyclic_round_passes_the_model_from_bank_to_bank_through_the_service(stack):
+    operator = start(stack, "cyc-1", "cyclic", rounds=1)
+    assert operator.open_round("cyc-1", 1)["collective"]
+    status = finished(operator, "cyc-1", 1)
+    assert status["state"] == "registered", (status, stack.log("aggregator"))
+    assert {bank: kinds["train"] for bank, kinds in status["tasks"].items()} == dict.fromkeys(BANKS, "done")
+    tags = registered_version(stack, "net-cyclic", status["version"]).tags
+    assert tags["fedfraud.participating_banks"] == ",".join(BANKS)
+
+
 def test_airflow_runs_the_federation_through_the_service_in_networked_mode(stack, dagbag, monkeypatch):
     """The real DAG (dag.test) as the operator: it starts, plans and opens rounds at the service
     with Airflow's certificate and waits for each bank's answer; the agents do the bank work."""
