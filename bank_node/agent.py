@@ -37,7 +37,7 @@ class AgentConfig:
     data: Path  # the bank's raw transactions
     work_dir: Path  # features, worker files and the agent's ledger: never leaves the bank
     tls: TLSFiles
-    poll_seconds: float = 2.0  # pause after an error before asking again
+    poll_seconds: float = 2.0  # heartbeat interval
     long_poll_seconds: float = 20.0
     retry: Retry = Retry()
     pipeline_config: Path | None = None  # the bank's pipeline config (default: the consortium's)
@@ -108,15 +108,26 @@ class Agent:
     def run(self, once: bool = False, stop: threading.Event | None = None) -> None:
         """Fetch and do tasks until stopped (``once``: until none is waiting)."""
         stop = stop or threading.Event()
+        done = threading.Event()
+        beating = threading.Thread(target=self._beat_until, args=(done,), daemon=True, name="heartbeat")
+        beating.start()  # the heartbeat goes on during long work (a first feature build, training)
         log.info("%s: agent for %s started", self.config.bank, self.config.aggregator_url)
-        while not stop.is_set():
+        try:
+            while not stop.is_set():
+                task = self.client.next_task(wait_s=0.0 if once else self.config.long_poll_seconds)
+                if task is None:
+                    if once:
+                        return
+                    continue
+                self.handle(task)
+        finally:
+            done.set()
+
+    def _beat_until(self, done: threading.Event) -> None:
+        while True:
             self.beat()
-            task = self.client.next_task(wait_s=0.0 if once else self.config.long_poll_seconds)
-            if task is None:
-                if once:
-                    return
-                continue
-            self.handle(task)
+            if done.wait(self.config.poll_seconds):
+                return
 
     def handle(self, task: dict) -> None:
         tid, kind = task["id"], task["kind"]

@@ -132,3 +132,23 @@ def test_the_config_names_what_is_wrong(tmp_path):
         load(**{**good, "tls": {**tls, "key": "/nowhere/key.pem"}})
     with pytest.raises(ConfigError, match="retry takes"):
         load(**good, retry={"tries": 3})
+
+
+def test_node_health_reports_the_agents_heartbeat(tmp_path, coordinator):
+    from typer.testing import CliRunner
+
+    from fedfraud.cli import app
+
+    tls = {}
+    for key, name in (("ca", "ca.crt"), ("cert", "cert.pem"), ("key", "key.pem")):
+        (tmp_path / name).write_text("x")
+        tls[key] = str(tmp_path / name)
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"bank": "alpha", "aggregator_url": "https://agg:8443", "data": str(tmp_path),
+                                    "work_dir": str(tmp_path / "agent"), "tls": tls}))
+    health = ["node", "health", "--config", str(path)]
+    result = CliRunner().invoke(app, health)
+    assert result.exit_code == 1 and "no heartbeat" in result.output
+    CountingAgent(AgentConfig.load(path), InProcessClient(coordinator, "alpha")).run(once=True)
+    result = CliRunner().invoke(app, health)
+    assert result.exit_code == 0 and "alive" in result.output
