@@ -77,7 +77,7 @@ class RunSpec:
 
 # ---- networked mode: the aggregator service does the work, these tasks ask and watch ----------
 
-FINISHED_TASK = ("done", "failed", "expired", "cancelled")
+FINISHED_TASK = ("done", "failed", "expired")
 
 
 def wait_until(condition: Callable[[], Any], seconds: float, what: str, interval: float = 2.0) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-# A task's life: pending -> fetched -> done | failed (the bank said why) | expired (deadline) | cancelled
+# A task's life: pending -> fetched -> done | failed (the bank said why) | expired (its phase closed)
 OPEN_TASK_STATES = ("pending", "fetched")
 # A round's life: training -> evaluating -> registered, or failed at any point
 ROUND_STATES = ("training", "evaluating", "registered", "failed")
