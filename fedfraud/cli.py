@@ -52,7 +52,7 @@ def generate(
 
     paths = write_banks(out_dir, n_banks=banks, total_rows=rows, seed=seed, days=days, unlabelled_days=unlabelled_days)
     for name, path in paths.items():
-        out.print(f"{name}\t{path}")
+        typer.echo(f"{name}\t{path}")  # one machine-readable line per bank, never wrapped
 
 
 @app.command()
@@ -242,7 +242,7 @@ def provision(
     except ProvisionError as exc:
         _fail(str(exc))
     for name, folder in written.items():
-        out.print(f"{name}\t{folder}")
+        typer.echo(f"{name}\t{folder}")  # one machine-readable line per participant, never wrapped
 
 
 @node_app.command("run")
