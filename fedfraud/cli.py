@@ -13,7 +13,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fraud detection for bank consortia.")
 err = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)  # long paths and commands stay on one line (copy-paste, parsing)
 
 ConfigOption = typer.Option(None, "--config", help="Pipeline config YAML (default: the packaged consortium config).")
 
