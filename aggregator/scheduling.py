@@ -80,10 +80,12 @@ class RunSpec:
 FINISHED_TASK = ("done", "failed", "expired")
 
 
-def wait_until(condition: Callable[[], Any], seconds: float, what: str, interval: float = 2.0) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+def wait_until(fetch: Callable[[], Any], ready: Callable[[Any], bool], seconds: float, what: str,
+               interval: float = 2.0) -> Any:
+    """Poll ``fetch`` until ``ready`` holds for its value, and return that value; fail naming ``what``
+    at the deadline."""
     deadline = time.monotonic() + seconds
-    while not (value := condition()):
+    while not ready(value := fetch()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not happen within {seconds}s")
         time.sleep(interval)
@@ -105,8 +107,8 @@ def _service():
 def _round_state(spec: RunSpec, round_id: int, done: Callable[[dict], bool], what: str) -> dict[str, Any]:
     """The round's status once ``done`` holds; a failed round raises RoundFailed with its reason."""
     service, key = _service(), federation_key(spec)
-    status = wait_until(lambda: (lambda s: s if done(s) or s["state"] == "failed" else None)(
-        service.round(key, round_id)), spec.wait_seconds, what)
+    status = wait_until(lambda: service.round(key, round_id), lambda s: done(s) or s["state"] == "failed",
+                        spec.wait_seconds, what)
     if status["state"] == "failed":
         raise rounds.RoundFailed(f"round {round_id}: {status['error']}")
     return status
@@ -127,8 +129,8 @@ def _networked_prepare(spec: RunSpec, bank: str) -> str:
     request = {"model_name": spec.model_name, "strategy": spec.strategy, "rounds": spec.rounds, "seed": spec.seed,
                "min_banks": spec.min_banks, "trees_per_round": spec.trees_per_round, "banks": sorted(spec.banks)}
     service.start_federation(key, request)  # idempotent: every bank's task asks, the first creates it
-    state = wait_until(lambda: (lambda s: s if s in FINISHED_TASK else None)(
-        service.federation(key)["summaries"].get(bank, {}).get("summary")), spec.wait_seconds, f"{bank}'s summary")
+    state = wait_until(lambda: service.federation(key)["summaries"].get(bank, {}).get("summary"),
+                       lambda state: state in FINISHED_TASK, spec.wait_seconds, f"{bank}'s summary")
     if state != "done":
         raise RuntimeError(f"{bank}: summary {state}")
     return bank

@@ -29,9 +29,9 @@ class Refused(Exception):
 
 
 def limit_for(kind: str, max_update_bytes: int) -> int:
-    return {"summary": MAX_SUMMARY_BYTES, "evaluate": EvaluationReport.MAX_BYTES,
-            "evaluate_champion": EvaluationReport.MAX_BYTES, "bin_counts": BinCounts.MAX_BYTES,
-            "failure": MAX_FAILURE_BYTES}.get(kind, max_update_bytes)
+    limits = {"summary": MAX_SUMMARY_BYTES, "evaluate": EvaluationReport.MAX_BYTES,
+              "evaluate_champion": EvaluationReport.MAX_BYTES, "bin_counts": BinCounts.MAX_BYTES}
+    return limits.get(kind, max_update_bytes)
 
 
 def screen_upload(kind: str, body: bytes, caller: str, round_id: int, max_update_bytes: int) -> None:

@@ -52,10 +52,10 @@ class RemoteNode:
     def _ask(self, kind: str, input_bytes: bytes) -> bytes:
         c, key = self.coordinator, self.federation.key
         folder = c.workspace(self.federation).round_dir(self.round_id) / "exchange"
-        write_bytes(input_bytes, folder / f"{kind}-{self.bank}.in.json")
+        question, answer = folder / f"{kind}-{self.bank}.in.json", folder / f"{kind}-{self.bank}.json"
+        write_bytes(input_bytes, question)
         with c.lock, c.Session.begin() as s:
-            tid = c._add_task(s, self.federation, self.round_id, kind, self.bank,
-                              folder / f"{kind}-{self.bank}.in.json", folder / f"{kind}-{self.bank}.json").id
+            tid = c._add_task(s, self.federation, self.round_id, kind, self.bank, question, answer).id
         while True:
             with c.Session() as s:
                 task = s.get(store.Task, tid)
