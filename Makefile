@@ -44,7 +44,8 @@ airflow: install
 
 # The consortium as containers (docker-compose.yml; docs/deployment.md): certificates, synthetic data
 # for bankA..bankC and a .env with fresh secrets are made once, when missing; then compose builds and starts.
-stack: install
+.PHONY: stack-files stack-test
+stack-files: install
 	@command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1 || { echo "error: docker with the compose plugin is needed (https://docs.docker.com/compose/install/)" >&2; exit 1; }
 	@test -f .env || { $(BIN)/python -c 'import os, secrets, pathlib; from cryptography.fernet import Fernet; \
 		fresh = {"FEDFRAUD_UID": str(os.getuid() or 10001), "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode()}; \
@@ -66,8 +67,14 @@ stack: install
 	@uid=$$(sed -n 's/^FEDFRAUD_UID=//p' .env); if [ "$$(id -u)" = 0 ] && [ -n "$$uid" ] && [ "$$uid" != 0 ]; then \
 		chown -R "$$uid" work/stack/certs/aggregator work/stack/certs/airflow work/stack/certs/bankA \
 			work/stack/certs/bankB work/stack/certs/bankC work/stack/data; fi
+
+stack: stack-files
 	docker compose up -d --build
 	@echo "Airflow http://127.0.0.1:8080 (admin, AIRFLOW_ADMIN_PASSWORD in .env); MLflow http://127.0.0.1:5000; aggregator https://127.0.0.1:8443"
+
+# Build, bring up, drive through Airflow/MLflow/the aggregator's API with faults, tear down (docker/stack_test.py).
+stack-test: stack-files
+	$(BIN)/python docker/stack_test.py
 
 bench: install
 	$(BIN)/python bench/feature_pipeline.py
