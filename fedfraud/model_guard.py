@@ -23,7 +23,8 @@ from fedfraud.model_header import (OBJECTIVE, ConsortiumHeader, Doc, ModelRefuse
 from fedfraud.wire import ModelUpdate
 
 __all__ = ["CHECKS", "ConsortiumHeader", "ModelLimits", "ModelRefused", "consortium_header", "header_from_model",
-           "parse_model_bytes", "parse_update_bytes", "rebuild_model", "rebuild_trees", "rebuild_update"]
+           "parse_model_bytes", "parse_received_model", "parse_update_bytes", "rebuild_model", "rebuild_trees",
+           "rebuild_update"]
 
 CHECKS = frozenset({
     "array_length", "categorical_split", "child_out_of_range", "cycle_or_shared_node", "header_mismatch",
@@ -241,18 +242,28 @@ def _refuse_constant(name: str) -> None:
     raise ModelRefused("not_finite", f"JSON constant {name}")
 
 
-def parse_model_bytes(data: Any, limits: ModelLimits, header: ConsortiumHeader) -> Doc:
-    """Bytes received as a model: size bounded before parsing, strict UTF-8 JSON, then rebuilt."""
-    raw = _bounded(data, limits.max_bytes)
+def _parse(data: Any, max_bytes: int) -> Any:
+    raw = _bounded(data, max_bytes)
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as exc:
         raise ModelRefused("malformed", f"not UTF-8 (byte {exc.start})") from None
     except RecursionError:
         raise ModelRefused("malformed", "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, or an integer beyond Python's digit limit
         raise ModelRefused("malformed", f"not JSON: {str(exc)[:120]}") from None
-    return rebuild_model(doc, limits, header)
+
+
+def parse_model_bytes(data: Any, limits: ModelLimits, header: ConsortiumHeader) -> Doc:
+    """Bytes received as a model: size bounded before parsing, strict UTF-8 JSON, then rebuilt."""
+    return rebuild_model(_parse(data, limits.max_bytes), limits, header)
+
+
+def parse_received_model(data: Any, limits: ModelLimits, feature_names: list[str]) -> Doc:
+    """A bank's entry: the aggregator's model bytes, checked against the bank's own contract
+    (``header_from_model``) and rebuilt; a model the aggregator rebuilt comes back identical."""
+    doc = _parse(data, limits.max_bytes)
+    return rebuild_model(doc, limits, header_from_model(doc, feature_names))
 
 
 def parse_update_bytes(data: Any, limits: ModelLimits, header: ConsortiumHeader,

@@ -20,7 +20,8 @@ from conftest import TOY_FEATURES
 
 from fedfraud import model_json
 from fedfraud.model_guard import (CHECKS, ConsortiumHeader, ModelLimits, ModelRefused, consortium_header,
-                                  header_from_model, parse_model_bytes, parse_update_bytes, rebuild_model,
+                                  header_from_model, parse_model_bytes, parse_received_model,
+                                  parse_update_bytes, rebuild_model,
                                   rebuild_trees, rebuild_update)
 from fedfraud.wire import ModelUpdate
 
@@ -68,7 +69,7 @@ def test_rebuild_keeps_predictions_drops_statistics_and_is_idempotent(real):
     assert all(set(t["sum_hessian"]) == {0.0} and set(t["loss_changes"]) == {0.0} for t in model_json.trees(rebuilt))
     assert rebuild_model(rebuilt, LIMITS, HEADER) == rebuilt
     # a bank rebuilding the aggregator's model gets the same document, hence the same model id
-    assert rebuild_model(rebuilt, LIMITS, header_from_model(rebuilt, TOY_FEATURES)) == rebuilt
+    assert parse_received_model(model_json.to_bytes(rebuilt), LIMITS, TOY_FEATURES) == rebuilt
 
 
 def test_renumbered_nodes_are_one_valid_tree(real):
@@ -168,6 +169,8 @@ REFUSALS = [  # (check, call on the real models): limits, bytes, updates
     ("malformed", lambda r: parse_update_bytes(b'{"bank": "a"}', LIMITS, HEADER)),
     ("malformed", lambda r: parse_update_bytes(b"[" * 100_000 + b"]" * 100_000, BYTES, HEADER)),
     ("malformed", lambda r: rebuild_trees([{"tree_param": {"num_nodes": "1"}}], LIMITS, 6)),
+    ("header_mismatch", lambda r: parse_received_model(model_json.to_bytes(r["model"]), LIMITS, TOY_FEATURES[:5])),
+    ("malformed", lambda r: parse_received_model(b"{}", LIMITS, TOY_FEATURES)),
 ]
 
 
