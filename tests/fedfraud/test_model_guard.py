@@ -72,6 +72,13 @@ def test_rebuild_keeps_predictions_drops_statistics_and_is_idempotent(real):
     assert parse_received_model(model_json.to_bytes(rebuilt), LIMITS, TOY_FEATURES) == rebuilt
 
 
+def test_aggregating_rebuilt_documents_keeps_them_canonical(real):
+    update = rebuild_model(real["update"], LIMITS, HEADER)
+    merged = model_json.append_trees(model_json.empty_like(update), model_json.scale_leaves(update, 0.25),
+                                     model_json.scale_leaves(update, 0.75))
+    assert rebuild_model(merged, LIMITS, HEADER) == merged  # the global model's id survives a rebuild
+
+
 def test_renumbered_nodes_are_one_valid_tree(real):
     import random
     doc = copy.deepcopy(real["model"])
