@@ -6,7 +6,7 @@ loaded before it passes here. Each tree is checked (array types and lengths, chi
 tree from the root, iteratively; split indices, categorical splits, depth, node count, leaf bounds
 in float32) and rebuilt from allowed fields only, inside the consortium header
 (``fedfraud.model_header``), so a bank's header never survives. A refusal is a ``ModelRefused``
-with a stable ``check`` name. Pure: no aggregator or bank imports, never loads XGBoost.
+with a stable ``check`` name. Pure: no aggregator or bank imports; nothing is handed to XGBoost here.
 """
 
 from __future__ import annotations
