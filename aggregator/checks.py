@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from aggregator.settings import FederationSettings
+from fedfraud.settings import FederationSettings
 from fedfraud import model_json
 from fedfraud.wire import ModelUpdate, WireFormatError
 

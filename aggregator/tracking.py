@@ -32,15 +32,8 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from aggregator import plots
+from fedfraud.protocol import Tag
 
-FEDERATION_TAG = "fedfraud.federation_id"
-RUN_KIND_TAG = "fedfraud.run_kind"  # "federation" | "round"
-ROUND_TAG = "fedfraud.round"
-REJECTED_TAG = "fedfraud.rejected_banks"
-ROUND_KEY_TAG = "fedfraud.round_key"
-RUN_ID_TAG = "fedfraud.run_id"
-PROMOTION_TAG = "fedfraud.promotion"
-PROMOTION_DETAIL_TAG = "fedfraud.promotion_detail"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 CHAMPION, CHALLENGER = "champion", "challenger"
 _URI_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -189,9 +182,9 @@ class FederationTracker:
         """
         if self._parent_run_id is not None:
             raise RuntimeError(f"federation {self._federation_id!r} is already active")
-        run_tags = {**tags, FEDERATION_TAG: federation_id, RUN_KIND_TAG: "federation"}
-        run_id = self._find_run(f"tags.`{FEDERATION_TAG}` = {_quoted(federation_id)} "
-                                f"and tags.`{RUN_KIND_TAG}` = 'federation'")
+        run_tags = {**tags, Tag.FEDERATION_ID: federation_id, Tag.RUN_KIND: "federation"}
+        run_id = self._find_run(f"tags.`{Tag.FEDERATION_ID}` = {_quoted(federation_id)} "
+                                f"and tags.`{Tag.RUN_KIND}` = 'federation'")
         if run_id is None:
             run_id = self.client.create_run(self.experiment_id, tags=run_tags, run_name=federation_id).info.run_id
             logged: dict[str, str] = {}
@@ -217,10 +210,10 @@ class FederationTracker:
     def round(self, round_id: int) -> Iterator[str]:
         """Child run ``round-{round_id}`` of the active federation, resumed on retry; yields run_id."""
         parent = self._require_parent()
-        run_id = self._find_run(f"tags.`{PARENT_RUN_TAG}` = '{parent}' and tags.`{ROUND_TAG}` = '{round_id}'")
+        run_id = self._find_run(f"tags.`{PARENT_RUN_TAG}` = '{parent}' and tags.`{Tag.ROUND}` = '{round_id}'")
         if run_id is None:
-            tags = {PARENT_RUN_TAG: parent, ROUND_TAG: str(round_id), FEDERATION_TAG: self._federation_id,
-                    RUN_KIND_TAG: "round"}
+            tags = {PARENT_RUN_TAG: parent, Tag.ROUND: str(round_id), Tag.FEDERATION_ID: self._federation_id,
+                    Tag.RUN_KIND: "round"}
             run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=f"round-{round_id}").info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -264,7 +257,7 @@ class FederationTracker:
         """rejected_updates.json + tag fedfraud.rejected_banks (round run); count metric (round + parent)."""
         run_id = self._round_run(round_id)
         self.client.log_dict(run_id, list(rejections), "rejected_updates.json")
-        self.client.set_tag(run_id, REJECTED_TAG, ",".join(sorted({r["bank"] for r in rejections})))
+        self.client.set_tag(run_id, Tag.REJECTED_BANKS, ",".join(sorted({r["bank"] for r in rejections})))
         self._log_metrics(round_id, {"rejected_updates": len(rejections)})
 
     def log_round_artifacts(self, round_id: int, histograms: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -286,7 +279,7 @@ class FederationTracker:
         """Log and register the round's model exactly once per (federation_id, round_id); return its version."""
         round_key = f"{federation_id}:{round_id}"
         existing = self.client.search_model_versions(
-            f"name = {_quoted(self.model_name)} and tags.`{ROUND_KEY_TAG}` = {_quoted(round_key)}")
+            f"name = {_quoted(self.model_name)} and tags.`{Tag.ROUND_KEY}` = {_quoted(round_key)}")
         if existing:
             return min(int(version.version) for version in existing)
         if federation_id != self._federation_id:
@@ -313,7 +306,7 @@ class FederationTracker:
             # through the *global* tracking URI, not this client's.
             version = self.client.create_model_version(
                 self.model_name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                tags={**tags, ROUND_KEY_TAG: round_key, RUN_ID_TAG: run_id})
+                tags={**tags, Tag.ROUND_KEY: round_key, Tag.RUN_ID: run_id})
         return int(version.version)
 
     def _alias_version(self, alias: str) -> int | None:
@@ -341,9 +334,9 @@ class FederationTracker:
         champion_text = "none" if champion_auprc is None else f"{champion_auprc:.6f}"
         detail = (f"candidate_auprc={candidate_auprc:.6f} champion_auprc={champion_text} "
                   f"champion_version={current} champion_stale={champion_stale}")
-        self.client.set_model_version_tag(self.model_name, str(version), PROMOTION_TAG,
+        self.client.set_model_version_tag(self.model_name, str(version), Tag.PROMOTION,
                                           CHAMPION if moved else CHALLENGER)
-        self.client.set_model_version_tag(self.model_name, str(version), PROMOTION_DETAIL_TAG, detail)
+        self.client.set_model_version_tag(self.model_name, str(version), Tag.PROMOTION_DETAIL, detail)
         return moved
 
     def champion(self) -> tuple[int, xgboost.Booster] | None:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedfraud.protocol import TaskKind
 from fedfraud.config_file import ConfigError, TLSFiles, read_yaml
 from fedfraud.transport import AggregatorClient, Retry, ServiceRefused
 from fedfraud.wire import TrainTask, WireFormatError
@@ -27,7 +28,6 @@ from pipelines.io import write_bytes
 
 __all__ = ["AgentConfig", "ConfigError", "heartbeat_age", "run_agent"]
 log = logging.getLogger("fedfraud.agent")
-KINDS = ("summary", "train", "evaluate", "evaluate_champion", "bin_counts", "histogram")
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,16 @@ class Ledger:
 
 class Agent:
     def __init__(self, config: AgentConfig, client: AggregatorClient | None = None):
-        from aggregator.settings import FederationSettings
         from bank_node.histogram_worker import ClientTLS
         from bank_node.node import BankNode
+        from fedfraud.settings import FederationSettings
         from pipelines.config import load_config
 
         settings = FederationSettings()  # holdout and alert budget are the consortium's defaults
         self.config = config
         self.node = BankNode(config.bank, config.data, config.work_dir / "node", load_config(config.pipeline_config),
-                             settings.holdout_fraction, settings.alert_budget)
-        self.node.histogram_tls = ClientTLS(str(config.tls.ca), str(config.tls.key), str(config.tls.cert))
+                             settings.holdout_fraction, settings.alert_budget,
+                             histogram_tls=ClientTLS(str(config.tls.ca), str(config.tls.key), str(config.tls.cert)))
         self.client = client or AggregatorClient(config.aggregator_url, config.tls, config.retry)
         self.ledger = Ledger(config.state_dir / "tasks")
 
@@ -164,21 +164,21 @@ class Agent:
     def compute(self, kind: str, data: bytes) -> bytes:
         """One task on the bank's node; the returned bytes are all that leaves the bank."""
         node = self.node
-        if kind not in KINDS:
+        if kind not in TaskKind.ALL:
             raise ValueError(f"unknown task kind {kind!r}")
         if len(data) > TrainTask.MAX_BYTES:
             raise WireFormatError(f"{kind} input of {len(data)} bytes exceeds the {TrainTask.MAX_BYTES}-byte limit")
-        if kind == "summary":
+        if kind == TaskKind.SUMMARY:
             if not node.is_prepared():
                 from pipelines.spark import get_spark
 
                 node.prepare(get_spark(f"fedfraud-{self.config.bank}"))
             return json.dumps(node.summary()).encode()
-        if kind == "train":
+        if kind == TaskKind.TRAIN:
             return node.train(data)
-        if kind in ("evaluate", "evaluate_champion"):
+        if kind in TaskKind.EVALUATIONS:
             return node.evaluate(data)
-        if kind == "bin_counts":
+        if kind == TaskKind.BIN_COUNTS:
             return node.bin_counts(data)
         envelope = json.loads(data)
         return node.train_histogram(json.dumps(envelope["task"]).encode(), json.dumps(envelope["session"]).encode())

@@ -25,13 +25,13 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from fedfraud.wire import WireMessage
+from fedfraud.histogram_session import HistogramSession, loopback
 
 EXIT_WATCHDOG = 3
 STARTED = time.monotonic()
@@ -39,23 +39,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # ``python -m bank_node.histogram_worker JOB`` works too; this skips xgboost's optional import of
 # scikit-learn (~2 s of a round on a busy machine), which training does not use.
 LAUNCH = "import sys; sys.modules.setdefault('sklearn', None); from bank_node.histogram_worker import main; main()"
-
-
-@dataclass(frozen=True)
-class HistogramSession(WireMessage):
-    """How one bank joins one collective round: where the server is, its rank, the shared bins."""
-
-    KIND: ClassVar[str] = "histogram session"
-
-    bank: str
-    round_id: int
-    server_address: str
-    world_size: int
-    rank: int
-    bins: dict[str, Any] = field(repr=False)
-    tls: bool = False  # the server demands client certificates (the bank brings its own)
-    timeout_s: float = 1800.0
-    nthread: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,10 +69,6 @@ class ClientTLS:
 
 class WorkerFailed(RuntimeError):
     """The bank's training process failed, timed out or was aborted."""
-
-
-def loopback(address: str) -> bool:
-    return address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]")
 
 
 def train_binned(dtrain, params: dict[str, Any], num_trees: int, base_model: dict | None, callbacks=()):
@@ -153,7 +132,7 @@ class WorkerProcess:
 def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes, session: HistogramSession,
                  tls: ClientTLS | None) -> WorkerProcess:
     """Bin the bank's training rows with the shared edges into its own work folder and start a worker."""
-    from aggregator.binning import GlobalBins
+    from fedfraud.binning import GlobalBins
     from fedfraud.wire import TrainTask
 
     task = TrainTask.from_bytes(task_bytes)
@@ -219,7 +198,7 @@ def run(job_path: Path) -> None:
     import xgboost as xgb
     from xgboost import collective
 
-    from aggregator.binning import GlobalBins, unbin_model
+    from fedfraud.binning import GlobalBins, unbin_model
     from bank_node.training import build_update
     from fedfraud import model_json
     from fedfraud.wire import TrainTask

@@ -40,7 +40,8 @@ def input_fingerprint(path: Path, config: PipelineConfig) -> dict[str, Any]:
 
 class BankNode:
     def __init__(self, bank: str, raw_path: str | Path, work_dir: str | Path, config: PipelineConfig,
-                 holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET, engine: str = "local"):
+                 holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET, engine: str = "local",
+                 histogram_tls=None):
         self.bank = bank
         self.raw_path = Path(raw_path)
         self.work_dir = Path(work_dir)
@@ -48,6 +49,8 @@ class BankNode:
         self.holdout_fraction = holdout_fraction
         self.alert_budget = alert_budget
         self.engine = engine  # "local" (one machine) or "spark" (SparkXGBClassifier)
+        self.histogram_tls = histogram_tls  # ClientTLS for the federated channel; else FEDFRAUD_FEDERATED_* env vars
+        self._histogram_worker = None
 
     def is_prepared(self) -> bool:
         """True when features exist for exactly this input and config (no Spark needed)."""
@@ -130,12 +133,10 @@ class BankNode:
         return train_trees(task, data.X_train, data.y_train, data.feature_names)
 
     # Histogram federation (aggregator/strategies/histogram.py): banks grow each tree together.
-    histogram_tls = None  # ClientTLS for the federated channel; else FEDFRAUD_FEDERATED_* env vars
-    _histogram_worker = None
 
     def bin_counts(self, grid_bytes: bytes) -> bytes:
         """Counts of this bank's training rows per feature over the consortium's fixed grid (counts only)."""
-        from aggregator.binning import BinCounts, Grid, count_cells
+        from fedfraud.binning import BinCounts, Grid, count_cells
 
         grid = Grid.from_bytes(grid_bytes)
         return BinCounts(self.bank, grid.mantissa_bits, count_cells(self.data.X_train, grid)).to_bytes()

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from bank_node.dataset import read_features
 from bank_node.training import dmatrix
+from fedfraud.protocol import Tag
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR, build_bank_features
 from pipelines.config import PipelineConfig
 from pipelines.feature_contract import load_contract, require_same_contract
@@ -60,7 +61,7 @@ def score_transactions(spark, model_uri: str, input_path: str | Path, output_pat
         work = Path(tmp)
         build_bank_features(spark, input_path, work, config)
         contract = load_contract(work / CONTRACT_FILE)
-        expected = tags.get("fedfraud.feature_contract_hash")
+        expected = tags.get(Tag.FEATURE_CONTRACT_HASH)
         if expected:
             require_same_contract(expected, contract, "this bank")
         features = read_features(work / FEATURES_DIR, contract["names"])

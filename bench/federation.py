@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.federation import train_round
-from aggregator.runner import federate, prepare_consortium
-from aggregator.settings import FederationSettings, consortium_params
+
+from aggregator.drivers.embedded import federate, prepare_consortium, train_round
+from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies import STRATEGIES
 from aggregator.tracking import default_tracking_uri
 from bank_node.training import train_trees

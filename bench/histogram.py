@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.federation import train_round
-from aggregator.runner import Consortium, federate, prepare_consortium
-from aggregator.settings import FederationSettings, consortium_params
+
+from aggregator.drivers.embedded import Consortium, federate, prepare_consortium, train_round
+from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies.histogram import Histogram
 from aggregator.tracking import default_tracking_uri
 from bank_node.node import FINGERPRINT_FILE, BankNode, input_fingerprint

@@ -1,7 +1,7 @@
 """A bank's scheduled feature build: validation gate + point-in-time features for each bank,
 then an update of the ``fedfraud_bank_features`` Asset that the round DAG can be scheduled on.
 
-Only orchestration here: each task calls ``aggregator.scheduling.prepare_bank`` (embedded mode).
+Only orchestration here: each task calls ``aggregator.drivers.airflow_embedded`` (embedded mode).
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ RETRY_DELAY = timedelta(seconds=int(os.environ.get("FEDFRAUD_RETRY_DELAY_SECONDS
 def bank_features():
     @task
     def banks(params=None) -> list[str]:
-        from aggregator.scheduling import RunSpec
+        from aggregator.drivers.airflow_spec import RunSpec
 
         return sorted(RunSpec.from_params(dict(params)).banks)
 
     @task(map_index_template="{{ bank }}", outlets=[BANK_FEATURES])
     def build(bank: str, params=None) -> str:
-        from aggregator.scheduling import RunSpec, prepare_bank
+        from aggregator.drivers.airflow_embedded import EmbeddedTasks
+        from aggregator.drivers.airflow_spec import RunSpec
 
-        return prepare_bank(RunSpec.from_params(dict(params)), bank)
+        return EmbeddedTasks(RunSpec.from_params(dict(params))).prepare_bank(bank)
 
     build.expand(bank=banks())
 

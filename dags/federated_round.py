@@ -8,7 +8,7 @@ work runs: ``embedded`` (in the worker, on the bank's data path) or ``networked`
 the aggregator service to start, plan and open rounds, and wait, bounded, for each bank's
 answer through its agent; default from ``$FEDFRAUD_MODE``). Cyclic and histogram
 rounds train inside ``check_and_aggregate`` (in turn / all banks together). This file only
-orchestrates: every task calls ``aggregator.scheduling``.
+orchestrates: every task calls ``aggregator.drivers.airflow_tasks``.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ RETRY_DELAY = timedelta(seconds=int(os.environ.get("FEDFRAUD_RETRY_DELAY_SECONDS
 TASK_TIMEOUT = timedelta(minutes=int(os.environ.get("FEDFRAUD_TASK_TIMEOUT_MINUTES", "60")))
 
 
-def _spec(params, run_id=None):
-    from aggregator.scheduling import RunSpec
+def _tasks(params, run_id=None):
+    from aggregator.drivers.airflow_tasks import tasks_for
 
-    return RunSpec.from_params(dict(params), run_id)
+    return tasks_for(params, run_id)
 
 
 def _fail_cleanly(call):
     """Below quorum is a verdict, not a glitch: fail at once, without retries."""
     from airflow.exceptions import AirflowFailException
 
-    from aggregator.federation import RoundFailed
+    from aggregator.protocol.errors import RoundFailed
 
     try:
         return call()
@@ -73,32 +73,26 @@ def federated_round():
 
         if not params.get("banks"):
             params = {**params, "banks": Variable.get("fedfraud_banks", default=None, deserialize_json=True) or {}}
-        return sorted(_spec(params).banks)
+        from aggregator.drivers.airflow_spec import RunSpec
+
+        return sorted(RunSpec.from_params(dict(params)).banks)
 
     @task(map_index_template="{{ bank }}")
     def prepare(bank: str, params=None, run_id=None) -> str:
-        from aggregator.scheduling import prepare_bank
-
-        return prepare_bank(_spec(params, run_id), bank)
+        return _tasks(params, run_id).prepare_bank(bank)
 
     @task(trigger_rule="all_done")
     def open_federation(prepared, params=None, run_id=None) -> list[str]:
-        from aggregator.scheduling import open_federation as open_
-
         list(prepared)  # the banks whose preparation succeeded left their summaries
-        return _fail_cleanly(lambda: open_(_spec(params, run_id)))
+        return _fail_cleanly(lambda: _tasks(params, run_id).open_federation())
 
     @task(map_index_template="{{ bank }}")
     def train(round_id: int, bank: str, params=None, run_id=None) -> str:
-        from aggregator.scheduling import train_bank
-
-        return train_bank(_spec(params, run_id), round_id, bank)
+        return _tasks(params, run_id).train_bank(round_id, bank)
 
     @task(map_index_template="{{ bank }}")
     def evaluate(round_id: int, bank: str, params=None, run_id=None) -> str:
-        from aggregator.scheduling import evaluate_bank
-
-        return evaluate_bank(_spec(params, run_id), round_id, bank)
+        return _tasks(params, run_id).evaluate_bank(round_id, bank)
 
     previous = open_federation(prepare.expand(bank=banks()))
     for round_id in range(1, MAX_ROUNDS + 1):
@@ -110,23 +104,17 @@ def federated_round():
 
             @task(task_id="open")
             def open_round(r: int = round_id, params=None, run_id=None) -> list[str]:
-                from aggregator.scheduling import open_round as open_
-
-                return _fail_cleanly(lambda: open_(_spec(params, run_id), r))
+                return _fail_cleanly(lambda: _tasks(params, run_id).open_round(r))
 
             @task(task_id="check_and_aggregate", trigger_rule="all_done")
             def aggregate(trained, r: int = round_id, params=None, run_id=None) -> list[str]:
-                from aggregator.scheduling import aggregate_round
-
                 list(trained)
-                return _fail_cleanly(lambda: aggregate_round(_spec(params, run_id), r))
+                return _fail_cleanly(lambda: _tasks(params, run_id).aggregate_round(r))
 
             @task(task_id="register_and_promote", trigger_rule="all_done")
             def finish(evaluated, r: int = round_id, params=None, run_id=None) -> str:
-                from aggregator.scheduling import finish_round
-
                 list(evaluated)
-                return _fail_cleanly(lambda: finish_round(_spec(params, run_id), r))
+                return _fail_cleanly(lambda: _tasks(params, run_id).finish_round(r))
 
             gate = wanted()
             previous >> gate

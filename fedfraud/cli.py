@@ -120,9 +120,9 @@ def federate(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train a model across banks; the last stdout line is the registered model URI."""
-    from aggregator.federation import RoundFailed
-    from aggregator.runner import STRATEGY_CHOICES, federate as run, prepare_consortium
-    from aggregator.settings import FederationSettings
+    from aggregator.protocol.errors import RoundFailed
+    from aggregator.drivers.embedded import STRATEGY_CHOICES, federate as run, prepare_consortium
+    from fedfraud.settings import FederationSettings
     from pipelines.config import load_config
 
     if strategy not in STRATEGY_CHOICES:
@@ -174,8 +174,8 @@ def demo(
     """Synthetic banks -> gate + features -> local-only vs federated (bagging, histogram) -> MLflow."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from aggregator.runner import federate as run, prepare_consortium
-    from aggregator.settings import FederationSettings
+    from aggregator.drivers.embedded import federate as run, prepare_consortium
+    from fedfraud.settings import FederationSettings
     from aggregator.tracking import default_tracking_uri
     from pipelines.config import load_config
     from pipelines.synthetic import write_banks

@@ -76,7 +76,7 @@ TOY_FEATURES = [f"x{i}" for i in range(6)]
 
 
 def _e2e_settings():
-    from aggregator.settings import FederationSettings
+    from fedfraud.settings import FederationSettings
 
     return FederationSettings(trees_per_round=15)
 
@@ -87,7 +87,7 @@ E2E_SETTINGS = _e2e_settings()
 @pytest.fixture(scope="session")
 def consortium(spark, config, tmp_path_factory):
     """Four small generated banks, validated and featurised once for every end-to-end test."""
-    from aggregator.runner import prepare_consortium
+    from aggregator.drivers.embedded import prepare_consortium
     from pipelines.synthetic import write_banks
 
     root = tmp_path_factory.mktemp("consortium")

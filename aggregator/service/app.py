@@ -187,9 +187,7 @@ def configure_histogram(config: ServiceConfig) -> None:
     """The histogram strategy's federated server: reachable as ``federated_host``, with the aggregator's certificate."""
     import os
 
-    from aggregator.strategies.histogram import Histogram
-
-    Histogram.server_host = config.federated_host
+    os.environ["FEDFRAUD_FEDERATED_HOST"] = config.federated_host  # read by each Histogram strategy it builds
     os.environ["FEDFRAUD_FEDERATED_SERVER_KEY"] = str(config.tls.key)
     os.environ["FEDFRAUD_FEDERATED_SERVER_CERT"] = str(config.tls.cert)
     os.environ["FEDFRAUD_FEDERATED_CLIENT_CA"] = str(config.tls.ca)

@@ -1,10 +1,11 @@
-"""Federations and rounds as state machines over the workspace steps of ``aggregator.rounds``.
+"""The service's driver: federations and rounds as state machines over ``aggregator.protocol``.
 
 Airflow (an operator) starts a federation, plans it, opens each round and watches its status;
-banks fetch tasks and upload results. A round's phase (training, then evaluation) closes when
-every expected bank has answered or at its deadline: training then aggregates if the quorum
-holds (else the round fails); evaluation then registers and promotes. Cyclic and histogram
-rounds train in one call here, through ``RemoteNode``s that turn each bank call into a task.
+banks fetch tasks and upload results. A round walks ``phases.ROUND``: each bank phase (training,
+then evaluation) becomes one task per bank and question, and closes when every bank has
+answered or at its deadline; the aggregator phases after it then run (check, aggregate,
+candidate: the round fails below quorum; register, promote). Cyclic and histogram rounds
+train in one call here, through ``RemoteNode``s that turn each bank call into a task.
 """
 
 from __future__ import annotations
@@ -16,15 +17,22 @@ from typing import Any, Callable
 
 from sqlalchemy import select
 
-from aggregator import rounds
-from aggregator.federation import RoundFailed
+from aggregator.protocol import phases
+from aggregator.protocol.errors import RoundFailed
+from aggregator.protocol.plan import Plan
+from aggregator.protocol.state import Phase, RoundState
+from aggregator.protocol.training import checks
+from aggregator.protocol.workspace import Workspace
 from aggregator.service import store
 from aggregator.service.config import ServiceConfig
 from aggregator.service.intake import Refused
 from aggregator.service.tasks import BankTasks
-from aggregator.settings import FederationSettings
+from fedfraud.protocol import TaskKind
+from fedfraud.settings import FederationSettings
 
 log = logging.getLogger("fedfraud.service")
+TRAINING = phases.BANK_PHASES[0].state
+PHASE_BY_STATE: dict[str, Phase] = {p.state: p for p in phases.BANK_PHASES}
 REQUEST_KEYS = ("model_name", "strategy", "rounds", "seed", "min_banks", "trees_per_round", "banks")
 
 
@@ -52,7 +60,7 @@ class Coordinator(BankTasks):
     def _recover(self) -> None:
         """A collective round cannot outlive the process that ran it: fail it, by name."""
         with self.Session.begin() as s:
-            for r in s.scalars(select(store.Round).where(store.Round.state == "training", store.Round.collective)):
+            for r in s.scalars(select(store.Round).where(store.Round.state == TRAINING, store.Round.collective)):
                 r.state, r.error = "failed", "the aggregator restarted during this collective round"
 
     def start(self) -> "Coordinator":
@@ -66,8 +74,12 @@ class Coordinator(BankTasks):
             self._ticker.join(timeout=10)
         self.engine.dispose()
 
-    def workspace(self, federation: store.Federation) -> rounds.Workspace:
-        return rounds.Workspace(self.config.work_dir / "runs" / federation.key, federation.model_name)
+    def workspace(self, federation: store.Federation) -> Workspace:
+        return Workspace(self.config.work_dir / "runs" / federation.key, federation.model_name)
+
+    def round_state(self, federation: store.Federation, round_id: int) -> RoundState:
+        return RoundState(self.workspace(federation), Plan.from_dict(federation.plan), round_id,
+                          self.tracker(federation.model_name))
 
     def tracker(self, model_name: str):
         from aggregator.tracking import FederationTracker, default_tracking_uri
@@ -98,7 +110,7 @@ class Coordinator(BankTasks):
                 s.flush()
                 ws = self.workspace(federation)
                 for bank in sorted(request["banks"]):
-                    self._add_task(s, federation, 0, "summary", bank, None, ws.summary_path(bank))
+                    self._add_task(s, federation, 0, TaskKind.SUMMARY, bank, None, ws.summary_path(bank))
         return self.federation_status(key)
 
     def plan_federation(self, key: str) -> dict[str, Any]:
@@ -109,13 +121,13 @@ class Coordinator(BankTasks):
         with self.lock, self.Session.begin() as s:
             federation = self._federation(s, key)
             if federation.plan is None and federation.state != "failed":
-                self._expire(s, key, 0, "summary", "no summary before the federation was planned")
+                self._expire(s, key, 0, TaskKind.SUMMARY, "no summary before the federation was planned")
                 r = federation.request
                 settings = FederationSettings(trees_per_round=r["trees_per_round"], min_banks=r["min_banks"])
                 try:
-                    federation.plan = rounds.open_federation(
+                    federation.plan = phases.plan_federation(
                         self.workspace(federation), r["model_name"], r["strategy"], r["rounds"], r["seed"],
-                        settings, feature_contract(load_config().features), sorted(r["banks"]), run_id=key)
+                        settings, feature_contract(load_config().features), sorted(r["banks"]), run_id=key).to_dict()
                     federation.state = "planned"
                 except RoundFailed as exc:
                     federation.state, federation.error = "failed", str(exc)
@@ -128,13 +140,14 @@ class Coordinator(BankTasks):
             federation = self._federation(s, key)
             if s.get(store.Round, (key, round_id)) is None:
                 self._check_can_open(s, federation, round_id)
-                plan, ws = federation.plan, self.workspace(federation)
-                collective = rounds.trains_in_one_task(plan, round_id)
-                s.add(store.Round(federation=key, round_id=round_id, collective=collective,
+                r = self.round_state(federation, round_id)
+                r.ws.clear_round(round_id)
+                collective = r.trains_in_one_task()
+                s.add(store.Round(federation=key, round_id=round_id, collective=collective, state=TRAINING,
                                   deadline=time.time() + self.config.deadline_seconds))
-                for bank in [] if collective else rounds.open_round(ws, plan, round_id):
-                    self._add_task(s, federation, round_id, "train", bank, ws.path(round_id, "tasks", bank),
-                                   ws.path(round_id, "updates", bank))
+                if not collective:
+                    phases.run_aggregator_phases(r, after=None)
+                    self._ask_banks(s, federation, r, phases.BANK_PHASES[0])
         if collective:  # started once the round is committed
             threading.Thread(target=self._train_collective, args=(key, round_id), daemon=True,
                              name=f"fedfraud-round-{round_id}").start()
@@ -191,13 +204,11 @@ class Coordinator(BankTasks):
         """Close every phase whose banks have all answered or whose deadline has passed."""
         with self.Session() as s:
             due = [(r.federation, r.round_id, r.state) for r in s.scalars(select(store.Round).where(
-                store.Round.state.in_(("training", "evaluating"))))
-                if not (r.state == "training" and r.collective) and self._phase_over(s, r)]
+                store.Round.state.in_(tuple(PHASE_BY_STATE))))
+                if not (r.state == TRAINING and r.collective) and self._phase_over(s, r)]
         for key, round_id, state in due:
-            if state == "training":
-                self._in_round(key, round_id, self._aggregate)
-            else:
-                self._in_round(key, round_id, self._register)
+            self._in_round(key, round_id, lambda federation, r, phase=PHASE_BY_STATE[state]: self._close_phase(
+                federation, r, phase))
 
     @staticmethod
     def _phase_over(s, row: store.Round) -> bool:
@@ -220,49 +231,51 @@ class Coordinator(BankTasks):
                 row.state, row.error = "failed", reason
                 self._expire(s, key, round_id, None, "the round failed")
 
-    def _aggregate(self, federation: store.Federation, round_id: int) -> None:
+    def _ask_banks(self, s, federation: store.Federation, r: RoundState, phase: Phase) -> None:
+        """Open a bank phase: one task per bank and question, the round in that phase's state."""
+        for bank in phase.banks(r):
+            for ask in phase.exchanges(r, bank):
+                self._add_task(s, federation, r.round_id, ask.kind, bank, ask.question, ask.answer)
+        row = s.get(store.Round, (federation.key, r.round_id))
+        if row is not None:  # a new round's row is added by its opener
+            row.state, row.deadline = phase.state, time.time() + self.config.deadline_seconds
+
+    def _close_phase(self, federation: store.Federation, round_id: int, phase: Phase) -> None:
+        """A bank phase is over: expire what is still open, then run the aggregator phases after it."""
         with self.lock, self.Session.begin() as s:
-            self._expire(s, federation.key, round_id, "train", "no update before the training deadline")
-        outcome = rounds.aggregate_round(self.workspace(federation), federation.plan, round_id,
-                                         self.tracker(federation.model_name))
-        self._record_check_rejections(federation.key, round_id, outcome)
-        self._start_evaluation(federation, round_id)
+            self._expire(s, federation.key, round_id, None, f"no answer before the {phase.name} deadline")
+        self._advance(federation, self.round_state(federation, round_id), phase)
 
     def _train_collective(self, key: str, round_id: int) -> None:
         def train(federation: store.Federation, r: int) -> None:
             from aggregator.service.remote import RemoteNode
 
-            nodes = {b: RemoteNode(self, federation, r, b) for b in federation.plan["banks"]}
-            outcome = rounds.train_in_process(self.workspace(federation), federation.plan, r, nodes,
-                                              self.tracker(federation.model_name))
-            self._record_check_rejections(key, r, outcome)
-            self._start_evaluation(federation, r)
+            state = self.round_state(federation, r)
+            phases.train_in_process(state, {b: RemoteNode(self, federation, r, b) for b in state.plan.banks})
+            self._record_check_rejections(federation.key, r, checks(state)["rejections"])
+            self._open_next(federation, state, phases.BANK_PHASES[0])
 
         self._in_round(key, round_id, train)
 
-    def _record_check_rejections(self, key: str, round_id: int, outcome: dict[str, Any]) -> None:
-        with self.Session.begin() as s:
-            for r in outcome["rejections"]:
-                s.add(store.Rejection(caller=r["bank"], federation=key, round_id=round_id, check=r["check"],
-                                      detail=r["detail"][:2000]))
+    def _advance(self, federation: store.Federation, r: RoundState, closed: Phase) -> None:
+        """The aggregator phases after ``closed`` (training: its check verdicts recorded), then what follows."""
+        phases.run_aggregator_phases(r, after=closed.name)
+        if closed.per_stage:
+            self._record_check_rejections(federation.key, r.round_id, checks(r)["rejections"])
+        self._open_next(federation, r, closed)
 
-    def _start_evaluation(self, federation: store.Federation, round_id: int) -> None:
-        ws = self.workspace(federation)
+    def _open_next(self, federation: store.Federation, r: RoundState, closed: Phase) -> None:
+        """The bank phase after ``closed``; after the last one, the round is registered."""
+        following = phases.BANK_PHASES[phases.BANK_PHASES.index(closed) + 1:]
         with self.lock, self.Session.begin() as s:
-            for bank in federation.plan["banks"]:
-                self._add_task(s, federation, round_id, "evaluate", bank, ws.path(round_id, "model"),
-                               ws.path(round_id, "evaluations", bank))
-                if ws.path(round_id, "champion").exists():
-                    self._add_task(s, federation, round_id, "evaluate_champion", bank, ws.path(round_id, "champion"),
-                                   ws.path(round_id, "champion_evaluations", bank))
-            row = s.get(store.Round, (federation.key, round_id))
-            row.state, row.deadline = "evaluating", time.time() + self.config.deadline_seconds
+            if following:
+                self._ask_banks(s, federation, r, following[0])
+            else:
+                row = s.get(store.Round, (federation.key, r.round_id))
+                row.state, row.version = "registered", r.ws.read_json(r.path("registered"))["version"]
 
-    def _register(self, federation: store.Federation, round_id: int) -> None:
-        with self.lock, self.Session.begin() as s:
-            self._expire(s, federation.key, round_id, None, "no evaluation before the evaluation deadline")
-        version, _, _ = rounds.finish_round(self.workspace(federation), federation.plan, round_id,
-                                            self.tracker(federation.model_name))
+    def _record_check_rejections(self, key: str, round_id: int, rejections: list[dict[str, str]]) -> None:
         with self.Session.begin() as s:
-            row = s.get(store.Round, (federation.key, round_id))
-            row.state, row.version = "registered", version
+            for x in rejections:
+                s.add(store.Rejection(caller=x["bank"], federation=key, round_id=round_id, check=x["check"],
+                                      detail=x["detail"][:2000]))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 
-from aggregator.binning import BinCounts
+from fedfraud.binning import BinCounts
+from fedfraud.protocol import TaskKind
 from fedfraud.wire import EvaluationReport, ModelUpdate, WireFormatError
 
 MAX_SUMMARY_BYTES = 64 * 1024
@@ -29,8 +30,8 @@ class Refused(Exception):
 
 
 def limit_for(kind: str, max_update_bytes: int) -> int:
-    limits = {"summary": MAX_SUMMARY_BYTES, "evaluate": EvaluationReport.MAX_BYTES,
-              "evaluate_champion": EvaluationReport.MAX_BYTES, "bin_counts": BinCounts.MAX_BYTES}
+    limits = {TaskKind.SUMMARY: MAX_SUMMARY_BYTES, TaskKind.EVALUATE: EvaluationReport.MAX_BYTES,
+              TaskKind.EVALUATE_CHAMPION: EvaluationReport.MAX_BYTES, TaskKind.BIN_COUNTS: BinCounts.MAX_BYTES}
     return limits.get(kind, max_update_bytes)
 
 
@@ -51,14 +52,14 @@ def screen_upload(kind: str, body: bytes, caller: str, round_id: int, max_update
 
 def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
     """(the bank the message says it is from, the round it says it is for)."""
-    if kind in ("train", "histogram"):
+    if kind in TaskKind.UPDATES:
         update = ModelUpdate.from_bytes(body, max_bytes=len(body))
         return update.bank, update.round_id
-    if kind in ("evaluate", "evaluate_champion"):
+    if kind in TaskKind.EVALUATIONS:
         return EvaluationReport.from_bytes(body).bank, None
-    if kind == "bin_counts":
+    if kind == TaskKind.BIN_COUNTS:
         return BinCounts.from_bytes(body).bank, None
-    if kind == "summary":
+    if kind == TaskKind.SUMMARY:
         summary = json.loads(body.decode("utf-8"))
         if not isinstance(summary, dict):
             raise ValueError("a summary must be a JSON object")

@@ -1,6 +1,6 @@
 """A bank as the aggregator sees it inside the service: each call becomes a task for that bank.
 
-Cyclic and histogram rounds run ``aggregator.rounds.train_in_process`` over these nodes, the
+Cyclic and histogram rounds run ``aggregator.protocol.phases.train_in_process`` over these nodes, the
 same code as an embedded federation: ``train``, ``bin_counts`` and ``train_histogram`` post
 a task, wait (until its deadline) for the bank's agent to upload the answer, and return its
 bytes. With the histogram strategy the service hosts XGBoost's federated server and the
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.service import store
+from fedfraud.protocol import TaskKind
 from pipelines.io import write_bytes
 
 
@@ -34,20 +35,20 @@ class RemoteNode:
         return json.loads(c.workspace(self.federation).summary_path(self.bank).read_bytes())
 
     def train(self, task_bytes: bytes) -> bytes:
-        return self._ask("train", task_bytes)
+        return self._ask(TaskKind.TRAIN, task_bytes)
 
     def bin_counts(self, grid_bytes: bytes) -> bytes:
-        return self._ask("bin_counts", grid_bytes)
+        return self._ask(TaskKind.BIN_COUNTS, grid_bytes)
 
     def train_histogram(self, task_bytes: bytes, session_bytes: bytes) -> bytes:
         envelope = {"task": json.loads(task_bytes), "session": json.loads(session_bytes)}
-        return self._ask("histogram", json.dumps(envelope).encode())
+        return self._ask(TaskKind.HISTOGRAM, json.dumps(envelope).encode())
 
     def abort_histogram(self) -> None:
         """Cancel the bank's histogram task; its worker ends when the server stops (or at its watchdog)."""
         c = self.coordinator
         with c.lock, c.Session.begin() as s:
-            c._expire(s, self.federation.key, self.round_id, "histogram", "the collective round was aborted")
+            c._expire(s, self.federation.key, self.round_id, TaskKind.HISTOGRAM, "the collective round was aborted")
 
     def _ask(self, kind: str, input_bytes: bytes) -> bytes:
         c, key = self.coordinator, self.federation.key

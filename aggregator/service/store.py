@@ -1,6 +1,6 @@
 """The service's state in SQL (sqlite by default, Postgres in compose) through SQLAlchemy.
 
-Message *bytes* live in the federation workspace (``aggregator.rounds``); these tables hold
+Message *bytes* live in the federation workspace (``aggregator.protocol.workspace``); these tables hold
 who was asked what, by when, and what became of it: received, rejected (and why), expired.
 """
 

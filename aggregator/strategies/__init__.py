@@ -5,6 +5,6 @@ from aggregator.strategies.base import Strategy
 from aggregator.strategies.cyclic import Cyclic
 from aggregator.strategies.histogram import Histogram
 
-STRATEGIES: dict[str, type[Strategy]] = {"bagging": Bagging, "cyclic": Cyclic, "histogram": Histogram}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Bagging, Cyclic, Histogram)}
 
 __all__ = ["STRATEGIES", "Bagging", "Cyclic", "Histogram", "Strategy"]

@@ -9,9 +9,9 @@ together (histogram federation) is a single stage whose training is collective.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
-from aggregator.settings import FederationSettings, derive_seed
+from fedfraud.settings import FederationSettings, derive_seed
 from fedfraud import model_json
 from fedfraud.model_json import Doc
 from fedfraud.wire import ModelUpdate, TrainTask
@@ -19,6 +19,7 @@ from fedfraud.wire import ModelUpdate, TrainTask
 
 class Strategy(ABC):
     name: ClassVar[str]
+    collective: ClassVar[bool] = False  # banks build every tree together (``train_collective``)
 
     def __init__(self, settings: FederationSettings, seed: int, consortium_params: dict[str, Any]):
         self.settings = settings
@@ -28,6 +29,10 @@ class Strategy(ABC):
     def stages(self, round_id: int, banks: list[str]) -> list[list[str]]:
         """Groups of banks that train one after another within a round (default: all at once)."""
         return [list(banks)]
+
+    def trains_in_one_task(self, round_id: int, banks: list[str]) -> bool:
+        """True when one call must drive the round's training: several stages in turn, or collective."""
+        return self.collective or len(self.stages(round_id, banks)) > 1
 
     def configure(self, round_id: int, bank: str, bank_index: int, global_model: Doc | None,
                   contract_hash: str) -> TrainTask:
@@ -44,8 +49,14 @@ class Strategy(ABC):
         )
 
     @abstractmethod
-    def aggregate(self, global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:
-        """The next global model from the current one and this stage's accepted updates."""
+    def aggregate(self, global_model: Doc | None, updates: list[ModelUpdate], round_banks: Sequence[str] = ()) -> Doc:
+        """The next global model from the current one and this stage's accepted updates
+        (``round_banks``: every bank of the round)."""
+
+    def train_collective(self, nodes: dict[str, Any], tasks: dict[str, TrainTask], round_id: int,
+                         on_progress: Callable[[str], None]) -> tuple[dict[str, bytes], list[Any]]:
+        """A collective strategy's stage: (update bytes per bank, rejections of banks left out)."""
+        raise NotImplementedError(f"{self.name} does not train collectively")
 
     @staticmethod
     def start_from(global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:

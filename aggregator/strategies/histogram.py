@@ -5,7 +5,7 @@ checked then). Each bank runs a worker process (``bank_node.histogram_worker``) 
 XGBoost's federated communicator in row-split mode. The aggregator runs the federated server
 (``aggregator.federated_server``) in its own process for that round only. For every tree
 node, each bank sends its gradient/hessian histograms over the *shared* bins
-(``aggregator.binning``). The server sums them, and every bank picks the same split from the
+(``fedfraud.binning``). The server sums them, and every bank picks the same split from the
 sums. So every bank ends the round holding the same K new trees. They are exactly the trees
 a pooled fit on the same binned rows grows.
 
@@ -31,41 +31,36 @@ import logging
 import os
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Sequence
 
-from aggregator.binning import BinCounts, GlobalBins, Grid
+from fedfraud.binning import BinCounts, GlobalBins, Grid
 from aggregator.checks import Rejection
 from aggregator.federated_server import LOOPBACK, FederatedServer, ServerFailed, ServerTLS
+from aggregator.protocol.errors import RoundFailed
 from aggregator.strategies.base import Strategy
-from bank_node.histogram_worker import HistogramSession, loopback
 from fedfraud import model_json
+from fedfraud.histogram_session import HistogramSession, loopback
 from fedfraud.model_json import Doc
+from fedfraud.protocol import StrategyName
 from fedfraud.wire import ModelUpdate, TrainTask
 
 log = logging.getLogger("fedfraud.histogram")
 
 
-def _round_failed(message: str):
-    from aggregator.federation import RoundFailed  # federation imports the strategies
-
-    return RoundFailed(message)
-
-
 class Histogram(Strategy):
-    name = "histogram"
-    collective = True  # train_round hands the whole stage to train_collective
-
-    grid = Grid()
-    round_timeout_s = float(os.environ.get("FEDFRAUD_HISTOGRAM_TIMEOUT", "1800"))
-    abort_grace_s = 30.0
-    nthread = 1  # per bank process; embedded runs share the machine's cores
-    # Where banks reach the server. Embedded: loopback. Networked: the aggregator's name, TLS required.
-    server_host = os.environ.get("FEDFRAUD_FEDERATED_HOST", LOOPBACK)
+    name = StrategyName.HISTOGRAM
+    collective = True  # the round's training phase hands the whole stage to train_collective
+    grid: ClassVar[Grid] = Grid()  # the consortium's fixed counting grid (a constant)
+    abort_grace_s: ClassVar[float] = 30.0
+    nthread: ClassVar[int] = 1  # per bank process; embedded runs share the machine's cores
 
     def __init__(self, settings, seed: int, consortium_params: dict[str, Any]):
         super().__init__(settings, seed, {**consortium_params, "subsample": 1.0})
         self.bins: GlobalBins | None = None
         self.world: list[str] = []
+        self.round_timeout_s = float(os.environ.get("FEDFRAUD_HISTOGRAM_TIMEOUT", "1800"))
+        # Where banks reach the server. Embedded: loopback. Networked: the aggregator's name, TLS required.
+        self.server_host = os.environ.get("FEDFRAUD_FEDERATED_HOST", LOOPBACK)
         self.server_tls = ServerTLS.from_env()
         if self.server_tls is None and not loopback(f"{self.server_host}:0"):
             raise ServerFailed(f"the federated server on {self.server_host} needs TLS: set "
@@ -92,7 +87,7 @@ class Histogram(Strategy):
                 world.append(bank)
         quorum = max(1, self.settings.min_banks)
         if len(world) < quorum:
-            raise _round_failed(f"round {round_id}: {len(world)} bank(s) ready for the collective round, quorum is "
+            raise RoundFailed(f"round {round_id}: {len(world)} bank(s) ready for the collective round, quorum is "
                                 f"{quorum}; not ready: {[r.as_dict() for r in left_out]}")
         if self.bins is None:
             on_progress(f"round {round_id}: shared bins from {len(world)} banks' grid counts")
@@ -118,9 +113,9 @@ class Histogram(Strategy):
             try:
                 report = BinCounts.from_bytes(nodes[bank].bin_counts(self.grid.to_bytes()))
             except Exception as exc:
-                raise _round_failed(f"{bank} sent no usable bin counts: {exc.__class__.__name__}: {exc}") from exc
+                raise RoundFailed(f"{bank} sent no usable bin counts: {exc.__class__.__name__}: {exc}") from exc
             if report.bank != bank:
-                raise _round_failed(f"bin counts from {bank} claim to be from {report.bank}")
+                raise RoundFailed(f"bin counts from {bank} claim to be from {report.bank}")
             reports.append(report)
         bins = GlobalBins.from_counts(reports, self.settings.max_bin)
         log.info("shared bins %s: %s bins per feature", bins.digest, [len(e) + 1 for e in bins.edges])
@@ -149,7 +144,7 @@ class Histogram(Strategy):
                 failure = str(exc)
             if failure:
                 self._abort(nodes, world, futures, server)
-                raise _round_failed(f"round {round_id}: collective training failed ({failure}); "
+                raise RoundFailed(f"round {round_id}: collective training failed ({failure}); "
                                     f"world was {world}; nothing registered")
             return {bank: future.result() for future, bank in futures.items()}
         finally:
@@ -174,12 +169,10 @@ class Histogram(Strategy):
     def _abort(self, nodes, world, futures: dict[Future, str], server: FederatedServer) -> None:
         """Kill every bank's worker and the server, then wait (bounded) for the calls to return."""
         for bank in world:
-            abort = getattr(nodes[bank], "abort_histogram", None)
-            if abort is not None:
-                try:
-                    abort()
-                except Exception as exc:  # best effort: the bank's own watchdog ends its worker too
-                    log.warning("could not abort %s's worker: %s", bank, exc)
+            try:
+                nodes[bank].abort_histogram()
+            except Exception as exc:  # best effort: the bank's own watchdog ends its worker too
+                log.warning("could not abort %s's worker: %s", bank, exc)
         server.stop()
         _, pending = wait(futures, timeout=self.abort_grace_s)
         if pending:
@@ -187,12 +180,12 @@ class Histogram(Strategy):
 
     # ------------------------------------------------------------------ the round's model
 
-    def aggregate(self, global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:
+    def aggregate(self, global_model: Doc | None, updates: list[ModelUpdate], round_banks: Sequence[str] = ()) -> Doc:
         """Every bank of the world holds the same trees: check that, then append them once."""
         banks = sorted(u.bank for u in updates)
         if banks != self.world:
-            raise _round_failed(f"collective round: accepted updates from {banks}, but the world was {self.world}")
+            raise RoundFailed(f"collective round: accepted updates from {banks}, but the world was {self.world}")
         models = {model_json.model_id(u.model) for u in updates}
         if len(models) != 1:
-            raise _round_failed(f"collective round: banks returned {len(models)} different models")
+            raise RoundFailed(f"collective round: banks returned {len(models)} different models")
         return model_json.append_trees(self.start_from(global_model, updates), updates[0].model)

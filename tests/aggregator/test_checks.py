@@ -9,7 +9,7 @@ import pytest
 from conftest import TOY_FEATURES
 
 from aggregator.checks import RoundContext, screen
-from aggregator.settings import FederationSettings, consortium_params
+from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies import Bagging
 from bank_node.training import build_update, train_trees
 from fedfraud import model_json

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 from mlflow import MlflowClient
 
-from aggregator.federation import RoundFailed, run_federation
-from aggregator.runner import federate
+from aggregator.drivers.embedded import federate, run_federation
+from aggregator.protocol.errors import RoundFailed
 from aggregator.tracking import FederationTracker
 from conftest import E2E_SETTINGS as SETTINGS
 

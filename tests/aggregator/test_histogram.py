@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from aggregator.binning import FLOAT32_MAX, BinCounts, GlobalBins, Grid, count_cells
+from fedfraud.binning import FLOAT32_MAX, BinCounts, GlobalBins, Grid, count_cells
 from aggregator.federated_server import FederatedServer, ServerFailed, ServerTLS
-from aggregator.federation import RoundFailed, run_federation, train_round
-from aggregator.runner import STRATEGY_CHOICES
-from aggregator.settings import FederationSettings, consortium_params
+from aggregator.drivers.embedded import STRATEGY_CHOICES, run_federation, train_round
+from aggregator.protocol.errors import RoundFailed
+from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies import STRATEGIES, Histogram
 from bank_node.dataset import BankDataset
-from bank_node.histogram_worker import ClientTLS, HistogramSession, WorkerFailed, start_worker
+from bank_node.histogram_worker import ClientTLS, WorkerFailed, start_worker
+from fedfraud.histogram_session import HistogramSession
 from bank_node.node import BankNode
 from bank_node.training import dmatrix, train_trees
 from fedfraud import model_json
@@ -386,7 +387,7 @@ class BinnedRows:
 
 @pytest.mark.slow
 def test_histogram_federation_equals_the_centralized_strategy_on_binned_rows(consortium, uri):
-    from aggregator.baselines import run_centralized
+    from aggregator.drivers.baselines import run_centralized
     from aggregator.tracking import FederationTracker
 
     nodes, contract = consortium.nodes, consortium.contract

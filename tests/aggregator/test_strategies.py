@@ -7,7 +7,7 @@ import pytest
 import xgboost as xgb
 from conftest import TOY_FEATURES
 
-from aggregator.settings import FederationSettings, consortium_params, derive_seed
+from fedfraud.settings import FederationSettings, consortium_params, derive_seed
 from aggregator.strategies import Bagging, Cyclic
 from bank_node.training import build_update, train_trees
 from fedfraud import model_json
@@ -61,7 +61,7 @@ def test_cyclic_banks_take_turns_and_margin_adds_up(toy_banks):
     for stage in strategy.stages(1, sorted(toy_banks)):
         [update] = run_stage(strategy, 1, doc, toy_banks, stage)
         parts.append(update.model)
-        doc = strategy.aggregate(doc, [update])
+        doc = strategy.aggregate(doc, [update], sorted(toy_banks))
     base = margin(model_json.empty_like(doc), X)
     turn = 1 / len(toy_banks)  # each turn's trees are scaled so a round is one step, not B
     np.testing.assert_allclose(margin(doc, X), base + sum(turn * (margin(p, X) - base) for p in parts), atol=1e-5)

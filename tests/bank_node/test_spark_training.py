@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from aggregator.settings import consortium_params
+from fedfraud.settings import consortium_params
 from bank_node.dataset import spark_training_rows
 from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
 from conftest import E2E_SETTINGS

@@ -8,7 +8,7 @@ import numpy as np
 import xgboost as xgb
 from conftest import TOY_FEATURES
 
-from aggregator.settings import FederationSettings, consortium_params
+from fedfraud.settings import FederationSettings, consortium_params
 from bank_node.training import build_update, dmatrix, train_trees
 from fedfraud import model_json
 from fedfraud.wire import ModelUpdate, TrainTask

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from aggregator.binning import (
+from fedfraud.binning import (
     FLOAT32_MAX,
     BinCounts,
     GlobalBins,

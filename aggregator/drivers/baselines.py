@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 
 from aggregator.evaluation import FederatedEvaluation, combine
-from aggregator.federation import FederationResult, federation_id, select_banks
-from aggregator.settings import FederationSettings, consortium_params
+from aggregator.drivers.result import FederationResult
+from aggregator.protocol.plan import federation_id, select_banks
 from aggregator.tracking import FederationTracker, zero_example
 from bank_node.node import BankNode
 from bank_node.training import train_trees
 from fedfraud import model_json
+from fedfraud.protocol import StrategyName, Tag
+from fedfraud.settings import FederationSettings, consortium_params
 from fedfraud.wire import EvaluationReport, TrainTask
 
 
@@ -24,8 +26,8 @@ def _register(tracker: FederationTracker, fid: str, booster, evaluation: Federat
     with tracker.round(1):
         tracker.log_round_metrics(1, evaluation.per_bank, evaluation.pooled)
         version = tracker.register_round_model(booster, fid, 1, zero_example(contract["names"]), {
-            "fedfraud.feature_contract_hash": contract["hash"], "fedfraud.federation_id": fid,
-            "fedfraud.pooled_auprc": f"{evaluation.pooled['auprc']:.6f}", **tags})
+            Tag.FEATURE_CONTRACT_HASH: contract["hash"], Tag.FEDERATION_ID: fid,
+            Tag.POOLED_AUPRC: f"{evaluation.pooled['auprc']:.6f}", **tags})
         tracker.promote(version, evaluation.pooled["auprc"], None)
     return version
 
@@ -47,11 +49,11 @@ def run_local(nodes: dict[str, BankNode], rounds: int, tracking_uri: str, model_
         booster = nodes[bank].fit_local(params, rounds * settings.trees_per_round)
         evaluation = _evaluate(nodes, [bank], booster, settings.alert_budget)
         tracker = FederationTracker(tracking_uri, f"{model_name}-{bank}")
-        fid = federation_id(tracker.model_name, "local", rounds, seed, settings, {bank: summaries[bank]})
-        with tracker.federation(fid, {"strategy": "local", "rounds": rounds, **settings.as_params()},
-                                {"fedfraud.strategy": "local"}):
+        fid = federation_id(tracker.model_name, StrategyName.LOCAL, rounds, seed, settings, {bank: summaries[bank]})
+        with tracker.federation(fid, {"strategy": StrategyName.LOCAL, "rounds": rounds, **settings.as_params()},
+                                {Tag.STRATEGY: StrategyName.LOCAL}):
             version = _register(tracker, fid, booster, evaluation, contract,
-                                {"fedfraud.strategy": "local", "fedfraud.participating_banks": bank})
+                                {Tag.STRATEGY: StrategyName.LOCAL, Tag.PARTICIPATING_BANKS: bank})
         results[bank] = FederationResult(tracker.model_uri(version), version, fid, evaluation, excluded=excluded)
     return results
 
@@ -68,11 +70,12 @@ def run_centralized(nodes: dict[str, BankNode], rounds: int, tracker: Federation
                      num_trees=rounds * settings.trees_per_round, params=params)
     booster = train_trees(task, X, y, contract["names"])
     evaluation = _evaluate(nodes, banks, booster, settings.alert_budget)
-    fid = federation_id(tracker.model_name, "centralized", rounds, seed, settings, summaries)
-    run_params = {"strategy": "centralized", "rounds": rounds, "banks": ",".join(banks), **settings.as_params()}
-    with tracker.federation(fid, run_params, {"fedfraud.strategy": "centralized",
-                                              "fedfraud.benchmark_only": "pools raw rows"}):
+    fid = federation_id(tracker.model_name, StrategyName.CENTRALIZED, rounds, seed, settings, summaries)
+    run_params = {"strategy": StrategyName.CENTRALIZED, "rounds": rounds, "banks": ",".join(banks),
+                  **settings.as_params()}
+    with tracker.federation(fid, run_params, {Tag.STRATEGY: StrategyName.CENTRALIZED,
+                                              Tag.BENCHMARK_ONLY: "pools raw rows"}):
         version = _register(tracker, fid, booster, evaluation, contract, {
-            "fedfraud.strategy": "centralized", "fedfraud.participating_banks": ",".join(banks),
-            "fedfraud.benchmark_only": "pools raw rows", "fedfraud.params": json.dumps(params, sort_keys=True)})
+            Tag.STRATEGY: StrategyName.CENTRALIZED, Tag.PARTICIPATING_BANKS: ",".join(banks),
+            Tag.BENCHMARK_ONLY: "pools raw rows", Tag.PARAMS: json.dumps(params, sort_keys=True)})
     return FederationResult(tracker.model_uri(version), version, fid, evaluation, excluded=excluded)

@@ -1,0 +1,107 @@
+"""Airflow task bodies in embedded mode: a bank's task runs that bank's node in the worker, on
+its own data path and work folder; the aggregator's tasks run the protocol's phases between.
+
+Each round's DAG tasks map onto ``aggregator.protocol.phases.ROUND``: ``open`` runs the
+aggregator phases before training, ``train``/``evaluate`` one bank's part of that bank phase,
+``check_and_aggregate``/``register_and_promote`` the aggregator phases after it. Cyclic and
+histogram rounds train inside ``check_and_aggregate`` (in turn / all banks together).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aggregator.drivers.airflow_spec import RunSpec
+from aggregator.protocol import phases
+from aggregator.protocol.errors import RoundFailed
+from aggregator.protocol.plan import Plan
+from aggregator.protocol.state import RoundState
+from bank_node.node import BankNode
+from pipelines.config import load_config
+from pipelines.io import write_bytes
+
+
+class EmbeddedTasks:
+    def __init__(self, spec: RunSpec):
+        self.spec, self.ws = spec, spec.workspace
+
+    def node(self, bank: str) -> BankNode:
+        settings = self.spec.settings
+        return BankNode(bank, self.spec.banks[bank], Path(self.spec.work_dir) / "banks" / bank, load_config(),
+                        settings.holdout_fraction, settings.alert_budget)
+
+    def prepare_bank(self, bank: str) -> str:
+        """Validate and build the bank's features; its summary goes to the workspace."""
+        from pipelines.spark import get_spark
+
+        node = self.node(bank)
+        node.prepare(get_spark(f"fedfraud-{bank}"))
+        phases.summarize(self.ws, node.summary())
+        return bank
+
+    def open_federation(self) -> list[str]:
+        from pipelines.feature_contract import feature_contract
+
+        spec = self.spec
+        plan = phases.plan_federation(self.ws, spec.model_name, spec.strategy, spec.rounds, spec.seed, spec.settings,
+                                      feature_contract(load_config().features), sorted(spec.banks),
+                                      run_id=spec.run_id)
+        return plan.banks
+
+    def open_round(self, round_id: int) -> list[str]:
+        """Configure the round; the banks that train in their own task (none for cyclic and histogram)."""
+        r = self._round(self._plan(), round_id)
+        self.ws.clear_round(round_id)
+        banks: list[str] = []
+        if not r.trains_in_one_task():
+            phases.run_aggregator_phases(r, after=None)
+            banks = phases.bank_phase("train").banks(r)
+        write_bytes(json.dumps({"run_id": self.spec.run_id}).encode(), self.ws.path(round_id, "opened"))
+        return banks
+
+    def train_bank(self, round_id: int, bank: str) -> str:
+        return self._answer(round_id, "train", bank)
+
+    def aggregate_round(self, round_id: int) -> list[str]:
+        r = self._round(self._opened_round(round_id), round_id)
+        if r.trains_in_one_task():
+            phases.train_in_process(r, {b: self.node(b) for b in r.plan.banks})
+        else:
+            phases.run_aggregator_phases(r, after="train")
+        return phases.bank_phase("evaluate").banks(r)
+
+    def evaluate_bank(self, round_id: int, bank: str) -> str:
+        return self._answer(round_id, "evaluate", bank)
+
+    def finish_round(self, round_id: int) -> str:
+        version, _, _ = phases.run_aggregator_phases(self._round(self._opened_round(round_id), round_id),
+                                                     after="evaluate")
+        return f"models:/{self.spec.model_name}/{version}"
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _answer(self, round_id: int, phase: str, bank: str) -> str:
+        """One bank's part of a bank phase, on the round the aggregator opened."""
+        r = RoundState(self.ws, self._plan(), round_id)
+        phases.answer_at(r, phases.bank_phase(phase), self.node(bank))
+        return bank
+
+    def _round(self, plan: Plan, round_id: int) -> RoundState:
+        return RoundState(self.ws, plan, round_id, self.spec.tracker())
+
+    def _opened_by_this_run(self, marker: Path, what: str) -> dict[str, Any]:
+        """The JSON at ``marker`` if this run wrote it; stale state from another run is refused."""
+        content = self.ws.read_json(marker) if marker.exists() else {}
+        if content.get("run_id") != self.spec.run_id:
+            raise RoundFailed(f"{what} was not opened by this run (an earlier step failed)")
+        return content
+
+    def _plan(self) -> Plan:
+        return Plan.from_dict(self._opened_by_this_run(self.ws.plan_path, "the federation"))
+
+    def _opened_round(self, round_id: int) -> Plan:
+        plan = self._plan()
+        self._opened_by_this_run(self.ws.path(round_id, "opened"), f"round {round_id}")
+        return plan

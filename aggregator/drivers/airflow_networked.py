@@ -1,0 +1,93 @@
+"""Airflow task bodies in networked mode: the aggregator service runs the federation and the
+banks' agents do the bank work. Each task asks the service to act (start, plan, open a round)
+or waits, bounded, for one bank's answer or the round's verdict, and fails by name at the
+deadline. Nothing is shared through files; the service's round states are the bank phases'
+(``aggregator.protocol.phases``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Callable
+
+from aggregator.drivers.airflow_spec import RunSpec, wait_until
+from aggregator.protocol.errors import RoundFailed
+from aggregator.protocol.phases import bank_phase
+from fedfraud.protocol import TaskKind
+from fedfraud.transport import AggregatorClient
+
+FINISHED_TASK = ("done", "failed", "expired")
+REGISTERED = "registered"
+
+
+def federation_key(spec: RunSpec) -> str:
+    """The service's name for this run's federation: readable, URL-safe, unique per run."""
+    raw = f"{spec.model_name}--{spec.run_id or 'manual'}"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', raw)[:80]}-{hashlib.sha256(raw.encode()).hexdigest()[:8]}"
+
+
+class NetworkedTasks:
+    def __init__(self, spec: RunSpec):
+        self.spec, self.key = spec, federation_key(spec)
+        self.service = AggregatorClient.from_env()
+
+    def prepare_bank(self, bank: str) -> str:
+        """Start the federation (idempotent: every bank's task asks, the first creates it); wait for the summary."""
+        spec = self.spec
+        request = {"model_name": spec.model_name, "strategy": spec.strategy, "rounds": spec.rounds,
+                   "seed": spec.seed, "min_banks": spec.min_banks, "trees_per_round": spec.trees_per_round,
+                   "banks": sorted(spec.banks)}
+        self.service.start_federation(self.key, request)
+        state = wait_until(lambda: self.service.federation(self.key)["summaries"].get(bank, {}).get(TaskKind.SUMMARY),
+                           lambda state: state in FINISHED_TASK, spec.wait_seconds, f"{bank}'s summary")
+        if state != "done":
+            raise RuntimeError(f"{bank}: summary {state}")
+        return bank
+
+    def open_federation(self) -> list[str]:
+        status = self.service.plan(self.key)
+        if status["state"] != "planned":
+            raise RoundFailed(status["error"])
+        return status["banks"]
+
+    def open_round(self, round_id: int) -> list[str]:
+        status = self.service.open_round(self.key, round_id)
+        return sorted(b for b, kinds in status["tasks"].items()
+                      if TaskKind.TRAIN in kinds and not status.get("collective"))
+
+    def train_bank(self, round_id: int, bank: str) -> str:
+        return self._bank_answer(round_id, bank, TaskKind.TRAIN)
+
+    def aggregate_round(self, round_id: int) -> list[str]:
+        """The service aggregates when every bank answered or at the deadline."""
+        training = bank_phase("train").state
+        status = self._round_state(round_id, lambda s: s["state"] != training, f"round {round_id}'s aggregation")
+        return sorted(b for b, kinds in status["tasks"].items() if TaskKind.EVALUATE in kinds)
+
+    def evaluate_bank(self, round_id: int, bank: str) -> str:
+        return self._bank_answer(round_id, bank, TaskKind.EVALUATE)
+
+    def finish_round(self, round_id: int) -> str:
+        status = self._round_state(round_id, lambda s: s["state"] == REGISTERED, f"round {round_id}'s registration")
+        return f"models:/{self.spec.model_name}/{status['version']}"
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _round_state(self, round_id: int, done: Callable[[dict], bool], what: str) -> dict[str, Any]:
+        """The round's status once ``done`` holds; a failed round raises RoundFailed with its reason."""
+        status = wait_until(lambda: self.service.round(self.key, round_id), lambda s: done(s) or s["state"] == "failed",
+                            self.spec.wait_seconds, what)
+        if status["state"] == "failed":
+            raise RoundFailed(f"round {round_id}: {status['error']}")
+        return status
+
+    def _bank_answer(self, round_id: int, bank: str, kind: str) -> str:
+        """Wait for ``bank``'s answer to its ``kind`` task; an expired or failed one fails this bank's task."""
+        status = self._round_state(round_id, lambda s: s["tasks"].get(bank, {}).get(kind) in FINISHED_TASK,
+                                   f"{bank}'s {kind} for round {round_id}")
+        state = status["tasks"][bank][kind]
+        if state != "done":
+            raise RuntimeError(f"{bank}: {kind} for round {round_id} {state} "
+                               "(see the round's status at the aggregator)")
+        return bank

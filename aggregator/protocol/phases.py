@@ -1,0 +1,125 @@
+"""The phases of a federation, declared once and in order.
+
+A federation: every bank reports a summary, then the aggregator plans (``summarize``,
+``plan_federation``). Then each round runs ``ROUND`` top to bottom. A new phase is one function
+and one line below; drivers walk this declaration:
+
+* in process (``aggregator.drivers.embedded``, and every driver for cyclic/histogram
+  training): ``run_round`` / ``train_in_process`` call each phase with the nodes at hand;
+* Airflow (``aggregator.drivers.airflow_*``) and the service (``aggregator.service``) hand a
+  bank phase to each bank (its ``exchanges``) and run the aggregator phases between them with
+  ``aggregator_phases_after``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aggregator.protocol import registry, training
+from aggregator.protocol.plan import Plan, make_plan
+from aggregator.protocol.state import AGGREGATOR, BANK, Node, Phase, RoundState
+from aggregator.protocol.workspace import Workspace
+from fedfraud.protocol import TaskKind
+from fedfraud.settings import FederationSettings
+from pipelines.io import write_bytes
+
+ROUND: tuple[Phase, ...] = (
+    Phase("configure", AGGREGATOR, training.configure, per_stage=True),
+    Phase("train", BANK, training.train, per_stage=True, banks=training.train_banks,
+          exchanges=training.train_exchanges, state="training"),
+    Phase("check", AGGREGATOR, training.check, per_stage=True),
+    Phase("aggregate", AGGREGATOR, training.aggregate, per_stage=True),
+    Phase("candidate", AGGREGATOR, training.publish_candidate),
+    Phase("evaluate", BANK, registry.evaluate, banks=registry.evaluate_banks,
+          exchanges=registry.evaluation_exchanges, state="evaluating"),
+    Phase("register", AGGREGATOR, registry.register_and_promote),
+)
+BANK_PHASES: tuple[Phase, ...] = tuple(p for p in ROUND if p.side == BANK)
+STAGE_PHASES: tuple[Phase, ...] = tuple(p for p in ROUND if p.per_stage)
+assert ROUND[:len(STAGE_PHASES)] == STAGE_PHASES, "per-stage phases open the round"
+
+
+# ---- the federation's opening phases -----------------------------------------------------------
+
+
+def summarize(ws: Workspace, summary: dict[str, Any]) -> None:
+    """A bank reports it is prepared: counts, contract hash, data window, readiness."""
+    ws.write_json(summary, ws.summary_path(summary["bank"]))
+
+
+def plan_federation(ws: Workspace, model_name: str, strategy: str, rounds: int, seed: int,
+                    settings: FederationSettings, contract: dict[str, Any], banks: list[str],
+                    run_id: str | None = None) -> Plan:
+    """Plan from the summaries of the banks that prepared; check the quorum."""
+    ws.plan_path.unlink(missing_ok=True)
+    summaries = {b: ws.read_json(ws.summary_path(b)) for b in banks if ws.summary_path(b).exists()}
+    missing = sorted(set(banks) - set(summaries))
+    plan = make_plan(summaries, missing, model_name, strategy, rounds, seed, settings, contract, run_id)
+    ws.write_json(plan.to_dict(), ws.plan_path)
+    return plan
+
+
+# ---- walking the declaration -------------------------------------------------------------------
+
+
+def bank_phase(name: str) -> Phase:
+    return next(p for p in BANK_PHASES if p.name == name)
+
+
+def aggregator_phases_after(bank_phase_name: str | None) -> list[Phase]:
+    """The aggregator phases after the named bank phase (None: from the start), up to the next bank phase."""
+    start = 0 if bank_phase_name is None else ROUND.index(bank_phase(bank_phase_name)) + 1
+    found = []
+    for phase in ROUND[start:]:
+        if phase.side == BANK:
+            break
+        found.append(phase)
+    return found
+
+
+def run_aggregator_phases(r: RoundState, after: str | None) -> Any:
+    """Run ``aggregator_phases_after(after)``; returns the last phase's result."""
+    result = None
+    for phase in aggregator_phases_after(after):
+        result = phase.run(r)
+    return result
+
+
+def answer_at(r: RoundState, phase: Phase, node: Node) -> None:
+    """One bank answers every question a bank phase asks it (a driver's mapped bank task)."""
+    calls = {TaskKind.TRAIN: node.train, TaskKind.EVALUATE: node.evaluate, TaskKind.EVALUATE_CHAMPION: node.evaluate}
+    for ask in phase.exchanges(r, node.bank):
+        write_bytes(calls[ask.kind](ask.question.read_bytes()), ask.answer)
+
+
+def run_phase(r: RoundState, phase: Phase, nodes: dict[str, Node]) -> Any:
+    return phase.run(r, nodes) if phase.side == BANK else phase.run(r)
+
+
+def run_stages(r: RoundState, nodes: dict[str, Node]) -> None:
+    """The per-stage phases for every stage of the round (cyclic turns, collective training)."""
+    for stage in r.stages():
+        r.stage = stage
+        for phase in STAGE_PHASES:
+            run_phase(r, phase, nodes)
+
+
+def train_in_process(r: RoundState, nodes: dict[str, Node]) -> Any:
+    """Every stage with these nodes, then the aggregator phases up to the next bank phase;
+    returns the last one's result (``candidate``: the round's outcome)."""
+    run_stages(r, nodes)
+    result = None
+    for phase in ROUND[len(STAGE_PHASES):]:
+        if phase.side == BANK:
+            break
+        result = phase.run(r)
+    return result
+
+
+def run_round(r: RoundState, nodes: dict[str, Node]) -> Any:
+    """A whole round in process; returns what its last phase returns (``register``: version, evaluation, history)."""
+    run_stages(r, nodes)
+    result = None
+    for phase in ROUND[len(STAGE_PHASES):]:
+        result = run_phase(r, phase, nodes)
+    return result

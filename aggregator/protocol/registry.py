@@ -1,0 +1,98 @@
+"""The closing half of a round: evaluate at every bank -> register the candidate -> promote it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+
+from aggregator.evaluation import FederatedEvaluation, combine
+from aggregator.protocol.errors import RoundFailed
+from aggregator.protocol.state import Exchange, Node, RoundState
+from aggregator.tracking import zero_example
+from fedfraud import model_json
+from fedfraud.protocol import Tag, TaskKind
+from fedfraud.wire import EvaluationReport
+from pipelines.io import write_bytes
+
+log = logging.getLogger("fedfraud.rounds")
+
+
+def evaluate_banks(r: RoundState) -> list[str]:
+    return list(r.plan.banks)  # every bank evaluates, whether its update was accepted or not
+
+
+def evaluation_exchanges(r: RoundState, bank: str) -> list[Exchange]:
+    """The candidate, and the champion when there is one to compare with."""
+    asks = [Exchange(TaskKind.EVALUATE, bank, r.path("model"), r.path("evaluations", bank))]
+    if r.path("champion").exists():
+        asks.append(Exchange(TaskKind.EVALUATE_CHAMPION, bank, r.path("champion"),
+                             r.path("champion_evaluations", bank)))
+    return asks
+
+
+def evaluate(r: RoundState, nodes: dict[str, Node]) -> None:
+    """Every bank scores its holdout; a bank that cannot is left out of the pooled figures."""
+    r.on_progress(f"round {r.round_id}: evaluating at {len(r.plan.banks)} banks")
+    for bank in evaluate_banks(r):
+        try:
+            for ask in evaluation_exchanges(r, bank):
+                write_bytes(nodes[bank].evaluate(ask.question.read_bytes()), ask.answer)
+        except Exception as exc:
+            log.warning("bank %s could not evaluate round %s: %s", bank, r.round_id, exc)
+
+
+@contextmanager
+def tracked_round(r: RoundState):
+    """The federation's parent run and this round's nested run (both resumed on a retry)."""
+    plan = r.plan
+    params = {"strategy": plan.strategy, "rounds": plan.rounds, "seed": plan.seed, "banks": ",".join(plan.banks),
+              **plan.settings.as_params(), **{f"xgb.{k}": v for k, v in plan.consortium_params.items()}}
+    tags = {Tag.STRATEGY: plan.strategy, Tag.EXCLUDED_BANKS: json.dumps(plan.excluded)}
+    with r.tracker.federation(plan.federation_id, params, tags), r.tracker.round(r.round_id):
+        yield
+
+
+def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[dict[str, float]]]:
+    """Combine the banks' evaluations; register the candidate (exactly once) and promote it.
+
+    Returns (version, the federated evaluation, pooled metrics of every round so far)."""
+    plan, ws, round_id, settings = r.plan, r.ws, r.round_id, r.plan.settings
+    outcome = ws.read_json(r.path("outcome")) if r.path("outcome").exists() else {"accepted": False}
+    if not outcome["accepted"]:
+        raise RoundFailed(f"round {round_id} was not aggregated (below quorum or failed); nothing to register")
+    reports = [EvaluationReport.from_bytes(d) for d in ws.messages(round_id, "evaluations").values()]
+    if len(reports) < settings.min_banks:
+        raise RoundFailed(f"round {round_id}: {len(reports)} evaluation(s), quorum is {settings.min_banks}")
+    evaluation = combine(reports, settings.alert_budget)
+    champion_reports = [EvaluationReport.from_bytes(d) for d in ws.messages(round_id, "champion_evaluations").values()]
+    champion_auprc = combine(champion_reports, settings.alert_budget).pooled["auprc"] if champion_reports else None
+    booster = model_json.to_booster(ws.read_json(r.path("model")))
+    tags = {
+        Tag.ROUND: str(round_id),
+        Tag.STRATEGY: plan.strategy,
+        Tag.PARTICIPATING_BANKS: ",".join(outcome["participants"]),
+        Tag.REJECTED_BANKS: ",".join(sorted({x["bank"] for x in outcome["rejections"]})),
+        Tag.FEATURE_CONTRACT_HASH: plan.contract_hash,
+        Tag.FEDERATION_ID: plan.federation_id,
+        Tag.DATA_WINDOWS: json.dumps(plan.data_windows),
+        Tag.PARAMS: json.dumps({**settings.as_params(), **plan.consortium_params}, sort_keys=True),
+        Tag.POOLED_AUPRC: f"{evaluation.pooled['auprc']:.6f}",
+    }
+    with tracked_round(r):
+        r.tracker.log_rejections(round_id, outcome["rejections"])
+        r.tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
+        version = r.tracker.register_round_model(booster, plan.federation_id, round_id,
+                                                 zero_example(plan.feature_names), tags)
+        promoted = r.tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, outcome["champion_stale"])
+        report = {"federation_id": plan.federation_id, "round": round_id, "version": version, **outcome,
+                  "excluded_banks": plan.excluded, "pooled": evaluation.pooled, "per_bank": evaluation.per_bank,
+                  "champion_auprc_before": champion_auprc, "promoted_to_champion": promoted,
+                  "trees": booster.num_boosted_rounds()}
+        earlier = [(n, ws.read_json(ws.path(n, "registered"))["pooled"]) for n in range(1, round_id)
+                   if ws.path(n, "registered").exists()]
+        history = [{"round": n, **{f"pooled.{k}": v for k, v in pooled.items()}}
+                   for n, pooled in [*earlier, (round_id, evaluation.pooled)]]
+        r.tracker.log_round_artifacts(round_id, evaluation.histograms, history, booster, plan.feature_names, report)
+    ws.write_json(report, r.path("registered"))
+    return version, evaluation, history

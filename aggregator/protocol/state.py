@@ -1,0 +1,83 @@
+"""What a phase works on: one round of one federation, and the shape of a phase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from aggregator.protocol.plan import Plan
+from aggregator.protocol.workspace import Workspace
+from aggregator.strategies import STRATEGIES, Strategy
+
+if TYPE_CHECKING:
+    from aggregator.tracking import FederationTracker
+
+AGGREGATOR, BANK = "aggregator", "bank"
+
+
+class Node(Protocol):
+    """What the aggregator may ask of a bank: an embedded ``BankNode``, or a ``RemoteNode`` in the
+    service. Collective strategies also ask ``bin_counts``, ``train_histogram``, ``abort_histogram``."""
+
+    bank: str
+
+    def summary(self) -> dict[str, Any]: ...
+    def train(self, task_bytes: bytes) -> bytes: ...
+    def evaluate(self, model_bytes: bytes) -> bytes: ...
+
+
+def strategy_for(plan: Plan) -> Strategy:
+    return STRATEGIES[plan.strategy](plan.settings, plan.seed, plan.consortium_params)
+
+
+@dataclass
+class RoundState:
+    """One round: its workspace, plan and strategy; ``stage`` is the banks training now."""
+
+    ws: Workspace
+    plan: Plan
+    round_id: int
+    tracker: "FederationTracker | None" = None
+    strategy: Strategy | None = None
+    stage: list[str] | None = None
+    on_progress: Callable[[str], None] = field(default=lambda message: None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.plan = Plan.from_dict(self.plan)
+        self.strategy = self.strategy or strategy_for(self.plan)
+        self.stage = self.stage if self.stage is not None else self.stages()[0]
+
+    def stages(self) -> list[list[str]]:
+        return self.strategy.stages(self.round_id, self.plan.banks)
+
+    def trains_in_one_task(self) -> bool:
+        """True when one call must drive the whole training: stages in turn, or collective training."""
+        return self.strategy.trains_in_one_task(self.round_id, self.plan.banks)
+
+    def path(self, kind: str, bank: str | None = None) -> Path:
+        return self.ws.path(self.round_id, kind, bank)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One question to one bank: a task ``kind``, where its input lies, where its answer goes."""
+
+    kind: str
+    bank: str
+    question: Path
+    answer: Path
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of a round. An aggregator phase is ``run(state)``; a bank phase is ``run(state, nodes)``
+    in process, and ``exchanges(state, bank)`` says what a driver asks each bank of ``banks(state)``."""
+
+    name: str
+    side: str
+    run: Callable[..., Any]
+    per_stage: bool = False  # repeated for every stage of a round (cyclic turns)
+    banks: Callable[[RoundState], list[str]] | None = None
+    exchanges: Callable[[RoundState, str], list[Exchange]] | None = None
+    state: str | None = None  # a bank phase: the round's state while banks answer

@@ -1,0 +1,121 @@
+"""The training half of a round: configure -> train at banks -> check -> aggregate -> candidate.
+
+The first four run once per stage (cyclic: once per bank's turn). Between phases everything
+lives in the round's workspace folder: tasks/, updates/, failures/, ``checks.json`` (accepted
+banks and named rejections so far) and ``working.json`` (the model aggregated so far).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aggregator.checks import Rejection, RoundContext, screen
+from aggregator.protocol.errors import RoundFailed
+from aggregator.protocol.registry import tracked_round
+from aggregator.protocol.state import Exchange, Node, RoundState
+from fedfraud import model_json
+from fedfraud.protocol import TaskKind, Tag
+from fedfraud.wire import ModelUpdate, TrainTask
+from pipelines.io import write_bytes
+
+log = logging.getLogger("fedfraud.rounds")
+
+
+def configure(r: RoundState) -> None:
+    """Every bank of the stage gets its task: trees on top of the round's working model."""
+    base = r.ws.working_model(r.round_id)
+    for bank in r.stage:
+        task = r.strategy.configure(r.round_id, bank, r.plan.bank_index(bank), base, r.plan.contract_hash)
+        write_bytes(task.to_bytes(), r.path("tasks", bank))
+
+
+def train_banks(r: RoundState) -> list[str]:
+    return list(r.stage)
+
+
+def train_exchanges(r: RoundState, bank: str) -> list[Exchange]:
+    return [Exchange(TaskKind.TRAIN, bank, r.path("tasks", bank), r.path("updates", bank))]
+
+
+def train(r: RoundState, nodes: dict[str, Node]) -> None:
+    """The stage's banks train (each alone, or all together for a collective strategy); a bank that
+    fails is recorded by name and does not sink the stage."""
+    tasks = {b: TrainTask.from_bytes(r.path("tasks", b).read_bytes()) for b in r.stage}
+    if r.strategy.collective:  # the stage's banks build every tree together
+        received, left_out = r.strategy.train_collective(nodes, tasks, r.round_id, r.on_progress)
+        for bank, data in received.items():
+            write_bytes(data, r.path("updates", bank))
+        for rejection in left_out:
+            r.ws.write_json(rejection.as_dict(), r.path("failures", rejection.bank))
+        return
+    for bank, task in tasks.items():
+        r.on_progress(f"round {r.round_id}: {bank} trains {task.num_trees} trees")
+        try:
+            write_bytes(nodes[bank].train(task.to_bytes()), r.path("updates", bank))
+        except Exception as exc:  # a bank failing must not sink the round while quorum holds
+            log.warning("bank %s failed in round %s: %s", bank, r.round_id, exc)
+            failure = Rejection(bank, "bank_failed", f"{exc.__class__.__name__}: {exc}")
+            r.ws.write_json(failure.as_dict(), r.path("failures", bank))
+
+
+def checks(r: RoundState) -> dict:
+    """The round's verdicts so far: ``participants`` (accepted), ``rejections``, ``stage_accepted``."""
+    path = r.path("checks")
+    return r.ws.read_json(path) if path.exists() else {"participants": [], "rejections": [], "stage_accepted": []}
+
+
+def check(r: RoundState) -> None:
+    """Screen every update not judged yet by the named checks; a stage bank without one is named too."""
+    verdict = checks(r)
+    decided = set(verdict["participants"]) | {x["bank"] for x in verdict["rejections"]}
+    received = {b: data for b, data in r.ws.messages(r.round_id, "updates").items() if b not in decided}
+    base_id = model_json.model_id(r.ws.working_model(r.round_id))
+    ctx = RoundContext.for_stage(r.round_id, r.plan.contract, r.stage, base_id, r.plan.settings,
+                                 verdict["participants"])
+    accepted, rejections = screen(received, ctx)
+    for bank in (b for b in r.stage if b not in received and b not in decided):
+        failure = r.path("failures", bank)
+        rejections.append(Rejection(**r.ws.read_json(failure)) if failure.exists() else _missing(bank))
+    for x in rejections:
+        log.warning("round %s: %s rejected by %s: %s", r.round_id, x.bank, x.check, x.detail)
+    r.ws.write_json({"participants": sorted(verdict["participants"] + [u.bank for u in accepted]),
+                     "rejections": verdict["rejections"] + [x.as_dict() for x in rejections],
+                     "stage_accepted": sorted(u.bank for u in accepted)}, r.path("checks"))
+
+
+def aggregate(r: RoundState) -> None:
+    """The stage's accepted updates join the working model through the strategy."""
+    accepted = [ModelUpdate.from_bytes(r.path("updates", b).read_bytes(), max_bytes=r.plan.settings.max_update_bytes)
+                for b in checks(r)["stage_accepted"]]
+    if accepted:
+        doc = r.strategy.aggregate(r.ws.working_model(r.round_id), accepted, r.plan.banks)
+        write_bytes(model_json.to_bytes(doc), r.path("working"))
+
+
+def publish_candidate(r: RoundState) -> dict:
+    """Quorum check, then the candidate (and the champion to compare with) for the banks to evaluate."""
+    verdict = checks(r)
+    participants, rejections = verdict["participants"], verdict["rejections"]
+    r.path("model").unlink(missing_ok=True)
+    outcome = {"participants": participants, "rejections": rejections, "accepted": False}
+    r.ws.write_json(outcome, r.path("outcome"))
+    if len(participants) < r.plan.settings.min_banks or not r.path("working").exists():
+        with tracked_round(r):  # a failed round's rejections go to MLflow too
+            r.tracker.log_rejections(r.round_id, rejections)
+        raise RoundFailed(f"round {r.round_id}: {len(participants)} accepted update(s), quorum is "
+                          f"{r.plan.settings.min_banks}; rejected: {rejections}")
+    champion, stale = r.tracker.champion(), False
+    r.path("champion").unlink(missing_ok=True)
+    if champion is not None:
+        version, booster = champion
+        stale = r.tracker.version_tags(version).get(Tag.FEATURE_CONTRACT_HASH) != r.plan.contract_hash
+        if not stale:
+            write_bytes(model_json.to_bytes(model_json.to_doc(booster)), r.path("champion"))
+    outcome["champion_stale"], outcome["accepted"] = stale, True
+    r.ws.write_json(outcome, r.path("outcome"))
+    write_bytes(r.path("working").read_bytes(), r.path("model"))  # last: banks may now evaluate
+    return outcome
+
+
+def _missing(bank: str) -> Rejection:
+    return Rejection(bank, "no_update", "no update arrived (the bank's task failed or timed out)")
