@@ -1,18 +1,21 @@
 """Update checks: a named stage every update passes before it may be aggregated.
 
-Each check is one small class with one method that returns ``None`` (pass) or a detail
-(reject). ``screen`` parses the bytes (bounded, JSON only), runs every check in order and
-names each rejection; nothing rejected reaches a strategy.
+``screen`` first parses each bank's bytes through ``fedfraud.model_guard`` (size bounded before
+parsing, strict JSON, every tree validated and rebuilt inside the consortium header, depth,
+nodes, trees, bytes and |leaf| within the round's limits): a ``ModelRefused`` is a rejection
+named by its check. The rebuilt update then meets the round checks below (one small class each,
+``None`` = pass, else a detail). Nothing rejected, and nothing a bank wrote itself beyond its
+trees' allowed fields, reaches a strategy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from fedfraud.settings import FederationSettings
-from fedfraud import model_json
-from fedfraud.wire import ModelUpdate, WireFormatError
+from fedfraud.model_guard import ConsortiumHeader, ModelLimits, ModelRefused, parse_update_bytes
+from fedfraud.wire import ModelUpdate
 
 
 @dataclass(frozen=True)
@@ -20,19 +23,17 @@ class RoundContext:
     round_id: int
     contract_hash: str
     base_model_id: str
-    num_feature: int
     expected_banks: frozenset[str]
-    max_trees: int
-    max_bytes: int
+    limits: ModelLimits  # one update's bounds (the plan's ``update_limits``)
+    header: ConsortiumHeader  # the consortium's header (the plan's), never a bank's
     accepted_before: frozenset[str] = field(default_factory=frozenset)  # banks already in this round
 
     @classmethod
-    def for_stage(cls, round_id: int, contract: dict, stage: list[str], base_model_id: str,
-                  settings: FederationSettings, accepted_before=()) -> "RoundContext":
-        """What updates from ``stage``'s banks must match, with the federation's limits."""
-        return cls(round_id=round_id, contract_hash=contract["hash"], base_model_id=base_model_id,
-                   num_feature=len(contract["names"]), expected_banks=frozenset(stage),
-                   max_trees=settings.max_trees_per_update, max_bytes=settings.max_update_bytes,
+    def for_stage(cls, round_id: int, plan, stage: list[str], base_model_id: str,
+                  accepted_before=()) -> "RoundContext":
+        """What updates from ``stage``'s banks must match, with the plan's header and limits."""
+        return cls(round_id=round_id, contract_hash=plan.contract_hash, base_model_id=base_model_id,
+                   expected_banks=frozenset(stage), limits=plan.update_limits, header=plan.header,
                    accepted_before=frozenset(accepted_before))
 
 
@@ -76,7 +77,7 @@ class ContractHash(UpdateCheck):
     def __call__(self, update, ctx):
         if update.contract_hash == ctx.contract_hash:
             return None
-        return f"feature contract {update.contract_hash[:12]} differs from the round's {ctx.contract_hash[:12]}"
+        return f"feature contract {str(update.contract_hash)[:12]} differs from the round's {ctx.contract_hash[:12]}"
 
 
 class StaleBase(UpdateCheck):
@@ -85,7 +86,7 @@ class StaleBase(UpdateCheck):
     def __call__(self, update, ctx):
         if update.base_model_id == ctx.base_model_id:
             return None
-        return f"trained on model {update.base_model_id}, current global model is {ctx.base_model_id}"
+        return f"trained on model {str(update.base_model_id)[:32]}, current global model is {ctx.base_model_id}"
 
 
 class Duplicate(UpdateCheck):
@@ -97,67 +98,30 @@ class Duplicate(UpdateCheck):
         )
 
 
-class TreeCount(UpdateCheck):
-    name = "tree_count"
-
-    def __call__(self, update, ctx):
-        count = len(model_json.trees(update.model))
-        return None if 1 <= count <= ctx.max_trees else f"{count} trees, allowed 1..{ctx.max_trees}"
-
-
-class NumFeature(UpdateCheck):
-    name = "num_feature"
-
-    def __call__(self, update, ctx):
-        found = model_json.num_feature(update.model)
-        return None if found == ctx.num_feature else f"model has {found} features, contract has {ctx.num_feature}"
-
-
-class FiniteLeaves(UpdateCheck):
-    name = "non_finite_leaves"
-
-    def __call__(self, update, ctx):
-        return None if model_json.all_finite(model_json.leaf_values(update.model)) else "NaN or infinite leaf values"
-
-
-DEFAULT_CHECKS: tuple[UpdateCheck, ...] = (
-    ExpectedBank(),
-    RoundId(),
-    ContractHash(),
-    StaleBase(),
-    Duplicate(),
-    TreeCount(),
-    NumFeature(),
-    FiniteLeaves(),
-)
+DEFAULT_CHECKS: tuple[UpdateCheck, ...] = (ExpectedBank(), RoundId(), ContractHash(), StaleBase(), Duplicate())
 
 
 def screen(
     received: dict[str, bytes], ctx: RoundContext, checks: tuple[UpdateCheck, ...] = DEFAULT_CHECKS
 ) -> tuple[list[ModelUpdate], list[Rejection]]:
-    """Parse and check each bank's bytes; return (accepted updates, named rejections)."""
+    """Parse, rebuild and check each bank's bytes; return (accepted rebuilt updates, named rejections)."""
     accepted: list[ModelUpdate] = []
     rejections: list[Rejection] = []
     seen = set(ctx.accepted_before)
     for sender in sorted(received):
         try:
-            update = ModelUpdate.from_bytes(received[sender], max_bytes=ctx.max_bytes)
-            if update.bank != sender:
-                raise WireFormatError(f"update claims bank {update.bank} but came from {sender}")
-            ctx_now = RoundContext(**{**ctx.__dict__, "accepted_before": frozenset(seen)})
-            failed = next(((c.name, d) for c in checks if (d := _run(c, update, ctx_now))), None)
-        except WireFormatError as exc:
-            failed = ("wire_format", str(exc))
+            update = parse_update_bytes(received[sender], ctx.limits, ctx.header)
+        except ModelRefused as refused:
+            rejections.append(Rejection(sender, refused.check, refused.detail))
+            continue
+        ctx_now = dataclasses.replace(ctx, accepted_before=frozenset(seen))
+        if update.bank != sender:
+            failed = ("wrong_sender", f"update claims bank {str(update.bank)[:40]} but came from {sender}")
+        else:
+            failed = next(((c.name, d) for c in checks if (d := c(update, ctx_now))), None)
         if failed:
             rejections.append(Rejection(sender, *failed))
         else:
             accepted.append(update)
             seen.add(sender)
     return accepted, rejections
-
-
-def _run(check: UpdateCheck, update: ModelUpdate, ctx: RoundContext) -> str | None:
-    try:
-        return check(update, ctx)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:  # a malformed model document
-        return f"malformed update ({exc.__class__.__name__}: {exc})"

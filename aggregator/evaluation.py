@@ -1,16 +1,21 @@
 """Federated evaluation: combine banks' metrics and score histograms into consortium figures.
 
-The aggregator never sees a score: pooled AUPRC and recall come from summed histograms.
+The aggregator never sees a score: pooled AUPRC and recall come from summed histograms. Every
+report is screened first (``screen_reports``): a report of the wrong shape, with counts that are
+not non-negative integers, whose totals differ from the holdout counts the bank reported at
+planning, or about another model, is excluded by name, never combined.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from fedfraud.scores import average_precision, pr_curve, recall_at_fpr
-from fedfraud.wire import EvaluationReport
+from fedfraud.scores import BINS, average_precision, pr_curve, recall_at_fpr
+from fedfraud.wire import EvaluationReport, WireFormatError
 
 
 @dataclass(frozen=True)
@@ -45,3 +50,59 @@ def combine(reports: list[EvaluationReport], alert_budget: float) -> FederatedEv
         pooled=pooled,
         histograms={**histograms, "pooled": (pos, neg)},
     )
+
+
+def _counts(values: Any) -> bool:
+    return (isinstance(values, list) and len(values) == BINS
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
+
+
+def report_problem(sender: str, report: EvaluationReport, model_id: str,
+                   holdout: dict[str, int] | None) -> tuple[str, str] | None:
+    """(check, detail) when a bank's report must not be combined; ``holdout``: its counts as planned
+    (None only for a plan written before counts were recorded)."""
+    if report.bank != sender:
+        return "wrong_sender", f"report claims bank {str(report.bank)[:40]}, sent by {sender}"
+    if report.model_id != model_id:
+        return "wrong_model", f"report on model {str(report.model_id)[:32]}, the round's model is {model_id}"
+    if not (_counts(report.hist_pos) and _counts(report.hist_neg)):
+        return "report_shape", f"histograms must be {BINS} non-negative integers each"
+    for name in ("positives", "negatives"):
+        value = getattr(report, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return "report_counts", f"{name} {str(value)[:24]} is not a non-negative integer"
+    if sum(report.hist_pos) != report.positives or sum(report.hist_neg) != report.negatives:
+        return "report_totals", (f"histograms hold {sum(report.hist_pos)}/{sum(report.hist_neg)} rows, the report "
+                                 f"says {report.positives}/{report.negatives}")
+    expected = None
+    if holdout:
+        expected = (holdout["holdout_positives"], holdout["holdout_rows"] - holdout["holdout_positives"])
+    if expected is not None and (report.positives, report.negatives) != expected:
+        return "report_totals", (f"{report.positives} positives / {report.negatives} negatives, its summary's "
+                                 f"holdout has {expected[0]} / {expected[1]}")
+    metrics = report.metrics
+    if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and 0.0 <= v <= 1.0 for k, v in metrics.items()):
+        return "report_metrics", "metrics must be numbers in [0, 1]"
+    return None
+
+
+def screen_reports(received: dict[str, bytes], model_id: str, holdout: dict[str, dict[str, int]],
+                   what: str = "evaluation") -> tuple[list[EvaluationReport], list[dict[str, str]]]:
+    """(reports fit to combine, named rejections ``{bank, check, detail}``) for one model's reports."""
+    reports, rejections = [], []
+    for sender, data in sorted(received.items()):
+        try:
+            report = EvaluationReport.from_bytes(data)
+            if holdout and sender not in holdout:
+                problem = "unexpected_bank", f"{sender} has no holdout counts in the plan"
+            else:
+                problem = report_problem(sender, report, model_id, holdout.get(sender))
+        except WireFormatError as exc:
+            problem = "malformed_report", str(exc)[:300]
+        if problem:
+            rejections.append({"bank": sender, "check": problem[0], "detail": f"{what}: {problem[1]}"})
+        else:
+            reports.append(report)
+    return reports, rejections

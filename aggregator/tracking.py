@@ -32,6 +32,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from aggregator import plots
+from fedfraud import model_json
 from fedfraud.protocol import Tag
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -339,14 +340,37 @@ class FederationTracker:
         self.client.set_model_version_tag(self.model_name, str(version), Tag.PROMOTION_DETAIL, detail)
         return moved
 
-    def champion(self) -> tuple[int, xgboost.Booster] | None:
-        """(version, booster) at alias ``champion``, or None."""
+    def champion_version(self) -> int | None:
+        return self._alias_version(CHAMPION)
+
+    def champion_model(self, limits=None, feature_names: list[str] | None = None) -> tuple[int, dict[str, Any]] | None:
+        """(version, model document) at alias ``champion``, or None. The logged JSON is read as bytes,
+        validated and rebuilt (``fedfraud.model_guard``, its header checked against ``feature_names``,
+        else its own names) before anything loads it; a refusal raises ``ModelRefused``."""
+        from fedfraud.logged_model import download_model_json
+        from fedfraud.model_guard import ModelLimits, ModelRefused, parse_received_model
+        from fedfraud.wire import WireFormatError, loads_strict
+
         version = self._alias_version(CHAMPION)
         if version is None:
             return None
+        limits = limits or ModelLimits.accepted()
         location = self.client.get_model_version_download_uri(self.model_name, str(version))
         with _fluent_uri(self.tracking_uri):  # e.g. mlflow-artifacts:/ locations resolve via the global URI
-            return version, mlflow.xgboost.load_model(location)
+            data = download_model_json(location, limits.max_bytes)
+        if feature_names is None:
+            try:
+                feature_names = loads_strict(data, "model")["learner"]["feature_names"]
+            except (WireFormatError, KeyError, TypeError) as exc:
+                raise ModelRefused("malformed", f"the logged model has no feature names ({exc})") from None
+        if not isinstance(feature_names, list):
+            raise ModelRefused("wrong_type", "feature_names must be a list")
+        return version, parse_received_model(data, limits, feature_names)
+
+    def champion(self) -> tuple[int, xgboost.Booster] | None:
+        """(version, booster) at alias ``champion``, or None; validated before it is loaded."""
+        found = self.champion_model()
+        return None if found is None else (found[0], model_json.to_booster(found[1]))
 
     def version_tags(self, version: int) -> dict[str, str]:
         return dict(self.client.get_model_version(self.model_name, str(version)).tags)

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedfraud.protocol import TaskKind
 from fedfraud.config_file import ConfigError, TLSFiles, read_yaml
@@ -41,6 +42,7 @@ class AgentConfig:
     long_poll_seconds: float = 20.0
     retry: Retry = Retry()
     pipeline_config: Path | None = None  # the bank's pipeline config (default: the consortium's)
+    policy: Any = None  # bank_node.policy.TrainingPolicy: the tasks this bank accepts (YAML ``policy:``)
 
     @classmethod
     def load(cls, path: str | Path) -> "AgentConfig":
@@ -51,6 +53,12 @@ class AgentConfig:
             raw["retry"] = Retry(**raw.get("retry", {}))
         except TypeError as exc:
             raise ConfigError(f"{path}: retry takes attempts, backoff_seconds, max_backoff_seconds ({exc})") from exc
+        from bank_node.policy import TrainingPolicy
+
+        try:
+            raw["policy"] = TrainingPolicy.from_dict(raw.get("policy"))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
         for key in ("data", "work_dir", "pipeline_config"):
             if raw.get(key) is not None:
                 raw[key] = Path(raw[key])
@@ -97,7 +105,8 @@ class Agent:
         self.config = config
         self.node = BankNode(config.bank, config.data, config.work_dir / "node", load_config(config.pipeline_config),
                              settings.holdout_fraction, settings.alert_budget,
-                             histogram_tls=ClientTLS(str(config.tls.ca), str(config.tls.key), str(config.tls.cert)))
+                             histogram_tls=ClientTLS(str(config.tls.ca), str(config.tls.key), str(config.tls.cert)),
+                             policy=config.policy)
         self.client = client or AggregatorClient(config.aggregator_url, config.tls, config.retry)
         self.ledger = Ledger(config.state_dir / "tasks")
 

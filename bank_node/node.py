@@ -3,21 +3,29 @@
 The aggregator talks to a node through four calls — ``summary``, ``train``, ``evaluate`` and
 ``prepare`` — whose inputs and outputs are exactly the messages of ``fedfraud.wire``, so the
 networked agent can carry the same calls over HTTP.
+
+Nothing received is trusted: a task must fit the bank's ``TrainingPolicy`` and its base model,
+like every model sent for evaluation, is validated and rebuilt (``fedfraud.model_guard``)
+against the bank's own feature contract before XGBoost sees it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from bank_node.dataset import BankDataset, read_features, spark_training_rows, time_split
 from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, holdout_metrics
+from bank_node.policy import TaskRefused, TrainingPolicy
 from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
 from fedfraud import model_json
-from fedfraud.wire import TrainTask, WireFormatError
+from fedfraud.model_guard import ModelRefused, header_from_model, parse_received_model, rebuild_model
+from fedfraud.wire import TrainTask
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR
 from pipelines.config import PipelineConfig
 from pipelines.feature_contract import load_contract
@@ -38,10 +46,15 @@ def input_fingerprint(path: Path, config: PipelineConfig) -> dict[str, Any]:
     return {"input": str(path), "digest": digest}
 
 
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics that are defined (a one-class holdout has no AUPRC): the wire refuses NaN."""
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
 class BankNode:
     def __init__(self, bank: str, raw_path: str | Path, work_dir: str | Path, config: PipelineConfig,
                  holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET, engine: str = "local",
-                 histogram_tls=None):
+                 histogram_tls=None, policy: TrainingPolicy | None = None):
         self.bank = bank
         self.raw_path = Path(raw_path)
         self.work_dir = Path(work_dir)
@@ -51,6 +64,7 @@ class BankNode:
         self.engine = engine  # "local" (one machine) or "spark" (SparkXGBClassifier)
         self.histogram_tls = histogram_tls  # ClientTLS for the federated channel; else FEDFRAUD_FEDERATED_* env vars
         self._histogram_worker = None
+        self.policy = policy or TrainingPolicy()  # what this bank accepts to train and to load
 
     def is_prepared(self) -> bool:
         """True when features exist for exactly this input and config (no Spark needed)."""
@@ -94,8 +108,8 @@ class BankNode:
         }
 
     def train(self, task_bytes: bytes) -> bytes:
-        """Run one training task; return the update's bytes."""
-        task = TrainTask.from_bytes(task_bytes)
+        """Run one training task (within the bank's policy, base model validated); return the update's bytes."""
+        task = self.accepted_task(task_bytes)
         self._require_training_allowed()
         data = self.data
         if self.engine == "spark":
@@ -106,8 +120,24 @@ class BankNode:
         else:
             booster = train_trees(task, data.X_train, data.y_train, data.feature_names)
         scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
-        metrics = holdout_metrics(scores, data.y_holdout, self.alert_budget)
+        metrics = finite(holdout_metrics(scores, data.y_holdout, self.alert_budget))
         return build_update(task, booster, data.counts(), metrics).to_bytes()
+
+    def accepted_task(self, task_bytes: bytes) -> TrainTask:
+        """The task if this bank accepts it: for this bank, inside its policy, its base model
+        validated and rebuilt; else ``TaskRefused`` naming why."""
+        task = TrainTask.from_bytes(task_bytes)
+        if task.bank != self.bank:
+            raise TaskRefused("wrong_bank", f"task for {str(task.bank)[:40]} sent to {self.bank}")
+        self.policy.check(task)
+        if task.base_model is None:
+            return task
+        try:
+            header = header_from_model(task.base_model, self.contract["names"])
+            base = rebuild_model(task.base_model, self.policy.received_limits(), header)
+        except ModelRefused as refused:
+            raise TaskRefused(f"base_model_{refused.check}", refused.detail) from None
+        return dataclasses.replace(task, base_model=base)
 
     def _require_training_allowed(self) -> None:
         report = self.report
@@ -115,15 +145,14 @@ class BankNode:
             raise BankDeclined(f"{self.bank} declines to train: {'; '.join(report['decline_reasons'])}")
 
     def evaluate(self, model_bytes: bytes) -> bytes:
-        """Score the holdout with a candidate model; return metrics and histograms only."""
-        if len(model_bytes) > TrainTask.MAX_BYTES:
-            raise WireFormatError(f"model of {len(model_bytes)} bytes exceeds the {TrainTask.MAX_BYTES}-byte limit")
-        doc = json.loads(model_bytes)
-        booster = model_json.to_booster(doc)
+        """Score the holdout with a candidate model (validated and rebuilt first: a ``ModelRefused``
+        names what is wrong with it); return metrics and histograms only."""
         data = self.data
+        doc = parse_received_model(model_bytes, self.policy.received_limits(), data.feature_names)
+        booster = model_json.to_booster(doc)
         scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
         report = evaluation_report(self.bank, model_json.model_id(doc), scores, data.y_holdout, self.alert_budget)
-        return report.to_bytes()
+        return dataclasses.replace(report, metrics=finite(report.metrics)).to_bytes()
 
     def fit_local(self, params: dict[str, Any], num_trees: int):
         """A model from this bank's rows alone (the local-only baseline; nothing leaves the bank)."""
@@ -145,11 +174,12 @@ class BankNode:
         """Join a collective round in a worker process of this bank; return its update's bytes."""
         from bank_node.histogram_worker import ClientTLS, HistogramSession, start_worker
 
+        task = self.accepted_task(task_bytes)
         self._require_training_allowed()
         session = HistogramSession.from_bytes(session_bytes)
         if session.bank != self.bank:
             raise ValueError(f"session for {session.bank} sent to {self.bank}")
-        worker = start_worker(self.work_dir, self.data, self.contract["hash"], task_bytes, session,
+        worker = start_worker(self.work_dir, self.data, self.contract["hash"], task.to_bytes(), session,
                               self.histogram_tls or ClientTLS.from_env())
         self._histogram_worker = worker
         try:

@@ -1,11 +1,13 @@
-"""Batch scoring at the bank: every input row gets a score, or a null score if quarantined."""
+"""Batch scoring at the bank: every input row gets a score, or a null score if quarantined.
+
+The registered model is read as JSON bytes and validated and rebuilt against the bank's own
+feature contract and policy (``fedfraud.model_guard``) before XGBoost loads it."""
 
 from __future__ import annotations
 
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bank_node.dataset import read_features
+from bank_node.policy import TrainingPolicy
 from bank_node.training import dmatrix
+from fedfraud import model_json
+from fedfraud.model_guard import parse_received_model
 from fedfraud.protocol import Tag
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR, build_bank_features
 from pipelines.config import PipelineConfig
@@ -24,10 +29,12 @@ from pipelines.validation import QUARANTINE_DIR
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
-def resolve_model(model_uri: str, tracking_uri: str | None) -> tuple[Any, dict[str, str]]:
-    """Load a registered model (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) and its tags."""
-    import mlflow
+def resolve_model(model_uri: str, tracking_uri: str | None, max_bytes: int) -> tuple[bytes, dict[str, str]]:
+    """A registered model (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) as JSON bytes, not
+    loaded, and its tags."""
     from mlflow import MlflowClient
+
+    from fedfraud.logged_model import download_model_json
 
     match = _MODEL_URI.match(model_uri)
     if not match:
@@ -37,9 +44,9 @@ def resolve_model(model_uri: str, tracking_uri: str | None) -> tuple[Any, dict[s
         version = client.get_model_version_by_alias(match["name"], match["alias"])
     else:
         version = client.get_model_version(match["name"], match["version"])
-    # Load from the version's own artifact location: no global tracking URI is set or changed.
-    booster = mlflow.xgboost.load_model(client.get_model_version_download_uri(match["name"], version.version))
-    return booster, dict(version.tags)
+    # Read from the version's own artifact location: no global tracking URI is set or changed.
+    location = client.get_model_version_download_uri(match["name"], version.version)
+    return download_model_json(location, max_bytes, tracking_uri), dict(version.tags)
 
 
 def write_scores(frame: pd.DataFrame, output: Path) -> None:
@@ -51,12 +58,15 @@ def write_scores(frame: pd.DataFrame, output: Path) -> None:
 
 
 def score_transactions(spark, model_uri: str, input_path: str | Path, output_path: str | Path,
-                       config: PipelineConfig, tracking_uri: str | None = None) -> dict[str, int]:
+                       config: PipelineConfig, tracking_uri: str | None = None,
+                       policy: TrainingPolicy | None = None) -> dict[str, int]:
     """Validate and build features over the whole input (history included), score every valid row.
 
-    Quarantined rows are listed with a null score, so the output has one row per input row.
+    Quarantined rows are listed with a null score, so the output has one row per input row. The
+    model must pass ``model_guard`` under the bank's ``policy`` (a ``ModelRefused`` names why not).
     """
-    booster, tags = resolve_model(model_uri, tracking_uri)
+    limits = (policy or TrainingPolicy()).received_limits()
+    model_bytes, tags = resolve_model(model_uri, tracking_uri, limits.max_bytes)
     with tempfile.TemporaryDirectory(prefix="fedfraud-score-") as tmp:
         work = Path(tmp)
         build_bank_features(spark, input_path, work, config)
@@ -64,6 +74,7 @@ def score_transactions(spark, model_uri: str, input_path: str | Path, output_pat
         expected = tags.get(Tag.FEATURE_CONTRACT_HASH)
         if expected:
             require_same_contract(expected, contract, "this bank")
+        booster = model_json.to_booster(parse_received_model(model_bytes, limits, contract["names"]))
         features = read_features(work / FEATURES_DIR, contract["names"])
         scores = booster.predict(dmatrix(features[contract["names"]].to_numpy(np.float32), None, contract["names"]))
         quarantined = pq.read_table(str(work / VALIDATION_DIR / QUARANTINE_DIR), columns=["transaction_id"]).to_pandas()

@@ -22,7 +22,8 @@ from fedfraud.model_header import (OBJECTIVE, ConsortiumHeader, Doc, ModelRefuse
                                    header_from_model, parse_base_score)
 from fedfraud.wire import ModelUpdate
 
-__all__ = ["CHECKS", "ConsortiumHeader", "ModelLimits", "ModelRefused", "consortium_header", "header_from_model",
+__all__ = ["CHECKS", "MAX_MODEL_BYTES", "MAX_MODEL_DEPTH", "MAX_MODEL_TREES", "ConsortiumHeader",
+           "ModelLimits", "ModelRefused", "consortium_header", "header_from_model",
            "parse_model_bytes", "parse_received_model", "parse_update_bytes", "rebuild_model", "rebuild_trees",
            "rebuild_update"]
 
@@ -38,6 +39,9 @@ CATEGORY_ARRAYS = ("categories", "categories_nodes", "categories_segments", "cat
 NO_PARENT = 2147483647  # XGBoost's parent of the root
 # Byte budget: a rebuilt node serialises to ~46 bytes (measured; ~56 as XGBoost writes it), at most ~100.
 BYTES_PER_NODE, HEADER_BYTES = 256, 64 * 1024
+# What a bank accepts by default (bank_node.policy); the aggregator's global model never outgrows it,
+# and a task carrying it stays under the wire's TrainTask bound (128 MiB).
+MAX_MODEL_DEPTH, MAX_MODEL_TREES, MAX_MODEL_BYTES = 8, 10_000, 96 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,12 @@ class ModelLimits:
         nodes = 2 ** (max_depth + 1) - 1
         others.setdefault("max_bytes", HEADER_BYTES + max_trees * nodes * BYTES_PER_NODE)
         return cls(max_depth=max_depth, max_nodes_per_tree=nodes, max_trees=max_trees, **others)
+
+    @classmethod
+    def accepted(cls, max_depth: int = MAX_MODEL_DEPTH, max_trees: int = MAX_MODEL_TREES,
+                 max_bytes: int = MAX_MODEL_BYTES, **others: Any) -> "ModelLimits":
+        """A whole model a bank accepts (by default: ``bank_node.policy``'s defaults)."""
+        return cls.for_depth(max_depth, max_trees=max_trees, max_bytes=max_bytes, **others)
 
 
 def _field(mapping: Any, key: str, kind: type, where: str) -> Any:
@@ -275,5 +285,6 @@ def parse_update_bytes(data: Any, limits: ModelLimits, header: ConsortiumHeader,
     except RecursionError:
         raise ModelRefused("malformed", "JSON nested too deeply") from None
     except ValueError as exc:  # WireFormatError, or an integer beyond Python's digit limit
-        raise ModelRefused("malformed", str(exc)[:160]) from None
+        check = "not_finite" if "JSON constant" in str(exc) else "malformed"
+        raise ModelRefused(check, str(exc)[:160]) from None
     return rebuild_update(update, limits, header)

@@ -18,6 +18,7 @@ class FederationSettings:
     max_bin: int = 256
     imbalance: str = "sqrt"  # scale_pos_weight from consortium counts: "ratio", "sqrt" or "none"
     weighting: str = "data_share"  # bagging: scale each bank's trees by its data share, or "uniform"
+    max_bank_share: float = 0.5  # bagging: no bank's weight above this share (rows as recorded at planning)
     holdout_fraction: float = 0.2
     alert_budget: float = 0.005
     min_banks: int = 1

@@ -23,6 +23,24 @@ class WireFormatError(ValueError):
     """Bytes received are not a well-formed, bounded message."""
 
 
+def _refuse_constant(name: str) -> None:
+    raise WireFormatError(f"JSON constant {name} is not allowed (numbers must be finite)")
+
+
+def loads_strict(data: bytes, what: str = "message") -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, bounded nesting and integer length, else ``WireFormatError``."""
+    try:
+        return json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
+    except WireFormatError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise WireFormatError(f"{what} is not valid JSON (not UTF-8 at byte {exc.start})") from None
+    except RecursionError:
+        raise WireFormatError(f"{what} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer beyond Python's digit limit
+        raise WireFormatError(f"{what} is not valid JSON ({str(exc)[:160]})") from None
+
+
 class WireMessage:
     """JSON (de)serialisation with a size bound, shared by every message type."""
 
@@ -37,10 +55,7 @@ class WireMessage:
         limit = cls.MAX_BYTES if max_bytes is None else max_bytes
         if len(data) > limit:
             raise WireFormatError(f"{cls.KIND} of {len(data)} bytes exceeds the {limit}-byte limit")
-        try:
-            parsed = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WireFormatError(f"{cls.KIND} is not valid JSON ({exc})") from exc
+        parsed = loads_strict(data, cls.KIND)
         if not isinstance(parsed, dict):
             raise WireFormatError(f"{cls.KIND} must be a JSON object")
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]

@@ -126,7 +126,8 @@ def bank_summary(bank: str, **overrides) -> bytes:
     from pipelines.feature_contract import feature_contract
 
     body = {"bank": bank, "contract_hash": feature_contract(load_config().features)["hash"],
-            "counts": {"positives": 40, "negatives": 9000, "train_rows": 7000, "holdout_rows": 2040},
+            "counts": {"positives": 40, "negatives": 6960, "train_rows": 7000, "holdout_rows": 2040,
+                       "holdout_positives": 12},
             "training_allowed": True, "decline_reasons": [], "data_window": ["2026-01-01", "2026-03-01"],
             "holdout_start": "2026-02-20", **overrides}
     return json.dumps(body).encode()

@@ -1,7 +1,8 @@
 """The federation's plan: decided once from the banks' summaries, parsed and validated once.
 
-On disk (``plan.json``) and in the service's database it is the same JSON object as before;
-everywhere in code it is a ``Plan``.
+On disk (``plan.json``) and in the service's database it is the same JSON object as before
+(plus ``counts``, each bank's counts as recorded at planning); everywhere in code it is a ``Plan``.
+The consortium header and the model limits of every check follow from the plan alone.
 """
 
 from __future__ import annotations
@@ -12,8 +13,45 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from aggregator.protocol.errors import RoundFailed
+from fedfraud.model_guard import MAX_MODEL_BYTES, MAX_MODEL_TREES, ConsortiumHeader, ModelLimits, consortium_header
 from fedfraud.protocol import StrategyName
 from fedfraud.settings import FederationSettings, consortium_params
+
+COUNT_KEYS = ("train_rows", "positives", "negatives", "holdout_rows", "holdout_positives")
+MAX_COUNT = 10 ** 12  # rows a bank may claim (far above any bank; keeps the sums exact)
+OPTIONAL_FIELDS = ("data_windows", "run_id", "counts")  # absent in plans written before they existed
+
+
+def summary_problem(summary: Any) -> tuple[str, str] | None:
+    """(check, detail) when a bank's summary is unusable: wrong types (``invalid_summary``) or
+    counts that are not non-negative integers adding up (``invalid_counts``); else None."""
+    if not isinstance(summary, dict):
+        return "invalid_summary", f"a summary must be an object, not {type(summary).__name__}"
+    kinds = {"bank": str, "contract_hash": str, "training_allowed": bool, "decline_reasons": list,
+             "data_window": list}
+    for key, kind in kinds.items():
+        if not isinstance(summary.get(key), kind):
+            return "invalid_summary", f"{key} must be a {kind.__name__}, got {type(summary.get(key)).__name__}"
+    if not all(isinstance(r, str) for r in summary["decline_reasons"]):
+        return "invalid_summary", "decline_reasons must be strings"
+    problem = counts_problem(summary.get("counts"))
+    return ("invalid_counts", problem) if problem else None
+
+
+def counts_problem(counts: Any) -> str | None:
+    """Why a summary's counts are unusable (None: non-negative integers that add up)."""
+    if not isinstance(counts, dict):
+        return f"counts must be an object, not {type(counts).__name__}"
+    for key in COUNT_KEYS:
+        value = counts.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            return f"counts.{key} = {str(value)[:24]!r} is not an integer in 0..{MAX_COUNT}"
+    if counts["positives"] + counts["negatives"] != counts["train_rows"]:
+        return (f"positives {counts['positives']} + negatives {counts['negatives']} != "
+                f"train_rows {counts['train_rows']}")
+    if counts["holdout_positives"] > counts["holdout_rows"]:
+        return f"holdout_positives {counts['holdout_positives']} > holdout_rows {counts['holdout_rows']}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -31,6 +69,31 @@ class Plan:
     federation_id: str
     data_windows: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per bank, recorded at planning
+
+    @property
+    def header(self) -> ConsortiumHeader:
+        """The header every model of this federation carries, decided here (never a bank's)."""
+        return consortium_header(self.feature_names, self.consortium_params)
+
+    @property
+    def update_limits(self) -> ModelLimits:
+        """Bounds of one bank's update: the round's depth, ``trees_per_round`` trees."""
+        s = self.settings
+        limits = ModelLimits.for_depth(s.max_depth, max_trees=min(s.trees_per_round, s.max_trees_per_update))
+        return ModelLimits(**{**asdict(limits), "max_bytes": min(limits.max_bytes, s.max_update_bytes)})
+
+    @property
+    def model_limits(self) -> ModelLimits:
+        """Bounds of the global model: every round's trees from every bank, never above what banks accept."""
+        trees = self.rounds * len(self.banks) * self.settings.trees_per_round
+        limits = ModelLimits.for_depth(self.settings.max_depth, max_trees=min(trees, MAX_MODEL_TREES))
+        return ModelLimits(**{**asdict(limits), "max_bytes": min(limits.max_bytes, MAX_MODEL_BYTES)})
+
+    @property
+    def train_rows(self) -> dict[str, int]:
+        """Each bank's training rows as its summary reported them at planning (bagging weights)."""
+        return {bank: c["train_rows"] for bank, c in self.counts.items()}
 
     @property
     def contract(self) -> dict[str, Any]:
@@ -47,7 +110,7 @@ class Plan:
         if not isinstance(raw, dict):
             raise ValueError(f"a plan must be a JSON object, not {type(raw).__name__}")
         names = {f.name for f in fields(cls)}
-        unknown, missing = set(raw) - names, {n for n in names - set(raw) if n not in ("data_windows", "run_id")}
+        unknown, missing = set(raw) - names, {n for n in names - set(raw) if n not in OPTIONAL_FIELDS}
         if unknown or missing:
             raise ValueError(f"plan fields: unknown {sorted(unknown)}, missing {sorted(missing)}")
         settings = FederationSettings(**raw["settings"])
@@ -64,6 +127,9 @@ class Plan:
             raise ValueError(f"plan banks must be distinct names: {self.banks!r}")
         if not all(isinstance(n, str) for n in self.feature_names):
             raise ValueError("plan feature names must be strings")
+        for bank, counts in self.counts.items():
+            if bank not in self.banks or (problem := counts_problem(counts)):
+                raise ValueError(f"plan counts of {bank}: {problem or 'not a planned bank'}")
 
     def bank_index(self, bank: str) -> int:
         return self.banks.index(bank)
@@ -73,7 +139,9 @@ def select_banks(summaries: dict[str, dict[str, Any]], contract_hash: str) -> tu
     """Banks fit to join (ready, same feature contract) and the named reason for each one left out."""
     ready, excluded = [], {}
     for bank, s in sorted(summaries.items()):
-        if s["contract_hash"] != contract_hash:
+        if problem := summary_problem(s):
+            excluded[bank] = ": ".join(problem)
+        elif s["contract_hash"] != contract_hash:
             excluded[bank] = f"feature contract {s['contract_hash'][:12]} differs from {contract_hash[:12]}"
         elif not s["training_allowed"]:
             excluded[bank] = "declined to train: " + "; ".join(s["decline_reasons"])
@@ -88,7 +156,7 @@ def federation_id(model_name: str, strategy: str, rounds: int, seed: int, settin
     key = {"model": model_name, "strategy": strategy, "rounds": rounds, "seed": seed,
            "settings": settings.as_params(),
            "banks": {b: [s["contract_hash"], s["data_window"], s["counts"]] for b, s in sorted(summaries.items())}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def make_plan(summaries: dict[str, dict[str, Any]], missing: list[str], model_name: str, strategy: str, rounds: int,
@@ -98,12 +166,17 @@ def make_plan(summaries: dict[str, dict[str, Any]], missing: list[str], model_na
     excluded.update({b: "did not prepare (its task failed or timed out)" for b in missing})
     if len(ready) < settings.min_banks:
         raise RoundFailed(f"only {len(ready)} bank(s) ready, quorum is {settings.min_banks}; excluded: {excluded}")
+    trees = rounds * len(ready) * settings.trees_per_round
+    if trees > MAX_MODEL_TREES:
+        raise RoundFailed(f"model_too_large: {rounds} rounds x {len(ready)} banks x {settings.trees_per_round} trees "
+                          f"= {trees} trees, banks accept at most {MAX_MODEL_TREES}")
     positives = sum(summaries[b]["counts"]["positives"] for b in ready)
     negatives = sum(summaries[b]["counts"]["negatives"] for b in ready)
     plan = Plan(model_name=model_name, strategy=strategy, rounds=rounds, seed=seed, settings=settings,
                 contract_hash=contract["hash"], feature_names=list(contract["names"]), banks=ready, excluded=excluded,
                 consortium_params=consortium_params(settings, positives, negatives),
                 federation_id=federation_id(model_name, strategy, rounds, seed, settings, summaries),
-                data_windows={b: summaries[b]["data_window"] for b in ready}, run_id=run_id)
+                data_windows={b: summaries[b]["data_window"] for b in ready}, run_id=run_id,
+                counts={b: {k: summaries[b]["counts"][k] for k in COUNT_KEYS} for b in ready})
     plan.validate()
     return plan

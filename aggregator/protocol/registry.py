@@ -6,13 +6,12 @@ import json
 import logging
 from contextlib import contextmanager
 
-from aggregator.evaluation import FederatedEvaluation, combine
+from aggregator.evaluation import FederatedEvaluation, combine, screen_reports
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.state import Exchange, Node, RoundState
 from aggregator.tracking import zero_example
 from fedfraud import model_json
 from fedfraud.protocol import Tag, TaskKind
-from fedfraud.wire import EvaluationReport
 from pipelines.io import write_bytes
 
 log = logging.getLogger("fedfraud.rounds")
@@ -61,11 +60,16 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
     outcome = ws.read_json(r.path("outcome")) if r.path("outcome").exists() else {"accepted": False}
     if not outcome["accepted"]:
         raise RoundFailed(f"round {round_id} was not aggregated (below quorum or failed); nothing to register")
-    reports = [EvaluationReport.from_bytes(d) for d in ws.messages(round_id, "evaluations").values()]
+    model_id = model_json.model_id(ws.read_json(r.path("model")))
+    reports, refused = screen_reports(ws.messages(round_id, "evaluations"), model_id, plan.counts)
+    champion_id = model_json.model_id(ws.read_json(r.path("champion"))) if r.path("champion").exists() else "none"
+    champion_reports, champion_refused = screen_reports(ws.messages(round_id, "champion_evaluations"), champion_id,
+                                                        plan.counts, "champion evaluation")
+    outcome["rejections"] = outcome["rejections"] + refused + champion_refused  # excluded by name, never combined
     if len(reports) < settings.min_banks:
-        raise RoundFailed(f"round {round_id}: {len(reports)} evaluation(s), quorum is {settings.min_banks}")
+        raise RoundFailed(f"round {round_id}: {len(reports)} evaluation(s), quorum is {settings.min_banks}; "
+                          f"refused: {refused}")
     evaluation = combine(reports, settings.alert_budget)
-    champion_reports = [EvaluationReport.from_bytes(d) for d in ws.messages(round_id, "champion_evaluations").values()]
     champion_auprc = combine(champion_reports, settings.alert_budget).pooled["auprc"] if champion_reports else None
     booster = model_json.to_booster(ws.read_json(r.path("model")))
     tags = {

@@ -28,7 +28,8 @@ class Node(Protocol):
 
 
 def strategy_for(plan: Plan) -> Strategy:
-    return STRATEGIES[plan.strategy](plan.settings, plan.seed, plan.consortium_params)
+    return STRATEGIES[plan.strategy](plan.settings, plan.seed, plan.consortium_params, header=plan.header,
+                                     train_rows=plan.train_rows)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 The first four run once per stage (cyclic: once per bank's turn). Between phases everything
 lives in the round's workspace folder: tasks/, updates/, failures/, ``checks.json`` (accepted
-banks and named rejections so far) and ``working.json`` (the model aggregated so far).
+banks and named rejections so far), updates-checked/ (each accepted update as ``check`` rebuilt
+it: the only bytes a strategy aggregates) and ``working.json`` (the model aggregated so far,
+rebuilt within the plan's model limits).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.registry import tracked_round
 from aggregator.protocol.state import Exchange, Node, RoundState
 from fedfraud import model_json
+from fedfraud.model_guard import ModelLimits, ModelRefused, rebuild_model
 from fedfraud.protocol import TaskKind, Tag
 from fedfraud.wire import ModelUpdate, TrainTask
 from pipelines.io import write_bytes
@@ -70,9 +73,10 @@ def check(r: RoundState) -> None:
     decided = set(verdict["participants"]) | {x["bank"] for x in verdict["rejections"]}
     received = {b: data for b, data in r.ws.messages(r.round_id, "updates").items() if b not in decided}
     base_id = model_json.model_id(r.ws.working_model(r.round_id))
-    ctx = RoundContext.for_stage(r.round_id, r.plan.contract, r.stage, base_id, r.plan.settings,
-                                 verdict["participants"])
+    ctx = RoundContext.for_stage(r.round_id, r.plan, r.stage, base_id, verdict["participants"])
     accepted, rejections = screen(received, ctx)
+    for update in accepted:  # as rebuilt: aggregation never re-reads what a bank sent
+        write_bytes(update.to_bytes(), r.path(CHECKED, update.bank))
     for bank in (b for b in r.stage if b not in received and b not in decided):
         failure = r.path("failures", bank)
         rejections.append(Rejection(**r.ws.read_json(failure)) if failure.exists() else _missing(bank))
@@ -84,11 +88,17 @@ def check(r: RoundState) -> None:
 
 
 def aggregate(r: RoundState) -> None:
-    """The stage's accepted updates join the working model through the strategy."""
-    accepted = [ModelUpdate.from_bytes(r.path("updates", b).read_bytes(), max_bytes=r.plan.settings.max_update_bytes)
+    """The stage's accepted updates (as ``check`` rebuilt them) join the working model through the
+    strategy; the result is rebuilt within the plan's model limits, else the round fails by name."""
+    accepted = [ModelUpdate.from_bytes(r.path(CHECKED, b).read_bytes(), max_bytes=r.plan.model_limits.max_bytes)
                 for b in checks(r)["stage_accepted"]]
     if accepted:
         doc = r.strategy.aggregate(r.ws.working_model(r.round_id), accepted, r.plan.banks)
+        try:
+            doc = rebuild_model(doc, r.plan.model_limits, r.plan.header)
+        except ModelRefused as refused:
+            raise RoundFailed(f"round {r.round_id}: the aggregated model is refused by {refused.check}: "
+                              f"{refused.detail}") from None
         write_bytes(model_json.to_bytes(doc), r.path("working"))
 
 
@@ -104,17 +114,27 @@ def publish_candidate(r: RoundState) -> dict:
             r.tracker.log_rejections(r.round_id, rejections)
         raise RoundFailed(f"round {r.round_id}: {len(participants)} accepted update(s), quorum is "
                           f"{r.plan.settings.min_banks}; rejected: {rejections}")
-    champion, stale = r.tracker.champion(), False
+    stale = False
     r.path("champion").unlink(missing_ok=True)
-    if champion is not None:
-        version, booster = champion
+    version = r.tracker.champion_version()
+    if version is not None:
         stale = r.tracker.version_tags(version).get(Tag.FEATURE_CONTRACT_HASH) != r.plan.contract_hash
-        if not stale:
-            write_bytes(model_json.to_bytes(model_json.to_doc(booster)), r.path("champion"))
+        if not stale:  # validated against this federation's contract and rebuilt before anyone loads it
+            try:
+                _, doc = r.tracker.champion_model(ModelLimits.accepted(), r.plan.feature_names)
+                write_bytes(model_json.to_bytes(doc), r.path("champion"))
+            except ModelRefused as refused:
+                log.warning("round %s: champion v%s refused by %s: %s", r.round_id, version, refused.check,
+                            refused.detail)
+                outcome["champion_refused"] = f"{refused.check}: {refused.detail}"
+                stale = True  # a champion that cannot be loaded safely cannot hold its place
     outcome["champion_stale"], outcome["accepted"] = stale, True
     r.ws.write_json(outcome, r.path("outcome"))
     write_bytes(r.path("working").read_bytes(), r.path("model"))  # last: banks may now evaluate
     return outcome
+
+
+CHECKED = "updates-checked"
 
 
 def _missing(bank: str) -> Rejection:

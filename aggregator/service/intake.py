@@ -2,16 +2,17 @@
 
 Each refusal is a ``Refused`` with an HTTP status and a named check, recorded in the
 rejections table and returned to the caller. Nothing received is unpickled: every body is
-bounded, then parsed as JSON into the wire message its task expects.
+bounded, then parsed as strict JSON (no NaN/Infinity, bounded nesting) into the wire message its
+task expects; a summary's counts must be non-negative integers that add up (``invalid_counts``).
+Whatever the bytes, the answer is a named refusal, never a server error.
 """
 
 from __future__ import annotations
 
-import json
-
+from aggregator.protocol.plan import summary_problem
 from fedfraud.binning import BinCounts
 from fedfraud.protocol import TaskKind
-from fedfraud.wire import EvaluationReport, ModelUpdate, WireFormatError
+from fedfraud.wire import EvaluationReport, ModelUpdate, WireFormatError, loads_strict
 
 MAX_SUMMARY_BYTES = 64 * 1024
 MAX_FAILURE_BYTES = 16 * 1024
@@ -42,8 +43,11 @@ def screen_upload(kind: str, body: bytes, caller: str, round_id: int, max_update
         raise Refused(413, "too_large", f"{kind} of {len(body)} bytes exceeds the {limit}-byte limit")
     try:
         sender, for_round = _parse(kind, body)
-    except (WireFormatError, ValueError, KeyError, TypeError) as exc:
-        raise Refused(400, "malformed", f"{kind} from {caller} is not a well-formed message: {exc}") from exc
+    except Refused:
+        raise
+    except (WireFormatError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise Refused(400, "malformed", f"{kind} from {caller} is not a well-formed message: "
+                                        f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
     if sender != caller:
         raise Refused(403, "wrong_sender", f"{caller} cannot upload a {kind} on behalf of {sender}")
     if for_round is not None and for_round != round_id:
@@ -60,13 +64,14 @@ def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
     if kind == TaskKind.BIN_COUNTS:
         return BinCounts.from_bytes(body).bank, None
     if kind == TaskKind.SUMMARY:
-        summary = json.loads(body.decode("utf-8"))
+        summary = loads_strict(body, "summary")
         if not isinstance(summary, dict):
             raise ValueError("a summary must be a JSON object")
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise ValueError(f"summary is missing {', '.join(missing)}")
-        if not {"positives", "negatives"} <= set(summary["counts"]):
-            raise ValueError("summary counts need positives and negatives")
+        problem = summary_problem(summary)
+        if problem:
+            raise Refused(422, *problem)
         return str(summary["bank"]), None
     raise ValueError(f"unknown task kind {kind!r}")

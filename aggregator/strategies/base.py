@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from fedfraud.settings import FederationSettings, derive_seed
 from fedfraud import model_json
+from fedfraud.model_guard import ConsortiumHeader
 from fedfraud.model_json import Doc
 from fedfraud.wire import ModelUpdate, TrainTask
 
@@ -21,10 +22,13 @@ class Strategy(ABC):
     name: ClassVar[str]
     collective: ClassVar[bool] = False  # banks build every tree together (``train_collective``)
 
-    def __init__(self, settings: FederationSettings, seed: int, consortium_params: dict[str, Any]):
+    def __init__(self, settings: FederationSettings, seed: int, consortium_params: dict[str, Any],
+                 header: ConsortiumHeader | None = None, train_rows: dict[str, int] | None = None):
         self.settings = settings
         self.seed = seed
         self.consortium_params = consortium_params
+        self.header = header  # the consortium's header (the plan's); the empty model is built from it
+        self.train_rows = dict(train_rows or {})  # per bank, as recorded at planning (never an update's)
 
     def stages(self, round_id: int, banks: list[str]) -> list[list[str]]:
         """Groups of banks that train one after another within a round (default: all at once)."""
@@ -58,7 +62,9 @@ class Strategy(ABC):
         """A collective strategy's stage: (update bytes per bank, rejections of banks left out)."""
         raise NotImplementedError(f"{self.name} does not train collectively")
 
-    @staticmethod
-    def start_from(global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:
-        """The model to append to: the global one, or an empty model with the shared base score."""
-        return global_model if global_model is not None else model_json.empty_like(updates[0].model)
+    def start_from(self, global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:
+        """The model to append to: the global one, or the consortium header's empty model (never
+        built from a bank's update; without a header, e.g. a bench's strategy, the first update's)."""
+        if global_model is not None:
+            return global_model
+        return self.header.document([]) if self.header is not None else model_json.empty_like(updates[0].model)

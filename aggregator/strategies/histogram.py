@@ -54,8 +54,8 @@ class Histogram(Strategy):
     abort_grace_s: ClassVar[float] = 30.0
     nthread: ClassVar[int] = 1  # per bank process; embedded runs share the machine's cores
 
-    def __init__(self, settings, seed: int, consortium_params: dict[str, Any]):
-        super().__init__(settings, seed, {**consortium_params, "subsample": 1.0})
+    def __init__(self, settings, seed: int, consortium_params: dict[str, Any], **planned: Any):
+        super().__init__(settings, seed, {**consortium_params, "subsample": 1.0}, **planned)
         self.bins: GlobalBins | None = None
         self.world: list[str] = []
         self.round_timeout_s = float(os.environ.get("FEDFRAUD_HISTOGRAM_TIMEOUT", "1800"))

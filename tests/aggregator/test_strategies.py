@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -9,6 +11,7 @@ from conftest import TOY_FEATURES
 
 from fedfraud.settings import FederationSettings, consortium_params, derive_seed
 from aggregator.strategies import Bagging, Cyclic
+from aggregator.strategies.bagging import capped_shares
 from bank_node.training import build_update, train_trees
 from fedfraud import model_json
 from fedfraud.wire import ModelUpdate
@@ -33,17 +36,33 @@ def margin(doc, X):
 
 
 def test_bagging_margin_is_the_weighted_sum_of_its_parts(toy_banks):
-    strategy = Bagging(SETTINGS, seed=1, consortium_params=PARAMS)
+    rows = {bank: len(y) for bank, (_, y) in toy_banks.items()}  # as recorded at planning
+    strategy = Bagging(SETTINGS, seed=1, consortium_params=PARAMS, train_rows=rows)
     X = np.concatenate([x for x, _ in toy_banks.values()])
     first = strategy.aggregate(None, run_stage(strategy, 1, None, toy_banks, sorted(toy_banks)))
     updates = run_stage(strategy, 2, first, toy_banks, sorted(toy_banks))
     merged = strategy.aggregate(first, list(reversed(updates)))  # arrival order must not matter
     base = margin(model_json.empty_like(first), X)
-    rows = {u.bank: u.counts["train_rows"] for u in updates}
     expected = margin(first, X) + sum(rows[u.bank] / sum(rows.values()) * (margin(u.model, X) - base) for u in updates)
     np.testing.assert_allclose(margin(merged, X), expected, atol=1e-5)
     assert len(model_json.trees(merged)) == 2 * 3 * len(toy_banks)
     assert merged == strategy.aggregate(first, updates)
+
+
+def test_bagging_weights_come_from_the_plan_capped_never_from_an_update(toy_banks):
+    strategy = Bagging(SETTINGS, seed=1, consortium_params=PARAMS, train_rows={"alpha": 100, "beta": 100, "gamma": 100})
+    updates = run_stage(strategy, 1, None, toy_banks, sorted(toy_banks))
+    claimed = [dataclasses.replace(u, counts={"train_rows": 10 ** 12}) if u.bank == "alpha" else u for u in updates]
+    assert strategy.weights(claimed) == pytest.approx([1 / 3] * 3)  # the self-report is ignored
+    big = Bagging(SETTINGS, seed=1, consortium_params=PARAMS, train_rows={"alpha": 10 ** 6, "beta": 100, "gamma": 300})
+    assert big.weights(updates) == pytest.approx([0.5, 0.125, 0.375])  # capped at max_bank_share, rest in proportion
+
+
+def test_capped_shares():
+    assert capped_shares([6, 3, 1], 0.5) == pytest.approx([0.5, 0.375, 0.125])
+    assert capped_shares([1, 0], 0.3) == pytest.approx([0.5, 0.5])  # a cap below 1/n acts as 1/n
+    assert capped_shares([0, 0], 0.5) == pytest.approx([0.5, 0.5])
+    assert capped_shares([98, 1, 1], 0.4) == pytest.approx([0.4, 0.3, 0.3])
 
 
 def test_uniform_weighting(toy_banks):

@@ -27,7 +27,7 @@ def train_booster(seed: int, rounds: int = 3) -> xgboost.Booster:
     y = (x[:, 0] + 0.5 * x[:, 2] + rng.normal(scale=0.5, size=200) > 0).astype(int)
     return xgboost.train(
         {"objective": "binary:logistic", "max_depth": 2, "seed": seed},
-        xgboost.DMatrix(x, label=y),
+        xgboost.DMatrix(x, label=y, feature_names=FEATURES),
         num_boost_round=rounds,
     )
 
@@ -123,7 +123,7 @@ def test_champion_loads_the_registered_booster(tracker, example):
     store.promote(v2, 0.6, 0.3)
 
     version, loaded = store.champion()
-    data = xgboost.DMatrix(np.random.default_rng(4).normal(size=(50, 5)))
+    data = xgboost.DMatrix(np.random.default_rng(4).normal(size=(50, 5)), feature_names=FEATURES)
     assert version == v2
     np.testing.assert_allclose(loaded.predict(data), strong.predict(data), rtol=1e-6)
     assert not np.allclose(loaded.predict(data), weak.predict(data))

@@ -37,3 +37,19 @@ def test_oversized_bytes_are_refused_before_parsing():
         ModelUpdate.from_bytes(UPDATE.to_bytes(), max_bytes=100)
     with pytest.raises(WireFormatError, match="evaluation report"):
         EvaluationReport.from_bytes(b"x" * (EvaluationReport.MAX_BYTES + 1))
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        (b'{"bank": "alpha", "round_id": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        (UPDATE.to_bytes().replace(b'"auprc":0.5', b'"auprc":NaN'), "constant NaN"),
+        (UPDATE.to_bytes().replace(b'"auprc":0.5', b'"auprc":-Infinity'), "constant -Infinity"),
+    ],
+)
+def test_hostile_json_is_a_wire_format_error(data, message):
+    """Deep nesting (RecursionError), over-long integers (ValueError) and NaN/Infinity are refused."""
+    for kind in (ModelUpdate, EvaluationReport, TrainTask):
+        with pytest.raises(WireFormatError, match=message):
+            kind.from_bytes(data)
