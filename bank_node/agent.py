@@ -187,6 +187,10 @@ class Agent:
             return node.train(data)
         if kind in TaskKind.EVALUATIONS:
             return node.evaluate(data)
+        if kind in TaskKind.SCORES:  # cross-evaluation and acceptance: reports only
+            return node.score(data)
+        if kind == TaskKind.LOCAL_MODEL:
+            return node.local_model(data)
         if kind == TaskKind.BIN_COUNTS:
             return node.bin_counts(data)
         envelope = json.loads(data)

@@ -154,6 +154,20 @@ class BankNode:
         report = evaluation_report(self.bank, model_json.model_id(doc), scores, data.y_holdout, self.alert_budget)
         return dataclasses.replace(report, metrics=finite(report.metrics)).to_bytes()
 
+    share_local_model = True  # cross-evaluation: may this bank's local model be scored at the others?
+
+    def score(self, question_bytes: bytes) -> bytes:
+        """Score a cross-evaluation or acceptance question's models on the holdout (reports only)."""
+        from bank_node.acceptance import score_question
+
+        return score_question(self, question_bytes)
+
+    def local_model(self, task_bytes: bytes) -> bytes:
+        """This bank's model from its rows alone, for cross-evaluation (refused unless shared)."""
+        from bank_node.acceptance import local_model
+
+        return local_model(self, task_bytes)
+
     def fit_local(self, params: dict[str, Any], num_trees: int):
         """A model from this bank's rows alone (the local-only baseline; nothing leaves the bank)."""
         data = self.data

@@ -16,9 +16,13 @@ class TaskKind:
     EVALUATE_CHAMPION = "evaluate_champion"
     BIN_COUNTS = "bin_counts"
     HISTOGRAM = "histogram"
-    ALL = (SUMMARY, TRAIN, EVALUATE, EVALUATE_CHAMPION, BIN_COUNTS, HISTOGRAM)
-    UPDATES = (TRAIN, HISTOGRAM)  # answered with a model update
+    LOCAL_MODEL = "local_model"  # cross-evaluation: the bank's model from its rows alone (a bank may refuse)
+    CROSSVAL = "crossval"  # cross-evaluation: score every bank's local model on this bank's holdout
+    ACCEPT = "accept"  # acceptance: score a stage's candidate with and without each bank's update
+    ALL = (SUMMARY, TRAIN, EVALUATE, EVALUATE_CHAMPION, BIN_COUNTS, HISTOGRAM, LOCAL_MODEL, CROSSVAL, ACCEPT)
+    UPDATES = (TRAIN, HISTOGRAM, LOCAL_MODEL)  # answered with a model update
     EVALUATIONS = (EVALUATE, EVALUATE_CHAMPION)  # answered with an evaluation report
+    SCORES = (CROSSVAL, ACCEPT)  # answered with a score answer (``fedfraud.crosscheck``)
 
 
 class StrategyName:
@@ -49,4 +53,6 @@ class Tag:
     POOLED_AUPRC = "fedfraud.pooled_auprc"
     PROMOTION = "fedfraud.promotion"
     PROMOTION_DETAIL = "fedfraud.promotion_detail"
+    PROMOTION_REASON = "fedfraud.promotion_reason"  # why a version stayed challenger (or became champion)
+    BEST_LOCAL_AUPRC = "fedfraud.best_local_auprc"  # the champion gate: best single-bank model, pooled
     BENCHMARK_ONLY = "fedfraud.benchmark_only"

@@ -24,6 +24,14 @@ class FederationSettings:
     min_banks: int = 1
     max_trees_per_update: int = 500
     max_update_bytes: int = 32 * 1024 * 1024
+    # Poisoning defence (aggregator/protocol/acceptance.py, crossval.py; README "Poisoning defence").
+    acceptance: bool = True  # bagging/cyclic: others score a stage's update before it joins
+    acceptance_delta: float = 0.01  # refuse an update that lowers the others' pooled AUPRC by more
+    crossval: bool = True  # before round 1: every bank's local model scored at every other bank
+    crossval_min_lift: float = 2.0  # a local model must reach this multiple of no-skill AUPRC elsewhere
+    crossval_max_contradiction_auc: float = 0.5  # a holdout where every other model is below this is refused
+    crossval_require_model: bool = False  # a bank that refuses to share its local model is excluded
+    champion_gate: bool = True  # a first champion must beat the best single-bank local model (pooled)
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aggregator.protocol.plan import summary_problem
 from fedfraud.binning import BinCounts
+from fedfraud.crosscheck import ScoreAnswer
 from fedfraud.protocol import TaskKind
 from fedfraud.wire import EvaluationReport, ModelUpdate, WireFormatError, loads_strict
 
@@ -32,7 +33,8 @@ class Refused(Exception):
 
 def limit_for(kind: str, max_update_bytes: int) -> int:
     limits = {TaskKind.SUMMARY: MAX_SUMMARY_BYTES, TaskKind.EVALUATE: EvaluationReport.MAX_BYTES,
-              TaskKind.EVALUATE_CHAMPION: EvaluationReport.MAX_BYTES, TaskKind.BIN_COUNTS: BinCounts.MAX_BYTES}
+              TaskKind.EVALUATE_CHAMPION: EvaluationReport.MAX_BYTES, TaskKind.BIN_COUNTS: BinCounts.MAX_BYTES,
+              TaskKind.ACCEPT: ScoreAnswer.MAX_BYTES, TaskKind.CROSSVAL: ScoreAnswer.MAX_BYTES}
     return limits.get(kind, max_update_bytes)
 
 
@@ -63,6 +65,9 @@ def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
         return EvaluationReport.from_bytes(body).bank, None
     if kind == TaskKind.BIN_COUNTS:
         return BinCounts.from_bytes(body).bank, None
+    if kind in TaskKind.SCORES:
+        answer = ScoreAnswer.from_bytes(body)
+        return answer.bank, answer.round_id
     if kind == TaskKind.SUMMARY:
         summary = loads_strict(body, "summary")
         if not isinstance(summary, dict):
