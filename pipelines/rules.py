@@ -44,16 +44,45 @@ def all_reasons(df: DataFrame, known_currencies: list[str], as_of: datetime) -> 
     return [name for name, _ in row_rules(df, known_currencies, as_of)] + [DUPLICATE]
 
 
-def tag_reasons(df: DataFrame, known_currencies: list[str], as_of: datetime) -> DataFrame:
-    """Add ``reason``: null for a valid row, else the first rule it breaks."""
+def rule_reasons(df: DataFrame, known_currencies: list[str], as_of: datetime) -> DataFrame:
+    """Add ``reason``: null where the row breaks no row rule, else the first rule it breaks."""
     first_broken = F.coalesce(*[F.when(bad, F.lit(name)) for name, bad in row_rules(df, known_currencies, as_of)])
-    tagged = df.withColumn(REASON, first_broken)
-    # Keep the earliest valid copy of each transaction_id; later copies are duplicates.
-    copies = Window.partitionBy("transaction_id").orderBy(
-        F.col(REASON).isNotNull(), "event_time", "account_id", "amount", "merchant_id", "device_id"
+    return df.withColumn(REASON, first_broken)
+
+
+def repeated_ids(ruled: DataFrame) -> DataFrame:
+    """``transaction_id, copies, valid_copies`` for every non-null id that occurs more than once.
+
+    One hash aggregation over the id column only (no sort, no shuffle of whole rows); the
+    result is small for real data, so the duplicate resolution below can broadcast it.
+    """
+    return (
+        ruled.filter(F.col("transaction_id").isNotNull())
+        .groupBy("transaction_id")
+        .agg(F.count(F.lit(1)).alias("copies"), F.count(F.when(F.col(REASON).isNull(), 1)).alias("valid_copies"))
+        .filter(F.col("copies") > 1)
     )
-    copy_number = F.row_number().over(copies)
-    is_duplicate = F.col(REASON).isNull() & F.col("transaction_id").isNotNull() & (copy_number > 1)
-    return tagged.withColumn(REASON, F.when(is_duplicate, F.lit(DUPLICATE)).otherwise(F.col(REASON)))
 
 
+def mark_duplicates(ruled: DataFrame, repeated: DataFrame) -> DataFrame:
+    """Tag later valid copies of an id as duplicates; the earliest valid copy stays.
+
+    Only rows whose id has two or more valid copies are ordered (a window over those few
+    rows); every other row passes through unchanged.
+    """
+    contested_ids = repeated.filter(F.col("valid_copies") > 1).select("transaction_id", F.lit(True).alias("_contested"))
+    joined = ruled.join(F.broadcast(contested_ids), "transaction_id", "left")
+    contested = F.coalesce(F.col("_contested"), F.lit(False)) & F.col(REASON).isNull()
+    copies = Window.partitionBy("transaction_id").orderBy(
+        "event_time", "account_id", "amount", "merchant_id", "device_id"
+    )
+    resolved = joined.filter(contested).withColumn(
+        REASON, F.when(F.row_number().over(copies) > 1, F.lit(DUPLICATE))
+    )
+    return joined.filter(~contested).unionByName(resolved).select(*ruled.columns)
+
+
+def tag_reasons(df: DataFrame, known_currencies: list[str], as_of: datetime) -> DataFrame:
+    """Add ``reason``: null for a valid row, else the first rule it breaks (duplicates decided last)."""
+    ruled = rule_reasons(df, known_currencies, as_of)
+    return mark_duplicates(ruled, repeated_ids(ruled))

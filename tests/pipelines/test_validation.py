@@ -149,3 +149,19 @@ def test_widened_types_are_accepted(spark, make_raw):
     )
     conformed = conform(df, "parquet")
     assert dict(conformed.dtypes)["amount"] == "double"
+
+
+def test_input_counts_equal_the_gx_suite_on_the_input(spark, parquet_gate, tmp_path, config):
+    """The gate counts the input's problems in its one aggregation; GX itself agrees on the same rows."""
+    from pipelines.expectations import contract_expectations, run_suite
+
+    out, report = parquet_gate
+    conformed = conform(spark.read.parquet(str(out.parent / "in")), "parquet").select(*COLUMN_NAMES)
+    known = sorted(config.features.rates_to_base)
+    gx = run_suite(conformed, contract_expectations(known, AS_OF), tmp_path, "input", result_format="BASIC")
+    counted = report["expectations"]["input_failures"]
+    assert set(counted) == set(gx.failures)
+    for key, count in gx.failures.items():
+        if count is not None:  # the max-event-time expectation has no row count in GX
+            assert counted[key] == count, key
+    assert counted["expect_column_max_to_be_between(event_time)"] == 1
