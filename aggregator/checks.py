@@ -27,6 +27,7 @@ class RoundContext:
     limits: ModelLimits  # one update's bounds (the plan's ``update_limits``)
     header: ConsortiumHeader  # the consortium's header (the plan's), never a bank's
     accepted_before: frozenset[str] = field(default_factory=frozenset)  # banks already in this round
+    counts: dict = field(default_factory=dict)  # per bank, as its summary reported them at planning
 
     @classmethod
     def for_stage(cls, round_id: int, plan, stage: list[str], base_model_id: str,
@@ -34,7 +35,7 @@ class RoundContext:
         """What updates from ``stage``'s banks must match, with the plan's header and limits."""
         return cls(round_id=round_id, contract_hash=plan.contract_hash, base_model_id=base_model_id,
                    expected_banks=frozenset(stage), limits=plan.update_limits, header=plan.header,
-                   accepted_before=frozenset(accepted_before))
+                   accepted_before=frozenset(accepted_before), counts=plan.counts)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,25 @@ class Duplicate(UpdateCheck):
         )
 
 
-DEFAULT_CHECKS: tuple[UpdateCheck, ...] = (ExpectedBank(), RoundId(), ContractHash(), StaleBase(), Duplicate())
+class PlannedCounts(UpdateCheck):
+    """An update's counts must be the ones its bank reported at planning (they are never used:
+    bagging weights come from the plan; a different claim is a lie, named)."""
+
+    name = "counts_mismatch"
+
+    def __call__(self, update, ctx):
+        planned = ctx.counts.get(update.bank)
+        if not planned:  # a plan written before counts were recorded
+            return None
+        claimed = update.counts if isinstance(update.counts, dict) else {}
+        wrong = sorted(k for k, v in planned.items() if k in claimed and claimed[k] != v)
+        if not wrong:
+            return None
+        return "; ".join(f"{k} {str(claimed[k])[:24]} != {planned[k]} at planning" for k in wrong)
+
+
+DEFAULT_CHECKS: tuple[UpdateCheck, ...] = (ExpectedBank(), RoundId(), ContractHash(), StaleBase(), Duplicate(),
+                                           PlannedCounts())
 
 
 def screen(

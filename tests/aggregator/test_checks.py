@@ -103,6 +103,13 @@ def test_identity_duplicate_and_unexpected(good):
         "unexpected_bank"]
 
 
+def test_counts_must_be_the_planned_ones(good):
+    ctx = dataclasses.replace(CTX, counts={"alpha": {"train_rows": good.counts["train_rows"]}})
+    assert rejected({"alpha": good.to_bytes()}, ctx)[0] == []
+    claimed = dataclasses.replace(good, counts={"train_rows": good.counts["train_rows"] * 10 ** 6})
+    assert rejected({"alpha": claimed.to_bytes()}, ctx)[0] == ["counts_mismatch"]
+
+
 def test_malformed_model_document_is_rejected(good):
     broken = dataclasses.replace(good, model={"learner": {}})
     checks, accepted = rejected({"alpha": broken.to_bytes()})
