@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import FeatureConfig
-from pipelines.features import feature_names
-
-FEATURE_TYPE = "double"
+from pipelines.features import feature_types
 
 
 class ContractMismatch(ValueError):
@@ -23,8 +21,8 @@ class ContractMismatch(ValueError):
 
 def feature_contract(cfg: FeatureConfig) -> dict[str, Any]:
     """The contract for ``cfg``: names, types, the config they depend on, and its hash."""
-    names = feature_names(cfg)
-    body = {"names": names, "types": [FEATURE_TYPE] * len(names), "config": cfg.as_dict()}
+    types = feature_types(cfg)
+    body = {"names": list(types), "types": list(types.values()), "config": cfg.as_dict()}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return {"version": cfg.version, **body, "hash": digest}
 

@@ -3,6 +3,11 @@
 Every feature of a transaction uses only the same account's earlier events and the
 transaction itself. Events are ordered by ``event_time``, ties broken by ``transaction_id``,
 so the order (and every feature) is deterministic and never looks ahead.
+
+Every window is per account and ordered by (event time, id), or by a prefix of that order, so
+Spark sorts each account's rows once. A trailing window over ``[t - w, t]`` is split into the
+account's events at earlier instants, ``[t - w, t)`` (a range frame), plus the events at the
+same instant up to this one in id order: later same-instant events never count.
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ from pyspark.sql import functions as F
 from pipelines.config import FeatureConfig
 from pipelines.contract import CHANNELS, LABEL
 
-PIT_KEY = "_pit_key"  # event time in microseconds * 1000 + rank among same-instant events
-_TIE_SLOTS = 1000
+MICROS = "_event_micros"  # event time in microseconds: the numeric order key of range frames
 KEYS = ("transaction_id", "account_id", "event_time")
 FIRST_USE_COLUMNS = {"device": "device_id", "merchant": "merchant_id", "country": "country", "channel": "channel"}
 
 
 def _history() -> Window:
-    return Window.partitionBy("account_id").orderBy(PIT_KEY)
+    """The account's events in point-in-time order."""
+    return Window.partitionBy("account_id").orderBy(MICROS, "transaction_id")
 
 
-def _trailing(seconds: int) -> Window:
-    return _history().rangeBetween(-seconds * 1_000_000 * _TIE_SLOTS, 0)
+def _trailing(column: str, seconds: int, agg) -> Column:
+    """``agg`` (count or sum) of ``column`` over the account's events in ``[t - seconds, t]`` up to this one."""
+    earlier = Window.partitionBy("account_id").orderBy(MICROS).rangeBetween(-seconds * 1_000_000, -1)
+    same_instant = Window.partitionBy("account_id", MICROS).orderBy("transaction_id").rowsBetween(
+        Window.unboundedPreceding, 0
+    )
+    return F.coalesce(agg(column).over(earlier), F.lit(0)) + agg(column).over(same_instant)
 
 
 def _safe_ratio(numerator: Column, denominator: Column) -> Column:
@@ -32,10 +42,8 @@ def _safe_ratio(numerator: Column, denominator: Column) -> Column:
 
 
 def with_event_order(df: DataFrame) -> DataFrame:
-    """Add the point-in-time ordering key used by every history window."""
-    same_instant = Window.partitionBy("account_id", "event_time").orderBy("transaction_id")
-    tie = F.least(F.row_number().over(same_instant) - 1, F.lit(_TIE_SLOTS - 1))
-    return df.withColumn(PIT_KEY, F.unix_micros("event_time") * _TIE_SLOTS + tie)
+    """Add the numeric event time (microseconds) every history window orders by."""
+    return df.withColumn(MICROS, F.unix_micros("event_time"))
 
 
 def with_base_amount(df: DataFrame, cfg: FeatureConfig) -> DataFrame:
@@ -58,7 +66,7 @@ def with_time_of_day(df: DataFrame) -> DataFrame:
 def with_account_history(df: DataFrame) -> DataFrame:
     """How this amount and timing compare with the account's prior transactions."""
     ordered = _history()
-    micros = F.unix_micros("event_time")
+    micros = F.col(MICROS)
     prior = ordered.rowsBetween(Window.unboundedPreceding, -1)
     prior_mean = F.avg("amount_base").over(prior)
     prior_std = F.stddev_samp("amount_base").over(prior)
@@ -74,9 +82,8 @@ def with_account_history(df: DataFrame) -> DataFrame:
 def with_trailing_windows(df: DataFrame, cfg: FeatureConfig) -> DataFrame:
     """Count and base-currency sum of the account's transactions in each trailing window."""
     for name, seconds in cfg.windows_seconds.items():
-        window = _trailing(seconds)
-        df = df.withColumn(f"txn_count_{name}", F.count(F.lit(1)).over(window)).withColumn(
-            f"amount_sum_{name}", F.sum("amount_base").over(window)
+        df = df.withColumn(f"txn_count_{name}", _trailing("amount_base", seconds, F.count)).withColumn(
+            f"amount_sum_{name}", _trailing("amount_base", seconds, F.sum)
         )
     return df
 
@@ -95,20 +102,17 @@ def with_first_use_flags(df: DataFrame) -> DataFrame:
     home = F.first("country").over(_history().rowsBetween(Window.unboundedPreceding, 0))
     return (
         df.withColumn("device_missing", F.col("device_id").isNull().cast("int"))
-        .withColumn("new_merchants_24h", F.sum("first_merchant").over(_trailing(86_400)))
-        .withColumn("new_devices_24h", F.sum("first_device").over(_trailing(86_400)))
+        .withColumn("new_merchants_24h", _trailing("first_merchant", 86_400, F.sum))
+        .withColumn("new_devices_24h", _trailing("first_device", 86_400, F.sum))
         .withColumn("away_from_first_country", (F.col("country") != home).cast("int"))
     )
 
 
 def with_burst_indicators(df: DataFrame, cfg: FeatureConfig) -> DataFrame:
     """Small payments in the burst window (card testing) and whether they form a burst."""
-    is_small = (F.col("amount_base") < cfg.small_amount_base).cast("int")
-    count = F.sum(is_small).over(_trailing(cfg.burst_window_seconds))
-    return (
-        df.withColumn("is_small_amount", is_small)
-        .withColumn("small_count_burst", count)
-        .withColumn("small_burst", (count >= cfg.burst_min_count).cast("int"))
+    df = df.withColumn("is_small_amount", (F.col("amount_base") < cfg.small_amount_base).cast("int"))
+    return df.withColumn("small_count_burst", _trailing("is_small_amount", cfg.burst_window_seconds, F.sum)).withColumn(
+        "small_burst", (F.col("small_count_burst") >= cfg.burst_min_count).cast("int")
     )
 
 
@@ -120,6 +124,20 @@ def with_categoricals(df: DataFrame, cfg: FeatureConfig) -> DataFrame:
     for category in cfg.merchant_categories:
         df = df.withColumn(f"mcc_{category}", (F.col("merchant_category") == category).cast("int"))
     return df.withColumn("mcc_other", (~known).cast("int"))
+
+
+CONTINUOUS = "float"  # the model reads float32: storing more precision buys nothing
+COUNT = "int"
+SMALL = "tinyint"  # flags (0/1), one-hot columns, hour and weekday
+
+
+def feature_types(cfg: FeatureConfig) -> dict[str, str]:
+    """Spark SQL type of each feature, in contract order."""
+    counts = {"prior_txn_count", "new_merchants_24h", "new_devices_24h", "small_count_burst"}
+    counts |= {f"txn_count_{w}" for w in cfg.windows_seconds}
+    continuous = {"amount_base", "log_amount_base", "seconds_since_prev_txn", "amount_to_prior_mean",
+                  "amount_to_prior_max", "amount_zscore"} | {f"amount_sum_{w}" for w in cfg.windows_seconds}
+    return {n: CONTINUOUS if n in continuous else COUNT if n in counts else SMALL for n in feature_names(cfg)}
 
 
 def feature_names(cfg: FeatureConfig) -> list[str]:
@@ -137,7 +155,7 @@ def feature_names(cfg: FeatureConfig) -> list[str]:
 
 
 def build_features(validated: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Validated transactions -> keys, label and the ordered feature columns (all double)."""
+    """Validated transactions -> keys, label and the ordered feature columns (types: ``feature_types``)."""
     featured = (
         validated.repartition("account_id")  # every window below is per account: one shuffle
         .transform(with_base_amount, cfg)
@@ -150,5 +168,5 @@ def build_features(validated: DataFrame, cfg: FeatureConfig) -> DataFrame:
         .transform(with_categoricals, cfg)
     )
     columns = [F.col(k) for k in KEYS] + [F.col(LABEL)]
-    columns += [F.col(name).cast("double").alias(name) for name in feature_names(cfg)]
+    columns += [F.col(name).cast(dtype).alias(name) for name, dtype in feature_types(cfg).items()]
     return featured.select(*columns)

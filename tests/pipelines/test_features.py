@@ -7,7 +7,7 @@ from conftest import txn
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from pipelines.features import build_features, feature_names
+from pipelines.features import build_features, feature_names, feature_types
 
 CHECKED = [
     "transaction_id",
@@ -48,21 +48,21 @@ def tiny(make_raw):
 
 def test_hand_computed_values(spark, config, tiny):
     got = build_features(tiny, config.features).select(*CHECKED)
-    expected = spark.createDataFrame(
-        [
-            # id, base, prior, secs, ratio, cnt1h, sum1h, f_dev, f_mer, f_cty, away, small, burst_n, burst,
-            # new_m24h, dev_missing
-            ("t1", 10.0, 0.0, None, None, 1.0, 10.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-            ("t2", 30.0, 1.0, 1800.0, 3.0, 2.0, 40.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0),
-            ("t3", 2.0, 2.0, 0.0, 0.1, 3.0, 42.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 3.0, 0.0),
-            ("t4", 1.0, 3.0, 5400.0, 1.0 / 14.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 4.0, 0.0),
-            ("t5", 8.8, 0.0, None, None, 1.0, 8.8, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0),
-            ("b1", 1.0, 0.0, None, None, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0),
-            ("b2", 1.5, 1.0, 120.0, 1.5, 2.0, 2.5, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 1.0, 0.0),
-            ("b3", 0.5, 2.0, 120.0, 0.4, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 1.0, 3.0, 1.0, 1.0, 0.0),
-        ],
-        got.schema,
-    )
+    rows = [
+        # id, base, prior, secs, ratio, cnt1h, sum1h, f_dev, f_mer, f_cty, away, small, burst_n, burst,
+        # new_m24h, dev_missing
+        ("t1", 10.0, 0.0, None, None, 1.0, 10.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        ("t2", 30.0, 1.0, 1800.0, 3.0, 2.0, 40.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0),
+        ("t3", 2.0, 2.0, 0.0, 0.1, 3.0, 42.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 3.0, 0.0),
+        ("t4", 1.0, 3.0, 5400.0, 1.0 / 14.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 4.0, 0.0),
+        ("t5", 8.8, 0.0, None, None, 1.0, 8.8, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0),
+        ("b1", 1.0, 0.0, None, None, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0),
+        ("b2", 1.5, 1.0, 120.0, 1.5, 2.0, 2.5, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 1.0, 0.0),
+        ("b3", 0.5, 2.0, 120.0, 0.4, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 1.0, 3.0, 1.0, 1.0, 0.0),
+    ]
+    integral = [f.dataType.typeName() in ("byte", "integer") for f in got.schema.fields]
+    typed = [tuple(int(v) if whole and v is not None else v for v, whole in zip(row, integral)) for row in rows]
+    expected = spark.createDataFrame(typed, got.schema)
     assertDataFrameEqual(got, expected, checkRowOrder=False, rtol=1e-9)
 
 
@@ -75,7 +75,9 @@ def test_output_columns_follow_the_contract(config, tiny):
         "is_fraud",
         *feature_names(config.features),
     ]
-    assert all(dict(featured.dtypes)[name] == "double" for name in feature_names(config.features))
+    types = feature_types(config.features)
+    assert {name: dict(featured.dtypes)[name] for name in types} == types
+    assert set(types.values()) == {"tinyint", "int", "float"}
 
 
 def test_time_of_day_and_categoricals(config, tiny):
