@@ -321,24 +321,42 @@ class FederationTracker:
         return int(aliases[alias]) if alias in aliases else None
 
     def promote(self, version: int, candidate_auprc: float, champion_auprc: float | None,
-                champion_stale: bool = False) -> bool:
+                champion_stale: bool = False, best_local: tuple[str, float] | None = None) -> bool:
         """``challenger`` -> version; ``champion`` -> version if there is none yet, the candidate's
         AUPRC is >= the champion's, or the champion is stale (another feature contract: it cannot
         score today's features). An existing champion with unknown AUPRC otherwise stays.
-        Returns whether ``version`` is now champion (True again when re-promoting it)."""
+        The champion gate: with no champion yet, ``best_local`` ((bank, pooled AUPRC) of the best
+        single-bank local model) must be beaten, else the version stays challenger, the reason
+        tagged (``fedfraud.promotion_reason``). Returns whether ``version`` is now champion."""
         current = self._alias_version(CHAMPION)
         self.client.set_registered_model_alias(self.model_name, CHALLENGER, str(version))
-        moved = (current is None or current == version or champion_stale
-                 or (champion_auprc is not None and candidate_auprc >= champion_auprc))
+        if current == version:
+            moved, reason = True, "already_champion"
+        elif current is None and best_local is not None and candidate_auprc <= best_local[1]:
+            moved, reason = False, "below_best_local_model"
+        elif current is None:
+            moved, reason = True, "first_champion" if best_local is None else "beats_best_local_model"
+        elif champion_stale:
+            moved, reason = True, "champion_stale"
+        elif champion_auprc is not None and candidate_auprc >= champion_auprc:
+            moved, reason = True, "not_worse_than_champion"
+        else:
+            moved, reason = False, "worse_than_champion" if champion_auprc is not None else "champion_unevaluated"
         if moved:
             self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
         champion_text = "none" if champion_auprc is None else f"{champion_auprc:.6f}"
+        local_text = "none" if best_local is None else f"{best_local[1]:.6f}({best_local[0]})"
         detail = (f"candidate_auprc={candidate_auprc:.6f} champion_auprc={champion_text} "
-                  f"champion_version={current} champion_stale={champion_stale}")
-        self.client.set_model_version_tag(self.model_name, str(version), Tag.PROMOTION,
-                                          CHAMPION if moved else CHALLENGER)
-        self.client.set_model_version_tag(self.model_name, str(version), Tag.PROMOTION_DETAIL, detail)
+                  f"champion_version={current} champion_stale={champion_stale} best_local_auprc={local_text}")
+        for key, value in ((Tag.PROMOTION, CHAMPION if moved else CHALLENGER), (Tag.PROMOTION_DETAIL, detail),
+                           (Tag.PROMOTION_REASON, reason)):
+            self.client.set_model_version_tag(self.model_name, str(version), key, value)
         return moved
+
+    def log_contributions(self, round_id: int, contributions: dict[str, float]) -> None:
+        """``contribution.<bank>``: pooled AUPRC with minus without its update, at step=round_id."""
+        if contributions:
+            self._log_metrics(round_id, {f"contribution.{bank}": value for bank, value in contributions.items()})
 
     def champion_version(self) -> int | None:
         return self._alias_version(CHAMPION)

@@ -1,5 +1,6 @@
-"""Federated rounds on a schedule: prepare banks, then per round train, check + aggregate,
-evaluate at every bank, register and promote.
+"""Federated rounds on a schedule: prepare banks, then per round train, check, accept (every bank
+scores the candidate with and without each update), aggregate, evaluate at every bank, register
+and promote.
 
 One mapped task per bank (labelled with the bank). A failed or timed-out bank does not sink a
 round while the quorum (``min_banks``) holds; below it the run fails, nothing is registered and
@@ -7,7 +8,7 @@ round while the quorum (``min_banks``) holds; below it the run fails, nothing is
 work runs: ``embedded`` (in the worker, on the bank's data path) or ``networked`` (the tasks ask
 the aggregator service to start, plan and open rounds, and wait, bounded, for each bank's
 answer through its agent; default from ``$FEDFRAUD_MODE``). Cyclic and histogram
-rounds train inside ``check_and_aggregate`` (in turn / all banks together). This file only
+rounds train inside ``check`` (in turn / all banks together; acceptance runs there per turn). This file only
 orchestrates: every task calls ``aggregator.drivers.airflow_tasks``.
 """
 
@@ -91,6 +92,10 @@ def federated_round():
         return _tasks(params, run_id).train_bank(round_id, bank)
 
     @task(map_index_template="{{ bank }}")
+    def accept(round_id: int, bank: str, params=None, run_id=None) -> str:
+        return _tasks(params, run_id).accept_bank(round_id, bank)
+
+    @task(map_index_template="{{ bank }}")
     def evaluate(round_id: int, bank: str, params=None, run_id=None) -> str:
         return _tasks(params, run_id).evaluate_bank(round_id, bank)
 
@@ -106,9 +111,14 @@ def federated_round():
             def open_round(r: int = round_id, params=None, run_id=None) -> list[str]:
                 return _fail_cleanly(lambda: _tasks(params, run_id).open_round(r))
 
-            @task(task_id="check_and_aggregate", trigger_rule="all_done")
-            def aggregate(trained, r: int = round_id, params=None, run_id=None) -> list[str]:
+            @task(task_id="check", trigger_rule="all_done")
+            def check(trained, r: int = round_id, params=None, run_id=None) -> list[str]:
                 list(trained)
+                return _fail_cleanly(lambda: _tasks(params, run_id).check_round(r))
+
+            @task(task_id="aggregate", trigger_rule="all_done")
+            def aggregate(accepted, r: int = round_id, params=None, run_id=None) -> list[str]:
+                list(accepted)
                 return _fail_cleanly(lambda: _tasks(params, run_id).aggregate_round(r))
 
             @task(task_id="register_and_promote", trigger_rule="all_done")
@@ -120,7 +130,8 @@ def federated_round():
             previous >> gate
             opened = open_round()
             gate >> opened
-            aggregated = aggregate(train.partial(round_id=round_id).expand(bank=opened))
+            checked = check(train.partial(round_id=round_id).expand(bank=opened))
+            aggregated = aggregate(accept.partial(round_id=round_id).expand(bank=checked))
             previous = finish(evaluate.partial(round_id=round_id).expand(bank=aggregated))
 
 

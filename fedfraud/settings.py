@@ -26,7 +26,8 @@ class FederationSettings:
     max_update_bytes: int = 32 * 1024 * 1024
     # Poisoning defence (aggregator/protocol/acceptance.py, crossval.py; README "Poisoning defence").
     acceptance: bool = True  # bagging/cyclic: others score a stage's update before it joins
-    acceptance_delta: float = 0.01  # refuse an update that lowers the others' pooled AUPRC by more
+    acceptance_delta: float = 0.05  # refuse an update that lowers the others' pooled AUPRC by more (honest
+    # updates moved it by up to 0.045 on 5 generated banks with ~90 holdout frauds: bench/poisoning.py)
     crossval: bool = True  # before round 1: every bank's local model scored at every other bank
     crossval_min_lift: float = 2.0  # a local model must reach this multiple of no-skill AUPRC elsewhere
     crossval_max_contradiction_auc: float = 0.5  # a holdout where every other model is below this is refused

@@ -3,8 +3,9 @@ its own data path and work folder; the aggregator's tasks run the protocol's pha
 
 Each round's DAG tasks map onto ``aggregator.protocol.phases.ROUND``: ``open`` runs the
 aggregator phases before training, ``train``/``evaluate`` one bank's part of that bank phase,
-``check_and_aggregate``/``register_and_promote`` the aggregator phases after it. Cyclic and
-histogram rounds train inside ``check_and_aggregate`` (in turn / all banks together).
+``check``/``aggregate``/``register_and_promote`` the aggregator phases after it (``accept``: every
+bank scores the candidate between ``check`` and ``aggregate``). Cyclic and histogram rounds train
+inside ``check`` (in turn / all banks together).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.drivers.airflow_spec import RunSpec
-from aggregator.protocol import phases
+from aggregator.protocol import crossval, phases
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
@@ -48,6 +49,7 @@ class EmbeddedTasks:
         plan = phases.plan_federation(self.ws, spec.model_name, spec.strategy, spec.rounds, spec.seed, spec.settings,
                                       feature_contract(load_config().features), sorted(spec.banks),
                                       run_id=spec.run_id)
+        plan = crossval.run(self.ws, plan, {b: self.node(b) for b in plan.banks})  # may exclude banks, by name
         return plan.banks
 
     def open_round(self, round_id: int) -> list[str]:
@@ -64,12 +66,28 @@ class EmbeddedTasks:
     def train_bank(self, round_id: int, bank: str) -> str:
         return self._answer(round_id, "train", bank)
 
-    def aggregate_round(self, round_id: int) -> list[str]:
+    def check_round(self, round_id: int) -> list[str]:
+        """Check the updates and propose the candidate; the banks that score it (none when the round
+        trains in one task: cyclic turns and histogram rounds run whole here, acceptance included)."""
         r = self._round(self._opened_round(round_id), round_id)
         if r.trains_in_one_task():
             phases.train_in_process(r, {b: self.node(b) for b in r.plan.banks})
-        else:
-            phases.run_aggregator_phases(r, after="train")
+            return []
+        phases.run_aggregator_phases(r, after="train")
+        return phases.bank_phase("accept").banks(r)
+
+    def accept_bank(self, round_id: int, bank: str) -> str:
+        return self._answer(round_id, "accept", bank)
+
+    def aggregate_round(self, round_id: int) -> list[str]:
+        """Gate, aggregate, publish the candidate; the banks that evaluate it. On a retry after the
+        stage was aggregated (``working`` exists) only the phases after ``aggregate`` run again."""
+        r = self._round(self._opened_round(round_id), round_id)
+        if not r.trains_in_one_task():
+            done = ("gate", "aggregate") if r.path("working").exists() else ()
+            for phase in phases.aggregator_phases_after("accept"):
+                if phase.name not in done:
+                    phase.run(r)
         return phases.bank_phase("evaluate").banks(r)
 
     def evaluate_bank(self, round_id: int, bank: str) -> str:

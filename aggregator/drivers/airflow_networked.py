@@ -59,10 +59,19 @@ class NetworkedTasks:
     def train_bank(self, round_id: int, bank: str) -> str:
         return self._bank_answer(round_id, bank, TaskKind.TRAIN)
 
-    def aggregate_round(self, round_id: int) -> list[str]:
-        """The service aggregates when every bank answered or at the deadline."""
+    def check_round(self, round_id: int) -> list[str]:
+        """The service checks when every bank answered or at the deadline; the banks asked to score the candidate."""
         training = bank_phase("train").state
-        status = self._round_state(round_id, lambda s: s["state"] != training, f"round {round_id}'s aggregation")
+        status = self._round_state(round_id, lambda s: s["state"] != training, f"round {round_id}'s checks")
+        return sorted(b for b, kinds in status["tasks"].items() if TaskKind.ACCEPT in kinds)
+
+    def accept_bank(self, round_id: int, bank: str) -> str:
+        return self._bank_answer(round_id, bank, TaskKind.ACCEPT)
+
+    def aggregate_round(self, round_id: int) -> list[str]:
+        """The service gates and aggregates when every bank has scored the candidate or at the deadline."""
+        waiting = (bank_phase("train").state, bank_phase("accept").state)
+        status = self._round_state(round_id, lambda s: s["state"] not in waiting, f"round {round_id}'s aggregation")
         return sorted(b for b, kinds in status["tasks"].items() if TaskKind.EVALUATE in kinds)
 
     def evaluate_bank(self, round_id: int, bank: str) -> str:

@@ -4,7 +4,8 @@
 Airflow worker, on its own data path and work folder) or ``NetworkedTasks`` (the aggregator
 service and the banks' agents do the work; each task asks the service to act or waits, bounded,
 for that bank's answer or the round's verdict). Both have the same methods, one per DAG task:
-``prepare_bank``, ``open_federation``, ``open_round``, ``train_bank``, ``aggregate_round``,
+``prepare_bank``, ``open_federation``, ``open_round``, ``train_bank``, ``check_round``, ``accept_bank``,
+``aggregate_round``,
 ``evaluate_bank``, ``finish_round``.
 """
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aggregator.protocol import registry, training
+from aggregator.protocol import acceptance, registry, training
 from aggregator.protocol.plan import Plan, make_plan
 from aggregator.protocol.state import AGGREGATOR, BANK, Node, Phase, RoundState
 from aggregator.protocol.workspace import Workspace
@@ -28,6 +28,10 @@ ROUND: tuple[Phase, ...] = (
     Phase("train", BANK, training.train, per_stage=True, banks=training.train_banks,
           exchanges=training.train_exchanges, state="training"),
     Phase("check", AGGREGATOR, training.check, per_stage=True),
+    Phase("propose", AGGREGATOR, acceptance.propose, per_stage=True),
+    Phase("accept", BANK, acceptance.accept, per_stage=True, banks=acceptance.accept_banks,
+          exchanges=acceptance.accept_exchanges, state="accepting"),
+    Phase("gate", AGGREGATOR, acceptance.gate, per_stage=True),
     Phase("aggregate", AGGREGATOR, training.aggregate, per_stage=True),
     Phase("candidate", AGGREGATOR, training.publish_candidate),
     Phase("evaluate", BANK, registry.evaluate, banks=registry.evaluate_banks,
@@ -87,7 +91,8 @@ def run_aggregator_phases(r: RoundState, after: str | None) -> Any:
 
 def answer_at(r: RoundState, phase: Phase, node: Node) -> None:
     """One bank answers every question a bank phase asks it (a driver's mapped bank task)."""
-    calls = {TaskKind.TRAIN: node.train, TaskKind.EVALUATE: node.evaluate, TaskKind.EVALUATE_CHAMPION: node.evaluate}
+    calls = {TaskKind.TRAIN: node.train, TaskKind.EVALUATE: node.evaluate, TaskKind.EVALUATE_CHAMPION: node.evaluate,
+             TaskKind.ACCEPT: node.score}
     for ask in phase.exchanges(r, node.bank):
         write_bytes(calls[ask.kind](ask.question.read_bytes()), ask.answer)
 

@@ -7,6 +7,7 @@ import logging
 from contextlib import contextmanager
 
 from aggregator.evaluation import FederatedEvaluation, combine, screen_reports
+from aggregator.protocol import records
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.state import Exchange, Node, RoundState
 from aggregator.tracking import zero_example
@@ -83,15 +84,23 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         Tag.PARAMS: json.dumps({**settings.as_params(), **plan.consortium_params}, sort_keys=True),
         Tag.POOLED_AUPRC: f"{evaluation.pooled['auprc']:.6f}",
     }
+    contributions = records.contributions(ws, round_id)
+    floor = best_local(r)
+    if floor is not None:
+        tags[Tag.BEST_LOCAL_AUPRC] = f"{floor[1]:.6f} ({floor[0]})"
     with tracked_round(r):
         r.tracker.log_rejections(round_id, outcome["rejections"])
         r.tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
+        r.tracker.log_contributions(round_id, contributions)
         version = r.tracker.register_round_model(booster, plan.federation_id, round_id,
                                                  zero_example(plan.feature_names), tags)
-        promoted = r.tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, outcome["champion_stale"])
+        promoted = r.tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, outcome["champion_stale"],
+                                     best_local=floor)
         report = {"federation_id": plan.federation_id, "round": round_id, "version": version, **outcome,
                   "excluded_banks": plan.excluded, "pooled": evaluation.pooled, "per_bank": evaluation.per_bank,
                   "champion_auprc_before": champion_auprc, "promoted_to_champion": promoted,
+                  "best_local_model": None if floor is None else {"bank": floor[0], "pooled_auprc": floor[1]},
+                  "contributions": contributions, "acceptance": records.read_acceptance(ws, round_id)["stages"],
                   "trees": booster.num_boosted_rounds()}
         earlier = [(n, ws.read_json(ws.path(n, "registered"))["pooled"]) for n in range(1, round_id)
                    if ws.path(n, "registered").exists()]
@@ -100,3 +109,13 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         r.tracker.log_round_artifacts(round_id, evaluation.histograms, history, booster, plan.feature_names, report)
     ws.write_json(report, r.path("registered"))
     return version, evaluation, history
+
+
+def best_local(r: RoundState) -> tuple[str, float] | None:
+    """The champion gate's floor: the best single-bank local model's pooled AUPRC on the round's
+    evaluating banks' holdouts (from the cross-evaluation), when the gate is on."""
+    crossval = records.read_crossval(r.ws)
+    if not r.plan.settings.champion_gate or not crossval or not crossval.get("best_local"):
+        return None
+    best = crossval["best_local"]
+    return best["bank"], float(best["pooled_auprc"])

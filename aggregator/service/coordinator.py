@@ -32,6 +32,7 @@ from fedfraud.settings import FederationSettings
 
 log = logging.getLogger("fedfraud.service")
 TRAINING = phases.BANK_PHASES[0].state
+LAST_STAGE_PHASE = [p for p in phases.BANK_PHASES if p.per_stage][-1]  # training's verdicts are final after it
 PHASE_BY_STATE: dict[str, Phase] = {p.state: p for p in phases.BANK_PHASES}
 REQUEST_KEYS = ("model_name", "strategy", "rounds", "seed", "min_banks", "trees_per_round", "banks")
 
@@ -253,14 +254,15 @@ class Coordinator(BankTasks):
             state = self.round_state(federation, r)
             phases.train_in_process(state, {b: RemoteNode(self, federation, r, b) for b in state.plan.banks})
             self._record_check_rejections(federation.key, r, checks(state)["rejections"])
-            self._open_next(federation, state, phases.BANK_PHASES[0])
+            self._open_next(federation, state, LAST_STAGE_PHASE)
 
         self._in_round(key, round_id, train)
 
     def _advance(self, federation: store.Federation, r: RoundState, closed: Phase) -> None:
-        """The aggregator phases after ``closed`` (training: its check verdicts recorded), then what follows."""
+        """The aggregator phases after ``closed`` (after the last per-stage bank phase, acceptance: every
+        check verdict recorded), then what follows."""
         phases.run_aggregator_phases(r, after=closed.name)
-        if closed.per_stage:
+        if closed is LAST_STAGE_PHASE:
             self._record_check_rejections(federation.key, r.round_id, checks(r)["rejections"])
         self._open_next(federation, r, closed)
 

@@ -9,6 +9,7 @@ bank's worker connects out to it with the bank's certificate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -37,6 +38,10 @@ class RemoteNode:
     def train(self, task_bytes: bytes) -> bytes:
         return self._ask(TaskKind.TRAIN, task_bytes)
 
+    def score(self, question_bytes: bytes) -> bytes:
+        """Acceptance in a cyclic round: one task per turn (each turn's question is another)."""
+        return self._ask(TaskKind.ACCEPT, question_bytes, part=hashlib.sha256(question_bytes).hexdigest()[:16])
+
     def bin_counts(self, grid_bytes: bytes) -> bytes:
         return self._ask(TaskKind.BIN_COUNTS, grid_bytes)
 
@@ -50,13 +55,13 @@ class RemoteNode:
         with c.lock, c.Session.begin() as s:
             c._expire(s, self.federation.key, self.round_id, TaskKind.HISTOGRAM, "the collective round was aborted")
 
-    def _ask(self, kind: str, input_bytes: bytes) -> bytes:
+    def _ask(self, kind: str, input_bytes: bytes, part: str = "") -> bytes:
         c, key = self.coordinator, self.federation.key
         folder = c.workspace(self.federation).round_dir(self.round_id) / "exchange"
         question, answer = folder / f"{kind}-{self.bank}.in.json", folder / f"{kind}-{self.bank}.json"
         write_bytes(input_bytes, question)
         with c.lock, c.Session.begin() as s:
-            tid = c._add_task(s, self.federation, self.round_id, kind, self.bank, question, answer).id
+            tid = c._add_task(s, self.federation, self.round_id, kind, self.bank, question, answer, part).id
         while True:
             with c.Session() as s:
                 task = s.get(store.Task, tid)

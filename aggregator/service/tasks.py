@@ -23,8 +23,10 @@ from pipelines.io import write_bytes
 log = logging.getLogger("fedfraud.service")
 
 
-def task_id(federation: str, round_id: int, kind: str, bank: str) -> str:
-    return hashlib.sha256(f"{federation}/{round_id}/{kind}/{bank}".encode()).hexdigest()[:32]
+def task_id(federation: str, round_id: int, kind: str, bank: str, part: str = "") -> str:
+    """``part`` tells apart several tasks of one kind for one bank in a round (cyclic acceptance, per turn)."""
+    key = f"{federation}/{round_id}/{kind}/{bank}" + (f"/{part}" if part else "")
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 class BankTasks:
@@ -110,8 +112,8 @@ class BankTasks:
         log.warning("upload from %s refused by %s: %s", caller, refused.check, refused.detail)
 
     def _add_task(self, s, federation: store.Federation, round_id: int, kind: str, bank: str,
-                  input_path: Path | None, result: Path) -> store.Task:
-        tid = task_id(federation.key, round_id, kind, bank)
+                  input_path: Path | None, result: Path, part: str = "") -> store.Task:
+        tid = task_id(federation.key, round_id, kind, bank, part)
         task = s.get(store.Task, tid)
         if task is None:
             task = store.Task(id=tid, federation=federation.key, round_id=round_id, kind=kind, bank=bank,
