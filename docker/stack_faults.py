@@ -35,7 +35,7 @@ def check_images(compose: Compose, secrets: dict[str, str]) -> None:
             leaked = [k for k, v in values.items() if v in text]
             check(not leaked, f"{image}: {where} holds the value of {leaked}")
             check("PRIVATE KEY" not in text, f"{image}: {where} holds a private key")
-        rc, found = docker_run("--entrypoint", "find", image, "/", "-xdev", "(", "-name", "key.pem", "-o", "-name",
+        rc, found = docker_run("--user", "0", "--entrypoint", "find", image, "/", "-xdev", "(", "-name", "key.pem", "-o", "-name",
                                "ca.key", "-o", "-name", ".env", ")", "-print")
         check(rc in (0, 1) and not found.strip(), f"{image} contains key or .env files: {found.strip()[:500]}")
         print(f"    {image}: user {config['User']}, {info['Size'] / 1e9:.2f} GB, {len(layers.splitlines())} layers, "

@@ -195,7 +195,9 @@ def main() -> int:
         if not isinstance(exc, KeyboardInterrupt):
             try:
                 print(compose.run("ps", "--all"), file=sys.stderr)
-                print(compose.run("logs", "--tail=40", "aggregator", "bank-c", "airflow-scheduler"), file=sys.stderr)
+                unhealthy = [s for s, row in compose.services().items() if row.get("Health") not in ("", "healthy")]
+                for service in sorted({*unhealthy, "aggregator", "bank-c", "airflow-scheduler"}):
+                    print(compose.run("logs", "--tail=30", service), file=sys.stderr)
             except (StackTestFailure, OSError) as diag:
                 print(f"(no diagnostics: {diag})", file=sys.stderr)
     finally:
