@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import json
 import sys
 from pathlib import Path
@@ -311,7 +312,7 @@ def _print_bank_table(consortium, local, federated: dict) -> None:
     best = list(federated)[-1]
     for bank, node in consortium.nodes.items():
         report = node.report
-        alone = local[bank].evaluation.per_bank[bank]["auprc"] if bank in local else float("nan")
+        alone = local[bank].evaluation.per_bank.get(bank, {}).get("auprc", float("nan")) if bank in local else math.nan
         together = {
             name: r.evaluation.per_bank.get(bank, {}).get("auprc", float("nan")) for name, r in federated.items()
         }
