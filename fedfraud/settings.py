@@ -29,6 +29,7 @@ class FederationSettings:
     acceptance_delta: float = 0.05  # refuse an update that lowers the others' pooled AUPRC by more (honest
     # updates moved it by up to 0.045 on 5 generated banks with ~90 holdout frauds: bench/poisoning.py)
     crossval: bool = True  # before round 1: every bank's local model scored at every other bank
+    crossval_max_trees: int = 100  # local models: rounds x trees_per_round trees, at most this (bank policies)
     crossval_min_lift: float = 2.0  # a local model must reach this multiple of no-skill AUPRC elsewhere
     crossval_max_contradiction_auc: float = 0.5  # a holdout where every other model is below this is refused
     crossval_require_model: bool = False  # a bank that refuses to share its local model is excluded

@@ -1,7 +1,7 @@
 """Cross-evaluation before round 1: every bank's local model is scored at every bank's holdout.
 
 After planning, each bank trains a model on its own rows alone (the consortium's parameters,
-``rounds x trees_per_round`` trees, round 0, no base model) and sends it (``local_model``: its
+``rounds x trees_per_round`` trees up to ``crossval_max_trees``, round 0, no base model) and sends it (``local_model``: its
 trees leave the bank, so a bank may refuse). The models are checked like any update, then every
 bank scores every model on its own holdout (``crossval``: reports only). The aggregator then:
 
@@ -53,7 +53,8 @@ def configure(ws: Workspace, plan: Plan) -> None:
     strategy = strategy_for(plan)
     for bank in plan.banks:
         task = strategy.configure(0, bank, plan.bank_index(bank), None, plan.contract_hash)
-        task = dataclasses.replace(task, num_trees=plan.rounds * plan.settings.trees_per_round,
+        trees = min(plan.rounds * plan.settings.trees_per_round, plan.settings.crossval_max_trees)
+        task = dataclasses.replace(task, num_trees=trees,
                                    params={**task.params, "seed": derive_seed(plan.seed, 0, plan.bank_index(bank))})
         write_bytes(task.to_bytes(), _path(ws, "tasks", bank))
 
