@@ -54,6 +54,8 @@ def preflight(compose: Compose) -> None:
     running = [s for s, row in compose.services().items() if row.get("State") == "running"]
     check(not running, f"a fedfraud stack is already running ({', '.join(running)}); the stack test would "
                        "replace it and delete its volumes: stop it first with `docker compose down`")
+    # A stopped stack's volumes hold databases made with an earlier .env's passwords: start from nothing.
+    compose.run("down", "-v", "--remove-orphans", "--timeout", "10")
     for sub in ("certs/participants.json", *(f"data/{bank}" for bank in BANKS)):
         check((ROOT / "work" / "stack" / sub).exists(), f"work/stack/{sub} is missing: run `make stack-test`")
 
