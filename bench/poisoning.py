@@ -220,17 +220,20 @@ def source_for(mode: str, args) -> Path:
 def newest_write(runs: Path, prefix: str, out: Path) -> float:
     """The latest modification time among the mode's run folders and its rows file."""
     times = [out.stat().st_mtime] if out.exists() else [0.0]
-    for folder in runs.glob(f"{prefix}*") if runs.exists() else []:
-        times += [p.stat().st_mtime for p in folder.rglob("*")]
+    try:
+        for folder in runs.glob(f"{prefix}*") if runs.exists() else []:
+            times += [p.stat().st_mtime for p in folder.rglob("*")]
+    except FileNotFoundError:  # a run's folder changing while we look: that is progress
+        return time.time()
     return max(times)
 
 
 def run_mode(args, mode: str, attacks: list[str]) -> list[dict]:
     """Children until every attack has a row; a child that dies or stalls is recorded for its attack."""
-    out = args.work_dir / f"rows-{mode}.jsonl"
-    out.unlink(missing_ok=True)
+    out = args.work_dir / f"rows-{mode}.jsonl"  # appended to: the latest row of an attack is its result
     env = {**os.environ, "PYTHONPATH": str(source_for(mode, args)), "FEDFRAUD_SHUFFLE_PARTITIONS": "2"}
     rows: list[dict] = []
+    seen_lines = len(out.read_text().splitlines()) if out.exists() else 0
     while attacks:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--attacks", ",".join(attacks),
                "--out", str(out), "--work-dir", str(args.work_dir), "--rounds", str(args.rounds),
@@ -246,7 +249,7 @@ def run_mode(args, mode: str, attacks: list[str]) -> list[dict]:
                 proc.kill()
                 proc.wait()
                 break
-        lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+        lines = [json.loads(line) for line in out.read_text().splitlines()[seen_lines:]] if out.exists() else []
         done = [x for x in lines if "attack" in x]
         rows += [x for x in done if x["attack"] in attacks]
         attacks = [a for a in attacks if a not in {x["attack"] for x in done}]
@@ -257,6 +260,8 @@ def run_mode(args, mode: str, attacks: list[str]) -> list[dict]:
             what = (f"hung: no progress for {args.stall_seconds}s, killed" if code == -9
                     else f"crashed: exit {code} {' '.join(stderr)[:160]}")
             rows.append({"attack": started[-1], "mode": mode, "outcome": what})
+            with open(out, "a") as record:
+                record.write(json.dumps(rows[-1]) + "\n")
             attacks.remove(started[-1])
         elif attacks:
             raise RuntimeError(f"{mode} child ended before starting {attacks}: {proc.stderr.read().decode()[-2000:]}")
@@ -296,6 +301,13 @@ def named(row: dict | None, attacker: str) -> str:
     return ", ".join(sorted(set(names))) or "not named"
 
 
+def recorded(args, mode: str) -> dict[str, dict]:
+    """The latest row of each attack in ``mode``'s rows file (runs with other settings start a new work dir)."""
+    path = args.work_dir / f"rows-{mode}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["attack"]: r for r in rows if "attack" in r}
+
+
 def setup(args) -> dict:
     """What makes two runs' rows comparable (one table may gather modes run separately)."""
     return {k: getattr(args, k) for k in ("rows", "banks", "rounds", "trees", "seed", "attacker",
@@ -328,11 +340,9 @@ def main() -> None:
     for mode in modes:
         source_for(mode, args)
     with ThreadPoolExecutor(len(modes)) as pool:  # one child per mode at a time, side by side
-        rows = dict(zip(modes, pool.map(lambda mode: run_mode(args, mode, list(attacks)), modes)))
+        list(pool.map(lambda mode: run_mode(args, mode, list(attacks)), modes))
     out = args.work_dir / "results.json"
-    earlier = json.loads(out.read_text()) if out.exists() else {}
-    results = earlier.get("results", {}) if earlier.get("setup") == setup(args) else {}
-    results.update({mode: {**results.get(mode, {}), **{r["attack"]: r for r in rows[mode]}} for mode in modes})
+    results = {mode: recorded(args, mode) for mode in MODES}  # every row recorded with these settings
     clean = results.get("defended", {}).get("clean", {}).get("pooled_auprc")
     print(f"\nPooled AUPRC on every bank's true holdout ({args.banks} banks, {args.rows:,} rows, bagging, "
           f"{args.rounds} rounds x {args.trees} trees, seed {args.seed}; attacker {args.attacker})")
