@@ -1,8 +1,8 @@
 """Cross-evaluation before round 1: every bank's local model is scored at every bank's holdout.
 
 After planning, each bank trains a model on its own rows alone (the consortium's parameters,
-``rounds x trees_per_round`` trees up to ``crossval_max_trees``, round 0, no base model) and sends it (``local_model``: its
-trees leave the bank, so a bank may refuse). The models are checked like any update, then every
+``rounds x trees_per_round`` trees up to ``crossval_max_trees``, round 0, no base model) and sends
+it (``local_model``: its trees leave the bank, so a bank may refuse). The models are checked like any update, then every
 bank scores every model on its own holdout (``crossval``: reports only). The aggregator then:
 
 1. refuses a bank whose holdout contradicts every other bank's model: each of at least two other
