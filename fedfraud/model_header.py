@@ -15,7 +15,10 @@ OBJECTIVE = "binary:logistic"
 FEATURE_TYPES = ("float", "q")  # numeric types only; "c" (categorical) is never allowed
 MIN_BASE_SCORE = 1e-6  # the clamp aggregator.settings.consortium_params applies
 XGBOOST_JSON_VERSION = [3, 2, 0]
-FLOAT32_MAX = 3.4028234663852886e38  # larger magnitudes are refused, not rounded
+FLOAT32_MAX = 3.4028234663852886e38
+# XGBoost reads every JSON number as float32: a magnitude below FLT_MAX + half an ulp (2**103) rounds
+# to a finite float32 (XGBoost itself writes its FLT_MAX sentinels as 3.4028235E38); anything else is inf.
+FLOAT32_ROUNDS_FINITE = FLOAT32_MAX + 2.0**103
 
 
 class ModelRefused(Exception):
@@ -35,7 +38,7 @@ def finite32(value: Any, where: str) -> float:
         as_float = float(value)
     except OverflowError:
         raise ModelRefused("not_finite", f"{where}: integer too large for a float") from None
-    if not abs(as_float) <= FLOAT32_MAX:  # also false for NaN
+    if not abs(as_float) < FLOAT32_ROUNDS_FINITE:  # also false for NaN
         raise ModelRefused("not_finite", f"{where}: {as_float!r} is not finite in float32")
     return as_float
 
