@@ -38,7 +38,7 @@ class TrainingPolicy:
     max_eta: float = 0.3
     min_child_weight: float = 1.0  # the least min_child_weight accepted (0 grows label-pure leaves)
     min_lambda: float = 1.0  # the least L2 regularisation accepted (XGBoost's default is 1)
-    max_trees_per_task: int = 100
+    max_trees_per_task: int = 500  # the consortium default max_trees_per_update
     min_bin: int = 16
     max_bin: int = 1024
     max_scale_pos_weight: float = 1000.0
