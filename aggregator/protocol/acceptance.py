@@ -151,7 +151,7 @@ def gate(r: RoundState) -> None:
                        else crosscheck.prevalence([answers[b][WITH_ALL] for b in every]))
             row["contribution"] = with_all - without
         drop = row.get("others_without", math.nan) - row.get("others_with", math.nan)
-        if drop > delta:
+        if delta is not None and drop > delta:
             detail = (f"pooled AUPRC at {len(others)} other bank(s) {row['others_with']:.4f} with its update, "
                       f"{row['others_without']:.4f} without (allowed drop {delta})")
             refused.append({"bank": bank, "check": REFUSED, "detail": detail})
