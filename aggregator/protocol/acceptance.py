@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 from aggregator.protocol import records
-from aggregator.protocol.state import Exchange, Node, RoundState
+from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
 from aggregator.protocol import training
 from aggregator.protocol.training import checks
 from fedfraud import crosscheck, model_json
@@ -88,12 +88,7 @@ def accept_exchanges(r: RoundState, bank: str) -> list[Exchange]:
 
 def accept(r: RoundState, nodes: dict[str, Node]) -> None:
     """Every bank scores the candidate's variants; one that cannot is left out of the verdict."""
-    for bank in accept_banks(r):
-        try:
-            for ask in accept_exchanges(r, bank):
-                write_bytes(nodes[bank].score(ask.question.read_bytes()), ask.answer)
-        except Exception as exc:
-            log.warning("bank %s could not score round %s's candidate: %s", bank, r.round_id, exc)
+    answer_tolerantly(r, nodes, accept_banks, accept_exchanges, "score the candidate")
 
 
 def _answers(r: RoundState, labels: list[str]) -> tuple[dict[str, dict], list[dict[str, str]]]:

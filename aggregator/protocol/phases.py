@@ -17,11 +17,9 @@ from typing import Any
 
 from aggregator.protocol import acceptance, registry, training
 from aggregator.protocol.plan import Plan, make_plan
-from aggregator.protocol.state import AGGREGATOR, BANK, Node, Phase, RoundState
+from aggregator.protocol.state import AGGREGATOR, BANK, Node, Phase, RoundState, answer
 from aggregator.protocol.workspace import Workspace
-from fedfraud.protocol import TaskKind
 from fedfraud.settings import FederationSettings
-from pipelines.io import write_bytes
 
 ROUND: tuple[Phase, ...] = (
     Phase("configure", AGGREGATOR, training.configure, per_stage=True),
@@ -91,10 +89,7 @@ def run_aggregator_phases(r: RoundState, after: str | None) -> Any:
 
 def answer_at(r: RoundState, phase: Phase, node: Node) -> None:
     """One bank answers every question a bank phase asks it (a driver's mapped bank task)."""
-    calls = {TaskKind.TRAIN: node.train, TaskKind.EVALUATE: node.evaluate, TaskKind.EVALUATE_CHAMPION: node.evaluate,
-             TaskKind.ACCEPT: node.score}
-    for ask in phase.exchanges(r, node.bank):
-        write_bytes(calls[ask.kind](ask.question.read_bytes()), ask.answer)
+    answer(node, phase.exchanges(r, node.bank))
 
 
 def run_phase(r: RoundState, phase: Phase, nodes: dict[str, Node]) -> Any:

@@ -9,11 +9,10 @@ from contextlib import contextmanager
 from aggregator.evaluation import FederatedEvaluation, combine, screen_reports
 from aggregator.protocol import records
 from aggregator.protocol.errors import RoundFailed
-from aggregator.protocol.state import Exchange, Node, RoundState
+from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
 from aggregator.tracking import zero_example
 from fedfraud import model_json
 from fedfraud.protocol import Tag, TaskKind
-from pipelines.io import write_bytes
 
 log = logging.getLogger("fedfraud.rounds")
 
@@ -34,12 +33,7 @@ def evaluation_exchanges(r: RoundState, bank: str) -> list[Exchange]:
 def evaluate(r: RoundState, nodes: dict[str, Node]) -> None:
     """Every bank scores its holdout; a bank that cannot is left out of the pooled figures."""
     r.on_progress(f"round {r.round_id}: evaluating at {len(r.plan.banks)} banks")
-    for bank in evaluate_banks(r):
-        try:
-            for ask in evaluation_exchanges(r, bank):
-                write_bytes(nodes[bank].evaluate(ask.question.read_bytes()), ask.answer)
-        except Exception as exc:
-            log.warning("bank %s could not evaluate round %s: %s", bank, r.round_id, exc)
+    answer_tolerantly(r, nodes, evaluate_banks, evaluation_exchanges, "evaluate")
 
 
 @contextmanager

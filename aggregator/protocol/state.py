@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -9,11 +10,14 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.workspace import Workspace
 from aggregator.strategies import STRATEGIES, Strategy
+from fedfraud.protocol import TaskKind
+from pipelines.io import write_bytes
 
 if TYPE_CHECKING:
     from aggregator.tracking import FederationTracker
 
 AGGREGATOR, BANK = "aggregator", "bank"
+log = logging.getLogger("fedfraud.rounds")
 
 
 class Node(Protocol):
@@ -83,3 +87,25 @@ class Phase:
     banks: Callable[[RoundState], list[str]] | None = None
     exchanges: Callable[[RoundState, str], list[Exchange]] | None = None
     state: str | None = None  # a bank phase: the round's state while banks answer
+
+
+def node_call(node: Node, kind: str) -> Callable[[bytes], bytes]:
+    """The node method that answers a task ``kind`` (a driver's bank task, or in process)."""
+    return {TaskKind.TRAIN: node.train, TaskKind.EVALUATE: node.evaluate, TaskKind.EVALUATE_CHAMPION: node.evaluate,
+            TaskKind.ACCEPT: node.score}[kind]
+
+
+def answer(node: Node, exchanges: list[Exchange]) -> None:
+    """The bank answers each question; its answers land where the exchanges say."""
+    for ask in exchanges:
+        write_bytes(node_call(node, ask.kind)(ask.question.read_bytes()), ask.answer)
+
+
+def answer_tolerantly(r: RoundState, nodes: dict[str, Node], phase_banks: Callable[[RoundState], list[str]],
+                      exchanges: Callable[[RoundState, str], list[Exchange]], what: str) -> None:
+    """Every bank of a bank phase answers in process; one that cannot is logged and left out."""
+    for bank in phase_banks(r):
+        try:
+            answer(nodes[bank], exchanges(r, bank))
+        except Exception as exc:
+            log.warning("bank %s could not %s in round %s: %s", bank, what, r.round_id, exc)
