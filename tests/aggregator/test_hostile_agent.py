@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 from test_service_network import Stack, wait
 
-from aggregator.federated_server import free_port
-from fedfraud.pki import provision
 
 pytestmark = pytest.mark.slow
 HONEST, HOSTILE = ["alpine", "baltic", "celtic"], ["eve", "mallory"]
@@ -44,18 +42,7 @@ class HostileStack(Stack):
     """``Stack`` with five banks, two of them hostile agents, and a deadline that tolerates a loaded machine."""
 
     def __init__(self, root: Path, consortium):
-        self.root, self.consortium = root, consortium
-        self.certs = root / "certs"
-        provision("testnet", ["aggregator", *BANKS], self.certs, days=2, operators=["airflow"])
-        self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.service_config = self._write(root / "aggregator.yaml", {
-            "consortium": "testnet", "host": "127.0.0.1", "port": self.port,
-            "database_url": f"sqlite:///{root / 'aggregator' / 'state.db'}", "tracking_uri": self.tracking_uri,
-            "work_dir": str(root / "aggregator"), "tls": self._tls("aggregator"), "banks": BANKS,
-            "operators": ["airflow"], "federated_host": "127.0.0.1", "deadline_seconds": 300, "tick_seconds": 0.2})
+        super().__init__(root, consortium, banks=BANKS, deadline_s=300)
 
     def start_service(self) -> None:
         """The service first (the agents' bounded retries then never run out on a loaded machine)."""

@@ -38,10 +38,10 @@ def wait(condition, timeout_s: float, what: str, interval: float = 0.3):
 class Stack:
     """The service and the agents, each its own process with its own log file."""
 
-    def __init__(self, root: Path, consortium):
+    def __init__(self, root: Path, consortium, banks: list[str] = BANKS, deadline_s: float = DEADLINE_S):
         self.root, self.consortium = root, consortium
         self.certs = root / "certs"
-        provision("testnet", ["aggregator", *BANKS], self.certs, days=2, operators=["airflow"])
+        provision("testnet", ["aggregator", *banks], self.certs, days=2, operators=["airflow"])
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -49,8 +49,8 @@ class Stack:
         self.service_config = self._write(root / "aggregator.yaml", {
             "consortium": "testnet", "host": "127.0.0.1", "port": self.port,
             "database_url": f"sqlite:///{root / 'aggregator' / 'state.db'}", "tracking_uri": self.tracking_uri,
-            "work_dir": str(root / "aggregator"), "tls": self._tls("aggregator"), "banks": BANKS,
-            "operators": ["airflow"], "federated_host": "127.0.0.1", "deadline_seconds": DEADLINE_S,
+            "work_dir": str(root / "aggregator"), "tls": self._tls("aggregator"), "banks": banks,
+            "operators": ["airflow"], "federated_host": "127.0.0.1", "deadline_seconds": deadline_s,
             "tick_seconds": 0.2})
 
     def _tls(self, name: str) -> dict[str, str]:
