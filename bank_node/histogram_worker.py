@@ -5,9 +5,11 @@ The bank's node (``BankNode.train_histogram``) writes the bank's binned training
 job file into the bank's own work folder. It then starts this module as a process
 (``python -m bank_node.histogram_worker JOB``), and the process reads only those files. What
 leaves the bank while it trains is what XGBoost's row-split mode allreduces: per-node
-gradient and hessian histograms, plus a few scalars. The histograms are summed at the
-federated server. What leaves at the end is the update (the new trees, training statistics
-scrubbed), as for every other strategy.
+gradient and hessian histograms, plus a few scalars. With secure aggregation (the default)
+the worker talks only to the bank's masking sidecar (``bank_node.secagg_sidecar``, its own
+process, started here first), which holds the bank's channel to the federated server and
+masks every sum, so the server sees random words. What leaves at the end is the update (the
+new trees, training statistics scrubbed), as for every other strategy.
 
 Cut points come from ``GlobalBins.reference_matrix`` (public: derived from the shared edges).
 The process does not sketch its own rows, which XGBoost would share with every peer. A
@@ -34,11 +36,14 @@ import numpy as np
 from fedfraud.histogram_session import HistogramSession, loopback
 
 EXIT_WATCHDOG = 3
+ALLOW_UNMASKED_ENV = "FEDFRAUD_SECAGG_ALLOW_UNMASKED"  # "1": this bank joins unmasked sessions (benches)
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # one collective call on the federated channel
 STARTED = time.monotonic()
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # ``python -m bank_node.histogram_worker JOB`` works too; this skips xgboost's optional import of
 # scikit-learn (~2 s of a round on a busy machine), which training does not use.
 LAUNCH = "import sys; sys.modules.setdefault('sklearn', None); from bank_node.histogram_worker import main; main()"
+SIDECAR_LAUNCH = "from bank_node.secagg_sidecar import main; main()"
 
 
 @dataclass(frozen=True)
@@ -88,17 +93,34 @@ def train_binned(dtrain, params: dict[str, Any], num_trees: int, base_model: dic
     return xgb.train(params, dtrain, num_boost_round=num_trees, xgb_model=base, callbacks=list(callbacks))
 
 
-class WorkerProcess:
-    """One running worker: ``result()`` waits (bounded) for its update, ``kill()`` aborts it."""
+def _launch(code: str, job: Path, log: Path, stdin_bytes: bytes | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log, "wb") as handle:
+        process = subprocess.Popen([sys.executable, "-c", code, str(job)],
+                                   stdin=subprocess.DEVNULL if stdin_bytes is None else subprocess.PIPE,
+                                   stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if stdin_bytes is not None:  # keys travel by pipe, never through a file
+        process.stdin.write(stdin_bytes)
+        process.stdin.close()
+    return process
 
-    def __init__(self, job: Path, log: Path, out: Path, timeout_s: float):
-        self.out, self.log, self.timeout_s = out, log, timeout_s
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
-                                                                        os.environ.get("PYTHONPATH")]))}
-        with open(log, "wb") as handle:
-            self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, str(job)],
-                                            stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
+
+def _tail(path: Path, limit: int) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:].strip()
+    except OSError:
+        return ""
+
+
+class WorkerProcess:
+    """One running worker (and its sidecar): ``result()`` waits (bounded) for its update, ``kill()`` aborts."""
+
+    def __init__(self, job: Path, log: Path, out: Path, timeout_s: float, sidecar_log: Path | None = None,
+                 sidecar_stdin: bytes = b"{}"):
+        self.out, self.log, self.timeout_s, self.sidecar_log = out, log, timeout_s, sidecar_log
+        # the sidecar first: it agrees keys while the worker loads its rows
+        self.sidecar = _launch(SIDECAR_LAUNCH, job, sidecar_log, sidecar_stdin) if sidecar_log else None
+        self.process = _launch(LAUNCH, job, log)
         self.aborted = False
 
     @property
@@ -107,31 +129,52 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self.aborted = True
-        if self.process.poll() is None:
-            self.process.kill()
+        for process in (self.process, self.sidecar):
+            if process is not None and process.poll() is None:
+                process.kill()
 
     def result(self) -> bytes:
+        deadline = time.monotonic() + self.timeout_s
         try:
-            code = self.process.wait(self.timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self.process.wait()
-            raise WorkerFailed(f"no result within {self.timeout_s:.0f}s; killed. {self.log_tail()}") from None
+            while self.process.poll() is None:
+                if self.sidecar is not None and self.sidecar.poll() is not None:
+                    self.kill()
+                    raise WorkerFailed(f"secagg sidecar exited with {self.sidecar.returncode}; worker killed. "
+                                       f"{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise WorkerFailed(f"no result within {self.timeout_s:.0f}s; killed. {self.log_tail()}")
+                time.sleep(0.05)
+        finally:
+            self._stop_sidecar()
+        code = self.process.returncode
         if code != 0 or not self.out.exists():
             reason = "aborted" if self.aborted else f"exited with {code}"
             raise WorkerFailed(f"training process {reason}. {self.log_tail()}")
         return self.out.read_bytes()
 
+    def _stop_sidecar(self) -> None:
+        if self.sidecar is not None and self.sidecar.poll() is None:
+            self.sidecar.terminate()
+            try:
+                self.sidecar.wait(5)
+            except subprocess.TimeoutExpired:
+                self.sidecar.kill()
+                self.sidecar.wait(5)
+        self.process.wait()
+
     def log_tail(self, limit: int = 1500) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-limit:].strip()
-        except OSError:
-            return ""
+        worker = _tail(self.log, limit)
+        if self.sidecar_log is None:
+            return worker
+        return f"{worker} | sidecar: {_tail(self.sidecar_log, limit)}"
 
 
 def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes, session: HistogramSession,
-                 tls: ClientTLS | None) -> WorkerProcess:
-    """Bin the bank's training rows with the shared edges into its own work folder and start a worker."""
+                 tls: ClientTLS | None, pair_keys: dict[str, bytes] | None = None) -> WorkerProcess:
+    """Bin the bank's training rows with the shared edges into its own work folder and start a worker
+    (behind the masking sidecar with secure aggregation; ``pair_keys``: keys agreed elsewhere, else the
+    sidecar agrees them with ``tls``'s consortium certificate)."""
     from fedfraud.binning import GlobalBins
     from fedfraud.wire import TrainTask
 
@@ -147,22 +190,45 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
         raise WorkerFailed("the federated server requires TLS but this bank has no client certificate")
     if not session.tls and not loopback(session.server_address):
         raise WorkerFailed(f"refusing plain gRPC to {session.server_address}: only 127.0.0.1 may run without TLS")
+    if not session.secagg and os.environ.get(ALLOW_UNMASKED_ENV) != "1":
+        raise WorkerFailed(f"secagg_required: this bank joins histogram rounds only with masked sums "
+                           f"({ALLOW_UNMASKED_ENV}=1 allows an unmasked session)")
+    problem = session.world_problem()
+    if problem:
+        raise WorkerFailed(f"secagg_session: {problem}")
+    if session.secagg and pair_keys is None and tls is None:
+        raise WorkerFailed("secagg_no_identity: masking needs this bank's consortium certificate to agree keys")
     bins = GlobalBins.from_dict(session.bins)
     if bins.num_feature != len(dataset.feature_names):
         raise WorkerFailed(f"bins for {bins.num_feature} features, the bank has {len(dataset.feature_names)}")
     folder = Path(work_dir) / "histogram"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {name: folder / name for name in ("task.json", "job.json", "progress", "update.json", "worker.log")}
-    for stale in ("progress", "update.json"):
+    paths = {name: folder / name for name in ("task.json", "job.json", "progress", "update.json", "worker.log",
+                                              "sidecar.log", "sidecar.address", "collectives.jsonl")}
+    for stale in ("progress", "update.json", "sidecar.address", "collectives.jsonl"):
         paths[stale].unlink(missing_ok=True)
     paths["x.npy"], paths["y.npy"] = _binned_rows(folder, dataset, bins)
     paths["task.json"].write_bytes(task_bytes)
     job = {"session": json.loads(session.to_bytes()), "task": str(paths["task.json"]), "x": str(paths["x.npy"]),
            "y": str(paths["y.npy"]), "feature_names": list(dataset.feature_names), "counts": dataset.counts(),
            "out": str(paths["update.json"]), "progress": str(paths["progress"]), "parent_pid": os.getpid(),
-           "tls": tls.communicator_args() if session.tls and tls else None}
+           "tls": tls.communicator_args() if session.tls and tls and not session.secagg else None}
+    if not session.secagg:
+        paths["job.json"].write_text(json.dumps(job))
+        return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0)
+    job["sidecar_address_file"] = str(paths["sidecar.address"])
+    job["sidecar"] = {
+        "bank": session.bank, "rank": session.rank, "banks": list(session.banks), "upstream": session.server_address,
+        "tls": {"server_ca": tls.server_ca, "client_key": tls.client_key, "client_cert": tls.client_cert}
+        if session.tls and tls else None,
+        "identity": {"cert": tls.client_cert, "key": tls.client_key, "ca": tls.server_ca} if tls else None,
+        "session_id": session.secagg_session, "address_file": str(paths["sidecar.address"]),
+        "audit": str(paths["collectives.jsonl"]), "timeout_s": session.timeout_s, "max_bytes": MAX_MESSAGE_BYTES,
+        "parent_pid": os.getpid()}
     paths["job.json"].write_text(json.dumps(job))
-    return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0)
+    keys = {} if pair_keys is None else {"pair_keys": {peer: key.hex() for peer, key in pair_keys.items()}}
+    return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0,
+                         paths["sidecar.log"], json.dumps(keys).encode())
 
 
 def _binned_rows(folder: Path, dataset, bins) -> tuple[Path, Path]:
@@ -182,15 +248,28 @@ def _binned_rows(folder: Path, dataset, bins) -> tuple[Path, Path]:
     return x_path, y_path
 
 
-def _watchdog(deadline: float, parent: int) -> None:
+def watchdog(deadline: float, parent: int, what: str = "histogram worker") -> None:
+    """Exit the process at ``deadline`` or when its parent (the bank's node) is gone."""
     while True:
         if time.monotonic() > deadline:
-            print("histogram worker: deadline passed, exiting", file=sys.stderr, flush=True)
+            print(f"{what}: deadline passed, exiting", file=sys.stderr, flush=True)
             os._exit(EXIT_WATCHDOG)
         if os.getppid() != parent:
-            print("histogram worker: parent gone, exiting", file=sys.stderr, flush=True)
+            print(f"{what}: parent gone, exiting", file=sys.stderr, flush=True)
             os._exit(EXIT_WATCHDOG)
         time.sleep(0.5)
+
+
+def _sidecar_address(path: Path, deadline: float) -> str:
+    """The masking sidecar's loopback address, once it has agreed keys and listens."""
+    while time.monotonic() < deadline:
+        if path.exists():
+            address = path.read_text().strip()
+            if not loopback(address):
+                raise WorkerFailed(f"sidecar address {address!r} is not on loopback")
+            return address
+        time.sleep(0.02)
+    raise WorkerFailed("the masking sidecar did not start before the deadline")
 
 
 def run(job_path: Path) -> None:
@@ -205,8 +284,8 @@ def run(job_path: Path) -> None:
 
     job = json.loads(job_path.read_text())
     session = HistogramSession.from_bytes(json.dumps(job["session"]).encode())
-    threading.Thread(target=_watchdog, args=(time.monotonic() + session.timeout_s, job["parent_pid"]),
-                     daemon=True).start()
+    deadline = time.monotonic() + session.timeout_s
+    threading.Thread(target=watchdog, args=(deadline, job["parent_pid"]), daemon=True).start()
     task = TrainTask.from_bytes(Path(job["task"]).read_bytes())
     bins = GlobalBins.from_dict(session.bins)
     X = np.ascontiguousarray(np.load(job["x"]))
@@ -219,12 +298,17 @@ def run(job_path: Path) -> None:
             progress.write_text(str(epoch + 1))
             return False
 
-    args: dict[str, Any] = {"dmlc_communicator": "federated", "federated_server_address": session.server_address,
+    address = session.server_address
+    if job.get("sidecar_address_file"):  # secure aggregation: only the bank's sidecar talks to the server
+        address = _sidecar_address(Path(job["sidecar_address_file"]), deadline)
+    args: dict[str, Any] = {"dmlc_communicator": "federated", "federated_server_address": address,
                             "federated_world_size": session.world_size, "federated_rank": session.rank,
                             **(job.get("tls") or {})}
+    # The cut points come from the public edges, computed before joining: nothing of a sketch is exchanged.
+    reference = xgb.QuantileDMatrix(bins.reference_matrix(), feature_names=names, missing=np.nan,
+                                    max_bin=bins.max_bin, nthread=session.nthread)
     with collective.CommunicatorContext(**args):
         try:
-            reference = xgb.DMatrix(bins.reference_matrix(), feature_names=names, missing=np.nan)
             dtrain = xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
                                          ref=reference, nthread=session.nthread)
             joined = time.monotonic()

@@ -1,5 +1,10 @@
 """The histogram strategy's session message, shared by the aggregator (who writes it) and each
-bank (who joins the collective round with it), and the loopback rule for plain gRPC."""
+bank (who joins the collective round with it), and the loopback rule for plain gRPC.
+
+``secagg`` (on unless the aggregator says otherwise, and a bank may refuse "otherwise"): the
+bank's worker joins through its masking sidecar (``bank_node.secagg_sidecar``), which agrees
+pairwise keys for ``secagg_session`` with the other ``banks`` (the world, by rank).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,22 @@ class HistogramSession(WireMessage):
     tls: bool = False  # the server demands client certificates (the bank brings its own)
     timeout_s: float = 1800.0
     nthread: int = 1
+    secagg: bool = True  # every SUM masked by the bank's sidecar
+    banks: list[str] = field(default_factory=list)  # the world by rank (secagg: whom keys are agreed with)
+    secagg_session: str = ""  # names (federation, round, attempt); fresh for every attempt
+
+    def world_problem(self) -> str | None:
+        """Why the session's world is inconsistent (None when it is fine)."""
+        if not 0 <= self.rank < self.world_size:
+            return f"rank {self.rank} outside a world of {self.world_size}"
+        if self.secagg:
+            if len(self.banks) != self.world_size or len(set(self.banks)) != len(self.banks):
+                return f"banks {self.banks} are not a world of {self.world_size} distinct banks"
+            if self.banks[self.rank] != self.bank:
+                return f"rank {self.rank} is {self.banks[self.rank]}, not {self.bank}"
+            if not self.secagg_session:
+                return "no secure-aggregation session named"
+        return None
 
 
 def loopback(address: str) -> bool:

@@ -18,6 +18,12 @@ Two choices make "exactly" hold:
   over that process's own row indices, so no federated sample equals a pooled one. Column
   sampling is seeded the same at every rank (one seed per round for all banks), so it matches.
 
+**Secure aggregation** (on by default; ``FEDFRAUD_HISTOGRAM_SECAGG=0`` turns it off, and banks
+refuse that unless they allow it): each bank's worker joins through its masking sidecar
+(``bank_node.secagg_sidecar``), so every SUM reaches the server as pairwise-masked words and
+the server learns only sums. Each attempt is its own key session (``secagg_session``: a fresh
+name for every attempt; banks make fresh X25519 keys for it), and needs at least three banks.
+
 The round's model is the update every bank returns. All must be identical, or the round
 fails. Then evaluation, registration and promotion run as for every other strategy. A bank
 that fails mid-round fails the round: every worker is killed, the server is stopped,
@@ -27,8 +33,11 @@ banks still healthy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import secrets
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, ClassVar, Sequence
@@ -41,6 +50,7 @@ from aggregator.strategies.base import Strategy
 from fedfraud import model_json
 from fedfraud.histogram_session import HistogramSession, loopback
 from fedfraud.model_json import Doc
+from fedfraud.secagg.masking import MIN_PARTIES
 from fedfraud.protocol import StrategyName
 from fedfraud.wire import ModelUpdate, TrainTask
 
@@ -62,6 +72,8 @@ class Histogram(Strategy):
         # Where banks reach the server. Embedded: loopback. Networked: the aggregator's name, TLS required.
         self.server_host = os.environ.get("FEDFRAUD_FEDERATED_HOST", LOOPBACK)
         self.server_tls = ServerTLS.from_env()
+        self.secagg = os.environ.get("FEDFRAUD_HISTOGRAM_SECAGG", "1") != "0"
+        self.attempts = 0  # collective attempts of this federation (each is its own key session)
         if self.server_tls is None and not loopback(f"{self.server_host}:0"):
             raise ServerFailed(f"the federated server on {self.server_host} needs TLS: set "
                                "FEDFRAUD_FEDERATED_SERVER_KEY, _SERVER_CERT, _CLIENT_CA (plain gRPC: 127.0.0.1 only)")
@@ -89,6 +101,10 @@ class Histogram(Strategy):
         if len(world) < quorum:
             raise RoundFailed(f"round {round_id}: {len(world)} bank(s) ready for the collective round, quorum is "
                                 f"{quorum}; not ready: {[r.as_dict() for r in left_out]}")
+        if self.secagg and len(world) < MIN_PARTIES:
+            raise RoundFailed(f"round {round_id}: too_few_parties: {len(world)} bank(s) ready, masked sums need "
+                              f"{MIN_PARTIES} (with two, each learns the other's histograms); not ready: "
+                              f"{[r.as_dict() for r in left_out]}")
         if self.bins is None:
             on_progress(f"round {round_id}: shared bins from {len(world)} banks' grid counts")
             self.bins = self.shared_bins(nodes, world)
@@ -130,10 +146,12 @@ class Histogram(Strategy):
         pool = ThreadPoolExecutor(max_workers=len(world), thread_name_prefix="histogram-bank")
         try:
             server.launch()  # banks start binning and launching workers while the server comes up
+            key_session = self.key_session(round_id)
             sessions = {bank: HistogramSession(
                 bank=bank, round_id=round_id, server_address=server.address, world_size=len(world), rank=rank,
                 bins=self.bins.to_dict(), tls=self.server_tls is not None, timeout_s=self.round_timeout_s,
-                nthread=self.nthread).to_bytes() for rank, bank in enumerate(world)}
+                nthread=self.nthread, secagg=self.secagg, banks=world if self.secagg else [],
+                secagg_session=key_session if self.secagg else "").to_bytes() for rank, bank in enumerate(world)}
             futures: dict[Future, str] = {
                 pool.submit(nodes[bank].train_histogram, tasks[bank].to_bytes(), sessions[bank]): bank
                 for bank in world}
@@ -150,6 +168,13 @@ class Histogram(Strategy):
         finally:
             server.stop()
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def key_session(self, round_id: int) -> str:
+        """A fresh session name per attempt: the federation (its seed, params, bins), round, attempt, nonce."""
+        self.attempts += 1
+        federation = hashlib.sha256(json.dumps([self.seed, self.consortium_params, self.bins.digest],
+                                               sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return f"histogram:{federation}:r{round_id}:a{self.attempts}:{secrets.token_hex(8)}"
 
     def _watch(self, futures: dict[Future, str], server: FederatedServer, started: float) -> str | None:
         """None when every bank returned; else why the round must stop (first failure wins)."""

@@ -1,0 +1,294 @@
+"""The bank's masking sidecar: every SUM its XGBoost worker sends leaves the bank pairwise-masked.
+
+XGBoost 3.2 has no encryption plugin, so the bank's worker talks to this gRPC proxy on
+127.0.0.1 instead of the aggregator's federated server. The proxy speaks the same
+``xgboost.collective.federated.Federated`` service and holds the bank's channel to the real
+server (with TLS when the session asks for it). Per collective call:
+
+* ``Allreduce(SUM)``: the payload becomes fixed-point uint64 words (``fedfraud.secagg.masking``),
+  plus this bank's pairwise masks labelled by the call's sequence number, sent as a ``UINT64``
+  sum. The masks cancel in the server's sum; the reply is checked (exact size) and decoded back
+  to the worker's dtype. Values the sum could overflow are refused by name.
+* ``Allreduce(MAX/MIN/bitwise)``, ``Allgather``, ``AllgatherV``, ``Broadcast``: forwarded in the
+  clear (the README lists what they carry). Replies are checked against the size they must have.
+
+Keys: before the worker's first call, each sidecar makes a fresh X25519 key for the session
+(``fedfraud.secagg.keys``), signs it with the bank's consortium certificate and sends the offer
+through the server as the session's call 0 (an ``Allgather`` of fixed-size slots: the aggregator
+relays public material only). It verifies every peer's offer and derives one key per peer; the
+worker's calls then go upstream one sequence number later. No key ever touches disk.
+
+Every request and reply is parsed bounded and rebuilt from its allowed fields
+(``fedfraud.secagg.federated_wire``); a request claiming another rank is refused. After any
+refusal the session is broken: every later call is refused too, so no partial sum goes out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from fedfraud.secagg import federated_wire as fw
+from fedfraud.secagg.masking import (
+    FRAC_BITS, MIN_PARTIES, WORD_LIMIT, FixedPointOverflow, PairwiseMasker, SecureAggregationError, TooFewParties,
+    decode, encode,
+)
+
+OFFER_SLOT_BYTES = 16384  # one bank's offer in the key allgather: 4-byte length + JSON, zero padded
+FLOATS = {0, 1, 2}  # HALF, FLOAT, DOUBLE
+
+
+class SidecarRefused(SecureAggregationError):
+    """The sidecar refused a call or a reply; the message starts with the rule's name."""
+
+
+Forward = Callable[[str, bytes], bytes]  # (method, request bytes) -> reply bytes, on the upstream channel
+
+
+def key_session(session_id: str, banks: list[str]) -> str:
+    """The session string the offers are signed for: the aggregator's id bound to the world by rank, so
+    banks given different worlds derive no common key."""
+    world = hashlib.sha256("\n".join(banks).encode()).hexdigest()[:16]
+    return f"{session_id}:w={world}"
+
+
+class MaskingProxy:
+    """One bank's rewriting of one collective session (no networking: ``forward`` reaches the server)."""
+
+    def __init__(self, bank: str, rank: int, banks: list[str], forward: Forward,
+                 max_bytes: int = fw.DEFAULT_MAX_BYTES, frac_bits: int = FRAC_BITS,
+                 audit: Callable[[dict], None] = lambda record: None):
+        if len(banks) < MIN_PARTIES:
+            raise TooFewParties(f"too_few_parties: {len(banks)} < {MIN_PARTIES} banks in the session; with two, "
+                                "the sum minus one's own reveals the other's vector")
+        if len(set(banks)) != len(banks) or not 0 <= rank < len(banks) or banks[rank] != bank:
+            raise SidecarRefused(f"sidecar_session: {bank} is not rank {rank} of {banks}")
+        self.bank, self.rank, self.banks = bank, rank, list(banks)
+        self.forward, self.max_bytes, self.frac_bits, self.audit = forward, max_bytes, frac_bits, audit
+        self.masker: PairwiseMasker | None = None
+        self.seq_offset = 0
+        self.broken: str | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ keys
+
+    def use_pair_keys(self, pair_keys: Mapping[str, bytes]) -> None:
+        """Keys agreed elsewhere: exactly one per peer of the session."""
+        peers = sorted(set(self.banks) - {self.bank})
+        if sorted(pair_keys) != peers:
+            raise SidecarRefused(f"sidecar_keys: keys for {sorted(pair_keys)}, the session's peers are {peers}")
+        self.masker = PairwiseMasker(self.bank, pair_keys)
+
+    def agree_keys(self, session_id: str, identity, trust) -> None:
+        """Offers through the server as call 0 (fixed-size slots), every peer's verified, one key per peer."""
+        from fedfraud.secagg.keys import SessionKeys
+        from fedfraud.wire import loads_strict
+
+        keys = SessionKeys.generate(self.bank, key_session(session_id, self.banks), identity)
+        offer = json.dumps(keys.offer(), sort_keys=True, separators=(",", ":")).encode()
+        if len(offer) > OFFER_SLOT_BYTES - 4:
+            raise SidecarRefused(f"sidecar_offer_size: own offer of {len(offer)} bytes exceeds its slot")
+        slot = len(offer).to_bytes(4, "big") + offer.ljust(OFFER_SLOT_BYTES - 4, b"\0")
+        request = fw.Request("Allgather", 0, self.rank, slot)
+        gathered = self._upstream(request, len(self.banks) * OFFER_SLOT_BYTES)
+        offers = []
+        for rank, bank in enumerate(self.banks):
+            part = gathered[rank * OFFER_SLOT_BYTES:(rank + 1) * OFFER_SLOT_BYTES]
+            length = int.from_bytes(part[:4], "big")
+            if not 0 < length <= OFFER_SLOT_BYTES - 4 or part[4 + length:].strip(b"\0"):
+                raise SidecarRefused(f"sidecar_offer_malformed: rank {rank}'s slot")
+            parsed = loads_strict(part[4:4 + length], f"{bank}'s offer")
+            if not isinstance(parsed, dict) or parsed.get("bank") != bank:
+                raise SidecarRefused(f"sidecar_offer_malformed: rank {rank}'s offer is not {bank}'s")
+            offers.append(parsed)
+        self.masker = PairwiseMasker(self.bank, keys.pair_keys(offers, trust, self.banks))
+        self.seq_offset = 1
+        self.audit({"method": "Allgather", "seq": 0, "what": "key offers", "bytes": len(slot), "masked": False})
+
+    # ------------------------------------------------------------------ calls
+
+    def handle(self, method: str, data: bytes) -> bytes:
+        """A worker's call in, the worker's reply out; any refusal breaks the session."""
+        with self._lock:  # XGBoost issues one collective at a time; keep it that way
+            if self.broken:
+                raise SidecarRefused(f"sidecar_session_broken: after {self.broken}")
+            try:
+                return self._handle(method, data)
+            except SecureAggregationError as exc:
+                self.broken = str(exc)
+                raise
+            except Exception as exc:
+                self.broken = f"{exc.__class__.__name__}: {exc}"
+                raise
+
+    def _handle(self, method: str, data: bytes) -> bytes:
+        if self.masker is None:
+            raise SidecarRefused("sidecar_no_keys: the session's pairwise keys are not agreed")
+        request = fw.parse_request(method, data, self.max_bytes)
+        if request.rank != self.rank:
+            raise SidecarRefused(f"sidecar_wrong_rank: the worker claims rank {request.rank}, this bank is "
+                                 f"rank {self.rank}")
+        upstream = fw.Request(request.method, request.sequence_number + self.seq_offset, request.rank,
+                              request.send_buffer, request.data_type, request.reduce_operation, request.root)
+        if method == "Allreduce" and request.reduce_operation == fw.SUM:
+            return fw.encode_reply(self._masked_sum(request, upstream))
+        if method == "Broadcast" and request.root >= len(self.banks):
+            raise SidecarRefused(f"sidecar_broadcast_root: root {request.root} outside {len(self.banks)} ranks")
+        expected = {"Allreduce": len(request.send_buffer), "Allgather": len(request.send_buffer) * len(self.banks),
+                    "Broadcast": len(request.send_buffer) if request.root == self.rank else None}.get(method)
+        reply = self._upstream(upstream, expected)
+        self.audit({"method": method, "seq": upstream.sequence_number, "op": fw.OPS[request.reduce_operation]
+                    if method == "Allreduce" else None, "dtype": fw.DTYPE_NAMES[request.data_type]
+                    if method == "Allreduce" else None, "bytes": len(request.send_buffer), "masked": False})
+        return fw.encode_reply(reply)
+
+    def _masked_sum(self, request: fw.Request, upstream: fw.Request) -> bytes:
+        values = request.values()
+        words = self._encode(values, request.data_type)
+        masked = self.masker.mask(words, label=upstream.sequence_number)
+        forwarded = fw.Request("Allreduce", upstream.sequence_number, self.rank, masked.astype("<u8").tobytes(),
+                               fw.UINT64, fw.SUM)
+        total = np.frombuffer(self._upstream(forwarded, 8 * words.size), dtype="<u8")
+        self.audit({"method": "Allreduce", "seq": upstream.sequence_number, "op": "SUM",
+                    "dtype": fw.DTYPE_NAMES[request.data_type], "values": int(values.size), "masked": True})
+        return self._decode(total, request.data_type, values.dtype).tobytes()
+
+    def _encode(self, values: np.ndarray, data_type: int) -> np.ndarray:
+        if data_type in FLOATS:
+            return encode(values.astype(np.float64), self.frac_bits)
+        if values.dtype.kind == "u" and values.size and int(values.max()) >= WORD_LIMIT:
+            raise FixedPointOverflow(f"fixed_point_overflow: an unsigned value >= {WORD_LIMIT} could overflow the sum")
+        wide = values.astype(np.int64)
+        if wide.size and int(np.abs(wide).max()) >= WORD_LIMIT:
+            raise FixedPointOverflow(f"fixed_point_overflow: |value| >= {WORD_LIMIT} could overflow the sum")
+        return wide.view(np.uint64)
+
+    def _decode(self, total: np.ndarray, data_type: int, dtype: np.dtype) -> np.ndarray:
+        if data_type in FLOATS:
+            out = decode(total, self.frac_bits).astype(dtype)
+            if not np.all(np.isfinite(out)):
+                raise FixedPointOverflow(f"fixed_point_overflow: the sum does not fit {dtype}")
+            return out
+        sums = total.view(np.int64)
+        info = np.iinfo(dtype)
+        if sums.size and (int(sums.min()) < info.min or int(sums.max()) > info.max):
+            raise FixedPointOverflow(f"fixed_point_overflow: the sum does not fit {dtype}")
+        return sums.astype(dtype)
+
+    def _upstream(self, request: fw.Request, expected_bytes: int | None) -> bytes:
+        reply = fw.parse_reply(request.method, self.forward(request.method, fw.encode_request(request)),
+                               self.max_bytes)
+        if expected_bytes is not None and len(reply) != expected_bytes:
+            raise SidecarRefused(f"sidecar_reply_size: {request.describe()} answered with {len(reply)} bytes, "
+                                 f"expected {expected_bytes}")
+        return reply
+
+
+# ---------------------------------------------------------------------------- the process
+
+def _upstream_channel(address: str, tls: dict | None, max_bytes: int):
+    import grpc
+
+    options = [("grpc.max_send_message_length", max_bytes + 1024),
+               ("grpc.max_receive_message_length", max_bytes + 1024)]
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    from pathlib import Path
+
+    credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls["server_ca"]).read_bytes(),
+                                               private_key=Path(tls["client_key"]).read_bytes(),
+                                               certificate_chain=Path(tls["client_cert"]).read_bytes())
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def _serve(proxy: MaskingProxy, max_bytes: int):
+    """A gRPC server on 127.0.0.1 (a free port) answering the Federated service through ``proxy``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    def handler(method: str):
+        def call(data: bytes, context) -> bytes:
+            try:
+                return proxy.handle(method, data)
+            except Exception as exc:  # the worker's call fails with the rule's name; the session is broken
+                print(f"secagg sidecar refused {method}: {exc}", file=sys.stderr, flush=True)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)[:1000])
+        return grpc.unary_unary_rpc_method_handler(call)
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=[
+        ("grpc.max_send_message_length", max_bytes + 1024), ("grpc.max_receive_message_length", max_bytes + 1024),
+        ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        fw.SERVICE, {method: handler(method) for method in fw.METHODS}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def run(job_path: str, stdin=None) -> None:
+    """Agree keys (or read them from stdin), serve the worker, publish the address; until terminated."""
+    import time
+    from pathlib import Path
+
+    from bank_node.histogram_worker import watchdog
+    from fedfraud.secagg.keys import Identity, Trust
+
+    job = json.loads(Path(job_path).read_text())["sidecar"]
+    deadline = time.monotonic() + float(job["timeout_s"])
+    threading.Thread(target=watchdog, args=(deadline, int(job["parent_pid"]), "secagg sidecar"), daemon=True).start()
+    max_bytes = int(job["max_bytes"])
+    channel = _upstream_channel(job["upstream"], job.get("tls"), max_bytes)
+    stubs = {m: channel.unary_unary(f"/{fw.SERVICE}/{m}") for m in fw.METHODS}
+
+    def forward(method: str, data: bytes) -> bytes:
+        return stubs[method](data, timeout=max(1.0, deadline - time.monotonic()), wait_for_ready=True)
+
+    audit_path = Path(job["audit"])
+
+    def audit(record: dict) -> None:
+        with open(audit_path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    proxy = MaskingProxy(job["bank"], int(job["rank"]), list(job["banks"]), forward, max_bytes,
+                         int(job.get("frac_bits", FRAC_BITS)), audit)
+    given = json.loads((stdin or sys.stdin).read() or "{}").get("pair_keys")
+    if given is not None:  # keys agreed elsewhere (tests, or a key phase of the round protocol)
+        proxy.use_pair_keys({peer: bytes.fromhex(key) for peer, key in given.items()})
+    else:
+        identity = job["identity"]
+        proxy.agree_keys(job["session_id"], Identity.from_files(identity["cert"], identity["key"]),
+                         Trust.from_file(identity["ca"]))
+    server, port = _serve(proxy, max_bytes)
+    address_file = Path(job["address_file"])
+    tmp = address_file.with_suffix(".tmp")
+    tmp.write_text(f"127.0.0.1:{port}")
+    tmp.replace(address_file)
+    print(f"secagg sidecar for {job['bank']} (rank {job['rank']}/{len(job['banks'])}): 127.0.0.1:{port} -> "
+          f"{job['upstream']}", flush=True)
+    server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bank_node.secagg_sidecar JOB.json  (pair keys, if any, on stdin)", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        run(argv[0])
+    except BaseException:  # noqa: BLE001 - report by name, then leave at once
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
