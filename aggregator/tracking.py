@@ -254,6 +254,10 @@ class FederationTracker:
         values.update({f"{plots.POOLED}.{name}": value for name, value in pooled.items()})
         self._log_metrics(round_id, values)
 
+    def log_metrics(self, round_id: int, values: dict[str, float]) -> None:
+        """A phase's own figures (compaction, bytes on the wire) at step=round_id, in round and parent runs."""
+        self._log_metrics(round_id, values)
+
     def log_rejections(self, round_id: int, rejections: list[dict[str, str]]) -> None:
         """rejected_updates.json + tag fedfraud.rejected_banks (round run); count metric (round + parent)."""
         run_id = self._round_run(round_id)

@@ -36,6 +36,23 @@ class FederationSettings:
     crossval_max_contradiction_auc: float = 0.5  # a holdout where every other model is below this is refused
     crossval_require_model: bool = False  # a bank that refuses to share its local model is excluded
     champion_gate: bool = True  # a first champion must beat the best single-bank local model (pooled)
+    # Compaction (aggregator/compaction.py; bagging): each round the banks score the model without its
+    # weakest earlier trees; the round keeps the largest drop whose pooled AUPRC loss, in every pool that
+    # leaves one bank out, is within the tolerance (README "Compaction").
+    compaction: bool = False
+    compaction_tolerance: float = 0.002
+    compaction_steps: int = 8  # drop sizes scored per round (a geometric ladder)
+    compaction_max_fraction: float = 0.9  # at most this share of the earlier rounds' trees dropped per round
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compaction, bool):
+            raise ValueError(f"compaction must be true or false, not {self.compaction!r}")
+        if not (isinstance(self.compaction_tolerance, (int, float)) and 0 <= self.compaction_tolerance < 1):
+            raise ValueError(f"compaction_tolerance must be in [0, 1), not {self.compaction_tolerance!r}")
+        if not (isinstance(self.compaction_steps, int) and 1 <= self.compaction_steps <= 32):
+            raise ValueError(f"compaction_steps must be an integer in 1..32, not {self.compaction_steps!r}")
+        if not (isinstance(self.compaction_max_fraction, (int, float)) and 0 < self.compaction_max_fraction <= 1):
+            raise ValueError(f"compaction_max_fraction must be in (0, 1], not {self.compaction_max_fraction!r}")
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,7 +21,7 @@ import logging
 import math
 from pathlib import Path
 
-from aggregator.protocol import records
+from aggregator.protocol import compaction, records
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
 from aggregator.protocol import training
 from aggregator.protocol.training import checks
@@ -79,11 +79,14 @@ def propose(r: RoundState) -> None:
 
 
 def accept_banks(r: RoundState) -> list[str]:
-    return list(r.plan.banks) if question_path(r).exists() else []
+    return list(r.plan.banks) if question_path(r).exists() or compaction.banks(r) else []
 
 
 def accept_exchanges(r: RoundState, bank: str) -> list[Exchange]:
-    return [Exchange(TaskKind.ACCEPT, bank, question_path(r), answer_path(r, bank))]
+    """The acceptance question, and the compaction question that rides in the same phase."""
+    asked = question_path(r).exists()
+    asks = [Exchange(TaskKind.ACCEPT, bank, question_path(r), answer_path(r, bank))] if asked else []
+    return asks + compaction.exchanges(r, bank)
 
 
 def accept(r: RoundState, nodes: dict[str, Node]) -> None:

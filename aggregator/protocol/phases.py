@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from aggregator.protocol import acceptance, registry, training
+from aggregator.protocol import compaction
 from aggregator.protocol.plan import Plan, make_plan
 from aggregator.protocol.state import AGGREGATOR, BANK, Node, Phase, RoundState, answer
 from aggregator.protocol.workspace import Workspace
@@ -27,10 +28,12 @@ ROUND: tuple[Phase, ...] = (
           exchanges=training.train_exchanges, state="training"),
     Phase("check", AGGREGATOR, training.check, per_stage=True),
     Phase("propose", AGGREGATOR, acceptance.propose, per_stage=True),
+    Phase("propose_compaction", AGGREGATOR, compaction.propose, per_stage=True),
     Phase("accept", BANK, acceptance.accept, per_stage=True, banks=acceptance.accept_banks,
           exchanges=acceptance.accept_exchanges, state="accepting"),
     Phase("gate", AGGREGATOR, acceptance.gate, per_stage=True),
     Phase("aggregate", AGGREGATOR, training.aggregate, per_stage=True),
+    Phase("compact", AGGREGATOR, compaction.compact),
     Phase("candidate", AGGREGATOR, training.publish_candidate),
     Phase("evaluate", BANK, registry.evaluate, banks=registry.evaluate_banks,
           exchanges=registry.evaluation_exchanges, state="evaluating"),

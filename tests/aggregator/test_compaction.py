@@ -1,0 +1,113 @@
+"""Compaction: which trees are proposed for dropping, and which verdict the banks' reports allow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xgboost as xgb
+from conftest import TOY_FEATURES
+
+from aggregator import compaction
+from aggregator.strategies import Bagging
+from bank_node.evaluation import evaluation_report
+from bank_node.training import build_update, train_trees
+from fedfraud import model_json
+from fedfraud.crosscheck import drop_trees
+from fedfraud.settings import FederationSettings, consortium_params
+from fedfraud.wire import ModelUpdate
+
+SETTINGS = FederationSettings(trees_per_round=4, max_depth=3)
+PARAMS = consortium_params(SETTINGS, positives=100, negatives=1000)
+
+
+def bagged(toy_banks, rounds: int):
+    """A real bagged model: ``rounds`` rounds of every toy bank's trees, appended and weighted."""
+    rows = {b: len(y) for b, (_, y) in toy_banks.items()}
+    strategy = Bagging(SETTINGS, seed=3, consortium_params=PARAMS, train_rows=rows)
+    doc = None
+    for round_id in range(1, rounds + 1):
+        updates = []
+        for index, bank in enumerate(sorted(toy_banks)):
+            task = strategy.configure(round_id, bank, index, doc, "h")
+            X, y = toy_banks[bank]
+            booster = train_trees(task, X, y, TOY_FEATURES)
+            updates.append(ModelUpdate.from_bytes(build_update(task, booster, {"train_rows": len(y)}, {}).to_bytes()))
+        doc = strategy.aggregate(doc, updates)
+    return doc
+
+
+def reports(doc, labels_drops, toy_banks):
+    """Each toy bank's reports (real scores, histograms) for every variant: {bank: {label: report}}."""
+    out = {}
+    for bank, (X, y) in toy_banks.items():
+        out[bank] = {}
+        for label, drop in labels_drops.items():
+            scores = model_json.to_booster(drop_trees(doc, drop)).predict(xgb.DMatrix(X, feature_names=TOY_FEATURES))
+            out[bank][label] = evaluation_report(bank, label, scores, y)
+    return out
+
+
+def test_ladder_is_distinct_sizes_within_the_allowed_share():
+    assert compaction.ladder(100, 8, 0.9) == sorted(set(compaction.ladder(100, 8, 0.9)))
+    assert max(compaction.ladder(100, 8, 0.9)) == 90 and min(compaction.ladder(100, 8, 0.9)) >= 1
+    assert len(compaction.ladder(100, 8, 0.9)) == 8
+    assert compaction.ladder(1, 8, 0.5) == []  # nothing to drop within half of one tree
+    assert compaction.ladder(3, 8, 1.0) == [1, 2, 3]
+
+
+def test_rank_puts_the_weakest_earlier_trees_first_and_never_the_new_ones(toy_banks):
+    doc = bagged(toy_banks, 2)
+    count = len(model_json.trees(doc))
+    droppable = count // 2  # round 1's trees
+    weak = model_json.scale_leaves(drop_trees(doc, list(range(1, count))), 1e-3)  # tree 0, leaves scaled down
+    rebuilt = model_json.append_trees(model_json.empty_like(doc), weak, drop_trees(doc, [0]))
+    order = compaction.rank(rebuilt, droppable)
+    assert order[0] == 0
+    assert sorted(order) == list(range(droppable))
+    labels = compaction.variants(rebuilt, droppable, 4, 0.9)
+    assert labels[compaction.FULL] == []
+    assert all(max(drop) < droppable for label, drop in labels.items() if drop)
+
+
+def test_choose_keeps_the_largest_drop_the_banks_do_not_miss(toy_banks):
+    doc = bagged(toy_banks, 3)
+    count = len(model_json.trees(doc))
+    drops = compaction.variants(doc, count, 6, 1.0)
+    answers = reports(doc, drops, toy_banks)
+    losses = {label: compaction.worst_loss(answers, label) for label in drops if label != compaction.FULL}
+    assert losses[compaction.drop_label(count)] > 0.05  # no trees left: no skill, clearly missed
+    verdict = compaction.choose(answers, sorted(drops), tolerance=0.01)
+    assert verdict.label != compaction.drop_label(count)
+    chosen = 0 if verdict.label == compaction.FULL else int(verdict.label.split(":")[1])
+    assert all(loss > 0.01 for label, loss in losses.items() if int(label.split(":")[1]) > chosen)
+    assert verdict.label == compaction.FULL or losses[verdict.label] <= 0.01
+    assert compaction.choose(answers, sorted(drops), tolerance=1.0).label == compaction.drop_label(count)
+
+
+def test_one_bank_cannot_push_a_drop_the_others_miss(toy_banks):
+    doc = bagged(toy_banks, 2)
+    count = len(model_json.trees(doc))
+    everything = compaction.drop_label(count)
+    drops = {compaction.FULL: [], everything: list(range(count))}
+    answers = reports(doc, drops, toy_banks)
+    liar = sorted(answers)[0]
+    answers[liar][everything] = answers[liar][compaction.FULL]  # claims the empty model loses nothing
+    assert compaction.choose(answers, sorted(drops), tolerance=0.01).label == compaction.FULL
+
+
+@pytest.mark.parametrize("field, value", [("compaction", "yes"), ("compaction_tolerance", -0.1),
+                                          ("compaction_steps", 0), ("compaction_max_fraction", 1.5)])
+def test_bad_compaction_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        FederationSettings(**{field: value})
+
+
+def test_dropping_trees_changes_scores_only_by_their_margins(toy_banks):
+    doc = bagged(toy_banks, 2)
+    X = np.concatenate([x for x, _ in toy_banks.values()])
+    dm = xgb.DMatrix(X, feature_names=TOY_FEATURES)
+    full = model_json.to_booster(doc).predict(dm, output_margin=True)
+    kept = model_json.to_booster(drop_trees(doc, [1, 2])).predict(dm, output_margin=True)
+    only = model_json.to_booster(drop_trees(doc, [i for i in range(len(model_json.trees(doc))) if i not in (1, 2)]))
+    base = model_json.to_booster(model_json.empty_like(doc)).predict(dm, output_margin=True)
+    np.testing.assert_allclose(full - kept, only.predict(dm, output_margin=True) - base, atol=1e-4)
