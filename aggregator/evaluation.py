@@ -1,9 +1,11 @@
-"""Federated evaluation: combine banks' metrics and score histograms into consortium figures.
+"""Federated evaluation: consortium figures from summed score histograms, never from a score.
 
-The aggregator never sees a score: pooled AUPRC and recall come from summed histograms. Every
-report is screened first (``screen_reports``): a report of the wrong shape, with counts that are
-not non-negative integers, whose totals differ from the holdout counts the bank reported at
-planning, or about another model, is excluded by name, never combined.
+In a round the aggregator gets the pooled histograms only as the sum of the banks' masked words
+(``pooled_evaluation``; ``aggregator.protocol.secure_evaluation``), and per-bank metrics only from
+banks that share them (``metric_problem`` screens them). ``combine``/``screen_reports`` judge
+clear reports (the in-process baselines): a report of the wrong shape, with counts that are not
+non-negative integers, whose totals differ from the holdout counts the bank reported at planning,
+or about another model, is excluded by name, never combined.
 """
 
 from __future__ import annotations
@@ -33,23 +35,45 @@ def precision_at_budget(pos_hist: np.ndarray, neg_hist: np.ndarray, budget: floa
     return float(precision[reached[0]]) if len(reached) else 0.0
 
 
-def combine(reports: list[EvaluationReport], alert_budget: float) -> FederatedEvaluation:
-    """Per-bank metrics as reported, plus pooled metrics from the summed histograms."""
-    histograms = {r.bank: (np.asarray(r.hist_pos), np.asarray(r.hist_neg)) for r in reports}
-    pos = np.sum([h[0] for h in histograms.values()], axis=0)
-    neg = np.sum([h[1] for h in histograms.values()], axis=0)
-    pooled = {
+def pooled_metrics(pos: np.ndarray, neg: np.ndarray, alert_budget: float) -> dict[str, float]:
+    return {
         "auprc": average_precision(pos, neg),
         "recall_at_1pct_fpr": recall_at_fpr(pos, neg, 0.01),
         "precision_at_budget": precision_at_budget(pos, neg, alert_budget),
         "positives": float(pos.sum()),
         "negatives": float(neg.sum()),
     }
+
+
+def pooled_evaluation(pos: np.ndarray, neg: np.ndarray, per_bank: dict[str, dict[str, float]],
+                      alert_budget: float) -> FederatedEvaluation:
+    """Pooled metrics from the (unmasked) summed histograms; per-bank metrics as shared, if any."""
+    return FederatedEvaluation(per_bank=per_bank, pooled=pooled_metrics(pos, neg, alert_budget),
+                               histograms={"pooled": (pos, neg)})
+
+
+def combine(reports: list[EvaluationReport], alert_budget: float) -> FederatedEvaluation:
+    """Clear reports (in-process baselines): per-bank metrics and histograms, pooled from their sum."""
+    histograms = {r.bank: (np.asarray(r.hist_pos), np.asarray(r.hist_neg)) for r in reports}
+    pos = np.sum([h[0] for h in histograms.values()], axis=0)
+    neg = np.sum([h[1] for h in histograms.values()], axis=0)
     return FederatedEvaluation(
         per_bank={r.bank: dict(r.metrics) for r in reports},
-        pooled=pooled,
+        pooled=pooled_metrics(pos, neg, alert_budget),
         histograms={**histograms, "pooled": (pos, neg)},
     )
+
+
+MAX_METRICS = 16
+
+
+def metric_problem(metrics: Any) -> str | None:
+    """Why shared metrics are unusable (None: at most 16 named numbers in [0, 1])."""
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and 0.0 <= v <= 1.0 for k, v in metrics.items()):
+        return f"metrics must be at most {MAX_METRICS} named numbers in [0, 1]"
+    return None
 
 
 def _counts(values: Any) -> bool:
@@ -80,10 +104,7 @@ def report_problem(sender: str, report: EvaluationReport, model_id: str,
     if expected is not None and (report.positives, report.negatives) != expected:
         return "report_totals", (f"{report.positives} positives / {report.negatives} negatives, its summary's "
                                  f"holdout has {expected[0]} / {expected[1]}")
-    metrics = report.metrics
-    if not isinstance(metrics, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            and 0.0 <= v <= 1.0 for k, v in metrics.items()):
+    if metric_problem(report.metrics):
         return "report_metrics", "metrics must be numbers in [0, 1]"
     return None
 

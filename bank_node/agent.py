@@ -2,9 +2,10 @@
 only ever connects out, to the aggregator, with the bank's own certificate.
 
 Each task it fetches is one call on the bank's ``BankNode``: ``summary`` (validate + build
-features first if the data changed), ``train``, ``evaluate`` / ``evaluate_champion``,
-``bin_counts`` or ``histogram`` (join the round's federated server as a client). Only the
-result leaves: an update, a summary of counts, metrics and histograms.
+features first if the data changed), ``train``, ``keys`` (a signed key offer), ``evaluate`` /
+``evaluate_champion`` (masked), ``bin_counts`` or ``histogram`` (join the round's federated server
+as a client). Only the result leaves: an update, a summary of counts, a key offer, masked
+histograms (and metrics if ``share_metrics``).
 
 A ledger in the agent's work folder keeps every result before it is uploaded, so a task is
 computed once and uploaded once: after a crash or a lost answer, the kept bytes are re-sent and
@@ -43,6 +44,7 @@ class AgentConfig:
     retry: Retry = Retry()
     pipeline_config: Path | None = None  # the bank's pipeline config (default: the consortium's)
     policy: Any = None  # bank_node.policy.TrainingPolicy: the tasks this bank accepts (YAML ``policy:``)
+    share_metrics: bool = False  # send per-bank evaluation metrics (histograms only ever leave masked)
 
     @classmethod
     def load(cls, path: str | Path) -> "AgentConfig":
@@ -62,6 +64,8 @@ class AgentConfig:
         for key in ("data", "work_dir", "pipeline_config"):
             if raw.get(key) is not None:
                 raw[key] = Path(raw[key])
+        if not isinstance(raw.get("share_metrics", False), bool):
+            raise ConfigError(f"{path}: share_metrics must be true or false")
         if not raw["aggregator_url"].startswith("https://"):
             raise ConfigError(f"{path}: aggregator_url must be https:// (mutual TLS), got {raw['aggregator_url']}")
         return cls(**raw)
@@ -97,6 +101,7 @@ class Ledger:
 class Agent:
     def __init__(self, config: AgentConfig, client: AggregatorClient | None = None):
         from bank_node.histogram_worker import ClientTLS
+        from bank_node.masked_evaluation import SecAggCredentials
         from bank_node.node import BankNode
         from fedfraud.settings import FederationSettings
         from pipelines.config import load_config
@@ -106,7 +111,9 @@ class Agent:
         self.node = BankNode(config.bank, config.data, config.work_dir / "node", load_config(config.pipeline_config),
                              settings.holdout_fraction, settings.alert_budget,
                              histogram_tls=ClientTLS(str(config.tls.ca), str(config.tls.key), str(config.tls.cert)),
-                             policy=config.policy)
+                             policy=config.policy, share_metrics=config.share_metrics,
+                             secagg=lambda: SecAggCredentials.from_files(config.tls.ca, config.tls.cert,
+                                                                         config.tls.key))  # read on first use
         self.client = client or AggregatorClient(config.aggregator_url, config.tls, config.retry)
         self.ledger = Ledger(config.state_dir / "tasks")
 
@@ -185,8 +192,10 @@ class Agent:
             return json.dumps(node.summary()).encode()
         if kind == TaskKind.TRAIN:
             return node.train(data)
-        if kind in TaskKind.EVALUATIONS:
-            return node.evaluate(data)
+        if kind == TaskKind.KEYS:  # secure aggregation: a signed ephemeral key offer
+            return node.offer(data)
+        if kind in TaskKind.EVALUATIONS:  # histograms masked, metrics only if shared
+            return node.evaluate_masked(data)
         if kind in TaskKind.SCORES:  # cross-evaluation and acceptance: reports only
             return node.score(data)
         if kind == TaskKind.LOCAL_MODEL:

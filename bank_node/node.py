@@ -1,8 +1,8 @@
 """The bank's node in embedded mode: its data stays here; only bytes of JSON go in and out.
 
-The aggregator talks to a node through four calls — ``summary``, ``train``, ``evaluate`` and
-``prepare`` — whose inputs and outputs are exactly the messages of ``fedfraud.wire``, so the
-networked agent can carry the same calls over HTTP.
+The aggregator talks to a node through calls — ``summary``, ``train``, ``offer`` and
+``evaluate_masked`` (secure aggregation), ``score``, … — whose inputs and outputs are exactly the
+messages of ``fedfraud.wire``, so the networked agent can carry the same calls over HTTP.
 
 Nothing received is trusted: a task must fit the bank's ``TrainingPolicy`` and its base model,
 like every model sent for evaluation, is validated and rebuilt (``fedfraud.model_guard``)
@@ -54,7 +54,7 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
 class BankNode:
     def __init__(self, bank: str, raw_path: str | Path, work_dir: str | Path, config: PipelineConfig,
                  holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET, engine: str = "local",
-                 histogram_tls=None, policy: TrainingPolicy | None = None):
+                 histogram_tls=None, policy: TrainingPolicy | None = None, secagg=None, share_metrics: bool = False):
         self.bank = bank
         self.raw_path = Path(raw_path)
         self.work_dir = Path(work_dir)
@@ -65,6 +65,14 @@ class BankNode:
         self.histogram_tls = histogram_tls  # ClientTLS for the federated channel; else FEDFRAUD_FEDERATED_* env vars
         self._histogram_worker = None
         self.policy = policy or TrainingPolicy()  # what this bank accepts to train and to load
+        self.secagg = secagg  # masked_evaluation.SecAggCredentials or its loader: signs key offers (None: cannot mask)
+        self.share_metrics = share_metrics  # per-bank metrics leave only if the bank says so
+
+    @cached_property
+    def secagg_store(self):
+        from bank_node.masked_evaluation import SessionStore
+
+        return SessionStore(self.work_dir / "secagg")
 
     def is_prepared(self) -> bool:
         """True when features exist for exactly this input and config (no Spark needed)."""
@@ -144,9 +152,21 @@ class BankNode:
         if not report["training_allowed"]:
             raise BankDeclined(f"{self.bank} declines to train: {'; '.join(report['decline_reasons'])}")
 
+    def offer(self, request_bytes: bytes) -> bytes:
+        """Secure aggregation: this bank's signed ephemeral key offer for a session."""
+        from bank_node.masked_evaluation import make_offer
+
+        return make_offer(self, request_bytes)
+
+    def evaluate_masked(self, task_bytes: bytes) -> bytes:
+        """The round's evaluation: histograms as masked words, metrics only if ``share_metrics``."""
+        from bank_node.masked_evaluation import evaluate_masked
+
+        return evaluate_masked(self, task_bytes)
+
     def evaluate(self, model_bytes: bytes) -> bytes:
-        """Score the holdout with a candidate model (validated and rebuilt first: a ``ModelRefused``
-        names what is wrong with it); return metrics and histograms only."""
+        """Score the holdout with a model (validated and rebuilt first: a ``ModelRefused`` names what is
+        wrong with it); return metrics and histograms (cross-evaluation, acceptance, masking's input)."""
         data = self.data
         doc = parse_received_model(model_bytes, self.policy.received_limits(), data.feature_names)
         booster = model_json.to_booster(doc)
@@ -194,7 +214,7 @@ class BankNode:
         if session.bank != self.bank:
             raise ValueError(f"session for {session.bank} sent to {self.bank}")
         worker = start_worker(self.work_dir, self.data, self.contract["hash"], task.to_bytes(), session,
-                              self.histogram_tls or ClientTLS.from_env())
+                              self.histogram_tls or ClientTLS.from_env(), credentials=self.secagg)
         self._histogram_worker = worker
         try:
             return worker.result()

@@ -19,9 +19,10 @@ class TaskKind:
     LOCAL_MODEL = "local_model"  # cross-evaluation: the bank's model from its rows alone (a bank may refuse)
     CROSSVAL = "crossval"  # cross-evaluation: score every bank's local model on this bank's holdout
     ACCEPT = "accept"  # acceptance: score a stage's candidate with and without each bank's update
-    ALL = (SUMMARY, TRAIN, EVALUATE, EVALUATE_CHAMPION, BIN_COUNTS, HISTOGRAM, LOCAL_MODEL, CROSSVAL, ACCEPT)
+    KEYS = "keys"  # secure aggregation: a signed ephemeral key offer for one session (``fedfraud.secagg.keys``)
+    ALL = (SUMMARY, TRAIN, EVALUATE, EVALUATE_CHAMPION, BIN_COUNTS, HISTOGRAM, LOCAL_MODEL, CROSSVAL, ACCEPT, KEYS)
     UPDATES = (TRAIN, HISTOGRAM, LOCAL_MODEL)  # answered with a model update
-    EVALUATIONS = (EVALUATE, EVALUATE_CHAMPION)  # answered with an evaluation report
+    EVALUATIONS = (EVALUATE, EVALUATE_CHAMPION)  # answered with a masked evaluation (``wire.MaskedEvaluation``)
     SCORES = (CROSSVAL, ACCEPT)  # answered with a score answer (``fedfraud.crosscheck``)
 
 

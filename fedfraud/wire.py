@@ -1,4 +1,4 @@
-"""What crosses a bank's boundary: training tasks in; model updates and evaluation reports out.
+"""What crosses a bank's boundary: training tasks in; model updates, key offers and evaluations out.
 
 Every message is JSON: an update carries the bank's new trees (XGBoost JSON, training
 statistics scrubbed) and metadata — bank, round, the global model it was trained on, the
@@ -100,7 +100,8 @@ class ModelUpdate(WireMessage):
 
 @dataclass(frozen=True)
 class EvaluationReport(WireMessage):
-    """A bank's verdict on one model: metrics and score histograms, never a score."""
+    """A bank's verdict on one model: metrics and score histograms, never a score (cross-evaluation and
+    acceptance; the round's evaluation sends ``MaskedEvaluation``)."""
 
     KIND: ClassVar[str] = "evaluation report"
     MAX_BYTES: ClassVar[int] = 1024 * 1024
@@ -112,3 +113,62 @@ class EvaluationReport(WireMessage):
     metrics: dict[str, float]
     hist_pos: list[int] = field(repr=False)
     hist_neg: list[int] = field(repr=False)
+
+
+# ---- secure aggregation: key offers and masked evaluations (``fedfraud.secagg``) -----------------
+
+
+@dataclass(frozen=True)
+class KeyRequest(WireMessage):
+    """The aggregator asks a bank for a signed ephemeral key offer for one session."""
+
+    KIND: ClassVar[str] = "key request"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+
+    session: str
+    banks: list[str]
+
+
+@dataclass(frozen=True)
+class SessionOffer(WireMessage):
+    """A bank's signed ephemeral X25519 public key for one session (``fedfraud.secagg.keys``)."""
+
+    KIND: ClassVar[str] = "key offer"
+    MAX_BYTES: ClassVar[int] = 16 * 1024
+
+    bank: str
+    session: str
+    public_key: str
+    certificate: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class MaskedEvaluationTask(WireMessage):
+    """Evaluate ``model`` and mask its score histograms for ``session``: the banks, their relayed offers,
+    and ``purpose`` (``candidate`` or ``champion``: the bank maps it to its own mask slot)."""
+
+    KIND: ClassVar[str] = "masked evaluation task"
+    MAX_BYTES: ClassVar[int] = 4 * DEFAULT_MAX_UPDATE_BYTES
+
+    session: str
+    purpose: str
+    banks: list[str]
+    offers: dict[str, Any] = field(repr=False)
+    model: Doc = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MaskedEvaluation(WireMessage):
+    """A bank's evaluation of one model: its score histograms (positives then negatives) as pairwise-masked
+    uint64 words (base64, little-endian), uniformly random alone; metrics only if the bank shares them."""
+
+    KIND: ClassVar[str] = "masked evaluation"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+
+    bank: str
+    model_id: str
+    session: str
+    purpose: str
+    words: str = field(repr=False)
+    metrics: dict[str, float] = field(default_factory=dict)

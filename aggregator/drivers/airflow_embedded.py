@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.drivers.airflow_spec import RunSpec
+from aggregator.drivers.embedded import embedded_credentials
 from aggregator.protocol import crossval, phases
-from aggregator.protocol.errors import RoundFailed
+from aggregator.protocol.errors import PhaseRerun, RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
 from bank_node.node import BankNode
@@ -29,9 +30,11 @@ class EmbeddedTasks:
         self.spec, self.ws = spec, spec.workspace
 
     def node(self, bank: str) -> BankNode:
-        settings = self.spec.settings
+        """The bank's node, with its consortium certificate once the federation is open (``open_federation``)."""
+        settings, pki = self.spec.settings, Path(self.spec.work_dir) / "pki"
+        credentials = embedded_credentials(pki, [bank])[bank] if (pki / bank / "cert.pem").exists() else None
         return BankNode(bank, self.spec.banks[bank], Path(self.spec.work_dir) / "banks" / bank, load_config(),
-                        settings.holdout_fraction, settings.alert_budget)
+                        settings.holdout_fraction, settings.alert_budget, secagg=credentials)
 
     def prepare_bank(self, bank: str) -> str:
         """Validate and build the bank's features; its summary goes to the workspace."""
@@ -49,6 +52,7 @@ class EmbeddedTasks:
         plan = phases.plan_federation(self.ws, spec.model_name, spec.strategy, spec.rounds, spec.seed, spec.settings,
                                       feature_contract(load_config().features), sorted(spec.banks),
                                       run_id=spec.run_id)
+        embedded_credentials(Path(spec.work_dir) / "pki", plan.banks)  # each bank signs its key offers
         plan = crossval.run(self.ws, plan, {b: self.node(b) for b in plan.banks})  # may exclude banks, by name
         return plan.banks
 
@@ -80,7 +84,8 @@ class EmbeddedTasks:
         return self._answer(round_id, "accept", bank)
 
     def aggregate_round(self, round_id: int) -> list[str]:
-        """Gate, aggregate, publish the candidate; the banks that evaluate it. On a retry after the
+        """Gate, aggregate, publish the candidate, then the masked evaluation's key exchange (every bank's
+        node is in this worker: each makes its own offer); the banks that evaluate. On a retry after the
         stage was aggregated (``working`` exists) only the phases after ``aggregate`` run again."""
         r = self._round(self._opened_round(round_id), round_id)
         if not r.trains_in_one_task():
@@ -88,14 +93,22 @@ class EmbeddedTasks:
             for phase in phases.aggregator_phases_after("accept"):
                 if phase.name not in done:
                     phase.run(r)
+        keys = phases.bank_phase("keys")
+        keys.run(r, {b: self.node(b) for b in keys.banks(r)})
+        phases.run_aggregator_phases(r, after="keys")
         return phases.bank_phase("evaluate").banks(r)
 
     def evaluate_bank(self, round_id: int, bank: str) -> str:
         return self._answer(round_id, "evaluate", bank)
 
     def finish_round(self, round_id: int) -> str:
-        version, _, _ = phases.run_aggregator_phases(self._round(self._opened_round(round_id), round_id),
-                                                     after="evaluate")
+        """Register; a bank missing from the masked evaluation re-runs it here with the others' nodes."""
+        r = self._round(self._opened_round(round_id), round_id)
+        try:
+            version, _, _ = phases.run_aggregator_phases(r, after="evaluate")
+        except PhaseRerun as rerun:
+            nodes = {b: self.node(b) for b in r.plan.banks}
+            version, _, _ = phases.run_from(r, nodes, rerun.phase)
         return f"models:/{self.spec.model_name}/{version}"
 
     # ---- helpers ---------------------------------------------------------------------------

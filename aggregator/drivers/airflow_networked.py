@@ -69,8 +69,9 @@ class NetworkedTasks:
         return self._bank_answer(round_id, bank, TaskKind.ACCEPT)
 
     def aggregate_round(self, round_id: int) -> list[str]:
-        """The service gates and aggregates when every bank has scored the candidate or at the deadline."""
-        waiting = (bank_phase("train").state, bank_phase("accept").state)
+        """The service gates and aggregates when every bank has scored the candidate or at the deadline, then
+        relays the banks' key offers; the banks asked for a masked evaluation."""
+        waiting = (bank_phase("train").state, bank_phase("accept").state, bank_phase("keys").state)
         status = self._round_state(round_id, lambda s: s["state"] not in waiting, f"round {round_id}'s aggregation")
         return sorted(b for b, kinds in status["tasks"].items() if TaskKind.EVALUATE in kinds)
 

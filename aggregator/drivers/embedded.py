@@ -22,8 +22,9 @@ from aggregator.protocol.training import checks
 from aggregator.protocol.workspace import Workspace
 from aggregator.strategies import Strategy
 from aggregator.tracking import FederationTracker, default_tracking_uri
+from bank_node.masked_evaluation import SecAggCredentials
 from bank_node.node import BankNode
-from fedfraud import model_json
+from fedfraud import model_json, pki
 from fedfraud.model_json import Doc
 from fedfraud.protocol import StrategyName
 from fedfraud.settings import FederationSettings
@@ -47,18 +48,43 @@ class Consortium:
 
 
 def prepare_consortium(banks: dict[str, Path], work_dir: Path, config: PipelineConfig,
-                       settings: FederationSettings, on_progress: Callable[[str], None] = print) -> Consortium:
-    """Create every bank's node and run its gate and feature pipeline (skipped when current)."""
+                       settings: FederationSettings, on_progress: Callable[[str], None] = print,
+                       share_metrics: bool = True) -> Consortium:
+    """Create every bank's node (with a consortium certificate from ``work_dir/pki``) and run its gate
+    and feature pipeline (skipped when current). ``share_metrics``: in process one operator holds every
+    bank's data anyway, and the demo and benches report per-bank figures; a deployed bank's default is off."""
     from pipelines.spark import get_spark
 
     spark = get_spark("fedfraud-banks")
+    credentials = embedded_credentials(Path(work_dir) / "pki", list(banks))
     nodes = {}
     for bank, path in banks.items():
         on_progress(f"{bank}: validate + features")
-        node = BankNode(bank, path, work_dir / "banks" / bank, config, settings.holdout_fraction, settings.alert_budget)
+        node = BankNode(bank, path, work_dir / "banks" / bank, config, settings.holdout_fraction, settings.alert_budget,
+                        secagg=credentials[bank], share_metrics=share_metrics)
         node.prepare(spark)
         nodes[bank] = node
     return Consortium(nodes, config, work_dir)
+
+
+def embedded_credentials(folder: Path, banks: list[str]) -> dict[str, SecAggCredentials]:
+    """Each bank's consortium certificate for secure aggregation in process: a consortium provisioned into
+    ``folder`` once (a bank added later is issued its certificate), so embedded runs the same protocol."""
+    folder = Path(folder)
+    if not (folder / "ca" / "ca.crt").exists():
+        pki.provision("fedfraud-embedded", [pki.AGGREGATOR, *sorted(banks)], folder, operators=())
+    for bank in banks:
+        if not (folder / bank / "cert.pem").exists():
+            pki.issue(folder / "ca", bank, "bank", folder)
+    return {b: SecAggCredentials.from_files(folder / "ca" / "ca.crt", folder / b / "cert.pem", folder / b / "key.pem")
+            for b in banks}
+
+
+def _with_credentials(nodes: dict[str, Node], folder: Path) -> None:
+    """Give every ``BankNode`` without a consortium certificate one (nodes built outside ``prepare_consortium``)."""
+    bare = {b: n for b, n in nodes.items() if isinstance(n, BankNode) and n.secagg is None}
+    for bank, credentials in (embedded_credentials(folder, sorted(bare)) if bare else {}).items():
+        bare[bank].secagg = credentials
 
 
 def federate(consortium: Consortium, strategy: str, rounds: int, model_name: str, tracking_uri: str | None,
@@ -85,6 +111,7 @@ def run_federation(nodes: dict[str, Node], strategy_name: str, rounds: int, trac
     ``work_dir`` (a temporary folder when not given)."""
     with (nullcontext(work_dir) if work_dir else tempfile.TemporaryDirectory(prefix="fedfraud-")) as root:
         ws = Workspace(root, tracker.model_name)
+        _with_credentials(nodes, Path(root) / "pki")
         for node in nodes.values():
             phases.summarize(ws, node.summary())
         plan = phases.plan_federation(ws, tracker.model_name, strategy_name, rounds, seed, settings, contract,

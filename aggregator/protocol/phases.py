@@ -13,15 +13,19 @@ and one line below; drivers walk this declaration:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aggregator.protocol import acceptance, registry, training
 from aggregator.protocol import compaction
+from aggregator.protocol import secure_evaluation as secure
+from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.plan import Plan, make_plan
 from aggregator.protocol.state import AGGREGATOR, BANK, Node, Phase, RoundState, answer
 from aggregator.protocol.workspace import Workspace
 from fedfraud.settings import FederationSettings
 
+log = logging.getLogger("fedfraud.rounds")
 ROUND: tuple[Phase, ...] = (
     Phase("configure", AGGREGATOR, training.configure, per_stage=True),
     Phase("train", BANK, training.train, per_stage=True, banks=training.train_banks,
@@ -35,8 +39,11 @@ ROUND: tuple[Phase, ...] = (
     Phase("aggregate", AGGREGATOR, training.aggregate, per_stage=True),
     Phase("compact", AGGREGATOR, compaction.compact),
     Phase("candidate", AGGREGATOR, training.publish_candidate),
-    Phase("evaluate", BANK, registry.evaluate, banks=registry.evaluate_banks,
-          exchanges=registry.evaluation_exchanges, state="evaluating"),
+    Phase("session", AGGREGATOR, secure.open_session),
+    Phase("keys", BANK, secure.keys, banks=secure.keys_banks, exchanges=secure.keys_exchanges, state="exchanging_keys"),
+    Phase("relay", AGGREGATOR, secure.relay),
+    Phase("evaluate", BANK, secure.evaluate, banks=secure.evaluate_banks,
+          exchanges=secure.evaluation_exchanges, state="evaluating"),
     Phase("register", AGGREGATOR, registry.register_and_promote),
 )
 BANK_PHASES: tuple[Phase, ...] = tuple(p for p in ROUND if p.side == BANK)
@@ -122,7 +129,19 @@ def train_in_process(r: RoundState, nodes: dict[str, Node]) -> Any:
 def run_round(r: RoundState, nodes: dict[str, Node]) -> Any:
     """A whole round in process; returns what its last phase returns (``register``: version, evaluation, history)."""
     run_stages(r, nodes)
-    result = None
-    for phase in ROUND[len(STAGE_PHASES):]:
-        result = run_phase(r, phase, nodes)
-    return result
+    return run_from(r, nodes, ROUND[len(STAGE_PHASES)].name)
+
+
+def run_from(r: RoundState, nodes: dict[str, Node], name: str) -> Any:
+    """The round's phases from ``name`` to the end in process; a ``PhaseRerun`` goes back to its bank phase
+    (the phase that raises it bounds its attempts)."""
+    start = next(i for i, p in enumerate(ROUND) if p.name == name)
+    while True:
+        try:
+            result = None
+            for phase in ROUND[start:]:
+                result = run_phase(r, phase, nodes)
+            return result
+        except PhaseRerun as rerun:
+            log.warning("round %s: %s", r.round_id, rerun)
+            start = ROUND.index(bank_phase(rerun.phase))

@@ -1,4 +1,6 @@
-"""The closing half of a round: evaluate at every bank -> register the candidate -> promote it."""
+"""The closing half of a round: the masked evaluation's tally -> register the candidate -> promote it.
+
+The evaluation's phases (``session``, ``keys``, ``relay``, ``evaluate``) are in ``secure_evaluation``."""
 
 from __future__ import annotations
 
@@ -6,34 +8,15 @@ import json
 import logging
 from contextlib import contextmanager
 
-from aggregator.evaluation import FederatedEvaluation, combine, screen_reports
-from aggregator.protocol import records
+from aggregator.evaluation import FederatedEvaluation, pooled_evaluation, pooled_metrics
+from aggregator.protocol import records, secure_evaluation
 from aggregator.protocol.errors import RoundFailed
-from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
+from aggregator.protocol.state import RoundState
 from aggregator.tracking import zero_example
 from fedfraud import model_json
-from fedfraud.protocol import Tag, TaskKind
+from fedfraud.protocol import Tag
 
 log = logging.getLogger("fedfraud.rounds")
-
-
-def evaluate_banks(r: RoundState) -> list[str]:
-    return list(r.plan.banks)  # every bank evaluates, whether its update was accepted or not
-
-
-def evaluation_exchanges(r: RoundState, bank: str) -> list[Exchange]:
-    """The candidate, and the champion when there is one to compare with."""
-    asks = [Exchange(TaskKind.EVALUATE, bank, r.path("model"), r.path("evaluations", bank))]
-    if r.path("champion").exists():
-        asks.append(Exchange(TaskKind.EVALUATE_CHAMPION, bank, r.path("champion"),
-                             r.path("champion_evaluations", bank)))
-    return asks
-
-
-def evaluate(r: RoundState, nodes: dict[str, Node]) -> None:
-    """Every bank scores its holdout; a bank that cannot is left out of the pooled figures."""
-    r.on_progress(f"round {r.round_id}: evaluating at {len(r.plan.banks)} banks")
-    answer_tolerantly(r, nodes, evaluate_banks, evaluation_exchanges, "evaluate")
 
 
 @contextmanager
@@ -55,17 +38,14 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
     outcome = ws.read_json(r.path("outcome")) if r.path("outcome").exists() else {"accepted": False}
     if not outcome["accepted"]:
         raise RoundFailed(f"round {round_id} was not aggregated (below quorum or failed); nothing to register")
-    model_id = model_json.model_id(ws.read_json(r.path("model")))
-    reports, refused = screen_reports(ws.messages(round_id, "evaluations"), model_id, plan.counts)
-    champion_id = model_json.model_id(ws.read_json(r.path("champion"))) if r.path("champion").exists() else "none"
-    champion_reports, champion_refused = screen_reports(ws.messages(round_id, "champion_evaluations"), champion_id,
-                                                        plan.counts, "champion evaluation")
-    outcome["rejections"] = outcome["rejections"] + refused + champion_refused  # excluded by name, never combined
-    if len(reports) < settings.min_banks:
-        raise RoundFailed(f"round {round_id}: {len(reports)} evaluation(s), quorum is {settings.min_banks}; "
-                          f"refused: {refused}")
-    evaluation = combine(reports, settings.alert_budget)
-    champion_auprc = combine(champion_reports, settings.alert_budget).pooled["auprc"] if champion_reports else None
+    tally = secure_evaluation.tally(r)  # pooled histograms from masked sums only (or a re-run, or RoundFailed)
+    outcome["rejections"] = outcome["rejections"] + [{**x, "detail": f"evaluation: {x['detail']}"}
+                                                     for x in tally.rejections]
+    if len(tally.banks) < settings.min_banks:
+        raise RoundFailed(f"round {round_id}: {len(tally.banks)} evaluation(s), quorum is {settings.min_banks}")
+    evaluation = pooled_evaluation(*tally.histograms["candidate"], tally.metrics["candidate"], settings.alert_budget)
+    champion_auprc = (pooled_metrics(*tally.histograms["champion"], settings.alert_budget)["auprc"]
+                      if "champion" in tally.histograms else None)
     booster = model_json.to_booster(ws.read_json(r.path("model")))
     tags = {
         Tag.ROUND: str(round_id),
@@ -92,6 +72,8 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
                                      best_local=floor)
         report = {"federation_id": plan.federation_id, "round": round_id, "version": version, **outcome,
                   "excluded_banks": plan.excluded, "pooled": evaluation.pooled, "per_bank": evaluation.per_bank,
+                  "evaluated_by": tally.banks, "metrics_shared_by": sorted(evaluation.per_bank),
+                  "secure_aggregation": _attempts(r),
                   "champion_auprc_before": champion_auprc, "promoted_to_champion": promoted,
                   "best_local_model": None if floor is None else {"bank": floor[0], "pooled_auprc": floor[1]},
                   "contributions": contributions, "acceptance": records.read_acceptance(ws, round_id)["stages"],
@@ -103,6 +85,13 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         r.tracker.log_round_artifacts(round_id, evaluation.histograms, history, booster, plan.feature_names, report)
     ws.write_json(report, r.path("registered"))
     return version, evaluation, history
+
+
+def _attempts(r: RoundState) -> list[dict]:
+    """Each masked-evaluation attempt: its banks, who masked, who answered (no key material)."""
+    state = secure_evaluation.record(r)
+    return [*[{k: a.get(k) for k in ("attempt", "banks", "masking", "answered")} for a in state["history"]],
+            {"attempt": state["attempt"], "banks": state["banks"], "masking": state["masking"]}]
 
 
 def best_local(r: RoundState) -> tuple[str, float] | None:

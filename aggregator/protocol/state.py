@@ -29,6 +29,8 @@ class Node(Protocol):
     def summary(self) -> dict[str, Any]: ...
     def train(self, task_bytes: bytes) -> bytes: ...
     def evaluate(self, model_bytes: bytes) -> bytes: ...
+    def offer(self, request_bytes: bytes) -> bytes: ...
+    def evaluate_masked(self, task_bytes: bytes) -> bytes: ...
     def score(self, question_bytes: bytes) -> bytes: ...
 
 
@@ -73,6 +75,7 @@ class Exchange:
     bank: str
     question: Path
     answer: Path
+    part: str = ""  # tells apart a re-run's task from an earlier attempt's (same kind, bank and round)
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,9 @@ class Phase:
 
 def node_call(node: Node, kind: str) -> Callable[[bytes], bytes]:
     """The node method that answers a task ``kind`` (a driver's bank task, or in process)."""
-    return {TaskKind.TRAIN: node.train, TaskKind.EVALUATE: node.evaluate, TaskKind.EVALUATE_CHAMPION: node.evaluate,
-            TaskKind.ACCEPT: node.score}[kind]
+    calls = {TaskKind.TRAIN: "train", TaskKind.EVALUATE: "evaluate_masked", TaskKind.EVALUATE_CHAMPION:
+             "evaluate_masked", TaskKind.ACCEPT: "score", TaskKind.KEYS: "offer"}
+    return getattr(node, calls[kind])
 
 
 def answer(node: Node, exchanges: list[Exchange]) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from sqlalchemy import select
 
 from aggregator.protocol import phases
-from aggregator.protocol.errors import RoundFailed
+from aggregator.protocol.errors import PhaseRerun, RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import Phase, RoundState
 from aggregator.protocol.training import checks
@@ -236,7 +236,7 @@ class Coordinator(BankTasks):
         """Open a bank phase: one task per bank and question, the round in that phase's state."""
         for bank in phase.banks(r):
             for ask in phase.exchanges(r, bank):
-                self._add_task(s, federation, r.round_id, ask.kind, bank, ask.question, ask.answer)
+                self._add_task(s, federation, r.round_id, ask.kind, bank, ask.question, ask.answer, ask.part)
         row = s.get(store.Round, (federation.key, r.round_id))
         if row is not None:  # a new round's row is added by its opener
             row.state, row.deadline = phase.state, time.time() + self.config.deadline_seconds
@@ -260,8 +260,14 @@ class Coordinator(BankTasks):
 
     def _advance(self, federation: store.Federation, r: RoundState, closed: Phase) -> None:
         """The aggregator phases after ``closed`` (after the last per-stage bank phase, acceptance: every
-        check verdict recorded), then what follows."""
-        phases.run_aggregator_phases(r, after=closed.name)
+        check verdict recorded), then what follows; a ``PhaseRerun`` opens its bank phase again (a new attempt)."""
+        try:
+            phases.run_aggregator_phases(r, after=closed.name)
+        except PhaseRerun as rerun:
+            log.warning("round %s of %s: %s", r.round_id, federation.key, rerun)
+            with self.lock, self.Session.begin() as s:
+                self._ask_banks(s, federation, r, phases.bank_phase(rerun.phase))
+            return
         if closed is LAST_STAGE_PHASE:
             self._record_check_rejections(federation.key, r.round_id, checks(r)["rejections"])
         self._open_next(federation, r, closed)

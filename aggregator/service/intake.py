@@ -13,7 +13,7 @@ from aggregator.protocol.plan import summary_problem
 from fedfraud.binning import BinCounts
 from fedfraud.crosscheck import ScoreAnswer
 from fedfraud.protocol import TaskKind
-from fedfraud.wire import EvaluationReport, ModelUpdate, WireFormatError, loads_strict
+from fedfraud.wire import MaskedEvaluation, ModelUpdate, SessionOffer, WireFormatError, loads_strict
 
 MAX_SUMMARY_BYTES = 64 * 1024
 MAX_FAILURE_BYTES = 16 * 1024
@@ -32,9 +32,10 @@ class Refused(Exception):
 
 
 def limit_for(kind: str, max_update_bytes: int) -> int:
-    limits = {TaskKind.SUMMARY: MAX_SUMMARY_BYTES, TaskKind.EVALUATE: EvaluationReport.MAX_BYTES,
-              TaskKind.EVALUATE_CHAMPION: EvaluationReport.MAX_BYTES, TaskKind.BIN_COUNTS: BinCounts.MAX_BYTES,
-              TaskKind.ACCEPT: ScoreAnswer.MAX_BYTES, TaskKind.CROSSVAL: ScoreAnswer.MAX_BYTES}
+    limits = {TaskKind.SUMMARY: MAX_SUMMARY_BYTES, TaskKind.EVALUATE: MaskedEvaluation.MAX_BYTES,
+              TaskKind.EVALUATE_CHAMPION: MaskedEvaluation.MAX_BYTES, TaskKind.BIN_COUNTS: BinCounts.MAX_BYTES,
+              TaskKind.ACCEPT: ScoreAnswer.MAX_BYTES, TaskKind.CROSSVAL: ScoreAnswer.MAX_BYTES,
+              TaskKind.KEYS: SessionOffer.MAX_BYTES}
     return limits.get(kind, max_update_bytes)
 
 
@@ -61,8 +62,10 @@ def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
     if kind in TaskKind.UPDATES:
         update = ModelUpdate.from_bytes(body, max_bytes=len(body))
         return update.bank, update.round_id
-    if kind in TaskKind.EVALUATIONS:
-        return EvaluationReport.from_bytes(body).bank, None
+    if kind in TaskKind.EVALUATIONS:  # masked words; the tally checks session, model and words
+        return MaskedEvaluation.from_bytes(body).bank, None
+    if kind == TaskKind.KEYS:  # a signed key offer: the banks verify it, the service only relays it
+        return SessionOffer.from_bytes(body).bank, None
     if kind == TaskKind.BIN_COUNTS:
         return BinCounts.from_bytes(body).bank, None
     if kind in TaskKind.SCORES:

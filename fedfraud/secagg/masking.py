@@ -15,6 +15,7 @@ Guarantees enforced here, each refused by name:
 
 from __future__ import annotations
 
+import base64
 import struct
 from collections.abc import Mapping
 
@@ -132,3 +133,21 @@ def unmasked_sum(uploads: list[np.ndarray]) -> np.ndarray:
         for upload in uploads:
             total = total + np.asarray(upload, dtype=np.uint64)
     return total
+
+
+def words_to_text(words: np.ndarray) -> str:
+    """uint64 words as base64 of their little-endian bytes (exact, JSON-safe)."""
+    return base64.b64encode(np.asarray(words, dtype="<u8").tobytes()).decode("ascii")
+
+
+def words_from_text(text: object, count: int) -> np.ndarray:
+    """Exactly ``count`` uint64 words from ``words_to_text``; anything else refused by name."""
+    if not isinstance(text, str) or len(text) > 4 * (8 * count + 2) // 3 + 4:
+        raise SecureAggregationError(f"masked_words: expected base64 of {count} uint64 words")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise SecureAggregationError("masked_words: not base64") from None
+    if len(raw) != 8 * count:
+        raise SecureAggregationError(f"masked_words: {len(raw) // 8} words, expected {count}")
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)

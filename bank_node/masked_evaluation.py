@@ -1,0 +1,153 @@
+"""A bank's side of secure aggregation in the round's evaluation: its key offer, then its masked histograms.
+
+``make_offer`` answers a ``KeyRequest``: a fresh X25519 key for the session (kept in the bank's
+work folder, mode 0600, never sent), signed with the bank's consortium certificate. ``evaluate_masked``
+answers a ``MaskedEvaluationTask``: it verifies every peer's relayed offer, derives the pairwise keys,
+scores its holdout through the node's ordinary (guarded) evaluation and sends its score histograms
+only as masked words — plus its metrics if, and only if, the bank shares them (``share_metrics``).
+
+Refused by name: a bank without a consortium certificate (``secagg_no_identity``), fewer than three
+banks (``too_few_parties``), a session it never offered in (``session_unknown``), a second, different
+answer in the same session and slot (``mask_reuse``), and every offer rule of ``fedfraud.secagg.keys``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from fedfraud import model_json
+from fedfraud.secagg.keys import Identity, KeyAgreementRefused, SessionKeys, Trust, check_session
+from fedfraud.secagg.masking import (
+    MAX_PARTIES, MIN_PARTIES, MaskReuse, PairwiseMasker, TooFewParties, encode_counts, words_to_text,
+)
+from fedfraud.wire import EvaluationReport, KeyRequest, MaskedEvaluation, MaskedEvaluationTask, SessionOffer
+
+if TYPE_CHECKING:
+    from bank_node.node import BankNode
+
+SLOTS = {"candidate": 0, "champion": 1}  # the bank's own mask label per purpose: never chosen by the aggregator
+
+
+class SecAggUnavailable(RuntimeError):
+    """The bank has no consortium certificate to sign its key offers with."""
+
+
+@dataclass(frozen=True)
+class SecAggCredentials:
+    """What a bank signs with (its certificate and key) and whom it believes (the consortium CA, banks)."""
+
+    identity: Identity
+    trust: Trust
+
+    @classmethod
+    def from_files(cls, ca: str | Path, cert: str | Path, key: str | Path,
+                   banks: Iterable[str] | None = None) -> "SecAggCredentials":
+        return cls(Identity.from_files(cert, key), Trust.from_file(ca, banks))
+
+
+class SessionStore:
+    """``<work>/secagg/<sha256(session)>/``: the session's private key and the answers already sent."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def _dir(self, session: str) -> Path:
+        return self.folder / hashlib.sha256(session.encode()).hexdigest()[:32]
+
+    def keys(self, bank: str, session: str, identity: Identity, create: bool) -> SessionKeys:
+        path = self._dir(session) / "x25519.key"
+        if path.exists():
+            return SessionKeys.from_secret_bytes(bank, session, identity, path.read_bytes())
+        if not create:
+            raise KeyAgreementRefused("session_unknown", f"{bank} made no key offer in session {session!r}")
+        keys = SessionKeys.generate(bank, session, identity)
+        _write_private(path, keys.secret_bytes())
+        return keys
+
+    def answered(self, session: str, purpose: str) -> dict | None:
+        path = self._dir(session) / f"{purpose}.json"
+        return json.loads(path.read_bytes()) if path.exists() else None
+
+    def keep(self, session: str, purpose: str, model_id: str, body: bytes) -> None:
+        _write_private(self._dir(session) / f"{purpose}.json",
+                       json.dumps({"model_id": model_id, "body": body.decode()}).encode())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Atomically, readable by the bank only."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _credentials(node: "BankNode") -> SecAggCredentials:
+    """The node's credentials (a loader, e.g. the agent's TLS files, is called once on first use)."""
+    if node.secagg is None:
+        raise SecAggUnavailable(f"secagg_no_identity: {node.bank} has no consortium certificate to sign key offers")
+    if callable(node.secagg):
+        node.secagg = node.secagg()
+    return node.secagg
+
+
+def _session_banks(bank: str, banks: object) -> list[str]:
+    if not isinstance(banks, list) or not all(isinstance(b, str) for b in banks) or len(set(banks)) != len(banks):
+        raise KeyAgreementRefused("session_malformed", "the session's banks must be distinct names")
+    if bank not in banks:
+        raise KeyAgreementRefused("session_without_me", f"{bank} is not in the session's banks")
+    if len(banks) < MIN_PARTIES:
+        raise TooFewParties(f"too_few_parties: {len(banks)} < {MIN_PARTIES} banks; {bank} does not mask for fewer")
+    if len(banks) > MAX_PARTIES:
+        raise KeyAgreementRefused("too_many_parties", f"{len(banks)} > {MAX_PARTIES} banks")
+    return sorted(banks)
+
+
+def make_offer(node: "BankNode", request_bytes: bytes) -> bytes:
+    """This bank's signed offer for the request's session (the same key if asked again)."""
+    credentials = _credentials(node)
+    request = KeyRequest.from_bytes(request_bytes)
+    session = check_session(request.session)
+    _session_banks(node.bank, request.banks)
+    keys = node.secagg_store.keys(node.bank, session, credentials.identity, create=True)
+    return SessionOffer(**keys.offer()).to_bytes()
+
+
+def evaluate_masked(node: "BankNode", task_bytes: bytes) -> bytes:
+    """Score the task's model on the holdout; answer its histograms masked, metrics only if shared."""
+    credentials = _credentials(node)
+    task = MaskedEvaluationTask.from_bytes(task_bytes)
+    session = check_session(task.session)
+    if task.purpose not in SLOTS:
+        raise KeyAgreementRefused("purpose_unknown", f"purpose {str(task.purpose)[:30]!r} is not one of {list(SLOTS)}")
+    banks = _session_banks(node.bank, task.banks)
+    if not isinstance(task.offers, dict):
+        raise KeyAgreementRefused("offer_malformed", "offers must be an object")
+    keys = node.secagg_store.keys(node.bank, session, credentials.identity, create=False)
+    pair_keys = keys.pair_keys(task.offers, credentials.trust, banks)
+    report = EvaluationReport.from_bytes(node.evaluate(model_json.to_bytes(task.model)))
+    earlier = node.secagg_store.answered(session, task.purpose)
+    if earlier is not None:  # the same answer again is harmless; another vector under the same mask is not
+        if earlier["model_id"] != report.model_id:
+            raise MaskReuse(f"mask_reuse: {node.bank} already masked a {task.purpose} evaluation in this session")
+        return earlier["body"].encode()
+    words = encode_counts(np.concatenate([np.asarray(report.hist_pos, dtype=np.int64),
+                                          np.asarray(report.hist_neg, dtype=np.int64)]))
+    masked = PairwiseMasker(node.bank, pair_keys).mask(words, SLOTS[task.purpose])
+    metrics = dict(report.metrics) if node.share_metrics else {}
+    body = MaskedEvaluation(node.bank, report.model_id, session, task.purpose, words_to_text(masked),
+                            metrics).to_bytes()
+    node.secagg_store.keep(session, task.purpose, report.model_id, body)
+    return body
