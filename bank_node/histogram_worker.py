@@ -171,10 +171,12 @@ class WorkerProcess:
 
 
 def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes, session: HistogramSession,
-                 tls: ClientTLS | None, pair_keys: dict[str, bytes] | None = None) -> WorkerProcess:
-    """Bin the bank's training rows with the shared edges into its own work folder and start a worker
-    (behind the masking sidecar with secure aggregation; ``pair_keys``: keys agreed elsewhere, else the
-    sidecar agrees them with ``tls``'s consortium certificate)."""
+                 tls: ClientTLS | None, credentials=None, pair_keys: dict[str, bytes] | None = None) -> WorkerProcess:
+    """Bin the bank's training rows with the shared edges into its own work folder and start a worker.
+
+    With secure aggregation the worker runs behind the bank's masking sidecar, which agrees the
+    session's keys with the bank's consortium certificate: ``credentials`` (the node's
+    ``SecAggCredentials``), else ``tls``'s certificate files. ``pair_keys``: keys agreed elsewhere."""
     from fedfraud.binning import GlobalBins
     from fedfraud.wire import TrainTask
 
@@ -196,8 +198,7 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
     problem = session.world_problem()
     if problem:
         raise WorkerFailed(f"secagg_session: {problem}")
-    if session.secagg and pair_keys is None and tls is None:
-        raise WorkerFailed("secagg_no_identity: masking needs this bank's consortium certificate to agree keys")
+    secrets_in = _sidecar_secrets(pair_keys, credentials, tls) if session.secagg else b""
     bins = GlobalBins.from_dict(session.bins)
     if bins.num_feature != len(dataset.feature_names):
         raise WorkerFailed(f"bins for {bins.num_feature} features, the bank has {len(dataset.feature_names)}")
@@ -221,14 +222,34 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
         "bank": session.bank, "rank": session.rank, "banks": list(session.banks), "upstream": session.server_address,
         "tls": {"server_ca": tls.server_ca, "client_key": tls.client_key, "client_cert": tls.client_cert}
         if session.tls and tls else None,
-        "identity": {"cert": tls.client_cert, "key": tls.client_key, "ca": tls.server_ca} if tls else None,
         "session_id": session.secagg_session, "address_file": str(paths["sidecar.address"]),
         "audit": str(paths["collectives.jsonl"]), "timeout_s": session.timeout_s, "max_bytes": MAX_MESSAGE_BYTES,
         "parent_pid": os.getpid()}
     paths["job.json"].write_text(json.dumps(job))
-    keys = {} if pair_keys is None else {"pair_keys": {peer: key.hex() for peer, key in pair_keys.items()}}
     return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0,
-                         paths["sidecar.log"], json.dumps(keys).encode())
+                         paths["sidecar.log"], secrets_in)
+
+
+def _sidecar_secrets(pair_keys: dict[str, bytes] | None, credentials, tls: ClientTLS | None) -> bytes:
+    """What the sidecar reads from its stdin pipe (never a file): pair keys, or the identity to agree them."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fedfraud.secagg.keys import Identity, Trust
+
+    if pair_keys is not None:
+        return json.dumps({"pair_keys": {peer: key.hex() for peer, key in pair_keys.items()}}).encode()
+    if credentials is not None:
+        identity, trust = credentials.identity, credentials.trust
+    elif tls is not None:
+        identity, trust = Identity.from_files(tls.client_cert, tls.client_key), Trust.from_file(tls.server_ca)
+    else:
+        raise WorkerFailed("secagg_no_identity: masking needs this bank's consortium certificate to agree keys")
+    pem = serialization.Encoding.PEM
+    return json.dumps({"credentials": {
+        "cert": identity.certificate.public_bytes(pem).decode(), "ca": trust.ca.public_bytes(pem).decode(),
+        "key": identity.key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()).decode(),
+        "banks": None if trust.banks is None else sorted(trust.banks)}}).encode()
 
 
 def _binned_rows(folder: Path, dataset, bins) -> tuple[Path, Path]:

@@ -193,6 +193,25 @@ class MaskingProxy:
 
 # ---------------------------------------------------------------------------- the process
 
+def _credentials(bank: str, given: dict):
+    """(Identity, Trust) from the PEM text the bank's node piped in; the key must be the certificate's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from fedfraud.secagg.keys import BANK_ROLE, Identity, KeyAgreementRefused, Trust, cert_identity
+
+    certificate = x509.load_pem_x509_certificate(given["cert"].encode())
+    key = serialization.load_pem_private_key(given["key"].encode(), password=None)
+    if key.public_key().public_numbers() != certificate.public_key().public_numbers():
+        raise KeyAgreementRefused("identity_key", f"{bank}'s key does not match its certificate")
+    name, role = cert_identity(certificate)
+    if role != BANK_ROLE or name != bank:
+        raise KeyAgreementRefused("identity_name", f"the certificate is {role} {name!r}, not bank {bank!r}")
+    banks = given.get("banks")
+    trust = Trust(x509.load_pem_x509_certificate(given["ca"].encode()), None if banks is None else frozenset(banks))
+    return Identity(name, certificate, key), trust
+
+
 def _upstream_channel(address: str, tls: dict | None, max_bytes: int):
     import grpc
 
@@ -239,7 +258,6 @@ def run(job_path: str, stdin=None) -> None:
     from pathlib import Path
 
     from bank_node.histogram_worker import watchdog
-    from fedfraud.secagg.keys import Identity, Trust
 
     job = json.loads(Path(job_path).read_text())["sidecar"]
     deadline = time.monotonic() + float(job["timeout_s"])
@@ -259,13 +277,13 @@ def run(job_path: str, stdin=None) -> None:
 
     proxy = MaskingProxy(job["bank"], int(job["rank"]), list(job["banks"]), forward, max_bytes,
                          int(job.get("frac_bits", FRAC_BITS)), audit)
-    given = json.loads((stdin or sys.stdin).read() or "{}").get("pair_keys")
-    if given is not None:  # keys agreed elsewhere (tests, or a key phase of the round protocol)
-        proxy.use_pair_keys({peer: bytes.fromhex(key) for peer, key in given.items()})
+    secrets_in = json.loads((stdin or sys.stdin).read() or "{}")
+    if "pair_keys" in secrets_in:  # keys agreed elsewhere
+        proxy.use_pair_keys({peer: bytes.fromhex(key) for peer, key in secrets_in["pair_keys"].items()})
+    elif "credentials" in secrets_in:
+        proxy.agree_keys(job["session_id"], *_credentials(job["bank"], secrets_in["credentials"]))
     else:
-        identity = job["identity"]
-        proxy.agree_keys(job["session_id"], Identity.from_files(identity["cert"], identity["key"]),
-                         Trust.from_file(identity["ca"]))
+        raise SidecarRefused("secagg_no_identity: neither pair keys nor a certificate to agree them")
     server, port = _serve(proxy, max_bytes)
     address_file = Path(job["address_file"])
     tmp = address_file.with_suffix(".tmp")

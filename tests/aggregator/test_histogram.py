@@ -1,13 +1,14 @@
 """Histogram federation: banks as separate processes grow the pooled model, bit for bit.
 
-Toy banks (real BankNodes on small numpy data) cover exactness, worlds, failures and TLS in
-seconds. The `consortium` tests run the whole path (Spark-prepared banks, MLflow registry).
+Toy banks (real BankNodes on small numpy data, each with a consortium certificate) cover
+exactness, worlds, failures and TLS. Every round runs with secure aggregation (the default):
+each bank's worker behind its masking sidecar. The `consortium` tests run the whole path
+(Spark-prepared banks, MLflow registry).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from bank_node.histogram_worker import ClientTLS, WorkerFailed, start_worker
 from fedfraud.histogram_session import HistogramSession
 from bank_node.node import BankNode
 from bank_node.training import dmatrix, train_trees
-from fedfraud import model_json
+from fedfraud import model_json, pki
 from fedfraud.wire import ModelUpdate, TrainTask
 
 FEATURES = ["amount", "count", "signed", "heavy", "flag", "gap"]
@@ -63,12 +64,27 @@ def toy_node(root: Path, bank: str, X, y, contract) -> BankNode:
     return node
 
 
+TOY_BANKS = (("alpha", 1200, 0), ("beta", 1800, 1), ("gamma", 900, 2), ("delta", 1000, 1))
+
+
+def certify(nodes, folder: Path) -> ServerTLS:
+    """A consortium (``fedfraud provision``): each node gets its bank certificate; returns the server's TLS."""
+    folders = pki.provision("toy", [pki.AGGREGATOR, *sorted(nodes)], folder)
+    for bank, node in nodes.items():
+        node.histogram_tls = ClientTLS(str(folders[bank] / "ca.crt"), str(folders[bank] / "key.pem"),
+                                       str(folders[bank] / "cert.pem"))
+    server = folders[pki.AGGREGATOR]
+    return ServerTLS(str(server / "key.pem"), str(server / "cert.pem"), str(server / "ca.crt"))
+
+
 @pytest.fixture
 def toy(tmp_path):
+    """Four toy banks with consortium certificates (masked sums need three banks, and a bank lost must
+    leave three)."""
     rng = np.random.default_rng(17)
     contract = {"names": FEATURES, "hash": "c" * 64}
-    nodes = {bank: toy_node(tmp_path, bank, *toy_rows(rng, rows, shift), contract)
-             for bank, rows, shift in (("alpha", 1200, 0), ("beta", 1800, 1), ("gamma", 900, 2))}
+    nodes = {bank: toy_node(tmp_path, bank, *toy_rows(rng, rows, shift), contract) for bank, rows, shift in TOY_BANKS}
+    certify(nodes, tmp_path / "pki")
     return nodes, contract
 
 
@@ -183,15 +199,18 @@ def test_the_world_is_the_banks_ready_at_round_start(toy):
     nodes = {**nodes, "gamma": Unreachable(nodes["gamma"])}
     strategy = make_strategy(nodes)
     doc, participants, rejections = train_round(nodes, strategy, sorted(nodes), 1, None, contract, SETTINGS)
-    assert participants == {"alpha", "beta"}
+    assert participants == {"alpha", "beta", "delta"}
     assert [(r.bank, r.check) for r in rejections] == [("gamma", "bank_not_ready")]
-    pooled = pooled_chain(nodes, ["alpha", "beta"], strategy, 1, contract)
+    pooled = pooled_chain(nodes, ["alpha", "beta", "delta"], strategy, 1, contract)
     binned = strategy.bins.apply(nodes["beta"].data.X_holdout)
     assert np.array_equal(model_json.to_booster(doc).predict(dmatrix(binned, None, FEATURES)),
                           pooled.predict(dmatrix(binned, None, FEATURES)))
-    quorum = dataclasses.replace(SETTINGS, min_banks=3)
-    with pytest.raises(RoundFailed, match="2 bank\\(s\\) ready for the collective round, quorum is 3"):
+    quorum = dataclasses.replace(SETTINGS, min_banks=4)
+    with pytest.raises(RoundFailed, match="3 bank\\(s\\) ready for the collective round, quorum is 4"):
         train_round(nodes, make_strategy(nodes, quorum), sorted(nodes), 1, None, contract, quorum)
+    two = {b: nodes[b] for b in ("alpha", "beta", "gamma")}  # gamma unreachable: two banks left
+    with pytest.raises(RoundFailed, match="too_few_parties: 2 bank\\(s\\) ready, masked sums need 3"):
+        train_round(two, make_strategy(two), sorted(two), 1, None, contract, SETTINGS)
     assert our_children() == []
 
 
@@ -235,7 +254,7 @@ def test_a_bank_dying_mid_round_fails_the_round_fast_and_a_retry_runs_with_the_r
     healthy = {b: n for b, n in nodes.items() if b != "beta"}
     retry = make_strategy(healthy)
     doc, participants, _ = train_round(healthy, retry, sorted(healthy), 1, None, contract, SETTINGS)
-    assert participants == {"alpha", "gamma"} and len(model_json.trees(doc)) == SETTINGS.trees_per_round
+    assert participants == {"alpha", "delta", "gamma"} and len(model_json.trees(doc)) == SETTINGS.trees_per_round
     assert our_children() == []
 
 
@@ -271,6 +290,14 @@ def test_a_bank_refuses_plain_grpc_off_loopback_and_tls_without_its_certificate(
         start_worker(node.work_dir, node.data, contract["hash"], task, session(tls=True), None)
     with pytest.raises(WorkerFailed, match="feature contract"):
         start_worker(node.work_dir, node.data, "d" * 64, task, session(), None)
+    world = {"world_size": 3, "banks": ["alpha", "beta", "gamma"], "secagg_session": "histogram:t:r1:a1:00"}
+    with pytest.raises(WorkerFailed, match="secagg_required"):  # a bank does not join an unmasked round
+        start_worker(node.work_dir, node.data, contract["hash"], task, session(**world, secagg=False), None)
+    with pytest.raises(WorkerFailed, match="secagg_session: rank 0 is beta, not alpha"):
+        start_worker(node.work_dir, node.data, contract["hash"], task,
+                     session(**{**world, "banks": ["beta", "alpha", "gamma"]}), None)
+    with pytest.raises(WorkerFailed, match="secagg_no_identity"):
+        start_worker(node.work_dir, node.data, contract["hash"], task, session(**world), None)
 
 
 def test_federated_server_stops_and_frees_its_port():
@@ -291,57 +318,10 @@ def test_federated_server_stops_and_frees_its_port():
     assert time.monotonic() - started < 30 and not broken.alive()
 
 
-def write_certificates(folder: Path, banks: list[str]) -> tuple[ServerTLS, dict[str, ClientTLS]]:
-    """A consortium CA, a server certificate for 127.0.0.1, one client certificate per bank."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def issue(name, key, issuer_name, issuer_key, ca=False, server=False):
-        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                   .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        if not ca:
-            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    def save(name, key, cert):
-        key_path, cert_path = folder / f"{name}.key", folder / f"{name}.crt"
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return str(key_path), str(cert_path)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedfraud consortium CA")])
-    _, ca_cert = save("ca", ca_key, issue("fedfraud consortium CA", ca_key, ca_name, ca_key, ca=True))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    key, cert = save("server", server_key, issue("127.0.0.1", server_key, ca_name, ca_key, server=True))
-    clients = {}
-    for bank in banks:
-        bank_key = ec.generate_private_key(ec.SECP256R1())
-        clients[bank] = ClientTLS(ca_cert, *save(bank, bank_key, issue(bank, bank_key, ca_name, ca_key)))
-    return ServerTLS(key, cert, ca_cert), clients
-
-
 def test_a_round_over_tls_with_consortium_certificates(toy, tmp_path):
-    pytest.importorskip("cryptography")
     nodes, contract = toy
     banks = sorted(nodes)
-    server_tls, clients = write_certificates(tmp_path, banks)
-    for bank in banks:
-        nodes[bank].histogram_tls = clients[bank]
+    server_tls = certify(nodes, tmp_path / "pki-tls")
     with FederatedServer(1, tls=server_tls) as server:  # the server runs TLS-only
         deadline = time.monotonic() + 10
         while "listening" not in server.log_tail() and time.monotonic() < deadline:
@@ -352,7 +332,9 @@ def test_a_round_over_tls_with_consortium_certificates(toy, tmp_path):
     doc, participants, _ = train_round(nodes, strategy, banks, 1, None, contract, SETTINGS)
     assert participants == set(banks)
     job = json.loads((nodes["alpha"].work_dir / "histogram" / "job.json").read_text())
-    assert job["session"]["tls"] is True and job["tls"]["federated_client_cert_path"].endswith("alpha.crt")
+    # the sidecar holds the TLS channel; the worker only talks to the sidecar on loopback
+    assert job["session"]["tls"] is True and job["tls"] is None
+    assert job["sidecar"]["tls"]["client_cert"] == nodes["alpha"].histogram_tls.client_cert
     binned = strategy.bins.apply(nodes["alpha"].data.X_holdout)
     pooled = pooled_chain(nodes, banks, strategy, 1, contract)
     assert np.array_equal(model_json.to_booster(doc).predict(dmatrix(binned, None, FEATURES)),
