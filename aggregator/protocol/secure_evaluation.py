@@ -154,22 +154,35 @@ class Tally:
     rejections: list[dict[str, str]]
 
 
+class AnswerRefused(ValueError):
+    """A bank's masked answer that cannot enter the sum; ``check`` names why."""
+
+    def __init__(self, check: str, detail: str):
+        super().__init__(detail)
+        self.check = check
+
+
 def _answer(r: RoundState, bank: str, purpose: str, session: str) -> tuple[np.ndarray, dict[str, float]]:
     source, _, answers = PURPOSES[purpose]
     path = _folder(r) / answers / f"{bank}.json"
     if not path.exists():
-        raise WireFormatError(f"no {purpose} evaluation arrived")
-    answer = MaskedEvaluation.from_bytes(path.read_bytes())
+        raise AnswerRefused("masked_evaluation_missing", f"no {purpose} evaluation arrived")
+    try:
+        answer = MaskedEvaluation.from_bytes(path.read_bytes())
+    except WireFormatError as exc:
+        raise AnswerRefused("masked_evaluation_malformed", str(exc)) from None
     model_id = model_json.model_id(r.ws.read_json(r.path(source)))
-    if (answer.bank, answer.session, answer.purpose, answer.model_id) != (bank, session, purpose, model_id):
-        raise WireFormatError(f"answer names {str(answer.bank)[:40]}, session {str(answer.session)[:80]}, "
-                              f"{str(answer.purpose)[:20]}, model {str(answer.model_id)[:32]}")
+    named = {"wrong_sender": (answer.bank, bank), "wrong_session": (answer.session, session),
+             "wrong_purpose": (answer.purpose, purpose), "wrong_model": (answer.model_id, model_id)}
+    for check, (got, expected) in named.items():
+        if got != expected:
+            raise AnswerRefused(f"masked_evaluation_{check}", f"{purpose}: {str(got)[:80]!r}, expected {expected!r}")
     if problem := metric_problem(answer.metrics):
-        raise WireFormatError(problem)
+        raise AnswerRefused("masked_evaluation_metrics", problem)
     try:
         return words_from_text(answer.words, 2 * BINS), dict(answer.metrics)
     except SecureAggregationError as exc:
-        raise WireFormatError(str(exc)) from None
+        raise AnswerRefused("masked_evaluation_words", str(exc)) from None
 
 
 def tally(r: RoundState) -> Tally:
@@ -183,8 +196,8 @@ def tally(r: RoundState) -> Tally:
     for bank in banks:
         try:
             parsed = {p: _answer(r, bank, p, session) for p in purposes}
-        except (WireFormatError, ValueError, TypeError) as exc:
-            faults.append({"bank": bank, "check": "masked_evaluation_missing", "detail": str(exc)[:300]})
+        except AnswerRefused as exc:
+            faults.append({"bank": bank, "check": exc.check, "detail": str(exc)[:300]})
             continue
         answered.append(bank)
         for p, (upload, shared) in parsed.items():

@@ -58,9 +58,9 @@ def claimed_rows(u):
 
 
 def forged_report(r):
-    """All its positives in the top bin, ten times as many as its holdout has."""
-    r["positives"] *= 10
-    r["hist_pos"] = [0] * (len(r["hist_pos"]) - 1) + [r["positives"]]
+    """A masked evaluation replayed into another session, claiming a perfect AUPRC (a bank that forges its
+    masked words instead cannot be told apart: the sum is refused and the round fails by name)."""
+    r["session"] = r["session"].rsplit("/", 1)[0] + "/replayed"
     r["metrics"] = {"auprc": 1.0}
 
 

@@ -29,13 +29,16 @@ ATTACKS = {  # kind:round -> attack (hostile_agent.ATTACKS)
 }
 EXPECTED = {  # (bank, round) -> checks that must name its attacks
     ("eve", 0): {"invalid_counts"},
-    ("eve", 1): {"malformed", "split_index_out_of_range", "report_totals"},
-    ("mallory", 1): {"cycle_or_shared_node", "wrong_model"},
+    ("eve", 1): {"malformed", "split_index_out_of_range", "masked_evaluation_wrong_session"},
+    ("mallory", 1): {"cycle_or_shared_node", "masked_evaluation_wrong_model"},
     ("eve", 2): {"not_finite"},
     ("mallory", 2): {"header_mismatch"},
     ("eve", 3): {"too_large"},
     ("mallory", 3): {"counts_mismatch"},
 }
+
+
+EVALUATION_CHECKS = {"masked_evaluation_wrong_session", "masked_evaluation_wrong_model"}  # in MLflow, not the table
 
 
 class HostileStack(Stack):
@@ -118,13 +121,14 @@ def test_every_attack_is_refused_by_name_and_every_round_registers_a_sound_model
         assert set(HOSTILE) <= set(tags["fedfraud.rejected_banks"].split(",")), tags
         named = {(x["bank"], x["check"]) for x in status["rejections"]}  # round status: the rejections table
         for bank in HOSTILE:
-            for check in EXPECTED.get((bank, round_id), set()) - {"report_totals", "wrong_model"}:
+            for check in EXPECTED.get((bank, round_id), set()) - EVALUATION_CHECKS:
                 assert (bank, check) in named, (bank, check, status["rejections"], stack.log(bank))
         run = client.get_model_version("net-hostile", str(status["version"])).run_id
         logged = json.loads(Path(client.download_artifacts(run, "rejected_updates.json")).read_text())
-        evaluation = {(x["bank"], x["check"]) for x in logged}  # evaluation reports: excluded and logged in MLflow
-        if round_id == 1:
-            assert {("eve", "report_totals"), ("mallory", "wrong_model")} <= evaluation, logged
+        evaluation = {(x["bank"], x["check"]) for x in logged}  # masked evaluations: left out and logged in MLflow
+        if round_id == 1:  # both left out of the sum, which was re-run with the honest banks under fresh keys
+            assert {("eve", "masked_evaluation_wrong_session"),
+                    ("mallory", "masked_evaluation_wrong_model")} <= evaluation, logged
             assert float(tags["fedfraud.pooled_auprc"]) < 0.99  # the forged report did not make it 1.0
     assert ("eve", 0, "invalid_counts") in stack.rejections()
     limits = ModelLimits.accepted()  # the last registered model passes a bank's checks

@@ -196,3 +196,29 @@ def test_the_bank_refuses_unknown_sessions_mask_reuse_and_a_missing_identity(tmp
     key_files = list((tmp_path / "banks" / "alpha" / "secagg").rglob("x25519.key"))
     assert key_files and all(p.stat().st_mode & 0o077 == 0 for p in key_files)
     assert base64.b64decode(json.loads(first)["words"])  # words travel as base64 of uint64
+
+
+def test_an_answer_for_another_model_or_session_is_named_and_left_out(tmp_path, nodes):
+    r = round_state(tmp_path, nodes)
+    secure.open_session(r)
+    secure.keys(r, nodes)
+    secure.relay(r)
+    secure.evaluate(r, nodes)
+    answers = r.ws.round_dir(1) / "secagg" / "attempt-1" / "evaluations"
+    for bank, change in (("beta", {"model_id": "f" * 16}), ("gamma", {"session": "fed0/replayed"})):
+        answer = MaskedEvaluation.from_bytes((answers / f"{bank}.json").read_bytes())
+        (answers / f"{bank}.json").write_bytes(dataclasses.replace(answer, **change).to_bytes())
+    with pytest.raises(RoundFailed, match="masked_evaluation_incomplete"):  # two left: below three
+        secure.tally(r)
+    assert secure.record(r)["attempt"] == 1  # a failed round opens no new attempt
+    r2 = round_state(tmp_path / "again", nodes)
+    secure.open_session(r2)
+    secure.keys(r2, nodes)
+    secure.relay(r2)
+    secure.evaluate(r2, nodes)
+    path = r2.ws.round_dir(1) / "secagg" / "attempt-1" / "evaluations" / "beta.json"
+    path.write_bytes(dataclasses.replace(MaskedEvaluation.from_bytes(path.read_bytes()), model_id="f" * 16).to_bytes())
+    with pytest.raises(PhaseRerun):
+        secure.tally(r2)
+    [attempt] = secure.record(r2)["history"]
+    assert [(f["bank"], f["check"]) for f in attempt["faults"]] == [("beta", "masked_evaluation_wrong_model")]
