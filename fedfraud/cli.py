@@ -118,6 +118,8 @@ def federate(
     seed: int = typer.Option(0, "--seed"),
     trees_per_round: int = typer.Option(20, "--trees-per-round", min=1),
     min_banks: int = typer.Option(1, "--min-banks", min=1, help="Quorum: accepted updates a round needs."),
+    compaction: bool = typer.Option(False, "--compaction/--no-compaction",
+                                    help="Bagging: drop the trees the banks' holdouts do not miss, every round."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Train a model across banks; the last stdout line is the registered model URI."""
@@ -128,7 +130,7 @@ def federate(
 
     if strategy not in STRATEGY_CHOICES:
         _fail(f"--strategy must be one of {', '.join(STRATEGY_CHOICES)}, got {strategy!r}")
-    settings = FederationSettings(trees_per_round=trees_per_round, min_banks=min_banks)
+    settings = FederationSettings(trees_per_round=trees_per_round, min_banks=min_banks, compaction=compaction)
     progress = lambda message: err.print(f"[dim]{message}[/]")  # noqa: E731 - stdout is for results
     consortium = _run_gate(
         lambda: prepare_consortium(_parse_banks(bank), work_dir, load_config(config), settings, progress)

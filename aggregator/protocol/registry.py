@@ -9,7 +9,7 @@ import logging
 from contextlib import contextmanager
 
 from aggregator.evaluation import FederatedEvaluation, pooled_evaluation, pooled_metrics
-from aggregator.protocol import records, secure_evaluation
+from aggregator.protocol import records, secure_evaluation, traffic
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.state import RoundState
 from aggregator.tracking import zero_example
@@ -59,6 +59,7 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         Tag.POOLED_AUPRC: f"{evaluation.pooled['auprc']:.6f}",
     }
     contributions = records.contributions(ws, round_id)
+    wire = traffic.totals(ws.round_dir(round_id))  # bytes each bank sent and received this round
     floor = best_local(r)
     if floor is not None:
         tags[Tag.BEST_LOCAL_AUPRC] = f"{floor[1]:.6f} ({floor[0]})"
@@ -66,6 +67,7 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         r.tracker.log_rejections(round_id, outcome["rejections"])
         r.tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
         r.tracker.log_contributions(round_id, contributions)
+        r.tracker.log_metrics(round_id, traffic.metrics(wire))
         version = r.tracker.register_round_model(booster, plan.federation_id, round_id,
                                                  zero_example(plan.feature_names), tags)
         promoted = r.tracker.promote(version, evaluation.pooled["auprc"], champion_auprc, outcome["champion_stale"],
@@ -77,7 +79,8 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
                   "champion_auprc_before": champion_auprc, "promoted_to_champion": promoted,
                   "best_local_model": None if floor is None else {"bank": floor[0], "pooled_auprc": floor[1]},
                   "contributions": contributions, "acceptance": records.read_acceptance(ws, round_id)["stages"],
-                  "trees": booster.num_boosted_rounds()}
+                  "trees": booster.num_boosted_rounds(), "bytes": wire,
+                  "compaction": ws.read_json(r.path("compaction")) if r.path("compaction").exists() else None}
         earlier = [(n, ws.read_json(ws.path(n, "registered"))["pooled"]) for n in range(1, round_id)
                    if ws.path(n, "registered").exists()]
         history = [{"round": n, **{f"pooled.{k}": v for k, v in pooled.items()}}

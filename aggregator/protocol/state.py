@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from aggregator.protocol.plan import Plan
+from aggregator.protocol import traffic
 from aggregator.protocol.workspace import Workspace
 from aggregator.strategies import STRATEGIES, Strategy
 from fedfraud.protocol import TaskKind
@@ -102,7 +103,10 @@ def node_call(node: Node, kind: str) -> Callable[[bytes], bytes]:
 def answer(node: Node, exchanges: list[Exchange]) -> None:
     """The bank answers each question; its answers land where the exchanges say."""
     for ask in exchanges:
-        write_bytes(node_call(node, ask.kind)(ask.question.read_bytes()), ask.answer)
+        question = ask.question.read_bytes()
+        reply = node_call(node, ask.kind)(question)
+        traffic.record(ask.answer, ask.bank, received=len(question), sent=len(reply))  # the in-process boundary
+        write_bytes(reply, ask.answer)
 
 
 def answer_tolerantly(r: RoundState, nodes: dict[str, Node], phase_banks: Callable[[RoundState], list[str]],

@@ -14,6 +14,7 @@ import logging
 from aggregator.checks import Rejection, RoundContext, screen
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.registry import tracked_round
+from aggregator.protocol import traffic
 from aggregator.protocol.state import Exchange, Node, RoundState
 from fedfraud import model_json
 from fedfraud.model_guard import ModelLimits, ModelRefused, rebuild_model
@@ -54,7 +55,10 @@ def train(r: RoundState, nodes: dict[str, Node]) -> None:
     for bank, task in tasks.items():
         r.on_progress(f"round {r.round_id}: {bank} trains {task.num_trees} trees")
         try:
-            write_bytes(nodes[bank].train(task.to_bytes()), r.path("updates", bank))
+            question = task.to_bytes()
+            update = nodes[bank].train(question)
+            traffic.record(r.path("updates", bank), bank, received=len(question), sent=len(update))
+            write_bytes(update, r.path("updates", bank))
         except Exception as exc:  # a bank failing must not sink the round while quorum holds
             log.warning("bank %s failed in round %s: %s", bank, r.round_id, exc)
             failure = Rejection(bank, "bank_failed", f"{exc.__class__.__name__}: {exc}")

@@ -1,0 +1,60 @@
+"""Bytes on the wire: per round, per bank and per direction, counted where a payload crosses.
+
+Every bank exchange of a round is a question the bank receives and an answer it sends. They are
+counted at the boundary, with the same accounting in every driver: in process where ``answer``
+hands a question to a node and takes its answer (and ``train`` its task and update), in the
+service where a bank fetches a task's input and uploads its result. One record per exchange,
+``round-N/traffic/<exchange>.json`` (an exchange fetched twice counts twice), summed by ``totals``.
+Counted: payload bytes (JSON messages); not counted: HTTP/TLS framing, summaries and the
+cross-evaluation before round 1, and the histogram strategy's gRPC traffic inside XGBoost.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+from pipelines.io import write_bytes
+
+FOLDER = "traffic"
+ROUND_DIR = re.compile(r"round-\d+")
+_lock = threading.Lock()
+
+
+def _round_dir(answer: Path) -> Path | None:
+    """The nearest ``round-<N>`` folder holding ``answer`` (None: not a round's exchange)."""
+    return next((p for p in Path(answer).parents if ROUND_DIR.fullmatch(p.name)), None)
+
+
+def record(answer: Path, bank: str, received: int = 0, sent: int = 0) -> None:
+    """Add ``received`` (question) and ``sent`` (answer) bytes to the exchange whose answer goes to ``answer``."""
+    folder = _round_dir(answer)
+    if folder is None:
+        return
+    key = "__".join(Path(answer).relative_to(folder).with_suffix("").parts)
+    path = folder / FOLDER / f"{key}.json"
+    with _lock:
+        counted = json.loads(path.read_bytes()) if path.exists() else {"bank": bank, "received": 0, "sent": 0}
+        counted["received"] += int(received)
+        counted["sent"] += int(sent)
+        write_bytes(json.dumps(counted, sort_keys=True).encode(), path)
+
+
+def totals(round_dir: Path) -> dict[str, dict[str, int]]:
+    """{bank: {"received": bytes, "sent": bytes}} over every exchange of the round."""
+    out: dict[str, dict[str, int]] = {}
+    for path in sorted((Path(round_dir) / FOLDER).glob("*.json")):
+        counted = json.loads(path.read_bytes())
+        row = out.setdefault(counted["bank"], {"received": 0, "sent": 0})
+        row["received"] += counted["received"]
+        row["sent"] += counted["sent"]
+    return out
+
+
+def metrics(counted: dict[str, dict[str, int]]) -> dict[str, float]:
+    """MLflow metrics: ``bytes.<bank>.sent`` / ``.received`` (the bank's view) and the round's totals."""
+    values = {f"bytes.{bank}.{way}": float(n) for bank, row in counted.items() for way, n in row.items()}
+    values.update({f"bytes.{way}": float(sum(row[way] for row in counted.values())) for way in ("sent", "received")})
+    return values

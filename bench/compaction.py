@@ -1,0 +1,144 @@
+"""Bench: bagging with and without compaction over 10 rounds on generated non-IID banks.
+
+Both federations run the whole embedded protocol (cross-evaluation, acceptance scoring, federated
+evaluation, MLflow registry) on the same banks and seed; only ``settings.compaction`` differs.
+Each bank's holdout is split in time: the first half stays the holdout every phase uses (and
+compaction is judged on); the second half is a test set no phase sees, so the AUPRC figures are
+not the ones compaction selected on. Reported per federation: model size by round, pooled
+AUPRC (federated holdout and test), wall time, and scoring speed of the champion and of the last
+round's model (XGBoost ``predict`` on the pooled test rows, best of ``--repeats``).
+
+    nice -n 15 .venv/bin/python bench/compaction.py --rows 200000 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+from aggregator.drivers.embedded import Consortium, federate, prepare_consortium
+from aggregator.tracking import FederationTracker
+from bank_node.training import dmatrix
+from fedfraud import model_json
+from fedfraud.settings import FederationSettings
+from pipelines.config import load_config
+from pipelines.synthetic import write_banks
+
+
+def banks_for(args) -> dict[str, Path]:
+    """Generated banks, written once per (rows, banks, seed): rewriting them would re-run the features."""
+    raw, stamp = args.work_dir / "raw", {"rows": args.rows, "banks": args.banks, "seed": args.seed}
+    marker = raw / "generated.json"
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return {p.name: p / "transactions.parquet" for p in sorted(raw.iterdir()) if p.is_dir()}
+    paths = write_banks(raw, n_banks=args.banks, total_rows=args.rows, seed=args.seed)
+    marker.write_text(json.dumps(stamp))
+    return paths
+
+
+def split_test(consortium: Consortium) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first half of every bank's holdout as its holdout; return the second halves, pooled."""
+    X, y = [], []
+    for bank in sorted(consortium.nodes):
+        node = consortium.nodes[bank]
+        data, half = node.data, len(node.data.y_holdout) // 2
+        X.append(data.X_holdout[half:])
+        y.append(data.y_holdout[half:])
+        node.__dict__["data"] = dataclasses.replace(data, X_holdout=data.X_holdout[:half],
+                                                    y_holdout=data.y_holdout[:half])
+    return np.concatenate(X), np.concatenate(y)
+
+
+def rows_per_second(doc, X: np.ndarray, names: list[str], repeats: int) -> float:
+    """Scoring speed of a model on ``X`` (DMatrix built once; best of ``repeats``)."""
+    booster, matrix = model_json.to_booster(doc), dmatrix(X, None, names)
+    booster.predict(matrix)  # warm-up
+    best = min(_timed(lambda: booster.predict(matrix)) for _ in range(repeats))
+    return len(X) / best
+
+
+def _timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def run(consortium: Consortium, settings: FederationSettings, name: str, args, test) -> dict:
+    work = (args.work_dir / name).resolve()
+    shutil.rmtree(work, ignore_errors=True)  # a fresh registry: no champion left from an earlier run
+    work.mkdir(parents=True)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    started = time.perf_counter()
+    result = federate(consortium, "bagging", args.rounds, f"bench-{name}", uri, settings, args.seed,
+                      lambda m: print(f"  [{name}] {m}", file=sys.stderr, flush=True))[""]
+    seconds = time.perf_counter() - started
+    ws_root = consortium.work_dir / "federations" / f"bench-{name}"
+    trees = [len(model_json.trees(json.loads((ws_root / f"round-{n}" / "model.json").read_bytes())))
+             for n in range(1, args.rounds + 1)]
+    last = json.loads((ws_root / f"round-{args.rounds}" / "model.json").read_bytes())
+    champion = FederationTracker(uri, f"bench-{name}").champion_model()
+    champion_version, champion_doc = champion if champion is not None else (result.version, last)
+    X, y, names = test[0], test[1], consortium.contract["names"]
+    big = np.concatenate([X] * max(1, -(-args.score_rows // len(X))))[:args.score_rows]
+    test_auprc = {label: float(average_precision_score(y, model_json.to_booster(doc).predict(dmatrix(X, None, names))))
+                  for label, doc in (("last", last), ("champion", champion_doc))}
+    return {"seconds": seconds, "trees_by_round": trees, "pooled_holdout_auprc": result.evaluation.pooled["auprc"],
+            "test_auprc": test_auprc, "champion_version": champion_version,
+            "champion_trees": len(model_json.trees(champion_doc)),
+            "rows_per_second": {"last": rows_per_second(last, big, names, args.repeats),
+                                "champion": rows_per_second(champion_doc, big, names, args.repeats)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--banks", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--tolerance", type=float, default=FederationSettings.compaction_tolerance)
+    parser.add_argument("--score-rows", type=int, default=200_000, help="rows scored per timing (test rows repeated)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--work-dir", type=Path, default=Path("work/bench/compaction"))
+    args = parser.parse_args()
+    consortium = prepare_consortium(banks_for(args), args.work_dir, load_config(), FederationSettings(),
+                                    lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    test = split_test(consortium)
+    plain = FederationSettings()
+    compacted = dataclasses.replace(plain, compaction=True, compaction_tolerance=args.tolerance)
+    results = {"without": run(consortium, plain, "without", args, test),
+               "with": run(consortium, compacted, "with", args, test)}
+    off, on = results["without"], results["with"]
+    print(f"\nBagging, {args.banks} banks, {args.rows:,} rows, {args.rounds} rounds x {plain.trees_per_round} trees, "
+          f"seed {args.seed}; compaction tolerance {args.tolerance}; test rows {len(test[1]):,} "
+          f"({int(test[1].sum())} frauds)")
+    print("| compaction | trees (last) | champion trees | pooled holdout AUPRC | test AUPRC (champion) | "
+          "scoring rows/s (champion) | federation s |")
+    print("|---|---|---|---|---|---|---|")
+    for label, row in (("off", off), ("on", on)):
+        print(f"| {label} | {row['trees_by_round'][-1]} | {row['champion_trees']} | "
+              f"{row['pooled_holdout_auprc']:.4f} | {row['test_auprc']['champion']:.4f} | "
+              f"{row['rows_per_second']['champion']:,.0f} | {row['seconds']:.0f} |")
+    print(f"trees by round, off: {off['trees_by_round']}\ntrees by round, on:  {on['trees_by_round']}")
+    speedup = on["rows_per_second"]["champion"] / off["rows_per_second"]["champion"]
+    test_delta = on["test_auprc"]["champion"] - off["test_auprc"]["champion"]
+    print(f"champion scoring {speedup:.2f}x faster; test AUPRC {test_delta:+.4f}, "
+          f"pooled holdout AUPRC {on['pooled_holdout_auprc'] - off['pooled_holdout_auprc']:+.4f}")
+    out = args.work_dir / "results.json"
+    out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), **vars(args),
+                               "work_dir": str(args.work_dir), "results": results, "cpu_count": os.cpu_count(),
+                               "python": platform.python_version()}, indent=2, default=str))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
