@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from bank_node.secagg_sidecar import watchdog
 from fedfraud.histogram_session import HistogramSession, loopback
 
-EXIT_WATCHDOG = 3
 ALLOW_UNMASKED_ENV = "FEDFRAUD_SECAGG_ALLOW_UNMASKED"  # "1": this bank joins unmasked sessions (benches)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # one collective call on the federated channel
 STARTED = time.monotonic()
@@ -267,18 +267,6 @@ def _binned_rows(folder: Path, dataset, bins) -> tuple[Path, Path]:
             np.save(tmp, rows)
             tmp.replace(path)
     return x_path, y_path
-
-
-def watchdog(deadline: float, parent: int, what: str = "histogram worker") -> None:
-    """Exit the process at ``deadline`` or when its parent (the bank's node) is gone."""
-    while True:
-        if time.monotonic() > deadline:
-            print(f"{what}: deadline passed, exiting", file=sys.stderr, flush=True)
-            os._exit(EXIT_WATCHDOG)
-        if os.getppid() != parent:
-            print(f"{what}: parent gone, exiting", file=sys.stderr, flush=True)
-            os._exit(EXIT_WATCHDOG)
-        time.sleep(0.5)
 
 
 def _sidecar_address(path: Path, deadline: float) -> str:

@@ -41,6 +41,7 @@ from fedfraud.secagg.masking import (
     decode, encode,
 )
 
+EXIT_WATCHDOG = 3
 OFFER_SLOT_BYTES = 16384  # one bank's offer in the key allgather: 4-byte length + JSON, zero padded
 FLOATS = {0, 1, 2}  # HALF, FLOAT, DOUBLE
 
@@ -50,6 +51,18 @@ class SidecarRefused(SecureAggregationError):
 
 
 Forward = Callable[[str, bytes], bytes]  # (method, request bytes) -> reply bytes, on the upstream channel
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"JSON constant {name}")
+
+
+def _offer_json(data: bytes, bank: str):
+    """A relayed offer as strict JSON (fedfraud.wire's parser would import XGBoost: seconds per sidecar)."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SidecarRefused(f"sidecar_offer_malformed: {bank}'s offer is not JSON ({str(exc)[:80]})") from None
 
 
 def key_session(session_id: str, banks: list[str]) -> str:
@@ -89,7 +102,6 @@ class MaskingProxy:
     def agree_keys(self, session_id: str, identity, trust) -> None:
         """Offers through the server as call 0 (fixed-size slots), every peer's verified, one key per peer."""
         from fedfraud.secagg.keys import SessionKeys
-        from fedfraud.wire import loads_strict
 
         keys = SessionKeys.generate(self.bank, key_session(session_id, self.banks), identity)
         offer = json.dumps(keys.offer(), sort_keys=True, separators=(",", ":")).encode()
@@ -104,7 +116,7 @@ class MaskingProxy:
             length = int.from_bytes(part[:4], "big")
             if not 0 < length <= OFFER_SLOT_BYTES - 4 or part[4 + length:].strip(b"\0"):
                 raise SidecarRefused(f"sidecar_offer_malformed: rank {rank}'s slot")
-            parsed = loads_strict(part[4:4 + length], f"{bank}'s offer")
+            parsed = _offer_json(part[4:4 + length], bank)
             if not isinstance(parsed, dict) or parsed.get("bank") != bank:
                 raise SidecarRefused(f"sidecar_offer_malformed: rank {rank}'s offer is not {bank}'s")
             offers.append(parsed)
@@ -193,6 +205,20 @@ class MaskingProxy:
 
 # ---------------------------------------------------------------------------- the process
 
+def watchdog(deadline: float, parent: int, what: str = "histogram worker") -> None:
+    """Exit the process at ``deadline`` or when its parent (the bank's node) is gone."""
+    import time
+
+    while True:
+        if time.monotonic() > deadline:
+            print(f"{what}: deadline passed, exiting", file=sys.stderr, flush=True)
+            os._exit(EXIT_WATCHDOG)
+        if os.getppid() != parent:
+            print(f"{what}: parent gone, exiting", file=sys.stderr, flush=True)
+            os._exit(EXIT_WATCHDOG)
+        time.sleep(0.5)
+
+
 def _credentials(bank: str, given: dict):
     """(Identity, Trust) from the PEM text the bank's node piped in; the key must be the certificate's."""
     from cryptography import x509
@@ -256,8 +282,6 @@ def run(job_path: str, stdin=None) -> None:
     """Agree keys (or read them from stdin), serve the worker, publish the address; until terminated."""
     import time
     from pathlib import Path
-
-    from bank_node.histogram_worker import watchdog
 
     job = json.loads(Path(job_path).read_text())["sidecar"]
     deadline = time.monotonic() + float(job["timeout_s"])
