@@ -95,12 +95,10 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _credentials(node: "BankNode") -> SecAggCredentials:
-    """The node's credentials (a loader, e.g. the agent's TLS files, is called once on first use)."""
-    if node.secagg is None:
+    credentials = node.secagg_credentials()
+    if credentials is None:
         raise SecAggUnavailable(f"secagg_no_identity: {node.bank} has no consortium certificate to sign key offers")
-    if callable(node.secagg):
-        node.secagg = node.secagg()
-    return node.secagg
+    return credentials
 
 
 def _session_banks(bank: str, banks: object) -> list[str]:

@@ -68,6 +68,12 @@ class BankNode:
         self.secagg = secagg  # masked_evaluation.SecAggCredentials or its loader: signs key offers (None: cannot mask)
         self.share_metrics = share_metrics  # per-bank metrics leave only if the bank says so
 
+    def secagg_credentials(self):
+        """The bank's ``SecAggCredentials`` (a loader, e.g. the agent's TLS files, is called on first use), or None."""
+        if callable(self.secagg):
+            self.secagg = self.secagg()
+        return self.secagg
+
     @cached_property
     def secagg_store(self):
         from bank_node.masked_evaluation import SessionStore
@@ -214,7 +220,7 @@ class BankNode:
         if session.bank != self.bank:
             raise ValueError(f"session for {session.bank} sent to {self.bank}")
         worker = start_worker(self.work_dir, self.data, self.contract["hash"], task.to_bytes(), session,
-                              self.histogram_tls or ClientTLS.from_env(), credentials=self.secagg)
+                              self.histogram_tls or ClientTLS.from_env(), credentials=self.secagg_credentials())
         self._histogram_worker = worker
         try:
             return worker.result()

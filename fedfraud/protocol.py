@@ -57,3 +57,5 @@ class Tag:
     PROMOTION_REASON = "fedfraud.promotion_reason"  # why a version stayed challenger (or became champion)
     BEST_LOCAL_AUPRC = "fedfraud.best_local_auprc"  # the champion gate: best single-bank model, pooled
     BENCHMARK_ONLY = "fedfraud.benchmark_only"
+    EVALUATED_BY = "fedfraud.evaluated_by"  # the banks whose masked histograms make the pooled figures
+    METRICS_SHARED_BY = "fedfraud.metrics_shared_by"  # the banks that chose to share per-bank metrics

@@ -57,6 +57,8 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         Tag.DATA_WINDOWS: json.dumps(plan.data_windows),
         Tag.PARAMS: json.dumps({**settings.as_params(), **plan.consortium_params}, sort_keys=True),
         Tag.POOLED_AUPRC: f"{evaluation.pooled['auprc']:.6f}",
+        Tag.EVALUATED_BY: ",".join(tally.banks),
+        Tag.METRICS_SHARED_BY: ",".join(sorted(evaluation.per_bank)),
     }
     contributions = records.contributions(ws, round_id)
     wire = traffic.totals(ws.round_dir(round_id))  # bytes each bank sent and received this round

@@ -132,6 +132,9 @@ def test_the_config_names_what_is_wrong(tmp_path):
         load(**{**good, "tls": {**tls, "key": "/nowhere/key.pem"}})
     with pytest.raises(ConfigError, match="retry takes"):
         load(**good, retry={"tries": 3})
+    assert load(**good).share_metrics is False and load(**good, share_metrics=True).share_metrics is True
+    with pytest.raises(ConfigError, match="share_metrics must be true or false"):
+        load(**good, share_metrics="yes")
 
 
 def test_node_health_reports_the_agents_heartbeat(tmp_path, coordinator):
