@@ -421,3 +421,108 @@ def test_a_dead_bank_registers_nothing_and_the_retry_runs_with_the_healthy_banks
     [version] = client.search_model_versions("name='e2e-hist-retry'")
     assert version.tags["fedfraud.participating_banks"] == ",".join(sorted(healthy))
     assert retry.model_uri == "models:/e2e-hist-retry/1" and set(retry.evaluation.per_bank) == set(healthy)
+
+
+# ---------------------------------------------------------------------------- what the server sees
+
+def recording_server(records: list):
+    """XGBoost's federated server with a recording relay in front (``tests/bank_node/federated_recorder.py``):
+    the strategy's banks reach the relay, and ``records`` gets each round's recorder."""
+    import importlib.util
+    import sys
+
+    recorder_module = sys.modules.get("federated_recorder")
+    if recorder_module is None:
+        path = Path(__file__).resolve().parents[1] / "bank_node" / "federated_recorder.py"
+        spec = importlib.util.spec_from_file_location("federated_recorder", path)
+        recorder_module = sys.modules["federated_recorder"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recorder_module)
+
+    class RecordedServer(FederatedServer):
+        def launch(self):
+            super().launch()
+            self.recorder = recorder_module.Recorder(f"127.0.0.1:{self.port}")
+            records.append(self.recorder)
+            return self
+
+        @property
+        def address(self) -> str:
+            return self.recorder.address
+
+        def stop(self, grace_s: float = 5.0) -> None:
+            super().stop(grace_s)
+            if getattr(self, "recorder", None) is not None:
+                self.recorder.stop()
+
+    return RecordedServer
+
+
+@pytest.mark.slow
+def test_the_server_sees_only_masked_sums_and_the_model_stays_the_pooled_fit(toy, monkeypatch):
+    """The same round unmasked (the plaintext each bank sends) and masked (the default), both recorded at the
+    server: every masked SUM is uniformly random words unrelated to the bank's plaintext, nothing else differs,
+    no sketch is exchanged, and both models equal the pooled fit on the binned rows."""
+    from aggregator.strategies import histogram as histogram_module
+    from bank_node.secagg_sidecar import OFFER_SLOT_BYTES
+    from fedfraud.secagg import federated_wire as fw
+    from fedfraud.secagg.masking import decode, encode
+
+    nodes, contract = toy
+    nodes = {b: nodes[b] for b in ("alpha", "beta", "gamma")}
+    banks = sorted(nodes)
+    records: list = []
+    monkeypatch.setattr(histogram_module, "FederatedServer", recording_server(records))
+    monkeypatch.setenv("FEDFRAUD_SECAGG_ALLOW_UNMASKED", "1")
+    plain = make_strategy(nodes)
+    plain.secagg = False
+    plain_doc, _, _ = train_round(nodes, plain, banks, 1, None, contract, SETTINGS)
+    masked = make_strategy(nodes)
+    assert masked.secagg, "masking is the default"
+    masked_doc, participants, _ = train_round(nodes, masked, banks, 1, None, contract, SETTINGS)
+    assert participants == set(banks)
+
+    assert model_json.model_id(plain_doc) == model_json.model_id(masked_doc)
+    pooled = pooled_chain(nodes, banks, masked, 1, contract)
+    binned = masked.bins.apply(np.concatenate([nodes[b].data.X_holdout for b in banks]))
+    assert np.array_equal(model_json.to_booster(masked_doc).predict(dmatrix(binned, None, FEATURES)),
+                          pooled.predict(dmatrix(binned, None, FEATURES)))
+
+    masked_words, plain_words, in_clear = [], [], set()
+    for rank in range(len(banks)):
+        sent_plain, sent_masked = records[0].by_rank(rank), records[1].by_rank(rank)
+        offers = sent_masked.pop(0)  # call 0: the key offers (public keys and certificates), nothing else
+        assert (offers.method, offers.request.sequence_number) == ("Allgather", 0)
+        assert len(offers.request.send_buffer) == OFFER_SLOT_BYTES and b'"public_key"' in offers.request.send_buffer
+        assert len(sent_plain) == len(sent_masked) > 10
+        for plain_call, masked_call in zip(sent_plain, sent_masked):
+            p, m = plain_call.request, masked_call.request
+            assert (m.method, m.sequence_number) == (p.method, p.sequence_number + 1)
+            if p.method == "Allreduce" and p.reduce_operation == fw.SUM:
+                assert (m.data_type, m.reduce_operation) == (fw.UINT64, fw.SUM)
+                words = np.frombuffer(m.send_buffer, "<u8")
+                plaintext = p.values()
+                own = (encode(plaintext.astype(np.float64)) if p.data_type in (0, 1, 2)
+                       else plaintext.astype(np.int64).view(np.uint64))
+                assert words.size == own.size
+                if words.size >= 64:
+                    assert abs(np.unpackbits(words.view(np.uint8)).mean() - 0.5) < 0.05, p.describe()
+                masked_words.append(words)
+                plain_words.append(own)
+                # the server's sum of masked words is the plain round's sum (to fixed-point precision)
+                total = np.frombuffer(masked_call.reply, "<u8")
+                plain_total = np.frombuffer(plain_call.reply, dtype=plaintext.dtype)
+                if p.data_type in (0, 1, 2):
+                    assert np.allclose(decode(total), plain_total, rtol=1e-6, atol=len(banks) * 2.0**-32)
+                else:
+                    assert np.array_equal(total.view(np.int64), plain_total)
+            else:  # passes in the clear, byte for byte what the plain round sent
+                assert m.send_buffer == p.send_buffer and m.method != "AllgatherV", p.describe()
+                in_clear.add((p.method, fw.OPS[p.reduce_operation] if p.method == "Allreduce" else "root"))
+    # in the clear: the feature count (MAX) and rank 0's broadcast seed; no sketch (Allgather/AllgatherV)
+    assert in_clear <= {("Allreduce", "MAX"), ("Broadcast", "root")}, in_clear
+    masked_all, plain_all = np.concatenate(masked_words), np.concatenate(plain_words)
+    assert masked_all.size > 5000
+    assert abs(np.unpackbits(masked_all.view(np.uint8)).mean() - 0.5) < 0.005
+    assert np.mean(masked_all == plain_all) < 0.001
+    assert abs(np.corrcoef(masked_all.astype(np.float64), plain_all.view(np.int64).astype(np.float64))[0, 1]) < 0.05
+    assert our_children() == []
