@@ -9,9 +9,13 @@ are missing. Then:
 2. exactness: the registered model, scoring *raw* holdout features, against a centralized fit
    on the same *binned* pooled rows. Both use the same rounds and seeds. It prints whether
    every prediction is bit-identical.
-3. wall time: one round of 20 trees (server and bank processes included) against a
+3. wall time: one round of 20 trees (server and bank processes included), with secure
+   aggregation (every bank behind its masking sidecar, the default) and without, against a
    centralized fit of 20 trees on the pooled raw rows, as ``bench/federation.py`` times it
-   (XGBoost nthread=2), and with nthread=1. Median of ``--repeats``.
+   (XGBoost nthread=2), and with nthread=1. Median of ``--repeats``; masked and unmasked
+   rounds alternate, so load changes hit both alike.
+
+``--masking on|off`` chooses how steps 1-2 run (default on); ``--round-times-only`` skips them.
 
     .venv/bin/python bench/federation.py --rows 300000 --repeats 1 --work-dir work/bench/fed300
     .venv/bin/python bench/histogram.py --work-dir work/bench/fed300
@@ -37,7 +41,9 @@ from aggregator.drivers.embedded import Consortium, federate, prepare_consortium
 from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies.histogram import Histogram
 from aggregator.tracking import default_tracking_uri
+from bank_node.histogram_worker import ALLOW_UNMASKED_ENV, ClientTLS
 from bank_node.node import FINGERPRINT_FILE, BankNode, input_fingerprint
+from fedfraud import pki
 from bank_node.training import dmatrix, train_trees
 from fedfraud import model_json
 from fedfraud.wire import TrainTask
@@ -68,6 +74,18 @@ def load_consortium(work_dir: Path, rows: int, n_banks: int, seed: int, settings
         log("reusing prepared banks")
         return Consortium(nodes, config, work_dir)
     return prepare_consortium(paths, work_dir, config, settings, log)
+
+
+def certify(consortium: Consortium) -> None:
+    """Banks without consortium credentials get a certificate of a bench consortium (masking agrees keys with it)."""
+    folder = consortium.work_dir / "pki-histogram"
+    banks = sorted(consortium.nodes)
+    if not (folder / "ca" / "ca.crt").exists():
+        pki.provision("bench-histogram", [pki.AGGREGATOR, *banks], folder, operators=())
+    for bank, node in consortium.nodes.items():
+        if getattr(node, "secagg", None) is None and node.histogram_tls is None:
+            node.histogram_tls = ClientTLS(str(folder / bank / "ca.crt"), str(folder / bank / "key.pem"),
+                                           str(folder / bank / "cert.pem"))
 
 
 def other_strategies(work_dir: Path) -> tuple[dict[str, dict[str, float]], dict]:
@@ -120,7 +138,7 @@ def exactness(consortium: Consortium, result, uri: str, rounds: int, settings: F
 
 
 def round_times(consortium: Consortium, settings: FederationSettings, seed: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one histogram round and of centralized fits of the same number of trees."""
+    """Median seconds of one histogram round, masked and unmasked, and of centralized fits of as many trees."""
     nodes, contract = consortium.nodes, consortium.contract
     banks = sorted(nodes)
     counts = [nodes[b].summary()["counts"] for b in banks]
@@ -130,12 +148,20 @@ def round_times(consortium: Consortium, settings: FederationSettings, seed: int,
     strategy = Histogram(settings, seed, params)
     started = time.perf_counter()
     strategy.bins = strategy.shared_bins(nodes, banks)
-    timings: dict[str, list[float]] = {"histogram": [], "centralized": [], "centralized_nthread1": []}
+    timings: dict[str, list[float]] = {"histogram": [], "histogram_unmasked": [], "centralized": [],
+                                       "centralized_nthread1": []}
     bins_seconds = time.perf_counter() - started
+    models = set()
     for repeat in range(repeats):
-        started = time.perf_counter()
-        train_round(nodes, strategy, banks, 1, None, contract, settings)
-        timings["histogram"].append(time.perf_counter() - started)
+        modes = [("histogram", True), ("histogram_unmasked", False)]
+        for name, masked in modes if repeat % 2 == 0 else modes[::-1]:
+            strategy.secagg = masked
+            started = time.perf_counter()
+            doc, _, _ = train_round(nodes, strategy, banks, 1, None, contract, settings)
+            timings[name].append(time.perf_counter() - started)
+            models.add(model_json.model_id(doc))
+        if len(models) != 1:
+            raise SystemExit("masked and unmasked rounds grew different models")
         for name, extra in (("centralized", {}), ("centralized_nthread1", {"nthread": 1})):
             task = TrainTask(bank="pooled", round_id=1, base_model_id="none", contract_hash=contract["hash"],
                              num_trees=settings.trees_per_round, params={**params, "seed": seed + repeat, **extra})
@@ -154,17 +180,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--masking", choices=("on", "off"), default="on", help="secure aggregation in steps 1-2")
+    parser.add_argument("--round-times-only", action="store_true", help="skip steps 1-2 (quality, exactness)")
     args = parser.parse_args()
+    os.environ["FEDFRAUD_HISTOGRAM_SECAGG"] = "1" if args.masking == "on" else "0"
+    os.environ[ALLOW_UNMASKED_ENV] = "1"  # the bench's banks join unmasked rounds too (for the comparison)
     settings = FederationSettings()
     consortium = load_consortium(args.work_dir, args.rows, args.banks, args.seed, settings)
+    certify(consortium)
     banks = sorted(consortium.nodes)
     table, previous = other_strategies(args.work_dir)
-    row, result, uri, federation_seconds = histogram_quality(consortium, args.rounds, settings, args.seed)
-    table["histogram"] = row
-    identical, worst, bins_per_feature = exactness(consortium, result, uri, args.rounds, settings, args.seed)
+    if not args.round_times_only:
+        row, result, uri, federation_seconds = histogram_quality(consortium, args.rounds, settings, args.seed)
+        table["histogram"] = row
+        identical, worst, bins_per_feature = exactness(consortium, result, uri, args.rounds, settings, args.seed)
     times = round_times(consortium, settings, args.seed, args.repeats)
 
     rows_total = sum(consortium.nodes[b].data.counts()["train_rows"] for b in banks)
+    print(f"\nOne round of {settings.trees_per_round} trees, {len(banks)} banks, {rows_total:,} training rows "
+          f"(median of {args.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+    print(f"  masked (secure aggregation) {times['histogram']:6.2f}s, unmasked {times['histogram_unmasked']:6.2f}s: "
+          f"{times['histogram'] / times['histogram_unmasked']:.2f}x; the same model either way")
+    if args.round_times_only:  # steps 1-2 skipped
+        out = args.work_dir / "histogram_round_times.json"
+        out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                                   "banks": banks, "train_rows": rows_total, "round_seconds": times,
+                                   "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}, indent=2))
+        print(f"\nresults: {out}")
+        return
     print(f"\nHoldout AUPRC ({len(banks)} banks, {rows_total:,} training rows, {args.rounds} rounds x "
           f"{settings.trees_per_round} trees, seed {args.seed}; other rows from {args.work_dir / 'results.json'})")
     print("| strategy | " + " | ".join(banks) + " | pooled |")
@@ -178,7 +221,8 @@ def main() -> None:
     print(f"bit-identical to a centralized fit on the binned pooled rows (registered model on raw holdout "
           f"features): {identical} (max |diff| {worst:g}); bins per feature {min(bins_per_feature)}.."
           f"{max(bins_per_feature)}")
-    print(f"\nOne round of {settings.trees_per_round} trees (median of {args.repeats}; {os.cpu_count()} cores):")
+    print(f"\nOne round of {settings.trees_per_round} trees (median of {args.repeats}; {os.cpu_count()} cores; "
+          f"masking {args.masking} above, on below):")
     for name in ("centralized", "centralized_nthread1"):
         print(f"  histogram {times['histogram']:6.2f}s = {times['histogram'] / times[name]:.2f}x {name} "
               f"({times[name]:.2f}s)")
@@ -187,7 +231,8 @@ def main() -> None:
     out = args.work_dir / "histogram_results.json"
     out.write_text(json.dumps({
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "banks": banks, "rounds": args.rounds,
-        "seed": args.seed, "train_rows": rows_total, "auprc": table, "bit_identical": identical,
+        "seed": args.seed, "masking": args.masking, "train_rows": rows_total, "auprc": table,
+        "bit_identical": identical,
         "max_abs_diff": worst, "bins_per_feature": bins_per_feature, "round_seconds": times,
         "federation_seconds": federation_seconds, "model_uri": result.model_uri,
         "other_strategies_from": previous.get("command"), "cpu_count": os.cpu_count(),
