@@ -9,6 +9,7 @@ AUPRC (federated holdout and test), wall time, and scoring speed of the champion
 round's model (XGBoost ``predict`` on the pooled test rows, best of ``--repeats``).
 
     nice -n 15 .venv/bin/python bench/compaction.py --rows 200000 --rounds 10
+    (or side by side: ``--only without`` and ``--only with`` in two processes, then ``--report``)
 """
 
 from __future__ import annotations
@@ -109,18 +110,33 @@ def main() -> None:
     parser.add_argument("--score-rows", type=int, default=200_000, help="rows scored per timing (test rows repeated)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work-dir", type=Path, default=Path("work/bench/compaction"))
+    parser.add_argument("--report", action="store_true", help="print the table from both results files")
+    parser.add_argument("--only", choices=("with", "without"),
+                        help="run one federation (two processes can run side by side); the table is printed "
+                             "once both results exist")
     args = parser.parse_args()
-    consortium = prepare_consortium(banks_for(args), args.work_dir, load_config(), FederationSettings(),
-                                    lambda m: print(f"  {m}", file=sys.stderr, flush=True))
-    test = split_test(consortium)
     plain = FederationSettings()
-    compacted = dataclasses.replace(plain, compaction=True, compaction_tolerance=args.tolerance)
-    results = {"without": run(consortium, plain, "without", args, test),
-               "with": run(consortium, compacted, "with", args, test)}
+    settings = {"without": plain, "with": dataclasses.replace(plain, compaction=True,
+                                                                compaction_tolerance=args.tolerance)}
+    same = {"rows": args.rows, "banks": args.banks, "rounds": args.rounds, "seed": args.seed,
+            "tolerance": args.tolerance}
+    done = {name: args.work_dir / f"results-{name}.json" for name in settings}
+    if not args.report:
+        consortium = prepare_consortium(banks_for(args), args.work_dir, load_config(), FederationSettings(),
+                                        lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+        test = split_test(consortium)
+        for name in [args.only] if args.only else list(settings):
+            row = run(consortium, settings[name], name, args, test)
+            done[name].write_text(json.dumps({**same, "test_rows": len(test[1]), "test_frauds": int(test[1].sum()),
+                                              **row}, indent=2))
+    results = {name: json.loads(path.read_text()) for name, path in done.items() if path.exists()}
+    if len(results) < 2 or any({k: r[k] for k in same} != same for r in results.values()):
+        print("waiting for both federations' results with these arguments", file=sys.stderr)
+        return
     off, on = results["without"], results["with"]
     print(f"\nBagging, {args.banks} banks, {args.rows:,} rows, {args.rounds} rounds x {plain.trees_per_round} trees, "
-          f"seed {args.seed}; compaction tolerance {args.tolerance}; test rows {len(test[1]):,} "
-          f"({int(test[1].sum())} frauds)")
+          f"seed {args.seed}; compaction tolerance {args.tolerance}; test rows {off['test_rows']:,} "
+          f"({off['test_frauds']} frauds)")
     print("| compaction | trees (last) | champion trees | pooled holdout AUPRC | test AUPRC (champion) | "
           "scoring rows/s (champion) | federation s |")
     print("|---|---|---|---|---|---|---|")

@@ -19,10 +19,12 @@ from pathlib import Path
 
 from aggregator import compaction
 from aggregator.protocol import training
+from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.registry import tracked_round
 from aggregator.protocol.state import Exchange, RoundState
 from fedfraud import model_json
 from fedfraud.crosscheck import ScoreAnswer, ScoreQuestion, drop_trees
+from fedfraud.model_guard import ModelRefused, rebuild_model
 from fedfraud.protocol import StrategyName, TaskKind
 from fedfraud.wire import EvaluationReport, ModelUpdate, WireFormatError
 from pipelines.io import write_bytes
@@ -47,24 +49,44 @@ def applies(r: RoundState) -> bool:
     return r.plan.settings.compaction and r.plan.strategy == StrategyName.BAGGING
 
 
+def _accepted(r: RoundState) -> list[ModelUpdate]:
+    """The stage's updates as ``check`` rebuilt them (``gate`` may have refused some since), in bank order."""
+    return sorted((ModelUpdate.from_bytes(r.path(training.CHECKED, b).read_bytes(),
+                                          max_bytes=r.plan.settings.max_update_bytes)
+                   for b in training.checks(r)["stage_accepted"]), key=lambda u: u.bank)
+
+
+def _origins(r: RoundState, updates: list[ModelUpdate]) -> list | None:
+    """Provenance of the working model with ``updates`` appended: the last round's, then the new blocks
+    with their bagging weights (None when the last round kept none, e.g. compaction was off then)."""
+    before = [] if r.round_id == 1 else None
+    if r.round_id > 1 and r.ws.path(r.round_id - 1, "provenance").exists():
+        before = r.ws.read_json(r.ws.path(r.round_id - 1, "provenance"))
+    base = r.ws.working_model(r.round_id)
+    if before is None or len(before) != (len(model_json.trees(base)) if base is not None else 0):
+        return None
+    weights = r.strategy.weights(updates) if updates else []
+    return before + [[r.round_id, u.bank, w] for u, w in zip(updates, weights) for _ in model_json.trees(u.model)]
+
+
 def propose(r: RoundState) -> None:
-    """The stage's candidate and its ladder of smaller variants, for every bank to score."""
+    """The stage's candidate and its smaller variants (one expanded model), for every bank to score."""
     question_path(r).unlink(missing_ok=True)
-    accepted = training.checks(r)["stage_accepted"]
     base = r.ws.working_model(r.round_id)
     droppable = len(model_json.trees(base)) if base is not None else 0
-    if not applies(r) or not accepted or droppable == 0:
+    if not applies(r) or droppable == 0 or not training.checks(r)["stage_accepted"]:
         return
-    updates = sorted((ModelUpdate.from_bytes(r.path(training.CHECKED, b).read_bytes(),
-                                             max_bytes=r.plan.settings.max_update_bytes) for b in accepted),
-                     key=lambda u: u.bank)
+    updates = _accepted(r)
     candidate = r.strategy.aggregate(base, updates, r.plan.banks)
     s = r.plan.settings
-    drops = compaction.variants(candidate, droppable, s.compaction_steps, s.compaction_max_fraction)
-    if len(drops) < 2:
+    expanded, labels, thins = compaction.variants(candidate, _origins(r, updates), droppable, s.compaction_steps,
+                                                  s.compaction_max_fraction)
+    if len(labels) < 2:
         return
-    variants = {label: {"model": "candidate", "drop": drop} for label, drop in drops.items()}
-    write_bytes(ScoreQuestion(r.round_id, PURPOSE, variants, {"candidate": candidate}).to_bytes(), question_path(r))
+    r.ws.write_json({"thinnings": compaction.as_json(thins), "candidate_trees": len(model_json.trees(candidate))},
+                    _folder(r) / "proposal.json")
+    variants = {label: {"model": "candidate", "drop": drop} for label, drop in labels.items()}
+    write_bytes(ScoreQuestion(r.round_id, PURPOSE, variants, {"candidate": expanded}).to_bytes(), question_path(r))
 
 
 def banks(r: RoundState) -> list[str]:
@@ -101,29 +123,44 @@ def _answers(r: RoundState, labels: list[str]) -> tuple[dict[str, dict[str, Eval
 
 
 def compact(r: RoundState) -> dict | None:
-    """Drop what the banks' verdict allows from the working model; record why (None: not asked)."""
+    """Apply what the banks' verdict allows to the working model; record why and the new provenance."""
     record_path = r.path("compaction")
     record_path.unlink(missing_ok=True)
-    if not question_path(r).exists() or not r.path("working").exists():
+    r.path("provenance").unlink(missing_ok=True)
+    if not applies(r) or not r.path("working").exists():
         return None
-    question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
-    labels = sorted(question.variants)
     working = r.ws.read_json(r.path("working"))
     before = len(model_json.trees(working))
-    answers, faults = _answers(r, labels)
-    record = {"trees_before": before, "trees_after": before, "chosen": compaction.FULL, "answered": sorted(answers),
-              "faults": faults, "tolerance": r.plan.settings.compaction_tolerance}
-    if before != len(model_json.trees(question.models["candidate"])):
-        record["skipped"] = "the gate changed the stage's trees after the question was asked"
-    elif len(answers) < max(1, r.plan.settings.min_banks):
-        record["skipped"] = f"{len(answers)} answer(s), quorum is {r.plan.settings.min_banks}"
-    else:
-        verdict = compaction.choose(answers, labels, r.plan.settings.compaction_tolerance)
-        record.update(chosen=verdict.label, worst_loss=verdict.worst_loss, pooled=verdict.pooled)
-        if verdict.label != compaction.FULL:
-            working = drop_trees(working, question.variants[verdict.label]["drop"])
+    origins = _origins(r, _accepted(r))
+    record = {"trees_before": before, "trees_after": before, "chosen": compaction.FULL,
+              "tolerance": r.plan.settings.compaction_tolerance}
+    if question_path(r).exists():
+        question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
+        proposal = r.ws.read_json(_folder(r) / "proposal.json")
+        labels = sorted(question.variants)
+        answers, faults = _answers(r, labels)
+        record.update(answered=sorted(answers), faults=faults)
+        if before != proposal["candidate_trees"] or origins is None and proposal["thinnings"]:
+            record["skipped"] = "the gate changed the stage's trees after the question was asked"
+        elif len(answers) < max(1, r.plan.settings.min_banks):
+            record["skipped"] = f"{len(answers)} answer(s), quorum is {r.plan.settings.min_banks}"
+        else:
+            drops = {label: question.variants[label]["drop"] for label in labels}
+            verdict = compaction.choose(answers, compaction.sizes_of(question.models["candidate"], drops),
+                                        r.plan.settings.compaction_tolerance)
+            record.update(chosen=verdict.label, worst_loss=verdict.worst_loss, pooled=verdict.pooled)
+            thins = compaction.from_json(proposal["thinnings"])
+            working = drop_trees(compaction.expand(working, thins), drops[verdict.label])
+            try:
+                working = rebuild_model(working, r.plan.model_limits, r.plan.header)
+            except ModelRefused as refused:
+                raise RoundFailed(f"round {r.round_id}: the compacted model is refused by {refused.check}: "
+                                  f"{refused.detail}") from None
             write_bytes(model_json.to_bytes(working), r.path("working"))
             record["trees_after"] = len(model_json.trees(working))
+            origins = None if origins is None else compaction.origins_after(origins, thins, drops[verdict.label])
+    if origins is not None:
+        r.ws.write_json(origins, r.path("provenance"))
     r.ws.write_json(record, record_path)
     log.info("round %s: compaction %s -> %s trees (%s)", r.round_id, before, record["trees_after"],
              record.get("skipped", record["chosen"]))

@@ -55,6 +55,13 @@ def test_ladder_is_distinct_sizes_within_the_allowed_share():
     assert compaction.ladder(3, 8, 1.0) == [1, 2, 3]
 
 
+def origins_of(toy_banks, rounds: int):
+    """The provenance ``bagged`` leaves: per round, each bank's trees in bank order with its weight."""
+    rows = {b: len(y) for b, (_, y) in toy_banks.items()}
+    return [[n, b, rows[b] / sum(rows.values())] for n in range(1, rounds + 1) for b in sorted(rows)
+            for _ in range(SETTINGS.trees_per_round)]
+
+
 def test_rank_puts_the_weakest_earlier_trees_first_and_never_the_new_ones(toy_banks):
     doc = bagged(toy_banks, 2)
     count = len(model_json.trees(doc))
@@ -64,35 +71,60 @@ def test_rank_puts_the_weakest_earlier_trees_first_and_never_the_new_ones(toy_ba
     order = compaction.rank(rebuilt, droppable)
     assert order[0] == 0
     assert sorted(order) == list(range(droppable))
-    labels = compaction.variants(rebuilt, droppable, 4, 0.9)
-    assert labels[compaction.FULL] == []
+    expanded, labels, thins = compaction.variants(rebuilt, None, droppable, 4, 0.9)
+    assert thins == [] and expanded == rebuilt and labels[compaction.FULL] == []
     assert all(max(drop) < droppable for label, drop in labels.items() if drop)
 
 
-def test_choose_keeps_the_largest_drop_the_banks_do_not_miss(toy_banks):
+def test_thinning_keeps_one_block_per_earlier_round_scaled_to_the_whole_step(toy_banks):
+    doc = bagged(toy_banks, 3)
+    origins = origins_of(toy_banks, 3)
+    droppable = 2 * len(toy_banks) * SETTINGS.trees_per_round
+    expanded, labels, thins = compaction.variants(doc, origins, droppable, 8, 0.9)
+    assert [t.round_id for t in thins] == [1, 2] and {t.bank for t in thins} == {"gamma"}  # the most rows
+    assert thins[0].factor == pytest.approx(1 / origins[2 * SETTINGS.trees_per_round][2])
+    X = np.concatenate([x for x, _ in toy_banks.values()])
+    dm = xgb.DMatrix(X, feature_names=TOY_FEATURES)
+    margin = lambda d: model_json.to_booster(d).predict(dm, output_margin=True)  # noqa: E731
+    np.testing.assert_allclose(margin(drop_trees(expanded, labels[compaction.FULL])), margin(doc), atol=1e-5)
+    thinned = drop_trees(expanded, labels["thin:2"])
+    sizes = compaction.sizes_of(expanded, labels)
+    assert sizes["thin:2"] == len(model_json.trees(thinned)) == (2 + len(toy_banks)) * SETTINGS.trees_per_round
+    kept = [i for i, o in enumerate(origins) if o[1] == "gamma" and o[0] < 3]  # round 1 and 2 by gamma, scaled
+    base = margin(model_json.empty_like(doc))
+    step = margin(drop_trees(doc, [i for i in range(len(origins)) if i not in kept])) - base
+    last = margin(drop_trees(doc, list(range(droppable)))) - base
+    np.testing.assert_allclose(margin(thinned) - base, step * thins[0].factor + last, rtol=1e-3, atol=1e-3)
+    after = compaction.origins_after(origins, thins, labels["thin:2"])
+    assert len(after) == sizes["thin:2"] and {o[1] for o in after if o[0] < 3} == {"gamma"}
+    assert all(o[2] == pytest.approx(1.0) for o in after if o[0] < 3)  # a kept copy carries its round's weight
+    assert [t.round_id for t in compaction.thinnings(after, len(after))] == [3]  # rounds 1 and 2 are one block
+
+
+def test_choose_keeps_the_smallest_model_the_banks_do_not_miss(toy_banks):
     doc = bagged(toy_banks, 3)
     count = len(model_json.trees(doc))
-    drops = compaction.variants(doc, count, 6, 1.0)
-    answers = reports(doc, drops, toy_banks)
+    expanded, drops, _ = compaction.variants(doc, None, count, 6, 1.0)
+    sizes = compaction.sizes_of(expanded, drops)
+    answers = reports(expanded, drops, toy_banks)
     losses = {label: compaction.worst_loss(answers, label) for label in drops if label != compaction.FULL}
-    assert losses[compaction.drop_label(count)] > 0.05  # no trees left: no skill, clearly missed
-    verdict = compaction.choose(answers, sorted(drops), tolerance=0.01)
-    assert verdict.label != compaction.drop_label(count)
-    chosen = 0 if verdict.label == compaction.FULL else int(verdict.label.split(":")[1])
-    assert all(loss > 0.01 for label, loss in losses.items() if int(label.split(":")[1]) > chosen)
+    assert losses[f"drop:{count}"] > 0.05  # no trees left: no skill, clearly missed
+    verdict = compaction.choose(answers, sizes, tolerance=0.01)
+    assert verdict.label != f"drop:{count}"
+    assert all(loss > 0.01 for label, loss in losses.items() if sizes[label] < sizes[verdict.label])
     assert verdict.label == compaction.FULL or losses[verdict.label] <= 0.01
-    assert compaction.choose(answers, sorted(drops), tolerance=1.0).label == compaction.drop_label(count)
+    assert compaction.choose(answers, sizes, tolerance=1.0).label == f"drop:{count}"
 
 
 def test_one_bank_cannot_push_a_drop_the_others_miss(toy_banks):
     doc = bagged(toy_banks, 2)
     count = len(model_json.trees(doc))
-    everything = compaction.drop_label(count)
+    everything = f"drop:{count}"
     drops = {compaction.FULL: [], everything: list(range(count))}
     answers = reports(doc, drops, toy_banks)
     liar = sorted(answers)[0]
     answers[liar][everything] = answers[liar][compaction.FULL]  # claims the empty model loses nothing
-    assert compaction.choose(answers, sorted(drops), tolerance=0.01).label == compaction.FULL
+    assert compaction.choose(answers, compaction.sizes_of(doc, drops), tolerance=0.01).label == compaction.FULL
 
 
 @pytest.mark.parametrize("field, value", [("compaction", "yes"), ("compaction_tolerance", -0.1),
