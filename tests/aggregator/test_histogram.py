@@ -258,6 +258,40 @@ def test_a_bank_dying_mid_round_fails_the_round_fast_and_a_retry_runs_with_the_r
     assert our_children() == []
 
 
+class SidecarDies(Dies):
+    """A bank whose masking sidecar is killed once the first tree is built (keys agreed, sums masked)."""
+
+    def _kill_after_first_tree(self):
+        progress = self.node.work_dir / "histogram" / "progress"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            worker = self.node._histogram_worker
+            if worker is not None and worker.sidecar is not None and progress.exists() and progress.read_text().strip():
+                os.kill(worker.sidecar.pid, self.sig)
+                self.killed_at = time.monotonic()
+                return
+            time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_bank_whose_sidecar_dies_fails_the_round_and_the_retry_agrees_fresh_keys(toy):
+    nodes, contract = toy
+    many_trees = dataclasses.replace(SETTINGS, trees_per_round=400)
+    dying = SidecarDies(nodes["gamma"])
+    strategy = make_strategy(nodes, many_trees)
+    with pytest.raises(RoundFailed, match="gamma failed: .*secagg sidecar exited"):
+        train_round({**nodes, "gamma": dying}, strategy, sorted(nodes), 1, None, contract, many_trees)
+    assert dying.killed_at is not None and our_children() == []
+    first = json.loads((nodes["alpha"].work_dir / "histogram" / "job.json").read_text())["session"]
+    assert ":a1:" in first["secagg_session"] and ":a2:" in strategy.key_session(1)  # attempts are numbered
+    healthy = {b: n for b, n in nodes.items() if b != "gamma"}
+    doc, participants, _ = train_round(healthy, make_strategy(healthy), sorted(healthy), 1, None, contract, SETTINGS)
+    retry = json.loads((nodes["alpha"].work_dir / "histogram" / "job.json").read_text())["session"]
+    assert participants == set(healthy) and len(model_json.trees(doc)) == SETTINGS.trees_per_round
+    assert first["secagg_session"] != retry["secagg_session"] and retry["banks"] == sorted(healthy)
+    assert our_children() == []
+
+
 def test_a_hung_bank_is_cut_off_by_the_round_timeout(toy):
     nodes, contract = toy
     many_trees = dataclasses.replace(SETTINGS, trees_per_round=400)
