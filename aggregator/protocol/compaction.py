@@ -62,7 +62,7 @@ def _origins(r: RoundState, updates: list[ModelUpdate]) -> list | None:
     before = [] if r.round_id == 1 else None
     if r.round_id > 1 and r.ws.path(r.round_id - 1, "provenance").exists():
         before = r.ws.read_json(r.ws.path(r.round_id - 1, "provenance"))
-    base = r.ws.working_model(r.round_id)
+    base = r.ws.global_model(r.round_id)  # bagging: one stage, on the last round's model
     if before is None or len(before) != (len(model_json.trees(base)) if base is not None else 0):
         return None
     weights = r.strategy.weights(updates) if updates else []
