@@ -1,7 +1,8 @@
 """Bench: federated strategies vs local-only and centralized on generated non-IID banks.
 
-Reports holdout AUPRC per bank and pooled for local / bagging / cyclic / centralized, and the
-wall time of one training round against a centralized fit of the same number of trees.
+Reports holdout AUPRC per bank and pooled for local / bagging / cyclic / centralized, the bytes each
+bank sent and received per federated strategy (counted by the rounds themselves), and the wall time
+of one training round against a centralized fit of the same number of trees.
 
     .venv/bin/python bench/federation.py --rows 500000 --rounds 5
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 from aggregator.drivers.embedded import federate, prepare_consortium, train_round
 from fedfraud.settings import FederationSettings, consortium_params
+from aggregator.protocol import traffic
 from aggregator.strategies import STRATEGIES
 from aggregator.tracking import default_tracking_uri
 from bank_node.training import train_trees
@@ -45,6 +47,18 @@ def quality(consortium, rounds, settings, seed) -> dict[str, dict[str, float]]:
                                "pooled": evaluation.pooled["auprc"]}
         print(f"  {strategy:<12} done in {time.perf_counter() - started:6.1f}s", file=sys.stderr)
     return table
+
+
+def wire_bytes(consortium, strategy: str, rounds: int) -> dict[str, dict[str, int]]:
+    """Bytes each bank sent and received over the federation's rounds, as the rounds counted them
+    (``aggregator.protocol.traffic``: every exchange's payload where it crossed)."""
+    root = consortium.work_dir / "federations" / f"bench-{strategy}"
+    out: dict[str, dict[str, int]] = {}
+    for round_id in range(1, rounds + 1):
+        for bank, row in traffic.totals(root / f"round-{round_id}").items():
+            for way, n in row.items():
+                out.setdefault(bank, {"sent": 0, "received": 0})[way] += n
+    return out
 
 
 def round_times(consortium, settings, seed, repeats) -> dict[str, float]:
@@ -85,6 +99,7 @@ def main() -> None:
     consortium = prepare_consortium(paths, args.work_dir, load_config(), settings,
                                     lambda m: print(f"  {m}", file=sys.stderr))
     table = quality(consortium, args.rounds, settings, args.seed)
+    wire = {name: wire_bytes(consortium, name, args.rounds) for name in ("bagging", "cyclic")}
     times = round_times(consortium, settings, args.seed, args.repeats)
     banks = sorted(consortium.nodes)
     print(f"\nHoldout AUPRC ({args.banks} banks, {args.rows:,} rows, {args.rounds} rounds x "
@@ -98,13 +113,21 @@ def main() -> None:
         beats = sum(table[name][b] > table["local"][b] for b in banks)
         print(f"{name}: pooled AUPRC {table[name]['pooled'] / central:.3f}x centralized; "
               f"above local-only at {beats}/{len(banks)} banks")
+    print(f"\nBytes on the wire over {args.rounds} rounds (MB each bank sent / received; payloads as counted "
+          "at the in-process boundary):")
+    print("| strategy | " + " | ".join(banks) + " | all banks |")
+    print("|---" * (len(banks) + 2) + "|")
+    for name, rows in wire.items():
+        cells = [f"{rows[b]['sent'] / 1e6:.2f} / {rows[b]['received'] / 1e6:.2f}" if b in rows else "–" for b in banks]
+        sent, received = (sum(r[way] for r in rows.values()) / 1e6 for way in ("sent", "received"))
+        print(f"| {name} | " + " | ".join(cells) + f" | {sent:.2f} / {received:.2f} |")
     print(f"\nOne training round of {settings.trees_per_round} trees (median of {args.repeats}):")
     for name in ("bagging", "cyclic"):
         print(f"  {name:<8} {times[name]:6.2f}s = {times[name] / times['centralized']:.2f}x centralized "
               f"({times['centralized']:.2f}s)")
     results = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "rows": args.rows,
                "banks": banks, "rounds": args.rounds, "seed": args.seed, "auprc": table, "round_seconds": times,
-               "cpu_count": __import__("os").cpu_count(), "python": platform.python_version()}
+               "wire_bytes": wire, "cpu_count": __import__("os").cpu_count(), "python": platform.python_version()}
     out = args.work_dir / "results.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults: {out}")

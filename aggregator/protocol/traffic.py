@@ -3,7 +3,8 @@
 Every bank exchange of a round is a question the bank receives and an answer it sends. They are
 counted at the boundary, with the same accounting in every driver: in process where ``answer``
 hands a question to a node and takes its answer (and ``train`` its task and update), in the
-service where a bank fetches a task's input and uploads its result. One record per exchange,
+service where a bank fetches a task's input and uploads its result (a ``RemoteNode`` called in
+process is such a task, counted there once). One record per exchange,
 ``round-N/traffic/<exchange>.json`` (an exchange fetched twice counts twice), summed by ``totals``.
 Counted: payload bytes (JSON messages); not counted: HTTP/TLS framing, summaries and the
 cross-evaluation before round 1, and the histogram strategy's gRPC traffic inside XGBoost.
@@ -40,6 +41,11 @@ def record(answer: Path, bank: str, received: int = 0, sent: int = 0) -> None:
         counted["received"] += int(received)
         counted["sent"] += int(sent)
         write_bytes(json.dumps(counted, sort_keys=True).encode(), path)
+
+
+def in_process(node: object) -> bool:
+    """False for a node whose exchanges are counted at the service's task boundary (``RemoteNode``)."""
+    return not getattr(node, "COUNTED_AS_TASKS", False)
 
 
 def totals(round_dir: Path) -> dict[str, dict[str, int]]:

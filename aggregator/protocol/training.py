@@ -57,7 +57,8 @@ def train(r: RoundState, nodes: dict[str, Node]) -> None:
         try:
             question = task.to_bytes()
             update = nodes[bank].train(question)
-            traffic.record(r.path("updates", bank), bank, received=len(question), sent=len(update))
+            if traffic.in_process(nodes[bank]):
+                traffic.record(r.path("updates", bank), bank, received=len(question), sent=len(update))
             write_bytes(update, r.path("updates", bank))
         except Exception as exc:  # a bank failing must not sink the round while quorum holds
             log.warning("bank %s failed in round %s: %s", bank, r.round_id, exc)

@@ -21,6 +21,8 @@ from pipelines.io import write_bytes
 
 
 class RemoteNode:
+    COUNTED_AS_TASKS = True  # its bytes on the wire are counted where the agent fetches and uploads (tasks.py)
+
     def __init__(self, coordinator, federation: store.Federation, round_id: int, bank: str, poll_s: float = 0.2):
         self.coordinator, self.federation, self.round_id, self.bank = coordinator, federation, round_id, bank
         self.poll_s = poll_s

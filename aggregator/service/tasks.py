@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from aggregator.protocol import traffic
 from aggregator.service import store
 from aggregator.service.intake import Refused, screen_upload
 from pipelines.io import write_bytes
@@ -68,14 +69,18 @@ class BankTasks:
             task = self._own_task(s, caller, tid)
             if task.state == "pending":
                 task.state = "fetched"
-            return Path(task.input_path).read_bytes() if task.input_path else b""
+            data = Path(task.input_path).read_bytes() if task.input_path else b""
+            result_path, bank = Path(task.result_path), task.bank
+        traffic.record(result_path, bank, received=len(data))  # bytes on the wire, as served
+        return data
 
     def accept_result(self, caller: str, tid: str, body: bytes) -> dict[str, Any]:
         """Check the upload (size, format, sender), then keep it: exactly once, while the task is open."""
         with self.Session() as s:
             task = self._own_task(s, caller, tid)
-            kind, round_id = task.kind, task.round_id
+            kind, round_id, result_path = task.kind, task.round_id, Path(task.result_path)
             self._open_task(s, task)  # a late or duplicate upload is named before its body is parsed
+        traffic.record(result_path, caller, sent=len(body))  # bytes on the wire, refused or not
         screen_upload(kind, body, caller, round_id, self.config.max_update_bytes)
         with self.lock, self.Session.begin() as s:
             task = self._open_task(s, self._own_task(s, caller, tid))
