@@ -42,6 +42,7 @@ from fedfraud.secagg.masking import (
 )
 
 EXIT_WATCHDOG = 3
+STARTED = __import__("time").monotonic()
 OFFER_SLOT_BYTES = 16384  # one bank's offer in the key allgather: 4-byte length + JSON, zero padded
 FLOATS = {0, 1, 2}  # HALF, FLOAT, DOUBLE
 
@@ -242,7 +243,10 @@ def _upstream_channel(address: str, tls: dict | None, max_bytes: int):
     import grpc
 
     options = [("grpc.max_send_message_length", max_bytes + 1024),
-               ("grpc.max_receive_message_length", max_bytes + 1024)]
+               ("grpc.max_receive_message_length", max_bytes + 1024),
+               # the server may still be starting: retry every 0.1-0.5 s, not gRPC's backoff up to 2 min
+               ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+               ("grpc.max_reconnect_backoff_ms", 500)]
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     from pathlib import Path
@@ -302,6 +306,7 @@ def run(job_path: str, stdin=None) -> None:
     proxy = MaskingProxy(job["bank"], int(job["rank"]), list(job["banks"]), forward, max_bytes,
                          int(job.get("frac_bits", FRAC_BITS)), audit)
     secrets_in = json.loads((stdin or sys.stdin).read() or "{}")
+    ready = time.monotonic()
     if "pair_keys" in secrets_in:  # keys agreed elsewhere
         proxy.use_pair_keys({peer: bytes.fromhex(key) for peer, key in secrets_in["pair_keys"].items()})
     elif "credentials" in secrets_in:
@@ -314,7 +319,8 @@ def run(job_path: str, stdin=None) -> None:
     tmp.write_text(f"127.0.0.1:{port}")
     tmp.replace(address_file)
     print(f"secagg sidecar for {job['bank']} (rank {job['rank']}/{len(job['banks'])}): 127.0.0.1:{port} -> "
-          f"{job['upstream']}", flush=True)
+          f"{job['upstream']}; keys in {time.monotonic() - ready:.2f}s (ready {ready - STARTED:.2f}s after launch)",
+          flush=True)
     server.wait_for_termination()
 
 
