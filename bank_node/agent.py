@@ -39,7 +39,8 @@ class AgentConfig:
     data: Path  # the bank's raw transactions
     work_dir: Path  # features, worker files and the agent's ledger: never leaves the bank
     tls: TLSFiles
-    poll_seconds: float = 2.0  # heartbeat interval
+    poll_seconds: float = 2.0  # heartbeat interval (the container's healthcheck file)
+    remote_beat_seconds: float = 15.0  # tell the aggregator it is alive, also while it works on a task
     long_poll_seconds: float = 20.0
     retry: Retry = Retry()
     pipeline_config: Path | None = None  # the bank's pipeline config (default: the consortium's)
@@ -115,6 +116,9 @@ class Agent:
                              secagg=lambda: SecAggCredentials.from_files(config.tls.ca, config.tls.cert,
                                                                          config.tls.key))  # read on first use
         self.client = client or AggregatorClient(config.aggregator_url, config.tls, config.retry)
+        # its own connection, one attempt per beat: a beat never waits behind an upload or a retry
+        self.beat_client = client or AggregatorClient(config.aggregator_url, config.tls, Retry(attempts=1),
+                                                      timeout_s=10.0)
         self.ledger = Ledger(config.state_dir / "tasks")
 
     def beat(self) -> None:
@@ -140,8 +144,15 @@ class Agent:
             done.set()
 
     def _beat_until(self, done: threading.Event) -> None:
+        last_remote = 0.0
         while True:
             self.beat()
+            if time.monotonic() - last_remote >= self.config.remote_beat_seconds:
+                last_remote = time.monotonic()
+                try:  # the aggregator gives up early on the tasks of a bank it has not heard from
+                    self.beat_client.heartbeat()
+                except Exception as exc:  # unreachable now: the next beat tries again
+                    log.debug("%s: heartbeat not delivered: %s", self.config.bank, exc)
             if done.wait(self.config.poll_seconds):
                 return
 

@@ -96,6 +96,10 @@ class AggregatorClient:
                                 timeout=wait_s + self.http.timeout.read)
         return None if response.status_code == 204 else response.json()
 
+    def heartbeat(self) -> None:
+        """Tell the aggregator this bank is alive (while it works on a task: no polls then)."""
+        self.request("POST", "/v1/heartbeat")
+
     def task_input(self, task_id: str) -> bytes:
         return self.request("GET", f"/v1/tasks/{task_id}/input").content
 

@@ -105,14 +105,15 @@ def uri(consortium):
 SERVICE_BANKS = ("alpha", "beta", "gamma")
 
 
-def make_coordinator(tmp_path: Path):
+def make_coordinator(tmp_path: Path, **config):
     """The aggregator service's coordinator on a fresh sqlite state (no HTTP, no TLS needed)."""
     from aggregator.service.config import ServiceConfig, TLSFiles
     from aggregator.service.coordinator import Coordinator
 
     tls = TLSFiles(tmp_path / "ca.crt", tmp_path / "cert.pem", tmp_path / "key.pem")
     return Coordinator(ServiceConfig(tls=tls, banks=SERVICE_BANKS, database_url=f"sqlite:///{tmp_path / 'state.db'}",
-                                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg"))
+                                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg",
+                                     **config))
 
 
 def federation_request(**overrides):

@@ -46,7 +46,10 @@ class NetworkedTasks:
         return bank
 
     def open_federation(self) -> list[str]:
-        status = self.service.plan(self.key)
+        """Plan; then wait out the cross-evaluation, which may exclude banks by name."""
+        self.service.plan(self.key)
+        status = wait_until(lambda: self.service.federation(self.key), lambda s: s["state"] in ("planned", "failed"),
+                            self.spec.wait_seconds, "the federation's plan and cross-evaluation")
         if status["state"] != "planned":
             raise RoundFailed(status["error"])
         return status["banks"]

@@ -31,7 +31,7 @@ from aggregator.checks import RoundContext, screen
 from aggregator.protocol import records
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan, make_plan
-from aggregator.protocol.state import Exchange, Node, strategy_for
+from aggregator.protocol.state import Exchange, Node, node_call, strategy_for
 from aggregator.protocol.workspace import Workspace
 from fedfraud import crosscheck
 from fedfraud.crosscheck import ScoreAnswer, ScoreQuestion
@@ -161,25 +161,30 @@ def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items()))
 
 
-def run(ws: Workspace, plan: Plan, nodes: dict[str, Node], on_progress: Callable[[str], None] = lambda m: None
-        ) -> Plan:
-    """The whole cross-evaluation with the nodes at hand (embedded federations)."""
+def run_with(ws: Workspace, plan: Plan, ask: Callable[[list[Exchange]], None],
+             on_progress: Callable[[str], None] = lambda m: None) -> Plan:
+    """The whole cross-evaluation; ``ask`` has the banks answer a list of exchanges (a bank that
+    cannot is left without an answer, and named by ``propose``/``decide``). Returns the plan,
+    without the banks it excluded."""
     if not plan.settings.crossval:
         return plan
     on_progress(f"cross-evaluation: {len(plan.banks)} local models")
     configure(ws, plan)
-    for bank in plan.banks:
-        for ask in model_exchanges(ws, bank):
-            try:
-                write_bytes(nodes[bank].local_model(ask.question.read_bytes()), ask.answer)
-            except Exception as exc:  # refused or failed: named in propose
-                log.warning("cross-evaluation: %s sent no local model: %s", bank, exc)
+    ask([x for bank in plan.banks for x in model_exchanges(ws, bank)])
     no_model = propose(ws, plan)
-    for bank in plan.banks:
-        for ask in score_exchanges(ws, bank):
-            try:
-                write_bytes(nodes[bank].score(ask.question.read_bytes()), ask.answer)
-            except Exception as exc:
-                log.warning("cross-evaluation: %s could not score the local models: %s", bank, exc)
+    ask([x for bank in plan.banks for x in score_exchanges(ws, bank)])
     summaries = {b: ws.read_json(ws.summary_path(b)) for b in plan.banks}
     return decide(ws, plan, summaries, no_model)
+
+
+def run(ws: Workspace, plan: Plan, nodes: dict[str, Node], on_progress: Callable[[str], None] = lambda m: None
+        ) -> Plan:
+    """The whole cross-evaluation with the nodes at hand (embedded federations)."""
+    def ask(exchanges: list[Exchange]) -> None:
+        for x in exchanges:
+            try:
+                write_bytes(node_call(nodes[x.bank], x.kind)(x.question.read_bytes()), x.answer)
+            except Exception as exc:  # refused or failed: named in propose / decide
+                log.warning("cross-evaluation: %s did not answer %s: %s", x.bank, x.kind, exc)
+
+    return run_with(ws, plan, ask, on_progress)

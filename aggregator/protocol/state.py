@@ -96,7 +96,8 @@ class Phase:
 def node_call(node: Node, kind: str) -> Callable[[bytes], bytes]:
     """The node method that answers a task ``kind`` (a driver's bank task, or in process)."""
     calls = {TaskKind.TRAIN: "train", TaskKind.EVALUATE: "evaluate_masked", TaskKind.EVALUATE_CHAMPION:
-             "evaluate_masked", TaskKind.ACCEPT: "score", TaskKind.KEYS: "offer"}
+             "evaluate_masked", TaskKind.ACCEPT: "score", TaskKind.KEYS: "offer",
+             TaskKind.LOCAL_MODEL: "local_model", TaskKind.CROSSVAL: "score"}
     return getattr(node, calls[kind])
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aggregator.service.config import ServiceConfig
-from aggregator.service.coordinator import REQUEST_KEYS, Coordinator
+from aggregator.service.coordinator import REQUEST_KEYS, REQUEST_OPTIONS, Coordinator
 from aggregator.service.intake import MAX_FAILURE_BYTES, MAX_SUMMARY_BYTES, Refused, limit_for
 from aggregator.strategies import STRATEGIES
 
@@ -110,6 +110,12 @@ def create_app(coordinator: Coordinator) -> FastAPI:
                 return Response(status_code=204)
             await asyncio.sleep(0.25)
 
+    @app.post("/v1/heartbeat", status_code=204)
+    async def heartbeat(me: str = Depends(bank)) -> Response:
+        """The bank is alive (its agent beats while it works): a silent bank's tasks are given up early."""
+        await run_in_threadpool(coordinator.seen, me)
+        return Response(status_code=204)
+
     @app.get("/v1/tasks/{tid}/input")
     def task_input(tid: str, me: str = Depends(bank)) -> Response:
         return Response(coordinator.task_input(me, tid), media_type="application/json")
@@ -178,6 +184,10 @@ def _federation_request(body: bytes) -> dict[str, Any]:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
         for key in ("rounds", "seed", "min_banks", "trees_per_round"):
             request[key] = int(request[key])
+        for key, default in REQUEST_OPTIONS.items():
+            request[key] = raw.get(key, default)
+            if type(request[key]) is not type(default):
+                raise ValueError(f"{key} must be a {type(default).__name__}")
     except (ValueError, KeyError, TypeError) as exc:
         raise Refused(422, "malformed", f"a federation request needs {', '.join(REQUEST_KEYS)}: {exc}") from exc
     return request

@@ -26,7 +26,7 @@ class ServiceConfig:
     max_update_bytes: int = 32 * 1024 * 1024
     deadline_seconds: float = 1800.0  # per phase of a round: training, then evaluation
     tick_seconds: float = 0.5
-    liveness_seconds: float = 90.0  # a bank not heard from for this long is not ready for a round
+    liveness_seconds: float = 90.0  # a bank not heard from for this long: not ready, its open tasks given up
     fields: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

@@ -23,7 +23,7 @@ from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import Phase, RoundState
 from aggregator.protocol.training import checks
 from aggregator.protocol.workspace import Workspace
-from aggregator.service import store
+from aggregator.service import cross_evaluation, store
 from aggregator.service.config import ServiceConfig
 from aggregator.service.intake import Refused
 from aggregator.service.tasks import BankTasks
@@ -35,11 +35,13 @@ TRAINING = phases.BANK_PHASES[0].state
 LAST_STAGE_PHASE = [p for p in phases.BANK_PHASES if p.per_stage][-1]  # training's verdicts are final after it
 PHASE_BY_STATE: dict[str, Phase] = {p.state: p for p in phases.BANK_PHASES}
 REQUEST_KEYS = ("model_name", "strategy", "rounds", "seed", "min_banks", "trees_per_round", "banks")
+REQUEST_OPTIONS: dict[str, Any] = {"crossval": True}  # the poisoning defence's cross-evaluation before round 1
 
 
 class Coordinator(BankTasks):
     def __init__(self, config: ServiceConfig):
         self.config = config
+        self.started_at = time.time()
         self.engine, self.Session = store.open_database(config.database_url)
         self.lock = threading.RLock()  # uploads and phase closings never interleave
         self._stop = threading.Event()
@@ -67,6 +69,11 @@ class Coordinator(BankTasks):
     def start(self) -> "Coordinator":
         self._ticker = threading.Thread(target=self._tick_forever, name="fedfraud-ticker", daemon=True)
         self._ticker.start()
+        with self.Session() as s:  # a cross-evaluation cut short by a restart runs again
+            unfinished = list(s.scalars(select(store.Federation.key).where(
+                store.Federation.state == cross_evaluation.CROSS_EVALUATING)))
+        for key in unfinished:
+            cross_evaluation.start(self, key)
         return self
 
     def stop(self) -> None:
@@ -119,19 +126,25 @@ class Coordinator(BankTasks):
         from pipelines.config import load_config
         from pipelines.feature_contract import feature_contract
 
+        cross_evaluate = False
         with self.lock, self.Session.begin() as s:
             federation = self._federation(s, key)
             if federation.plan is None and federation.state != "failed":
                 self._expire(s, key, 0, TaskKind.SUMMARY, "no summary before the federation was planned")
                 r = federation.request
-                settings = FederationSettings(trees_per_round=r["trees_per_round"], min_banks=r["min_banks"])
+                settings = FederationSettings(trees_per_round=r["trees_per_round"], min_banks=r["min_banks"],
+                                              crossval=r.get("crossval", REQUEST_OPTIONS["crossval"]))
                 try:
-                    federation.plan = phases.plan_federation(
+                    plan = phases.plan_federation(
                         self.workspace(federation), r["model_name"], r["strategy"], r["rounds"], r["seed"],
-                        settings, feature_contract(load_config().features), sorted(r["banks"]), run_id=key).to_dict()
-                    federation.state = "planned"
+                        settings, feature_contract(load_config().features), sorted(r["banks"]), run_id=key)
+                    federation.plan = plan.to_dict()
+                    federation.state = cross_evaluation.CROSS_EVALUATING if plan.settings.crossval else "planned"
                 except RoundFailed as exc:
                     federation.state, federation.error = "failed", str(exc)
+                cross_evaluate = federation.state == cross_evaluation.CROSS_EVALUATING
+        if cross_evaluate:  # started once the plan is committed; rounds wait for it
+            cross_evaluation.start(self, key)
         return self.federation_status(key)
 
     def open_round(self, key: str, round_id: int) -> dict[str, Any]:
@@ -155,7 +168,7 @@ class Coordinator(BankTasks):
         return self.round_status(key, round_id)
 
     def _check_can_open(self, s, federation: store.Federation, round_id: int) -> None:
-        if federation.plan is None:
+        if federation.plan is None or federation.state != "planned":
             raise Refused(409, "not_planned", f"federation {federation.key} is {federation.state}, not planned")
         if not 1 <= round_id <= federation.plan["rounds"]:
             raise Refused(422, "no_such_round", f"round {round_id} is outside 1..{federation.plan['rounds']}")
@@ -202,7 +215,8 @@ class Coordinator(BankTasks):
                 log.exception("ticker")
 
     def tick(self) -> None:
-        """Close every phase whose banks have all answered or whose deadline has passed."""
+        """Close every phase whose banks have all answered (or fell silent) or whose deadline has passed."""
+        self.expire_silent_banks()
         with self.Session() as s:
             due = [(r.federation, r.round_id, r.state) for r in s.scalars(select(store.Round).where(
                 store.Round.state.in_(tuple(PHASE_BY_STATE))))

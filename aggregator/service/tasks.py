@@ -34,10 +34,33 @@ class BankTasks:
     Session: Any  # the coordinator's session factory, lock and config
     lock: Any
     config: Any
+    started_at: float  # when this process started serving
 
     def seen(self, name: str) -> None:
         with self.Session.begin() as s:
             s.get(store.Participant, name).last_seen = time.time()
+
+    def expire_silent_banks(self) -> list[str]:
+        """Give up on the open tasks of banks silent for ``liveness_seconds`` (a working agent beats
+        every few seconds): a dead bank costs its phase that long, not the phase deadline. A bank
+        never heard from is left to the deadline, and the service's own downtime is not silence
+        (counted from its start at the earliest). Returns the tasks expired."""
+        now, limit = time.time(), self.config.liveness_seconds
+        expired = []
+        with self.lock, self.Session.begin() as s:
+            heard = {p.name: max(p.last_seen, self.started_at) for p in s.scalars(select(store.Participant).where(
+                store.Participant.last_seen.is_not(None)))}
+            silent = {name: now - at for name, at in heard.items() if now - at > limit}
+            if not silent:
+                return expired
+            for task in s.scalars(select(store.Task).where(
+                    store.Task.bank.in_(tuple(silent)), store.Task.state.in_(store.OPEN_TASK_STATES),
+                    store.Task.created_at < now - limit)):
+                task.state, task.detail = "expired", f"{task.bank} silent for {silent[task.bank]:.0f}s"
+                expired.append(task.id)
+                log.warning("task %s (%s, round %s) of %s expired: %s", task.id, task.kind, task.round_id,
+                            task.federation, task.detail)
+        return expired
 
     def next_task(self, bank: str) -> dict[str, Any] | None:
         """The bank's oldest open task (a fetched one again, if the bank restarted)."""

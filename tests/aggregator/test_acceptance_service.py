@@ -26,6 +26,16 @@ def answer(node, kind: str, data: bytes) -> bytes:
     return node_call(node, kind)(data)  # train, accept, keys, evaluate (masked): the drivers' own map
 
 
+def refused_open(c: Coordinator) -> bool:
+    from aggregator.service.intake import Refused
+
+    try:
+        c.open_round("f", 1)
+    except Refused as exc:
+        return exc.check == "not_planned"
+    return False
+
+
 def drive(c: Coordinator, nodes, done, limit_s: float = 600) -> None:
     deadline = time.monotonic() + limit_s
     while not done():
@@ -46,7 +56,14 @@ def test_a_bagging_round_through_the_service_scores_each_update_before_it_joins(
                "trees_per_round": 5, "banks": sorted(nodes)}
     c.start_federation("f", request)
     drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
-    assert c.plan_federation("f")["state"] == "planned"
+    assert c.plan_federation("f")["state"] == "cross-evaluating"
+    assert refused_open(c)  # rounds wait for the cross-evaluation
+    drive(c, nodes, lambda: c.federation_status("f")["state"] != "cross-evaluating")
+    status = c.federation_status("f")
+    assert status["state"] == "planned" and status["banks"] == sorted(nodes) and not status["excluded"], status
+    with c.Session() as s:
+        crossval = c.workspace(c._federation(s, "f")).root / "crossval" / "crossval.json"
+    assert json.loads(crossval.read_text())["best_local"]["bank"] in nodes  # the champion gate's floor
     c.open_round("f", 1)
 
     def registered() -> bool:
@@ -62,3 +79,29 @@ def test_a_bagging_round_through_the_service_scores_each_update_before_it_joins(
     report = ws.read_json(ws.path(1, "registered"))
     assert set(report["contributions"]) == set(nodes) and report["participants"] == sorted(nodes)
     c.stop()
+
+
+def test_the_service_cross_evaluation_survives_a_restart_and_excludes_a_label_swapped_bank(consortium, tmp_path):
+    from test_poisoning import swapped
+
+    nodes = {**consortium.nodes}
+    liar = sorted(nodes)[1]
+    nodes[liar] = swapped(nodes[liar])
+    tls = TLSFiles(tmp_path / "ca.crt", tmp_path / "cert.pem", tmp_path / "key.pem")
+    config = ServiceConfig(tls=tls, banks=tuple(nodes), database_url=f"sqlite:///{tmp_path / 'state.db'}",
+                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg")
+    c = Coordinator(config)
+    c.start_federation("f", {"model_name": "svc-x", "strategy": "bagging", "rounds": 1, "seed": 0, "min_banks": 2,
+                             "trees_per_round": 5, "banks": sorted(nodes)})
+    drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
+    assert c.plan_federation("f")["state"] == "cross-evaluating"
+    c.stop()  # the aggregator restarts before any bank answered: the cross-evaluation runs again
+    c = Coordinator(config).start()
+    try:
+        drive(c, nodes, lambda: c.federation_status("f")["state"] != "cross-evaluating")
+        status = c.federation_status("f")
+        assert status["state"] == "planned", status
+        assert status["banks"] == sorted(b for b in nodes if b != liar)
+        assert set(status["excluded"]) == {liar} and status["excluded"][liar].startswith("crossval_"), status
+    finally:
+        c.stop()

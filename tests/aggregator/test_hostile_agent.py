@@ -107,7 +107,9 @@ def test_every_attack_is_refused_by_name_and_every_round_registers_a_sound_model
                                           "seed": 3, "min_banks": 2, "trees_per_round": TREES, "banks": BANKS})
     wait(lambda: all(v["summary"] == "done" for v in operator.federation("hostile")["summaries"].values()),
          240, "every bank's summary (after eve's lie, the truth)")
-    plan = operator.plan("hostile")
+    operator.plan("hostile")
+    plan = wait(lambda: (lambda s: s if s["state"] != "cross-evaluating" else None)(operator.federation("hostile")),
+                300, "the cross-evaluation")
     assert plan["state"] == "planned" and plan["banks"] == sorted(BANKS), plan
     client = MlflowClient(tracking_uri=stack.tracking_uri)
     for round_id in range(1, ROUNDS + 1):

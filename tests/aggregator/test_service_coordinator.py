@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from conftest import SERVICE_BANKS as BANKS, bank_summary as summary, federation_request as request, make_coordinator
@@ -53,7 +54,7 @@ def test_federations_are_idempotent_and_only_for_members(tmp_path):
 
 def test_a_planned_bagging_round_hands_out_training_tasks_in_order(tmp_path):
     c = make_coordinator(tmp_path)
-    c.start_federation("f1", request())
+    c.start_federation("f1", request(crossval=False))
     for bank in BANKS:
         c.accept_result(bank, c.next_task(bank)["id"], summary(bank))
     assert c.plan_federation("f1")["banks"] == list(BANKS)
@@ -65,6 +66,39 @@ def test_a_planned_bagging_round_hands_out_training_tasks_in_order(tmp_path):
     assert task["kind"] == "train" and json.loads(c.task_input("gamma", task["id"]))["bank"] == "gamma"
     assert refused(c.task_input, "alpha", task["id"]) == (403, "wrong_sender")
     assert c.open_round("f1", 1)["tasks"]["gamma"]["train"] == "fetched"  # opening again changes nothing
+
+
+def test_a_bank_that_falls_silent_loses_its_open_tasks_before_the_deadline(tmp_path):
+    c = make_coordinator(tmp_path, liveness_seconds=0.3)
+    c.start_federation("f1", request())
+    for bank in ("alpha", "beta"):  # gamma has never been heard from: left to the deadline
+        c.seen(bank)
+    taken = c.next_task("alpha")["id"]
+    c.tick()
+    assert c.federation_status("f1")["summaries"]["alpha"] == {"summary": "pending"}  # not silent yet
+    time.sleep(0.5)
+    c.seen("beta")  # beta keeps beating (a working agent does, every few seconds)
+    c.tick()
+    summaries = c.federation_status("f1")["summaries"]
+    assert summaries == {"alpha": {"summary": "expired"}, "beta": {"summary": "pending"},
+                         "gamma": {"summary": "pending"}}
+    with c.Session() as s:
+        assert s.get(store.Task, taken).detail.startswith("alpha silent for ")
+    assert refused(c.accept_result, "alpha", taken, summary("alpha")) == (409, "late")
+
+
+def test_the_services_own_downtime_is_not_a_banks_silence(tmp_path):
+    c = make_coordinator(tmp_path, liveness_seconds=0.3)
+    c.start_federation("f1", request())
+    c.seen("alpha")
+    c.stop()
+    time.sleep(0.5)  # down for longer than the liveness window
+    c = make_coordinator(tmp_path, liveness_seconds=0.3)
+    c.tick()
+    assert c.federation_status("f1")["summaries"]["alpha"] == {"summary": "pending"}
+    time.sleep(0.5)  # and now alpha has been silent for that long since the restart
+    c.tick()
+    assert c.federation_status("f1")["summaries"]["alpha"] == {"summary": "expired"}
 
 
 def test_a_collective_round_in_flight_fails_by_name_when_the_service_restarts(tmp_path):

@@ -127,7 +127,9 @@ def start(stack: Stack, key: str, strategy: str, rounds: int, min_banks: int = 2
     summaries = wait(lambda: (lambda s: s if all(v["summary"] == "done" for v in s.values()) else None)(
         operator.federation(key)["summaries"]), 90, "every bank's summary")
     assert set(summaries) == set(BANKS)
-    plan = operator.plan(key)
+    operator.plan(key)  # then the cross-evaluation: every bank's local model scored at every bank
+    plan = wait(lambda: (lambda s: s if s["state"] != "cross-evaluating" else None)(operator.federation(key)), 240,
+                "the cross-evaluation")
     assert plan["state"] == "planned" and plan["banks"] == BANKS, plan
     return operator
 
