@@ -28,6 +28,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 from aggregator.drivers.embedded import Consortium, federate, prepare_consortium
+from aggregator.protocol import traffic
 from aggregator.tracking import FederationTracker
 from bank_node.training import dmatrix
 from fedfraud import model_json
@@ -100,6 +101,20 @@ def run(consortium: Consortium, settings: FederationSettings, name: str, args, t
                                 "champion": rows_per_second(champion_doc, big, names, args.repeats)}}
 
 
+def workspace_facts(work_dir: Path, name: str, rounds: int) -> dict:
+    """What the rounds recorded: bytes the banks sent and received, and each round's compaction choice."""
+    root = work_dir / "federations" / f"bench-{name}"
+    sent = received = 0
+    chosen = []
+    for round_id in range(1, rounds + 1):
+        for row in traffic.totals(root / f"round-{round_id}").values():
+            sent, received = sent + row["sent"], received + row["received"]
+        record = root / f"round-{round_id}" / "compaction.json"
+        if record.exists():
+            chosen.append(json.loads(record.read_text()).get("chosen"))
+    return {"sent": sent, "received": received, "chosen": chosen}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
@@ -137,18 +152,26 @@ def main() -> None:
     print(f"\nBagging, {args.banks} banks, {args.rows:,} rows, {args.rounds} rounds x {plain.trees_per_round} trees, "
           f"seed {args.seed}; compaction tolerance {args.tolerance}; test rows {off['test_rows']:,} "
           f"({off['test_frauds']} frauds)")
-    print("| compaction | trees (last) | champion trees | pooled holdout AUPRC | test AUPRC (champion) | "
-          "scoring rows/s (champion) | federation s |")
-    print("|---|---|---|---|---|---|---|")
-    for label, row in (("off", off), ("on", on)):
-        print(f"| {label} | {row['trees_by_round'][-1]} | {row['champion_trees']} | "
-              f"{row['pooled_holdout_auprc']:.4f} | {row['test_auprc']['champion']:.4f} | "
-              f"{row['rows_per_second']['champion']:,.0f} | {row['seconds']:.0f} |")
+    print("| compaction | model | version | trees | pooled holdout AUPRC (last round) | test AUPRC | "
+          "scoring rows/s | federation s | MB sent / received by the banks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, name, row in (("off", "without", off), ("on", "with", on)):
+        facts = workspace_facts(args.work_dir, name, args.rounds)
+        wire = f"{facts['sent'] / 1e6:.1f} / {facts['received'] / 1e6:.1f}"
+        for model, version, trees in (("last round", args.rounds, row["trees_by_round"][-1]),
+                                      ("champion", row["champion_version"], row["champion_trees"])):
+            key = "last" if model == "last round" else "champion"
+            print(f"| {label} | {model} | {version} | {trees} | {row['pooled_holdout_auprc']:.4f} | "
+                  f"{row['test_auprc'][key]:.4f} | {row['rows_per_second'][key]:,.0f} | {row['seconds']:.0f} | "
+                  f"{wire} |")
+        if name == "with":
+            print(f"chosen by round: {facts['chosen']}")
     print(f"trees by round, off: {off['trees_by_round']}\ntrees by round, on:  {on['trees_by_round']}")
-    speedup = on["rows_per_second"]["champion"] / off["rows_per_second"]["champion"]
-    test_delta = on["test_auprc"]["champion"] - off["test_auprc"]["champion"]
-    print(f"champion scoring {speedup:.2f}x faster; test AUPRC {test_delta:+.4f}, "
-          f"pooled holdout AUPRC {on['pooled_holdout_auprc'] - off['pooled_holdout_auprc']:+.4f}")
+    for key in ("last", "champion"):
+        speedup = on["rows_per_second"][key] / off["rows_per_second"][key]
+        print(f"{key}: scoring {speedup:.2f}x faster with compaction; test AUPRC "
+              f"{on['test_auprc'][key] - off['test_auprc'][key]:+.4f}")
+    print(f"pooled holdout AUPRC (last round) {on['pooled_holdout_auprc'] - off['pooled_holdout_auprc']:+.4f}")
     out = args.work_dir / "results.json"
     out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), **vars(args),
                                "work_dir": str(args.work_dir), "results": results, "cpu_count": os.cpu_count(),
