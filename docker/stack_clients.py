@@ -37,16 +37,19 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: floa
 
     Connection errors are retried; a failed check ends the wait at once unless ``retry_failures``."""
     deadline, last_error = time.monotonic() + timeout, None
-    retried = (httpx.HTTPError, subprocess.CalledProcessError, KeyError, ValueError)
+    retried: tuple[type[Exception], ...] = (httpx.HTTPError, subprocess.CalledProcessError, KeyError, ValueError)
+    if retry_failures:
+        retried += (StackTestFailure,)
     while time.monotonic() < deadline:
         try:
             value = probe()
             if value:
                 return value
-        except retried + ((StackTestFailure,) if retry_failures else ()) as exc:
+        except retried as exc:
             last_error = f"{exc.__class__.__name__}: {exc}"
         time.sleep(interval)
-    raise StackTestFailure(f"{what}: not within {timeout:.0f}s" + (f" (last error: {last_error})" if last_error else ""))
+    last = f" (last error: {last_error})" if last_error else ""
+    raise StackTestFailure(f"{what}: not within {timeout:.0f}s{last}")
 
 
 class Compose:

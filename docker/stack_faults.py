@@ -35,8 +35,8 @@ def check_images(compose: Compose, secrets: dict[str, str]) -> None:
             leaked = [k for k, v in values.items() if v in text]
             check(not leaked, f"{image}: {where} holds the value of {leaked}")
             check("PRIVATE KEY" not in text, f"{image}: {where} holds a private key")
-        rc, found = docker_run("--user", "0", "--entrypoint", "find", image, "/", "-xdev", "(", "-name", "key.pem", "-o", "-name",
-                               "ca.key", "-o", "-name", ".env", ")", "-print")
+        rc, found = docker_run("--user", "0", "--entrypoint", "find", image, "/", "-xdev", "(", "-name", "key.pem",
+                               "-o", "-name", "ca.key", "-o", "-name", ".env", ")", "-print")
         check(rc in (0, 1) and not found.strip(), f"{image} contains key or .env files: {found.strip()[:500]}")
         print(f"    {image}: user {config['User']}, {info['Size'] / 1e9:.2f} GB, {len(layers.splitlines())} layers, "
               "no secret in its history")
@@ -107,13 +107,21 @@ def check_refusals(compose: Compose, scratch: Path) -> None:
     print(f"    removed participant: {out.strip().splitlines()[-1][:240]}")
 
 
+def freeze(compose: Compose, service: str) -> None:
+    """`docker pause`: the service's processes stop at once, mid-whatever, until killed or unpaused."""
+    docker("pause", compose.container(service))
+
+
 def kill_bank_mid_round(compose: Compose, aggregator: Aggregator, key: str, round_id: int, service: str,
                         bank: str) -> None:
-    """`docker kill` the bank while its training task is open; it stays down until the training phase has
-    closed without it (quorum), then comes back and answers the round's evaluation."""
+    """`docker kill` the bank (frozen by ``freeze`` before the round opened, so its training task is surely
+    still open: a 5-tree round on warm data is over in seconds); it stays down until the training phase
+    has closed without it (quorum; its silence costs ``liveness_seconds``), then comes back and answers
+    the round's evaluation."""
     status = wait_for(f"round {round_id} open", lambda: aggregator.round(key, round_id), 1800, interval=0.2)
     state = status["tasks"].get(bank, {}).get("train")
     check(state in ("pending", "fetched"), f"{bank}'s round-{round_id} training task is {state!r}: too late to kill")
+    docker("unpause", compose.container(service))  # Docker kills no paused container; the kill follows at once
     docker("kill", compose.container(service))
     docker("stop", compose.container(service))  # engines that restart a killed container: keep it down for now
     print(f"    killed {service} while its training task was {state}")
@@ -178,10 +186,11 @@ def restart_postgres_and_compare(compose: Compose, airflow: Airflow, aggregator:
     after = wait_for("every service answering after the restart", lambda: _snapshot(
         airflow, aggregator, mlflow, key, run_id, rounds), 600, interval=5, retry_failures=True)
     lost = [name for name in before if before[name] != after[name]]
-    check(not lost, f"changed across the Postgres restart: {lost}: "
-                    f"{ {n: (before[n], after[n]) for n in lost} }"[:3000])
-    print(f"    unchanged: {len(before['airflow tasks'])} Airflow task instances, federation {before['federation']['state']}, "
-          f"{len(before['rounds'])} rounds, {len(before['model versions'])} model versions, aliases {before['aliases']}")
+    changes = {n: (before[n], after[n]) for n in lost}
+    check(not lost, f"changed across the Postgres restart: {lost}: {changes}"[:3000])
+    print(f"    unchanged: {len(before['airflow tasks'])} Airflow task instances, "
+          f"federation {before['federation']['state']}, {len(before['rounds'])} rounds, "
+          f"{len(before['model versions'])} model versions, aliases {before['aliases']}")
 
 
 __all__ = ["StackTestFailure", "check_images", "check_refusals", "check_running_hardening",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stack_clients import (ROOT, Aggregator, Airflow, Compose, MLflow, StackTestFailure, check, docker, federation_key,
                            tags, wait_for)
-from stack_faults import (check_images, check_refusals, check_running_hardening, crash_aggregator_mid_round,
+from stack_faults import (check_images, check_refusals, check_running_hardening, crash_aggregator_mid_round, freeze,
                           kill_bank_mid_round, restart_postgres_and_compare)
 
 BANKS = ("bankA", "bankB", "bankC")
@@ -46,7 +46,8 @@ def step(name: str):
 def env_file() -> dict[str, str]:
     path = ROOT / ".env"
     check(path.is_file(), f"{path} is missing: run `make stack-test` (it writes .env, certificates and data first)")
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 def preflight(compose: Compose) -> None:
@@ -172,8 +173,9 @@ def main() -> int:
         with step(f"trigger federated_round ({ROUNDS} rounds) through Airflow's REST API"):
             airflow.unpause("federated_round")
             airflow.trigger("federated_round", run_id, {"rounds": ROUNDS, "model_name": MODEL, "min_banks": 2})
-        with step("first summaries: every bank's gate + features in its container"):
-            wait_for("the federation's plan", lambda: planned(aggregator, key), 1800, interval=5)
+        with step("first summaries (every bank's gate + features in its container), cross-evaluation"):
+            wait_for("the federation's plan", lambda: planned(aggregator, key), 1800, interval=0.5)
+            freeze(compose, "bank-c")  # before Airflow can open round 1: it is killed there with its task open
             print(f"    prepare task seconds per bank: {summary_times(airflow, run_id)}")
         with step("round 1: bank-c killed mid-round; the round completes with the quorum"):
             kill_bank_mid_round(compose, aggregator, key, 1, "bank-c", "bankC")
