@@ -17,7 +17,8 @@ document goes to the banks:
 ``choose`` keeps the candidate with the fewest trees whose pooled AUPRC loss against the
 uncompacted model stays within ``tolerance`` in *every* pool that leaves one bank out, so no
 single bank's answers (a liar's, or one noisy holdout) can push a drop that the others notice.
-The round's new trees are never dropped, and the next round's trees grow on the compacted model.
+The round's new trees are dropped only with ``compaction_new_trees``; the next round's trees grow on
+the compacted model.
 
 Provenance — which round and bank each tree came from, and the weight its leaves carry — is the
 aggregator's own record (``[round, bank, weight]`` per tree), kept next to every round's model.
@@ -103,10 +104,12 @@ def _only(doc: Doc, forest: list[Doc]) -> Doc:
 
 
 def variants(doc: Doc, origins: list[Origin] | None, droppable: int, steps: int,
-             max_fraction: float) -> tuple[Doc, dict[str, list[int]], list[Thinning]]:
+             max_fraction: float, weakest_of: int | None = None) -> tuple[Doc, dict[str, list[int]], list[Thinning]]:
     """(the expanded model, {label: tree indices of it to drop}, the thinnings): ``FULL`` is ``doc``
-    itself, ``thin:n`` and ``drop:n`` smaller models. Without provenance, only ``drop:n``."""
+    itself, ``thin:n`` (earlier rounds: the first ``droppable`` trees) and ``drop:n`` (among the first
+    ``weakest_of`` trees, default ``droppable``) smaller models. Without provenance, only ``drop:n``."""
     thins = thinnings(origins, droppable) if origins is not None and len(origins) >= droppable else []
+    weakest_of = droppable if weakest_of is None else weakest_of
     count = len(model_json.trees(doc))
     copies, start = [], count
     for t in thins:
@@ -114,8 +117,8 @@ def variants(doc: Doc, origins: list[Origin] | None, droppable: int, steps: int,
         start += len(t.kept)
     every_copy = [i for block in copies for i in block]
     labels = {FULL: every_copy}
-    order = rank(doc, droppable)
-    for n in ladder(droppable, steps, max_fraction):
+    order = rank(doc, weakest_of)
+    for n in ladder(weakest_of, steps, max_fraction):
         labels[f"drop:{n}"] = sorted(order[:n] + every_copy)
     for n in ladder(len(thins), steps, 1.0):
         thinned = [i for t in thins[:n] for i in t.kept + t.others]

@@ -9,7 +9,8 @@ AUPRC (federated holdout and test), wall time, and scoring speed of the champion
 round's model (XGBoost ``predict`` on the pooled test rows, best of ``--repeats``).
 
     nice -n 15 .venv/bin/python bench/compaction.py --rows 200000 --rounds 10
-    (or side by side: ``--only without`` and ``--only with`` in two processes, then ``--report``)
+    (or side by side: ``--only without`` and ``--only compacted`` in two processes, then ``--report``;
+    ``--at-round N`` compares both federations' round-N models from their workspaces)
 """
 
 from __future__ import annotations
@@ -115,6 +116,44 @@ def workspace_facts(work_dir: Path, name: str, rounds: int) -> dict:
     return {"sent": sent, "received": received, "chosen": chosen}
 
 
+def report_at_round(args, round_id: int) -> None:
+    """Both federations' round-``round_id`` models from their workspaces (a run may still be going):
+    trees, pooled holdout AUPRC as the round registered it, test AUPRC and scoring speed measured here."""
+    from bank_node.node import BankNode
+
+    config, settings = load_config(), FederationSettings()
+    nodes = {bank: BankNode(bank, path, args.work_dir / "banks" / bank, config, settings.holdout_fraction)
+             for bank, path in banks_for(args).items()}
+    consortium = Consortium(nodes, config, args.work_dir)
+    X, y = split_test(consortium)
+    names = consortium.contract["names"]
+    big = np.concatenate([X] * max(1, -(-args.score_rows // len(X))))[:args.score_rows]
+    rows = {}
+    print(f"\nRound {round_id} of bagging, {args.banks} banks, {args.rows:,} rows, {settings.trees_per_round} "
+          f"trees per bank and round, seed {args.seed}; test rows {len(y):,} ({int(y.sum())} frauds)")
+    print("| compaction | trees | pooled holdout AUPRC | test AUPRC | scoring rows/s | "
+          "MB sent / received (all rounds) |")
+    print("|---|---|---|---|---|---|")
+    for label, name in (("off", "without"), ("on", args.name)):
+        root = args.work_dir / "federations" / f"bench-{name}" / f"round-{round_id}"
+        doc = json.loads((root / "model.json").read_bytes())
+        pooled = json.loads((root / "registered.json").read_bytes())["pooled"]["auprc"]
+        auprc = float(average_precision_score(y, model_json.to_booster(doc).predict(dmatrix(X, None, names))))
+        speed = rows_per_second(doc, big, names, args.repeats)
+        facts = workspace_facts(args.work_dir, name, round_id)
+        rows[name] = {"trees": len(model_json.trees(doc)), "pooled": pooled, "test": auprc, "speed": speed, **facts}
+        print(f"| {label} | {rows[name]['trees']} | {pooled:.4f} | {auprc:.4f} | {speed:,.0f} | "
+              f"{facts['sent'] / 1e6:.1f} / {facts['received'] / 1e6:.1f} |")
+    on, off = rows[args.name], rows["without"]
+    print(f"chosen by round: {on['chosen']}")
+    print(f"scoring {on['speed'] / off['speed']:.2f}x faster; test AUPRC {on['test'] - off['test']:+.4f}; "
+          f"pooled holdout AUPRC {on['pooled'] - off['pooled']:+.4f}")
+    out = args.work_dir / f"results-round-{round_id}.json"
+    out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                               "round": round_id, "rows": rows}, indent=2))
+    print(f"results: {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
@@ -125,14 +164,22 @@ def main() -> None:
     parser.add_argument("--score-rows", type=int, default=200_000, help="rows scored per timing (test rows repeated)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work-dir", type=Path, default=Path("work/bench/compaction"))
+    parser.add_argument("--new-trees", action="store_true", help="compaction may drop a round's own trees too")
     parser.add_argument("--report", action="store_true", help="print the table from both results files")
-    parser.add_argument("--only", choices=("with", "without"),
+    parser.add_argument("--name", default="with", help="the compacted federation's name (bench-NAME)")
+    parser.add_argument("--only", choices=("compacted", "without"),
                         help="run one federation (two processes can run side by side); the table is printed "
                              "once both results exist")
+    parser.add_argument("--at-round", type=int, help="compare both federations' models of this round, "
+                        "from their workspaces (no federation is run)")
     args = parser.parse_args()
+    if args.at_round:
+        report_at_round(args, args.at_round)
+        return
     plain = FederationSettings()
-    settings = {"without": plain, "with": dataclasses.replace(plain, compaction=True,
-                                                                compaction_tolerance=args.tolerance)}
+    settings = {"without": plain, args.name: dataclasses.replace(plain, compaction=True,
+                                                                   compaction_tolerance=args.tolerance,
+                                                                   compaction_new_trees=args.new_trees)}
     same = {"rows": args.rows, "banks": args.banks, "rounds": args.rounds, "seed": args.seed,
             "tolerance": args.tolerance}
     done = {name: args.work_dir / f"results-{name}.json" for name in settings}
@@ -140,7 +187,7 @@ def main() -> None:
         consortium = prepare_consortium(banks_for(args), args.work_dir, load_config(), FederationSettings(),
                                         lambda m: print(f"  {m}", file=sys.stderr, flush=True))
         test = split_test(consortium)
-        for name in [args.only] if args.only else list(settings):
+        for name in [{"compacted": args.name}.get(args.only, args.only)] if args.only else list(settings):
             row = run(consortium, settings[name], name, args, test)
             done[name].write_text(json.dumps({**same, "test_rows": len(test[1]), "test_frauds": int(test[1].sum()),
                                               **row}, indent=2))
@@ -148,14 +195,14 @@ def main() -> None:
     if len(results) < 2 or any({k: r[k] for k in same} != same for r in results.values()):
         print("waiting for both federations' results with these arguments", file=sys.stderr)
         return
-    off, on = results["without"], results["with"]
+    off, on = results["without"], results[args.name]
     print(f"\nBagging, {args.banks} banks, {args.rows:,} rows, {args.rounds} rounds x {plain.trees_per_round} trees, "
           f"seed {args.seed}; compaction tolerance {args.tolerance}; test rows {off['test_rows']:,} "
           f"({off['test_frauds']} frauds)")
     print("| compaction | model | version | trees | pooled holdout AUPRC (last round) | test AUPRC | "
           "scoring rows/s | federation s | MB sent / received by the banks |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, name, row in (("off", "without", off), ("on", "with", on)):
+    for label, name, row in (("off", "without", off), ("on", args.name, on)):
         facts = workspace_facts(args.work_dir, name, args.rounds)
         wire = f"{facts['sent'] / 1e6:.1f} / {facts['received'] / 1e6:.1f}"
         for model, version, trees in (("last round", args.rounds, row["trees_by_round"][-1]),
@@ -164,7 +211,7 @@ def main() -> None:
             print(f"| {label} | {model} | {version} | {trees} | {row['pooled_holdout_auprc']:.4f} | "
                   f"{row['test_auprc'][key]:.4f} | {row['rows_per_second'][key]:,.0f} | {row['seconds']:.0f} | "
                   f"{wire} |")
-        if name == "with":
+        if name == args.name:
             print(f"chosen by round: {facts['chosen']}")
     print(f"trees by round, off: {off['trees_by_round']}\ntrees by round, on:  {on['trees_by_round']}")
     for key in ("last", "champion"):

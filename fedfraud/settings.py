@@ -43,6 +43,7 @@ class FederationSettings:
     compaction_tolerance: float = 0.002
     compaction_steps: int = 8  # drop sizes scored per round (a geometric ladder)
     compaction_max_fraction: float = 0.9  # at most this share of the earlier rounds' trees dropped per round
+    compaction_new_trees: bool = False  # the round's own trees may be dropped too (only earlier rounds' when off)
 
     def __post_init__(self) -> None:
         if not isinstance(self.compaction, bool):
@@ -51,6 +52,8 @@ class FederationSettings:
             raise ValueError(f"compaction_tolerance must be in [0, 1), not {self.compaction_tolerance!r}")
         if not (isinstance(self.compaction_steps, int) and 1 <= self.compaction_steps <= 32):
             raise ValueError(f"compaction_steps must be an integer in 1..32, not {self.compaction_steps!r}")
+        if not isinstance(self.compaction_new_trees, bool):
+            raise ValueError(f"compaction_new_trees must be true or false, not {self.compaction_new_trees!r}")
         if not (isinstance(self.compaction_max_fraction, (int, float)) and 0 < self.compaction_max_fraction <= 1):
             raise ValueError(f"compaction_max_fraction must be in (0, 1], not {self.compaction_max_fraction!r}")
 

@@ -79,8 +79,9 @@ def propose(r: RoundState) -> None:
     updates = _accepted(r)
     candidate = r.strategy.aggregate(base, updates, r.plan.banks)
     s = r.plan.settings
+    weakest_of = len(model_json.trees(candidate)) if s.compaction_new_trees else droppable
     expanded, labels, thins = compaction.variants(candidate, _origins(r, updates), droppable, s.compaction_steps,
-                                                  s.compaction_max_fraction)
+                                                  s.compaction_max_fraction, weakest_of)
     if len(labels) < 2:
         return
     r.ws.write_json({"thinnings": compaction.as_json(thins), "candidate_trees": len(model_json.trees(candidate))},

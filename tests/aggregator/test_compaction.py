@@ -128,7 +128,8 @@ def test_one_bank_cannot_push_a_drop_the_others_miss(toy_banks):
 
 
 @pytest.mark.parametrize("field, value", [("compaction", "yes"), ("compaction_tolerance", -0.1),
-                                          ("compaction_steps", 0), ("compaction_max_fraction", 1.5)])
+                                          ("compaction_steps", 0), ("compaction_max_fraction", 1.5),
+                                          ("compaction_new_trees", 1)])
 def test_bad_compaction_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         FederationSettings(**{field: value})
