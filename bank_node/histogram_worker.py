@@ -278,7 +278,7 @@ def _sidecar_address(path: Path, deadline: float) -> str:
                 raise WorkerFailed(f"sidecar address {address!r} is not on loopback")
             return address
         time.sleep(0.02)
-    raise WorkerFailed("the masking sidecar did not start before the deadline")
+    raise WorkerFailed("deadline passed before the masking sidecar listened")
 
 
 def run(job_path: Path) -> None:

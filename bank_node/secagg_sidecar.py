@@ -9,8 +9,11 @@ server (with TLS when the session asks for it). Per collective call:
   plus this bank's pairwise masks labelled by the call's sequence number, sent as a ``UINT64``
   sum. The masks cancel in the server's sum; the reply is checked (exact size) and decoded back
   to the worker's dtype. Values the sum could overflow are refused by name.
-* ``Allreduce(MAX/MIN/bitwise)``, ``Allgather``, ``AllgatherV``, ``Broadcast``: forwarded in the
-  clear (the README lists what they carry). Replies are checked against the size they must have.
+* ``Allreduce(MAX/MIN/bitwise)`` and ``Broadcast``: forwarded in the clear (the README lists what
+  they carry). Replies are checked against the size they must have.
+* ``Allgather``/``AllgatherV`` from the worker: refused. They would hand this bank's buffer to
+  every peer in the clear (XGBoost's quantile sketch does that); the histogram path, with cut
+  points from the public edges, sends none.
 
 Keys: before the worker's first call, each sidecar makes a fresh X25519 key for the session
 (``fedfraud.secagg.keys``), signs it with the bank's consortium certificate and sends the offer
@@ -148,14 +151,17 @@ class MaskingProxy:
         if request.rank != self.rank:
             raise SidecarRefused(f"sidecar_wrong_rank: the worker claims rank {request.rank}, this bank is "
                                  f"rank {self.rank}")
+        if method in ("Allgather", "AllgatherV"):
+            raise SidecarRefused(f"sidecar_gather_refused: {request.describe()} would send this bank's buffer "
+                                 "to every peer in the clear (a sketch?); cut points come from the shared edges")
         upstream = fw.Request(request.method, request.sequence_number + self.seq_offset, request.rank,
                               request.send_buffer, request.data_type, request.reduce_operation, request.root)
         if method == "Allreduce" and request.reduce_operation == fw.SUM:
             return fw.encode_reply(self._masked_sum(request, upstream))
         if method == "Broadcast" and request.root >= len(self.banks):
             raise SidecarRefused(f"sidecar_broadcast_root: root {request.root} outside {len(self.banks)} ranks")
-        expected = {"Allreduce": len(request.send_buffer), "Allgather": len(request.send_buffer) * len(self.banks),
-                    "Broadcast": len(request.send_buffer) if request.root == self.rank else None}.get(method)
+        expected = {"Allreduce": len(request.send_buffer),
+                    "Broadcast": len(request.send_buffer) if request.root == self.rank else None}[method]
         reply = self._upstream(upstream, expected)
         self.audit({"method": method, "seq": upstream.sequence_number, "op": fw.OPS[request.reduce_operation]
                     if method == "Allreduce" else None, "dtype": fw.DTYPE_NAMES[request.data_type]

@@ -415,9 +415,12 @@ def test_histogram_federation_equals_the_centralized_strategy_on_binned_rows(con
     assert tags["fedfraud.strategy"] == "histogram"
     assert tags["fedfraud.participating_banks"] == ",".join(sorted(nodes))
     _, registered = tracker.champion()
+    banks = sorted(nodes)
+    for b in banks:  # masking was on (the default): each bank's sidecar masked its sums
+        audit = (nodes[b].work_dir / "histogram" / "collectives.jsonl").read_text().splitlines()
+        assert sum(json.loads(line)["masked"] for line in audit) > 10, b
 
     # the same bins the federation derived, from the same counts
-    banks = sorted(nodes)
     bins = make_strategy(nodes, E2E).shared_bins(nodes, banks)
     views = {b: BinnedRows(nodes[b], bins) for b in banks}
     centralized_settings = dataclasses.replace(E2E, subsample=1.0)

@@ -139,7 +139,8 @@ def test_three_sidecars_agree_keys_and_return_exact_sums_while_the_server_sees_r
 
 def test_malformed_messages_overflow_and_a_wrong_rank_are_refused_by_name_and_break_the_session(world):
     sidecar, recorder = world
-    alpha, beta, gamma, beta_again, beta_third = (sidecar(b).address() for b in [*BANKS, "beta", "beta"])
+    alpha, beta, gamma, beta_again, beta_third, gamma_again = (
+        sidecar(b).address() for b in [*BANKS, "beta", "beta", "gamma"])
     good = fw.encode_request(allreduce(0, 0, np.ones(4), DOUBLE))
     assert "federated_unknown_field" in refusal(alpha, "Allreduce", good + b"\x48\x01")  # field 9, varint
     assert "sidecar_session_broken" in refusal(alpha, "Allreduce", good)  # nothing more from this session
@@ -149,6 +150,8 @@ def test_malformed_messages_overflow_and_a_wrong_rank_are_refused_by_name_and_br
     # 2**25 at 32 fractional bits: the sum of 64 parties could overflow int64
     assert "fixed_point_overflow" in refusal(beta_again, "Allreduce", allreduce(0, 1, np.array([1.0, 1e8]), DOUBLE))
     assert "fixed_point_overflow" in refusal(beta_third, "Allreduce", allreduce(0, 1, np.array([np.nan]), DOUBLE))
+    sketch = fw.Request("AllgatherV", 0, 2, np.ones(8, "<f4").tobytes())
+    assert "sidecar_gather_refused" in refusal(gamma_again, "AllgatherV", sketch)
     assert recorder.records == []  # nothing refused ever reached the server
 
 
