@@ -121,9 +121,9 @@ def kill_bank_mid_round(compose: Compose, aggregator: Aggregator, key: str, roun
     status = wait_for(f"round {round_id} open", lambda: aggregator.round(key, round_id), 1800, interval=0.2)
     state = status["tasks"].get(bank, {}).get("train")
     check(state in ("pending", "fetched"), f"{bank}'s round-{round_id} training task is {state!r}: too late to kill")
-    docker("unpause", compose.container(service))  # Docker kills no paused container; the kill follows at once
-    docker("kill", compose.container(service))
-    docker("stop", compose.container(service))  # engines that restart a killed container: keep it down for now
+    container = compose.container(service)
+    docker("kill", container)  # still frozen: it dies without running another instruction (no unpause first:
+    docker("stop", container)  # under load the gap let it finish the round); engines that restart it: keep it down
     print(f"    killed {service} while its training task was {state}")
     status = wait_for(f"round {round_id}'s training phase to close without {bank}",
                       lambda: (s := aggregator.round(key, round_id)) and s["state"] != "training" and s, 900)
