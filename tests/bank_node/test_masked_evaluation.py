@@ -1,0 +1,59 @@
+"""A networked bank's agent in the masked evaluation: it signs its key offer with its mTLS certificate,
+answers masked words, and sends metrics only when its config says ``share_metrics: true``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TOY_FEATURES
+
+from bank_node.agent import Agent, AgentConfig
+from bank_node.dataset import BankDataset
+from bank_node.masked_evaluation import SecAggCredentials
+from bank_node.node import BankNode
+from fedfraud import model_json, pki
+from fedfraud.config_file import TLSFiles
+from fedfraud.model_guard import ModelLimits, consortium_header, rebuild_model
+from fedfraud.protocol import TaskKind
+from fedfraud.secagg.masking import decode_counts, unmasked_sum, words_from_text
+from fedfraud.settings import FederationSettings, consortium_params
+from fedfraud.wire import (
+    EvaluationReport, KeyRequest, MaskedEvaluation, MaskedEvaluationTask, ModelUpdate, SessionOffer, TrainTask,
+)
+
+PARAMS = {**consortium_params(FederationSettings(max_depth=3), 50, 500), "seed": 1}
+BANKS = ["alpha", "beta", "gamma"]
+SESSION = "fed/round-1/evaluate/attempt-1/0123"
+
+
+def _with_data(node: BankNode, X, y) -> BankNode:
+    node.__dict__["data"] = BankDataset(TOY_FEATURES, X[:300], y[:300], X[300:], y[300:], None)
+    node.__dict__["contract"] = {"hash": "h", "names": TOY_FEATURES}
+    node._require_training_allowed = lambda: None
+    return node
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_the_agent_signs_with_its_tls_certificate_and_shares_metrics_only_if_configured(toy_banks, tmp_path, share):
+    certs = tmp_path / "consortium"
+    pki.provision("nordic", ["aggregator", *BANKS], certs)
+    config = AgentConfig(bank="alpha", aggregator_url="https://127.0.0.1:1", data=tmp_path / "raw",
+                         work_dir=tmp_path / "agent", tls=TLSFiles.from_folder(certs / "alpha"), share_metrics=share)
+    agent = Agent(config, client=object())
+    _with_data(agent.node, *toy_banks["alpha"])
+    peers = {b: _with_data(BankNode(b, tmp_path, tmp_path / b, None, secagg=SecAggCredentials.from_files(
+        certs / b / "ca.crt", certs / b / "cert.pem", certs / b / "key.pem")), *toy_banks[b]) for b in BANKS[1:]}
+    request = KeyRequest(SESSION, BANKS).to_bytes()
+    offers = {"alpha": SessionOffer.from_bytes(agent.compute(TaskKind.KEYS, request))}
+    offers.update({b: SessionOffer.from_bytes(n.offer(request)) for b, n in peers.items()})
+    assert offers["alpha"].certificate == (certs / "alpha" / "cert.pem").read_text()  # its mTLS certificate
+    update = ModelUpdate.from_bytes(peers["beta"].train(TrainTask(
+        bank="beta", round_id=1, base_model_id="none", contract_hash="h", num_trees=3, params=PARAMS).to_bytes()))
+    doc = rebuild_model(update.model, ModelLimits.for_depth(3), consortium_header(TOY_FEATURES, PARAMS))
+    task = MaskedEvaluationTask(SESSION, "candidate", BANKS, {b: vars(o) for b, o in offers.items()}, doc).to_bytes()
+    answers = {"alpha": MaskedEvaluation.from_bytes(agent.compute(TaskKind.EVALUATE, task))}
+    answers.update({b: MaskedEvaluation.from_bytes(n.evaluate_masked(task)) for b, n in peers.items()})
+    assert (answers["alpha"].metrics != {}) == share and answers["beta"].metrics == {}
+    total = decode_counts(unmasked_sum([words_from_text(a.words, 2000) for a in answers.values()]))
+    clear = [EvaluationReport.from_bytes(n.evaluate(model_json.to_bytes(doc))) for n in [agent.node, *peers.values()]]
+    assert np.array_equal(total, np.sum([r.hist_pos + r.hist_neg for r in clear], axis=0))
