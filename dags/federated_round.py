@@ -64,6 +64,9 @@ def _fail_cleanly(call):
         "mode": Param(os.environ.get("FEDFRAUD_MODE", "embedded"), enum=["embedded", "networked"],
                       description="networked: the aggregator service and the banks' agents do the work"),
         "wait_seconds": Param(1800, type="integer", minimum=1, description="networked: how long to wait per bank"),
+        "crossval": Param(True, type="boolean", description="cross-evaluate the banks' local models before round 1"),
+        "champion_gate": Param(True, type="boolean",
+                               description="a first champion must beat the best single-bank local model"),
         "work_dir": Param("", type="string", description="empty: $FEDFRAUD_WORK_DIR or work/airflow"),
     },
 )

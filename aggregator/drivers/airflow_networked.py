@@ -37,7 +37,7 @@ class NetworkedTasks:
         spec = self.spec
         request = {"model_name": spec.model_name, "strategy": spec.strategy, "rounds": spec.rounds,
                    "seed": spec.seed, "min_banks": spec.min_banks, "trees_per_round": spec.trees_per_round,
-                   "banks": sorted(spec.banks)}
+                   "banks": sorted(spec.banks), "crossval": spec.crossval, "champion_gate": spec.champion_gate}
         self.service.start_federation(self.key, request)
         state = wait_until(lambda: self.service.federation(self.key)["summaries"].get(bank, {}).get(TaskKind.SUMMARY),
                            lambda state: state in FINISHED_TASK, spec.wait_seconds, f"{bank}'s summary")

@@ -31,6 +31,8 @@ class RunSpec:
     work_dir: str = "work/airflow"
     tracking_uri: str | None = None
     wait_seconds: int = 1800
+    crossval: bool = True  # the poisoning defence's cross-evaluation before round 1
+    champion_gate: bool = True  # a first champion must beat the best single-bank local model
     run_id: str | None = None  # the scheduler's run: steps refuse state another run left behind
 
     @classmethod
@@ -46,7 +48,8 @@ class RunSpec:
 
     @property
     def settings(self) -> FederationSettings:
-        return FederationSettings(trees_per_round=self.trees_per_round, min_banks=self.min_banks)
+        return FederationSettings(trees_per_round=self.trees_per_round, min_banks=self.min_banks,
+                                  crossval=self.crossval, champion_gate=self.champion_gate)
 
     @property
     def workspace(self) -> Workspace:

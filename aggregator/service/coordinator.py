@@ -35,7 +35,8 @@ TRAINING = phases.BANK_PHASES[0].state
 LAST_STAGE_PHASE = [p for p in phases.BANK_PHASES if p.per_stage][-1]  # training's verdicts are final after it
 PHASE_BY_STATE: dict[str, Phase] = {p.state: p for p in phases.BANK_PHASES}
 REQUEST_KEYS = ("model_name", "strategy", "rounds", "seed", "min_banks", "trees_per_round", "banks")
-REQUEST_OPTIONS: dict[str, Any] = {"crossval": True}  # the poisoning defence's cross-evaluation before round 1
+# the poisoning defence: cross-evaluation before round 1, and a first champion must beat the best local model
+REQUEST_OPTIONS: dict[str, Any] = {"crossval": True, "champion_gate": True}
 
 
 class Coordinator(BankTasks):
@@ -133,7 +134,7 @@ class Coordinator(BankTasks):
                 self._expire(s, key, 0, TaskKind.SUMMARY, "no summary before the federation was planned")
                 r = federation.request
                 settings = FederationSettings(trees_per_round=r["trees_per_round"], min_banks=r["min_banks"],
-                                              crossval=r.get("crossval", REQUEST_OPTIONS["crossval"]))
+                                              **{k: r.get(k, default) for k, default in REQUEST_OPTIONS.items()})
                 try:
                     plan = phases.plan_federation(
                         self.workspace(federation), r["model_name"], r["strategy"], r["rounds"], r["seed"],

@@ -18,7 +18,8 @@ def conf(consortium, model, **extra):
     DAG's params for the runs after it (tests/aggregator runs this DAG in networked mode)."""
     banks = {b: str(n.raw_path) for b, n in consortium.nodes.items()}
     return {"banks": banks, "model_name": model, "rounds": 2, "min_banks": 2, "trees_per_round": 5,
-            "mode": "embedded", "work_dir": str(consortium.work_dir), **extra}
+            "mode": "embedded", "work_dir": str(consortium.work_dir), "crossval": True, "champion_gate": True,
+            **extra}
 
 
 def versions(uri, name):
