@@ -70,6 +70,20 @@ def rows_per_second(doc, X: np.ndarray, names: list[str], repeats: int) -> float
     return len(X) / best
 
 
+def interleaved_speeds(docs: dict, X: np.ndarray, names: list[str], repeats: int) -> dict[str, float]:
+    """Rows/s of each model, timed in turns (best of ``repeats`` each), so a shared machine's load
+    changes hit both alike."""
+    matrix = dmatrix(X, None, names)
+    boosters = {name: model_json.to_booster(doc) for name, doc in docs.items()}
+    best = dict.fromkeys(boosters, float("inf"))
+    for booster in boosters.values():
+        booster.predict(matrix)  # warm-up
+    for _ in range(repeats):
+        for name, booster in boosters.items():
+            best[name] = min(best[name], _timed(lambda b=booster: b.predict(matrix)))
+    return {name: len(X) / seconds for name, seconds in best.items()}
+
+
 def _timed(call) -> float:
     started = time.perf_counter()
     call()
@@ -128,7 +142,11 @@ def report_at_round(args, round_id: int) -> None:
     X, y = split_test(consortium)
     names = consortium.contract["names"]
     big = np.concatenate([X] * max(1, -(-args.score_rows // len(X))))[:args.score_rows]
-    rows = {}
+    rows, docs = {}, {}
+    for name in ("without", args.name):
+        docs[name] = json.loads((args.work_dir / "federations" / f"bench-{name}" / f"round-{round_id}" / "model.json")
+                                .read_bytes())
+    speeds = interleaved_speeds(docs, big, names, args.repeats)
     print(f"\nRound {round_id} of bagging, {args.banks} banks, {args.rows:,} rows, {settings.trees_per_round} "
           f"trees per bank and round, seed {args.seed}; test rows {len(y):,} ({int(y.sum())} frauds)")
     print("| compaction | trees | pooled holdout AUPRC | test AUPRC | scoring rows/s | "
@@ -136,10 +154,9 @@ def report_at_round(args, round_id: int) -> None:
     print("|---|---|---|---|---|---|")
     for label, name in (("off", "without"), ("on", args.name)):
         root = args.work_dir / "federations" / f"bench-{name}" / f"round-{round_id}"
-        doc = json.loads((root / "model.json").read_bytes())
+        doc, speed = docs[name], speeds[name]
         pooled = json.loads((root / "registered.json").read_bytes())["pooled"]["auprc"]
         auprc = float(average_precision_score(y, model_json.to_booster(doc).predict(dmatrix(X, None, names))))
-        speed = rows_per_second(doc, big, names, args.repeats)
         facts = workspace_facts(args.work_dir, name, round_id)
         rows[name] = {"trees": len(model_json.trees(doc)), "pooled": pooled, "test": auprc, "speed": speed, **facts}
         print(f"| {label} | {rows[name]['trees']} | {pooled:.4f} | {auprc:.4f} | {speed:,.0f} | "
