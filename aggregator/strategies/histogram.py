@@ -62,6 +62,7 @@ class Histogram(Strategy):
     collective = True  # the round's training phase hands the whole stage to train_collective
     grid: ClassVar[Grid] = Grid()  # the consortium's fixed counting grid (a constant)
     abort_grace_s: ClassVar[float] = 30.0
+    server_startup_s: ClassVar[float] = 180.0  # importing XGBoost on a saturated machine took over 60 s
     nthread: ClassVar[int] = 1  # per bank process; embedded runs share the machine's cores
 
     def __init__(self, settings, seed: int, consortium_params: dict[str, Any], **planned: Any):
@@ -142,7 +143,7 @@ class Histogram(Strategy):
         assert self.bins is not None
         started = time.monotonic()
         server = FederatedServer(len(world), tls=self.server_tls, timeout_s=self.round_timeout_s + 60,
-                                 host=self.server_host)
+                                 startup_timeout_s=self.server_startup_s, host=self.server_host)
         pool = ThreadPoolExecutor(max_workers=len(world), thread_name_prefix="histogram-bank")
         try:
             server.launch()  # banks start binning and launching workers while the server comes up
