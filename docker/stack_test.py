@@ -125,6 +125,8 @@ def score_new_transactions(compose: Compose, airflow: Airflow) -> None:
     if not (incoming / "alpine").exists():
         subprocess.run([str(ROOT / ".venv" / "bin" / "fedfraud"), "generate", "--out", str(incoming), "--banks", "1",
                         "--rows", "5000", "--seed", "99"], check=True, stdout=subprocess.DEVNULL)
+    for path in (incoming / "alpine").rglob("*"):  # written 0600 (atomic writes); copied as root: the
+        path.chmod(0o755 if path.is_dir() else 0o644)  # scheduler's unprivileged user must read it
     compose.run("cp", str(incoming / "alpine"), "airflow-scheduler:/var/lib/fedfraud/incoming-bankA")
     airflow.unpause("score_transactions")
     for run in airflow.runs("score_transactions"):  # the hourly schedule's own run has no input: not ours
