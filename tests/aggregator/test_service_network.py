@@ -81,7 +81,7 @@ class Stack:
     def start_service(self) -> None:
         self._start("aggregator", ["aggregator", "serve", "--config", str(self.service_config)])
         wait(lambda: subprocess.run([FEDFRAUD, "aggregator", "health", "--config", str(self.service_config)],
-                                    capture_output=True).returncode == 0, 60, "the aggregator to be healthy", 0.5)
+                                    capture_output=True).returncode == 0, 300, "the aggregator to be healthy", 0.5)
 
     def restart_service(self) -> None:
         """Stop the aggregator (SIGTERM) and start it again on the same database and workspace."""
