@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_and_registers_a_champion_or_says_why_not(spark, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the demo's default: sqlite in its work dir
     result = CliRunner().invoke(
-        app, ["demo", "--work-dir", str(tmp_path), "--banks", "3", "--rows", "30000", "--rounds", "1"]
+        app, ["demo", "--work-dir", str(tmp_path), "--banks", "4", "--rows", "40000", "--rounds", "1"]
     )
     assert result.exit_code == 0, result.output
     assert "local-only" in result.output and "histogram" in result.output and "mlflow ui" in result.output
