@@ -54,16 +54,19 @@ class SecAggCredentials:
 
 
 class SessionStore:
-    """``<work>/secagg/<sha256(session)>/``: the session's private key and the answers already sent."""
+    """``<work>/secagg/<sha256(bank, session)>/``: the session's private key and the answers already sent.
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    Keyed by bank as well as session: two agents given one work folder by mistake never read each
+    other's keys or answers (each would otherwise refuse its own offer as ``offer_not_mine``)."""
+
+    def __init__(self, folder: Path, bank: str):
+        self.folder, self.bank = Path(folder), bank
 
     def _dir(self, session: str) -> Path:
-        return self.folder / hashlib.sha256(session.encode()).hexdigest()[:32]
+        return self.folder / hashlib.sha256(f"{self.bank}\n{session}".encode()).hexdigest()[:32]
 
-    def keys(self, bank: str, session: str, identity: Identity, create: bool) -> SessionKeys:
-        path = self._dir(session) / "x25519.key"
+    def keys(self, session: str, identity: Identity, create: bool) -> SessionKeys:
+        bank, path = self.bank, self._dir(session) / "x25519.key"
         if path.exists():
             return SessionKeys.from_secret_bytes(bank, session, identity, path.read_bytes())
         if not create:
@@ -119,7 +122,7 @@ def make_offer(node: "BankNode", request_bytes: bytes) -> bytes:
     request = KeyRequest.from_bytes(request_bytes)
     session = check_session(request.session)
     _session_banks(node.bank, request.banks)
-    keys = node.secagg_store.keys(node.bank, session, credentials.identity, create=True)
+    keys = node.secagg_store.keys(session, credentials.identity, create=True)
     return SessionOffer(**keys.offer()).to_bytes()
 
 
@@ -133,7 +136,7 @@ def evaluate_masked(node: "BankNode", task_bytes: bytes) -> bytes:
     banks = _session_banks(node.bank, task.banks)
     if not isinstance(task.offers, dict):
         raise KeyAgreementRefused("offer_malformed", "offers must be an object")
-    keys = node.secagg_store.keys(node.bank, session, credentials.identity, create=False)
+    keys = node.secagg_store.keys(session, credentials.identity, create=False)
     pair_keys = keys.pair_keys(task.offers, credentials.trust, banks)
     report = EvaluationReport.from_bytes(node.evaluate(model_json.to_bytes(task.model)))
     earlier = node.secagg_store.answered(session, task.purpose)

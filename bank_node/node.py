@@ -78,7 +78,7 @@ class BankNode:
     def secagg_store(self):
         from bank_node.masked_evaluation import SessionStore
 
-        return SessionStore(self.work_dir / "secagg")
+        return SessionStore(self.work_dir / "secagg", self.bank)
 
     def is_prepared(self) -> bool:
         """True when features exist for exactly this input and config (no Spark needed)."""

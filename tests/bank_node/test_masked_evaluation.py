@@ -57,3 +57,22 @@ def test_the_agent_signs_with_its_tls_certificate_and_shares_metrics_only_if_con
     total = decode_counts(unmasked_sum([words_from_text(a.words, 2000) for a in answers.values()]))
     clear = [EvaluationReport.from_bytes(n.evaluate(model_json.to_bytes(doc))) for n in [agent.node, *peers.values()]]
     assert np.array_equal(total, np.sum([r.hist_pos + r.hist_neg for r in clear], axis=0))
+
+
+def test_banks_given_one_work_folder_by_mistake_keep_their_own_keys_and_answers(toy_banks, tmp_path):
+    certs, shared = tmp_path / "consortium", tmp_path / "one-folder"
+    pki.provision("nordic", ["aggregator", *BANKS], certs)
+    nodes = {b: _with_data(BankNode(b, tmp_path, shared, None, secagg=SecAggCredentials.from_files(
+        certs / b / "ca.crt", certs / b / "cert.pem", certs / b / "key.pem")), *toy_banks[b]) for b in BANKS}
+    request = KeyRequest(SESSION, BANKS).to_bytes()
+    offers = {b: SessionOffer.from_bytes(n.offer(request)) for b, n in nodes.items()}
+    assert len({o.public_key for o in offers.values()}) == len(BANKS)  # one key each, not the first bank's
+    update = ModelUpdate.from_bytes(nodes["beta"].train(TrainTask(
+        bank="beta", round_id=1, base_model_id="none", contract_hash="h", num_trees=3, params=PARAMS).to_bytes()))
+    doc = rebuild_model(update.model, ModelLimits.for_depth(3), consortium_header(TOY_FEATURES, PARAMS))
+    task = MaskedEvaluationTask(SESSION, "candidate", BANKS, {b: vars(o) for b, o in offers.items()}, doc).to_bytes()
+    answers = {b: MaskedEvaluation.from_bytes(n.evaluate_masked(task)) for b, n in nodes.items()}
+    assert {b: a.bank for b, a in answers.items()} == {b: b for b in BANKS}  # never another bank's kept answer
+    total = decode_counts(unmasked_sum([words_from_text(a.words, 2000) for a in answers.values()]))
+    clear = [EvaluationReport.from_bytes(n.evaluate(model_json.to_bytes(doc))) for n in nodes.values()]
+    assert np.array_equal(total, np.sum([r.hist_pos + r.hist_neg for r in clear], axis=0))
