@@ -26,10 +26,13 @@ class FederationSettings:
     max_update_bytes: int = 32 * 1024 * 1024
     # Poisoning defence (aggregator/protocol/acceptance.py, crossval.py; README "Poisoning defence").
     acceptance: bool = True  # bagging/cyclic: others score a stage's update before it joins
-    # Refuse an update that lowers the others' pooled AUPRC by more than this; None: measure contributions
-    # only. Off by default: on ~90 holdout frauds honest updates moved it by 0.045-0.07 (bench/poisoning.py,
-    # tests/aggregator/test_federation.py), so a tight delta refused honest banks; cross-evaluation gates.
-    acceptance_delta: float | None = None
+    # Refuse an update that lowers the others' pooled AUPRC by more than the allowed drop: "auto" scales it to
+    # the evaluators' pooled frauds (acceptance_z standard errors, at least acceptance_delta_floor); a number
+    # is a fixed drop; None measures contributions only. A fixed 0.05 refused honest banks on ~90 holdout
+    # frauds, where honest updates moved it by 0.045-0.18 (README "Poisoning").
+    acceptance_delta: float | str | None = "auto"
+    acceptance_z: float = 2.0
+    acceptance_delta_floor: float = 0.01
     crossval: bool = True  # before round 1: every bank's local model scored at every other bank
     crossval_max_trees: int = 100  # local models: rounds x trees_per_round trees, at most this (bank policies)
     crossval_min_lift: float = 2.0  # a local model must reach this multiple of no-skill AUPRC elsewhere
@@ -46,6 +49,13 @@ class FederationSettings:
     compaction_new_trees: bool = False  # the round's own trees may be dropped too (only earlier rounds' when off)
 
     def __post_init__(self) -> None:
+        delta = self.acceptance_delta
+        if not (delta is None or delta == "auto" or _number_in(delta, 0, 1)):
+            raise ValueError(f"acceptance_delta must be \"auto\", null or a number in [0, 1), not {delta!r}")
+        if not (_number_in(self.acceptance_z, 0, 10) and self.acceptance_z > 0):
+            raise ValueError(f"acceptance_z must be a number in (0, 10), not {self.acceptance_z!r}")
+        if not _number_in(self.acceptance_delta_floor, 0, 1):
+            raise ValueError(f"acceptance_delta_floor must be in [0, 1), not {self.acceptance_delta_floor!r}")
         if not isinstance(self.compaction, bool):
             raise ValueError(f"compaction must be true or false, not {self.compaction!r}")
         if not (isinstance(self.compaction_tolerance, (int, float)) and 0 <= self.compaction_tolerance < 1):
@@ -59,6 +69,12 @@ class FederationSettings:
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    """A real number (not a bool) in [low, high)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and low <= value < high)
 
 
 def scale_pos_weight(positives: int, negatives: int, imbalance: str) -> float:

@@ -6,10 +6,22 @@ Three per-stage phases between ``check`` and ``aggregate``:
   passed the checks, aggregated by the strategy — and, per bank, the variant without its trees;
 * ``accept`` (bank): every bank of the round scores each variant on its holdout (reports only);
 * ``gate`` (aggregator): for each bank b, the pooled AUPRC at the *other* banks' holdouts with and
-  without b's update; if b's update lowers it by more than ``acceptance_delta``, b is refused by
+  without b's update; if b's update lowers it by more than the allowed drop δ, b is refused by
   name (``acceptance_degrades``) and moves from accepted to rejected in ``checks.json``. Each bank's
-  contribution (pooled AUPRC at every holdout with minus without its update) goes to
+  contribution (pooled AUPRC at every holdout with minus without its update) and δ go to
   ``acceptance.json``, and from there to MLflow and the round report.
+
+δ (``acceptance_delta``): a fixed number, or ``"auto"``: ``acceptance_z`` standard errors of the
+drop, at least ``acceptance_delta_floor``. The standard error of one AUPRC estimate on n pooled
+positives is taken as sqrt(p(1-p)/n) (the binomial form of Boyd et al. 2013); the two figures are
+scored on the same holdouts by models sharing most trees, so they are positively correlated and
+sqrt(se_with² + se_without²) over-states the drop's error: the gate errs towards accepting.
+
+Two passes: a leave-one-out with a degrading member in the stage judges the others against a
+poisoned pool, so the first pass refuses only the worst bank over its δ (the largest excess), and
+a second pass re-judges the rest on the pool without it — its holdout left out too — from the pair
+variants (without the worst and b) the banks scored in the same answer. When the pairs were not
+asked (more than ``PAIR_LIMIT`` updates), every bank over its δ in the first pass is refused.
 
 Histogram rounds build every tree collectively, so there is no one bank's update to score: the
 cross-evaluation before round 1 (``crossval.py``) guards them.
@@ -35,10 +47,12 @@ log = logging.getLogger("fedfraud.rounds")
 WITH_ALL = "with_all"
 REFUSED = "acceptance_degrades"
 GATED = (StrategyName.BAGGING, StrategyName.CYCLIC)
+MAX_VARIANTS = 64  # what a bank scores in one question (bank_node.acceptance.MAX_VARIANTS)
+PAIR_LIMIT = 10  # updates whose pair variants fit: 1 + n + n(n-1)/2 <= MAX_VARIANTS
 
 
-def _without(bank: str) -> str:
-    return f"without:{bank}"
+def _without(*banks: str) -> str:
+    return "without:" + "+".join(sorted(banks))
 
 
 def _folder(r: RoundState) -> Path:
@@ -49,6 +63,11 @@ def question_path(r: RoundState) -> Path:
     return _folder(r) / "question.json"
 
 
+def judged_path(r: RoundState) -> Path:
+    """The banks whose updates the question judges, and whether their pairs were asked."""
+    return _folder(r) / "judged.json"
+
+
 def answer_path(r: RoundState, bank: str) -> Path:
     return _folder(r) / "answers" / f"{bank}.json"
 
@@ -56,6 +75,7 @@ def answer_path(r: RoundState, bank: str) -> Path:
 def propose(r: RoundState) -> None:
     """The stage's candidate with and without each accepted update, for every bank to score."""
     question_path(r).unlink(missing_ok=True)
+    judged_path(r).unlink(missing_ok=True)
     accepted = checks(r)["stage_accepted"]
     if not r.plan.settings.acceptance or r.plan.strategy not in GATED or not accepted:
         return
@@ -65,16 +85,22 @@ def propose(r: RoundState) -> None:
                                              max_bytes=r.plan.settings.max_update_bytes) for b in accepted),
                      key=lambda u: u.bank)  # the strategies append in bank order
     candidate = r.strategy.aggregate(base, updates, r.plan.banks)
-    start = len(model_json.trees(base)) if base is not None else 0
-    variants: dict[str, dict] = {WITH_ALL: {"model": "candidate", "drop": []}}
+    start, own = len(model_json.trees(base)) if base is not None else 0, {}
     for u in updates:
-        count = len(model_json.trees(u.model))
-        if len(model_json.trees(candidate)) > count:  # else the variant has no tree: scored as no-skill
-            variants[_without(u.bank)] = {"model": "candidate", "drop": list(range(start, start + count))}
-        start += count
+        own[u.bank] = list(range(start, start + len(model_json.trees(u.model))))
+        start += len(own[u.bank])
     if start != len(model_json.trees(candidate)):
         raise RuntimeError(f"{r.strategy.name} did not append the stage's trees in bank order")
+    groups, paired = [[b] for b in own], r.plan.settings.acceptance_delta is not None and len(own) <= PAIR_LIMIT
+    if paired:  # for the second pass
+        groups += [[a, b] for i, a in enumerate(own) for b in list(own)[i + 1:]]
+    variants: dict[str, dict] = {WITH_ALL: {"model": "candidate", "drop": []}}
+    for group in groups:
+        drop = sorted(i for b in group for i in own[b])
+        if len(drop) < start:  # else the variant has no tree: scored as no-skill
+            variants[_without(*group)] = {"model": "candidate", "drop": drop}
     question = ScoreQuestion(r.round_id, "accept", variants, {"candidate": candidate})
+    r.ws.write_json({"banks": list(own), "paired": paired}, judged_path(r))
     write_bytes(question.to_bytes(), question_path(r))
 
 
@@ -124,42 +150,87 @@ def _matches_summary(r: RoundState, bank: str, report) -> None:
                               f"its summary declared {declared[0]} in {declared[1]}")
 
 
+def allowed_drop(settings, with_: float, without: float, positives: int) -> float | None:
+    """δ for one judgement: fixed, or ``"auto"``: z standard errors of the drop on ``positives``
+    pooled frauds (at least the floor); None when nothing is judged (gate off, no positives)."""
+    delta = settings.acceptance_delta
+    if delta is None or delta != "auto":
+        return None if delta is None else float(delta)
+    if positives <= 0 or not (math.isfinite(with_) and math.isfinite(without)):
+        return None
+    variance = (with_ * (1 - with_) + without * (1 - without)) / positives
+    return max(settings.acceptance_delta_floor, settings.acceptance_z * math.sqrt(variance))
+
+
+def _judge(r: RoundState, answers: dict[str, dict], labels: list[str], evaluators: list[str],
+           with_label: str, without_label: str) -> dict:
+    """The pooled AUPRC at ``evaluators``' holdouts with and without one update, and its δ."""
+    row = {"evaluators": evaluators}
+    if evaluators:
+        base_reports = [answers[b][with_label] for b in evaluators]
+        row["others_with"] = crosscheck.auprc(base_reports)
+        row["others_without"] = (crosscheck.auprc([answers[b][without_label] for b in evaluators])
+                                 if without_label in labels else crosscheck.prevalence(base_reports))
+        row["others_positives"] = sum(answers[b][WITH_ALL].positives for b in evaluators)
+        row["allowed_drop"] = allowed_drop(r.plan.settings, row["others_with"], row["others_without"],
+                                           row["others_positives"])
+    return row
+
+
+def _excess(row: dict) -> float:
+    """How far the update's drop goes past δ (> 0: refuse); -inf when not judged."""
+    if row.get("allowed_drop") is None:
+        return -math.inf
+    return row["others_without"] - row["others_with"] - row["allowed_drop"]
+
+
+def _refusal(r: RoundState, bank: str, row: dict, when: str) -> dict:
+    detail = (f"{when}: pooled AUPRC at {len(row['evaluators'])} other bank(s) ({row['others_positives']} frauds) "
+              f"{row['others_with']:.4f} with its update, {row['others_without']:.4f} without "
+              f"(allowed drop {row['allowed_drop']:.4f})")
+    log.warning("round %s: %s refused by %s: %s", r.round_id, bank, REFUSED, detail)
+    return {"bank": bank, "check": REFUSED, "detail": detail}
+
+
 def gate(r: RoundState) -> None:
-    """Refuse, by name, each update that lowers the others' pooled AUPRC by more than δ; record contributions."""
+    """Refuse, by name, updates that lower the others' pooled AUPRC by more than δ (two passes);
+    record contributions and each judgement's δ."""
     if not question_path(r).exists():
         return
     question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
     labels = sorted(question.variants)
     answers, faults = _answers(r, labels)
-    delta = r.plan.settings.acceptance_delta
-    verdict, refused, stage = checks(r), [], {"stage": list(r.stage), "faults": faults, "banks": {}}
-    for bank in checks(r)["stage_accepted"]:
-        others = sorted(b for b in answers if b != bank)
-        label = _without(bank)
-        row = {"evaluators": others}
-        if others:
-            base_reports = [answers[b][WITH_ALL] for b in others]
-            row["others_with"] = crosscheck.auprc(base_reports)
-            row["others_without"] = (crosscheck.auprc([answers[b][label] for b in others]) if label in labels
-                                     else crosscheck.prevalence(base_reports))  # no trees without it: no skill
+    verdict, stage = checks(r), {"stage": list(r.stage), "faults": faults, "banks": {}}
+    judged = r.ws.read_json(judged_path(r))  # as proposed: a re-run of the gate judges the same banks
+    banks, paired = judged["banks"], judged["paired"]
+    for bank in banks:
+        row = _judge(r, answers, labels, sorted(b for b in answers if b != bank), WITH_ALL, _without(bank))
         if answers:
             every = sorted(answers)
             with_all = crosscheck.auprc([answers[b][WITH_ALL] for b in every])
-            without = (crosscheck.auprc([answers[b][label] for b in every]) if label in labels
+            without = (crosscheck.auprc([answers[b][_without(bank)] for b in every]) if _without(bank) in labels
                        else crosscheck.prevalence([answers[b][WITH_ALL] for b in every]))
             row["contribution"] = with_all - without
-        drop = row.get("others_without", math.nan) - row.get("others_with", math.nan)
-        if delta is not None and drop > delta:
-            detail = (f"pooled AUPRC at {len(others)} other bank(s) {row['others_with']:.4f} with its update, "
-                      f"{row['others_without']:.4f} without (allowed drop {delta})")
-            refused.append({"bank": bank, "check": REFUSED, "detail": detail})
-            log.warning("round %s: %s refused by %s: %s", r.round_id, bank, REFUSED, detail)
         stage["banks"][bank] = row
+    over = sorted((b for b in banks if _excess(stage["banks"][b]) > 0),
+                  key=lambda b: (-_excess(stage["banks"][b]), b))
+    refused = [_refusal(r, b, stage["banks"][b], "first pass") for b in (over[:1] if paired else over)]
+    worst = over[0] if over else None
+    if paired and worst is not None and _without(worst) in labels:  # second pass: the pool without the worst
+        for bank in (b for b in banks if b != worst):
+            row = _judge(r, answers, labels, sorted(b for b in answers if b not in (bank, worst)),
+                         _without(worst), _without(bank, worst))
+            stage["banks"][bank]["second_pass"] = {"without": worst, **row}
+            if _excess(row) > 0:
+                refused.append(_refusal(r, bank, row, f"second pass, without {worst}"))
+    stage["refused"] = [x["bank"] for x in refused]
     if refused:
         names = {x["bank"] for x in refused}
+        earlier = [x for x in verdict["rejections"] if not (x["check"] == REFUSED and x["bank"] in banks)]
         r.ws.write_json({"participants": [b for b in verdict["participants"] if b not in names],
-                         "rejections": verdict["rejections"] + refused,
-                         "stage_accepted": [b for b in verdict["stage_accepted"] if b not in names]}, r.path("checks"))
+                         "rejections": earlier + refused,
+                         "stage_accepted": [b for b in verdict["stage_accepted"] if b not in names]},
+                        r.path("checks"))
     record = records.read_acceptance(r.ws, r.round_id)
     record["stages"] = [s for s in record["stages"] if s["stage"] != stage["stage"]] + [stage]
     r.ws.write_json(record, records.acceptance_path(r.ws, r.round_id))
