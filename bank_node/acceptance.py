@@ -4,7 +4,7 @@
 some trees) goes through the node's ordinary ``evaluate`` — the same checks as any received
 model — and only its report (metrics and score histograms) leaves. ``local_model`` is the
 bank's model from its own rows for cross-evaluation; its trees *do* leave the bank (they are
-scored at the others), so a bank may refuse it (``BankNode.share_local_model = False``).
+scored at the others), so a bank may refuse it (``share_local_model: false`` in its agent config).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def score_question(node: "BankNode", question_bytes: bytes) -> bytes:
 
 def local_model(node: "BankNode", task_bytes: bytes) -> bytes:
     """Trees from this bank's rows alone, for the others to score (round 0, no base model)."""
-    if not getattr(node, "share_local_model", True):
+    if not node.share_local_model:
         raise LocalModelRefused(f"{node.bank} does not share its local model for cross-evaluation")
     task = TrainTask.from_bytes(task_bytes)
     if task.round_id != 0 or task.base_model is not None:

@@ -46,6 +46,7 @@ class AgentConfig:
     pipeline_config: Path | None = None  # the bank's pipeline config (default: the consortium's)
     policy: Any = None  # bank_node.policy.TrainingPolicy: the tasks this bank accepts (YAML ``policy:``)
     share_metrics: bool = False  # send per-bank evaluation metrics (histograms only ever leave masked)
+    share_local_model: bool = True  # cross-evaluation: let the others score a model from this bank's rows
 
     @classmethod
     def load(cls, path: str | Path) -> "AgentConfig":
@@ -65,8 +66,9 @@ class AgentConfig:
         for key in ("data", "work_dir", "pipeline_config"):
             if raw.get(key) is not None:
                 raw[key] = Path(raw[key])
-        if not isinstance(raw.get("share_metrics", False), bool):
-            raise ConfigError(f"{path}: share_metrics must be true or false")
+        for key in ("share_metrics", "share_local_model"):
+            if key in raw and not isinstance(raw[key], bool):
+                raise ConfigError(f"{path}: {key} must be true or false, not {raw[key]!r}")
         if not raw["aggregator_url"].startswith("https://"):
             raise ConfigError(f"{path}: aggregator_url must be https:// (mutual TLS), got {raw['aggregator_url']}")
         return cls(**raw)
@@ -113,6 +115,7 @@ class Agent:
                              settings.holdout_fraction, settings.alert_budget,
                              histogram_tls=ClientTLS(str(config.tls.ca), str(config.tls.key), str(config.tls.cert)),
                              policy=config.policy, share_metrics=config.share_metrics,
+                             share_local_model=config.share_local_model,
                              secagg=lambda: SecAggCredentials.from_files(config.tls.ca, config.tls.cert,
                                                                          config.tls.key))  # read on first use
         self.client = client or AggregatorClient(config.aggregator_url, config.tls, config.retry)

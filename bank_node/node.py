@@ -54,7 +54,8 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
 class BankNode:
     def __init__(self, bank: str, raw_path: str | Path, work_dir: str | Path, config: PipelineConfig,
                  holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET, engine: str = "local",
-                 histogram_tls=None, policy: TrainingPolicy | None = None, secagg=None, share_metrics: bool = False):
+                 histogram_tls=None, policy: TrainingPolicy | None = None, secagg=None, share_metrics: bool = False,
+                 share_local_model: bool = True):
         self.bank = bank
         self.raw_path = Path(raw_path)
         self.work_dir = Path(work_dir)
@@ -67,6 +68,7 @@ class BankNode:
         self.policy = policy or TrainingPolicy()  # what this bank accepts to train and to load
         self.secagg = secagg  # masked_evaluation.SecAggCredentials or its loader: signs key offers (None: cannot mask)
         self.share_metrics = share_metrics  # per-bank metrics leave only if the bank says so
+        self.share_local_model = share_local_model  # cross-evaluation: may its local model be scored at the others?
 
     def secagg_credentials(self):
         """The bank's ``SecAggCredentials`` (a loader, e.g. the agent's TLS files, is called on first use), or None."""
@@ -179,8 +181,6 @@ class BankNode:
         scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
         report = evaluation_report(self.bank, model_json.model_id(doc), scores, data.y_holdout, self.alert_budget)
         return dataclasses.replace(report, metrics=finite(report.metrics)).to_bytes()
-
-    share_local_model = True  # cross-evaluation: may this bank's local model be scored at the others?
 
     def score(self, question_bytes: bytes) -> bytes:
         """Score a cross-evaluation or acceptance question's models on the holdout (reports only)."""
