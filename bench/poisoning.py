@@ -39,10 +39,22 @@ ATTACKS = {
     "leaf_1e39": "a leaf of 1e39",
 }
 MODES = ("undefended", "defended", "acceptance_only")
-# The README table was measured with the gate refusing at delta 0.05 (the default only measures);
-# acceptance_only: the gate alone, no cross-evaluation.
-MODE_SETTINGS = {"defended": {"acceptance_delta": 0.05},
-                 "acceptance_only": {"crossval": False, "acceptance_delta": 0.05}}
+# defended: default settings, except the gate's δ if --acceptance-delta says so; acceptance_only: the gate
+# alone, no cross-evaluation.
+MODE_SETTINGS = {"defended": {}, "acceptance_only": {"crossval": False}}
+
+
+def acceptance_delta(text: str) -> float | str | None:
+    """--acceptance-delta: "auto" (the default setting), "none" (measure only) or a fixed drop."""
+    lowered = text.strip().lower()
+    return "auto" if lowered == "auto" else None if lowered == "none" else float(text)
+
+
+def mode_settings(args, mode: str) -> dict:
+    settings = dict(MODE_SETTINGS.get(mode, {}))
+    if mode != "undefended":
+        settings["acceptance_delta"] = acceptance_delta(args.acceptance_delta)
+    return settings
 
 
 # ---- the attacker: a bank node that lies in what it sends -----------------------------------------
@@ -171,9 +183,10 @@ def run_attack(args, mode: str, attack: str) -> dict:
     try:
         contract = load_contract(next(iter(honest.values())).work_dir / CONTRACT_FILE)  # as the banks built it
         result = run_federation(nodes, "bagging", args.rounds, tracker, contract,
-                                FederationSettings(trees_per_round=args.trees, **MODE_SETTINGS.get(mode, {})),
+                                FederationSettings(trees_per_round=args.trees, **mode_settings(args, mode)),
                                 args.seed, work_dir=work)
         doc = json.loads((work / "federations" / name / f"round-{args.rounds}" / "model.json").read_bytes())
+        row["gate"] = gate_figures(work / "federations" / name, args.rounds)
         row.update(outcome="registered", version=result.version, reported_auprc=result.evaluation.pooled["auprc"],
                    pooled_auprc=true_pooled_auprc(doc, honest),
                    rejections=sorted({f"{x['bank']}:{x['check']}" for x in result.rejections}),
@@ -188,6 +201,28 @@ def run_attack(args, mode: str, attack: str) -> dict:
         row.update(outcome=f"failed: {exc.__class__.__name__}: {str(exc)[:160]}")
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
+
+
+def gate_figures(folder: Path, rounds: int) -> dict:
+    """Per round and bank: the drop of the others' pooled AUPRC its update caused, and the allowed drop
+    (first pass; ``2nd`` the second pass's, after a refusal), from the rounds' acceptance records."""
+    out = {}
+    for round_id in range(1, rounds + 1):
+        path = folder / f"round-{round_id}" / "acceptance.json"
+        for stage in json.loads(path.read_bytes())["stages"] if path.exists() else []:
+            for bank, row in stage["banks"].items():
+                figures = {"drop": _drop(row), "allowed": row.get("allowed_drop")}
+                if "second_pass" in row:
+                    second = row["second_pass"]
+                    figures["2nd"] = {"drop": _drop(second), "allowed": second.get("allowed_drop")}
+                out.setdefault(str(round_id), {})[bank] = figures
+    return out
+
+
+def _drop(row: dict) -> float | None:
+    if "others_with" not in row:
+        return None
+    return round(row["others_without"] - row["others_with"], 4)
 
 
 def _parent_tag(client, federation_id: str) -> str:
@@ -240,7 +275,8 @@ def run_mode(args, mode: str, attacks: list[str]) -> list[dict]:
     while attacks:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--attacks", ",".join(attacks),
                "--out", str(out), "--work-dir", str(args.work_dir), "--rounds", str(args.rounds),
-               "--trees", str(str(args.trees)), "--seed", str(args.seed), "--attacker", args.attacker]
+               "--trees", str(str(args.trees)), "--seed", str(args.seed), "--attacker", args.attacker,
+               "--acceptance-delta", args.acceptance_delta]
         proc = subprocess.Popen(cmd, env=env, cwd=args.work_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         last, seen = time.monotonic(), 0.0
         while proc.poll() is None:
@@ -301,7 +337,9 @@ def named(row: dict | None, attacker: str) -> str:
         return row["outcome"][:90] if row else "–"
     names = [f"excluded {r}" for b, r in row["excluded"].items() if b == attacker]
     names += [x.split(":", 1)[1] for x in row["rejections"] if x.startswith(attacker + ":")]
-    return ", ".join(sorted(set(names))) or "not named"
+    honest = sorted(x.split(":")[0] for x in row["rejections"]
+                    if x.endswith(":acceptance_degrades") and not x.startswith(attacker + ":"))
+    return (", ".join(sorted(set(names))) or "not named") + (f"; gate refused {', '.join(honest)}" if honest else "")
 
 
 def recorded(args, mode: str) -> dict[str, dict]:
@@ -314,7 +352,7 @@ def recorded(args, mode: str) -> dict[str, dict]:
 def setup(args) -> dict:
     """What makes two runs' rows comparable (one table may gather modes run separately)."""
     return {k: getattr(args, k) for k in ("rows", "banks", "rounds", "trees", "seed", "attacker",
-                                          "undefended_commit")}
+                                          "undefended_commit", "acceptance_delta")}
 
 
 def main() -> None:
@@ -328,6 +366,8 @@ def main() -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--modes", default="undefended,defended")
     parser.add_argument("--undefended-commit", default="18f26c1")
+    parser.add_argument("--acceptance-delta", default="auto",
+                        help='the gate\'s allowed drop in defended modes: "auto" (the default), "none" or a number')
     parser.add_argument("--stall-seconds", type=int, default=240)  # no file written for this long: hung
     parser.add_argument("--work-dir", type=Path, default=Path("work/bench/poison"))
     parser.add_argument("--child", choices=MODES)
