@@ -3,7 +3,8 @@
 Three per-stage phases between ``check`` and ``aggregate``:
 
 * ``propose`` (aggregator): the stage's candidate — the working model with every update that
-  passed the checks, aggregated by the strategy — and, per bank, the variant without its trees;
+  passed the checks, aggregated by the strategy — and, per bank, the variant without its trees
+  (and, for the gate's second pass, per pair of banks the variant without both);
 * ``accept`` (bank): every bank of the round scores each variant on its holdout (reports only);
 * ``gate`` (aggregator): for each bank b, the pooled AUPRC at the *other* banks' holdouts with and
   without b's update; if b's update lowers it by more than the allowed drop δ, b is refused by
@@ -73,7 +74,7 @@ def answer_path(r: RoundState, bank: str) -> Path:
 
 
 def propose(r: RoundState) -> None:
-    """The stage's candidate with and without each accepted update, for every bank to score."""
+    """The stage's candidate with and without each accepted update (and each pair), for every bank to score."""
     question_path(r).unlink(missing_ok=True)
     judged_path(r).unlink(missing_ok=True)
     accepted = checks(r)["stage_accepted"]
