@@ -139,12 +139,13 @@ class WorkerProcess:
             while self.process.poll() is None:
                 if self.sidecar is not None and self.sidecar.poll() is not None:
                     self.kill()
-                    raise WorkerFailed(f"secagg sidecar exited with {self.sidecar.returncode}; worker killed. "
-                                       f"{self.log_tail()}")
+                    raise self._sidecar_failed()
                 if time.monotonic() > deadline:
                     self.kill()
                     raise WorkerFailed(f"no result within {self.timeout_s:.0f}s; killed. {self.log_tail()}")
                 time.sleep(0.05)
+            if self.process.returncode != 0 and self._sidecar_crashed():
+                raise self._sidecar_failed()  # the worker only lost its channel: name the cause
         finally:
             self._stop_sidecar()
         code = self.process.returncode
@@ -152,6 +153,16 @@ class WorkerProcess:
             reason = "aborted" if self.aborted else f"exited with {code}"
             raise WorkerFailed(f"training process {reason}. {self.log_tail()}")
         return self.out.read_bytes()
+
+    def _sidecar_crashed(self) -> bool:
+        """The sidecar died on its own (a kill closes its sockets a moment before it can be reaped)."""
+        try:
+            return self.sidecar is not None and self.sidecar.wait(1) != 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _sidecar_failed(self) -> WorkerFailed:
+        return WorkerFailed(f"secagg sidecar exited with {self.sidecar.returncode}; worker killed. {self.log_tail()}")
 
     def _stop_sidecar(self) -> None:
         if self.sidecar is not None and self.sidecar.poll() is None:
