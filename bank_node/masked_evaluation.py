@@ -1,10 +1,10 @@
 """A bank's side of secure aggregation in the round's evaluation: its key offer, then its masked histograms.
 
 ``make_offer`` answers a ``KeyRequest``: a fresh X25519 key for the session (kept in the bank's
-work folder, mode 0600, never sent), signed with the bank's consortium certificate. ``evaluate_masked``
-answers a ``MaskedEvaluationTask``: it verifies every peer's relayed offer, derives the pairwise keys,
-scores its holdout through the node's ordinary (guarded) evaluation and sends its score histograms
-only as masked words — plus its metrics if, and only if, the bank shares them (``share_metrics``).
+work folder, mode 0600, never sent, deleted ``SESSION_TTL_S`` after the session's last use), signed
+with the bank's consortium certificate. ``evaluate_masked`` answers a ``MaskedEvaluationTask``: it
+verifies every peer's relayed offer, derives the pairwise keys, scores its holdout through the node's
+ordinary (guarded) evaluation and sends its score histograms only as masked words — plus its metrics if, and only if, the bank shares them (``share_metrics``).
 
 Refused by name: a bank without a consortium certificate (``secagg_no_identity``), fewer than three
 banks (``too_few_parties``), a session it never offered in (``session_unknown``), a second, different
@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -33,6 +35,7 @@ from fedfraud.wire import EvaluationReport, KeyRequest, MaskedEvaluation, Masked
 if TYPE_CHECKING:
     from bank_node.node import BankNode
 
+SESSION_TTL_S = 7 * 24 * 3600  # a session's private key and answers are deleted this long after their last use
 SLOTS = {"candidate": 0, "champion": 1}  # the bank's own mask label per purpose: never chosen by the aggregator
 
 
@@ -74,6 +77,17 @@ class SessionStore:
         keys = SessionKeys.generate(bank, session, identity)
         _write_private(path, keys.secret_bytes())
         return keys
+
+    def prune(self, older_than_s: float = SESSION_TTL_S) -> list[str]:
+        """Delete the sessions unused for ``older_than_s`` (their private keys need not outlive them)."""
+        if not self.folder.is_dir():
+            return []
+        cutoff, removed = time.time() - older_than_s, []
+        for folder in self.folder.iterdir():
+            if folder.is_dir() and not folder.is_symlink() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder)
+                removed.append(folder.name)
+        return removed
 
     def answered(self, session: str, purpose: str) -> dict | None:
         path = self._dir(session) / f"{purpose}.json"
@@ -122,6 +136,7 @@ def make_offer(node: "BankNode", request_bytes: bytes) -> bytes:
     request = KeyRequest.from_bytes(request_bytes)
     session = check_session(request.session)
     _session_banks(node.bank, request.banks)
+    node.secagg_store.prune()
     keys = node.secagg_store.keys(session, credentials.identity, create=True)
     return SessionOffer(**keys.offer()).to_bytes()
 

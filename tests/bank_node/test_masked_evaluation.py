@@ -3,13 +3,16 @@ answers masked words, and sends metrics only when its config says ``share_metric
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 from conftest import TOY_FEATURES
 
 from bank_node.agent import Agent, AgentConfig
 from bank_node.dataset import BankDataset
-from bank_node.masked_evaluation import SecAggCredentials
+from bank_node.masked_evaluation import SESSION_TTL_S, SecAggCredentials
 from bank_node.node import BankNode
 from fedfraud import model_json, pki
 from fedfraud.config_file import TLSFiles
@@ -76,3 +79,20 @@ def test_banks_given_one_work_folder_by_mistake_keep_their_own_keys_and_answers(
     total = decode_counts(unmasked_sum([words_from_text(a.words, 2000) for a in answers.values()]))
     clear = [EvaluationReport.from_bytes(n.evaluate(model_json.to_bytes(doc))) for n in nodes.values()]
     assert np.array_equal(total, np.sum([r.hist_pos + r.hist_neg for r in clear], axis=0))
+
+
+def test_a_new_offer_deletes_sessions_unused_for_a_week(tmp_path):
+    certs = tmp_path / "consortium"
+    pki.provision("nordic", ["aggregator", *BANKS], certs)
+    node = BankNode("alpha", tmp_path, tmp_path / "alpha", None, secagg=SecAggCredentials.from_files(
+        certs / "alpha" / "ca.crt", certs / "alpha" / "cert.pem", certs / "alpha" / "key.pem"))
+    node.offer(KeyRequest(SESSION, BANKS).to_bytes())
+    (old,) = [p for p in (tmp_path / "alpha" / "secagg").iterdir()]
+    week_ago = time.time() - SESSION_TTL_S - 60
+    os.utime(old, (week_ago, week_ago))
+    recent = SESSION.replace("attempt-1", "attempt-2")
+    node.offer(KeyRequest(recent, BANKS).to_bytes())
+    kept = [p.name for p in (tmp_path / "alpha" / "secagg").iterdir()]
+    assert old.name not in kept and len(kept) == 1  # the week-old session's private key is gone, the new one kept
+    node.offer(KeyRequest(recent, BANKS).to_bytes())  # a session in use is kept (same key if asked again)
+    assert [p.name for p in (tmp_path / "alpha" / "secagg").iterdir()] == kept
