@@ -12,14 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from fedfraud.crosscheck import ScoreAnswer, ScoreQuestion
+from fedfraud.crosscheck import MAX_VARIANTS, ScoreAnswer, ScoreQuestion
 from fedfraud.model_json import to_bytes
 from fedfraud.wire import EvaluationReport, TrainTask, WireFormatError
 
 if TYPE_CHECKING:
     from bank_node.node import BankNode
-
-MAX_VARIANTS = 64
 
 
 class LocalModelRefused(RuntimeError):

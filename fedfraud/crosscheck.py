@@ -22,6 +22,8 @@ from fedfraud.model_json import Doc
 from fedfraud.scores import BINS, average_precision
 from fedfraud.wire import DEFAULT_MAX_UPDATE_BYTES, EvaluationReport, WireFormatError, WireMessage
 
+MAX_VARIANTS = 64  # variants a bank scores in one question (each is one pass over its holdout)
+
 
 @dataclass(frozen=True)
 class ScoreQuestion(WireMessage):

@@ -39,7 +39,7 @@ from aggregator.protocol.state import Exchange, Node, RoundState, answer_toleran
 from aggregator.protocol import training
 from aggregator.protocol.training import checks
 from fedfraud import crosscheck, model_json
-from fedfraud.crosscheck import ScoreAnswer, ScoreQuestion
+from fedfraud.crosscheck import MAX_VARIANTS, ScoreAnswer, ScoreQuestion
 from fedfraud.protocol import StrategyName, TaskKind
 from fedfraud.wire import ModelUpdate, WireFormatError
 from pipelines.io import write_bytes
@@ -48,8 +48,8 @@ log = logging.getLogger("fedfraud.rounds")
 WITH_ALL = "with_all"
 REFUSED = "acceptance_degrades"
 GATED = (StrategyName.BAGGING, StrategyName.CYCLIC)
-MAX_VARIANTS = 64  # what a bank scores in one question (bank_node.acceptance.MAX_VARIANTS)
-PAIR_LIMIT = 10  # updates whose pair variants fit: 1 + n + n(n-1)/2 <= MAX_VARIANTS
+# updates whose pair variants fit in one question: 1 + n + n(n-1)/2 <= MAX_VARIANTS (10 at 64)
+PAIR_LIMIT = max(n for n in range(1, MAX_VARIANTS) if 1 + n + n * (n - 1) // 2 <= MAX_VARIANTS)
 
 
 def _without(*banks: str) -> str:

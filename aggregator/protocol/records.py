@@ -27,6 +27,18 @@ def contributions(ws: Workspace, round_id: int) -> dict[str, float]:
             for bank, row in stage["banks"].items() if "contribution" in row}
 
 
+def gate_metrics(ws: Workspace, round_id: int) -> dict[str, float]:
+    """The acceptance gate's judgement of each bank in a round, as MLflow metrics: ``acceptance_drop.<bank>``
+    (the others' pooled AUPRC without minus with its update) and ``acceptance_allowed_drop.<bank>`` (its δ)."""
+    metrics = {}
+    for stage in read_acceptance(ws, round_id)["stages"]:
+        for bank, row in stage["banks"].items():
+            if row.get("allowed_drop") is not None:
+                metrics[f"acceptance_drop.{bank}"] = row["others_without"] - row["others_with"]
+                metrics[f"acceptance_allowed_drop.{bank}"] = row["allowed_drop"]
+    return metrics
+
+
 def crossval_dir(ws: Workspace) -> Path:
     return ws.root / "crossval"
 

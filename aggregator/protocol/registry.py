@@ -69,6 +69,7 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         r.tracker.log_rejections(round_id, outcome["rejections"])
         r.tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
         r.tracker.log_contributions(round_id, contributions)
+        r.tracker.log_metrics(round_id, records.gate_metrics(ws, round_id))
         r.tracker.log_metrics(round_id, traffic.metrics(wire))
         version = r.tracker.register_round_model(booster, plan.federation_id, round_id,
                                                  zero_example(plan.feature_names), tags)

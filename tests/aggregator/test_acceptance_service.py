@@ -11,6 +11,7 @@ import json
 import time
 
 import pytest
+from mlflow import MlflowClient
 
 from aggregator.service.config import ServiceConfig, TLSFiles
 from aggregator.protocol.state import node_call
@@ -78,6 +79,11 @@ def test_a_bagging_round_through_the_service_scores_each_update_before_it_joins(
         ws = c.workspace(c._federation(s, "f"))
     report = ws.read_json(ws.path(1, "registered"))
     assert set(report["contributions"]) == set(nodes) and report["participants"] == sorted(nodes)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    metrics = client.get_run(client.get_model_version("svc", str(report["version"])).run_id).data.metrics
+    for bank in nodes:  # each bank's judgement: the drop its update caused at the others, and its δ
+        assert 0.01 <= metrics[f"acceptance_allowed_drop.{bank}"] < 1, metrics
+        assert metrics[f"acceptance_drop.{bank}"] <= metrics[f"acceptance_allowed_drop.{bank}"], metrics
     c.stop()
 
 
