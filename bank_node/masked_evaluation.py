@@ -4,7 +4,8 @@
 work folder, mode 0600, never sent, deleted ``SESSION_TTL_S`` after the session's last use), signed
 with the bank's consortium certificate. ``evaluate_masked`` answers a ``MaskedEvaluationTask``: it
 verifies every peer's relayed offer, derives the pairwise keys, scores its holdout through the node's
-ordinary (guarded) evaluation and sends its score histograms only as masked words — plus its metrics if, and only if, the bank shares them (``share_metrics``).
+ordinary (guarded) evaluation and sends its score histograms only as masked words — plus its metrics
+if, and only if, the bank shares them (``share_metrics``).
 
 Refused by name: a bank without a consortium certificate (``secagg_no_identity``), fewer than three
 banks (``too_few_parties``), a session it never offered in (``session_unknown``), a second, different

@@ -38,7 +38,7 @@ def generate(rows: int, folder: Path, seed: int) -> Path:
     if not raw.exists():
         subprocess.run([str(Path(sys.executable).parent / "fedfraud"), "generate", "--out", str(raw), "--banks", "1",
                         "--rows", str(rows), "--seed", str(seed)], check=True, capture_output=True)
-    for root, dirs, files in os.walk(raw):  # readable by the image's unprivileged user
+    for root, _dirs, files in os.walk(raw):  # readable by the image's unprivileged user
         os.chmod(root, 0o755)
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
