@@ -75,6 +75,37 @@ def toy_banks():
 TOY_FEATURES = [f"x{i}" for i in range(6)]
 
 
+def four_toy_banks(toy_banks) -> dict:
+    """``toy_banks`` plus a fourth, ``delta`` (masked sums need three banks that answer, and one may drop)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(450, 6)).astype(np.float32)
+    y = (rng.random(450) < 1 / (1 + np.exp(-(2.0 * X[:, 3] - 3.0)))).astype(np.int32)
+    return {**toy_banks, "delta": (X, y)}
+
+
+def with_toy_data(node, X, y):
+    """A ``BankNode`` on toy rows without Spark: the first 300 train, the rest are its holdout."""
+    from bank_node.dataset import BankDataset
+
+    node.__dict__["data"] = BankDataset(TOY_FEATURES, X[:300], y[:300], X[300:], y[300:], None)
+    node.__dict__["contract"] = {"hash": "h", "names": TOY_FEATURES}
+    node._require_training_allowed = lambda: None
+    return node
+
+
+def toy_counts(nodes, banks) -> dict:
+    """What each toy bank's summary would declare, as a plan records it."""
+    counts = {}
+    for b in banks:
+        d = nodes[b].data
+        pos = int(d.y_train.sum())
+        counts[b] = {"train_rows": len(d.y_train), "positives": pos, "negatives": len(d.y_train) - pos,
+                     "holdout_rows": len(d.y_holdout), "holdout_positives": int(d.y_holdout.sum())}
+    return counts
+
+
 def _e2e_settings():
     from fedfraud.settings import FederationSettings
 

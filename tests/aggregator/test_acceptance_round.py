@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
-from conftest import TOY_FEATURES
+from conftest import TOY_FEATURES, four_toy_banks, toy_counts, with_toy_data
 
 from aggregator.protocol import acceptance, records, training
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
 from aggregator.protocol.workspace import Workspace
-from bank_node.dataset import BankDataset
 from bank_node.node import BankNode
 from fedfraud import model_json
 from fedfraud.crosscheck import ScoreQuestion
@@ -26,28 +24,13 @@ BANKS = ["alpha", "beta", "delta", "gamma"]
 
 @pytest.fixture
 def nodes(toy_banks, tmp_path):
-    rng = np.random.default_rng(3)
-    X = rng.normal(size=(450, 6)).astype(np.float32)
-    y = (rng.random(450) < 1 / (1 + np.exp(-(2.0 * X[:, 3] - 3.0)))).astype(np.int32)
-    data = {**toy_banks, "delta": (X, y)}
-    out = {}
-    for bank in BANKS:
-        X, y = data[bank]
-        node = BankNode(bank, tmp_path / bank, tmp_path / "banks" / bank, config=None)
-        node.__dict__["data"] = BankDataset(TOY_FEATURES, X[:300], y[:300], X[300:], y[300:], None)
-        node.__dict__["contract"] = {"hash": "h", "names": TOY_FEATURES}
-        node._require_training_allowed = lambda: None
-        out[bank] = node
-    return out
+    data = four_toy_banks(toy_banks)
+    return {bank: with_toy_data(BankNode(bank, tmp_path / bank, tmp_path / "banks" / bank, config=None), *data[bank])
+            for bank in BANKS}
 
 
 def round_state(tmp_path, nodes, settings: FederationSettings) -> RoundState:
-    counts = {}
-    for b in BANKS:
-        d = nodes[b].data
-        pos = int(d.y_train.sum())
-        counts[b] = {"train_rows": len(d.y_train), "positives": pos, "negatives": len(d.y_train) - pos,
-                     "holdout_rows": len(d.y_holdout), "holdout_positives": int(d.y_holdout.sum())}
+    counts = toy_counts(nodes, BANKS)
     plan = Plan(model_name="m", strategy="bagging", rounds=1, seed=1, settings=settings, contract_hash="h",
                 feature_names=TOY_FEATURES, banks=BANKS, excluded={}, consortium_params=PARAMS,
                 federation_id="fed0", counts=counts)

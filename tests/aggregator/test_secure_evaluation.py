@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TOY_FEATURES
+from conftest import TOY_FEATURES, four_toy_banks, toy_counts, with_toy_data
 
 from aggregator.drivers.embedded import embedded_credentials
 from aggregator.protocol import secure_evaluation as secure
@@ -18,7 +18,6 @@ from aggregator.protocol.errors import PhaseRerun, RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
 from aggregator.protocol.workspace import Workspace
-from bank_node.dataset import BankDataset
 from bank_node.masked_evaluation import SecAggUnavailable
 from bank_node.node import BankNode
 from fedfraud import model_json
@@ -34,25 +33,15 @@ BANKS = ["alpha", "beta", "delta", "gamma"]
 
 @pytest.fixture(scope="module")
 def data(toy_banks):
-    rng = np.random.default_rng(3)
-    X = rng.normal(size=(450, 6)).astype(np.float32)
-    y = (rng.random(450) < 1 / (1 + np.exp(-(2.0 * X[:, 3] - 3.0)))).astype(np.int32)
-    return {**toy_banks, "delta": (X, y)}
+    return four_toy_banks(toy_banks)
 
 
 @pytest.fixture
 def nodes(data, tmp_path):
     credentials = embedded_credentials(tmp_path / "pki", BANKS)
-    out = {}
-    for bank in BANKS:
-        X, y = data[bank]
-        node = BankNode(bank, tmp_path / bank, tmp_path / "banks" / bank, config=None, secagg=credentials[bank],
-                        share_metrics=bank == "alpha")
-        node.__dict__["data"] = BankDataset(TOY_FEATURES, X[:300], y[:300], X[300:], y[300:], None)
-        node.__dict__["contract"] = {"hash": "h", "names": TOY_FEATURES}
-        node._require_training_allowed = lambda: None
-        out[bank] = node
-    return out
+    return {bank: with_toy_data(BankNode(bank, tmp_path / bank, tmp_path / "banks" / bank, config=None,
+                                         secagg=credentials[bank], share_metrics=bank == "alpha"), *data[bank])
+            for bank in BANKS}
 
 
 def model(node: BankNode) -> dict:
@@ -62,12 +51,7 @@ def model(node: BankNode) -> dict:
 
 
 def round_state(tmp_path, nodes, banks=BANKS, min_banks=1) -> RoundState:
-    counts = {}
-    for b in banks:
-        d = nodes[b].data
-        pos = int(d.y_train.sum())
-        counts[b] = {"train_rows": len(d.y_train), "positives": pos, "negatives": len(d.y_train) - pos,
-                     "holdout_rows": len(d.y_holdout), "holdout_positives": int(d.y_holdout.sum())}
+    counts = toy_counts(nodes, banks)
     plan = Plan(model_name="m", strategy="bagging", rounds=1, seed=1, settings=FederationSettings(min_banks=min_banks),
                 contract_hash="h", feature_names=TOY_FEATURES, banks=list(banks), excluded={},
                 consortium_params=PARAMS, federation_id="fed0", counts=counts)

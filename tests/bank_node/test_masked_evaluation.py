@@ -8,10 +8,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TOY_FEATURES
+from conftest import TOY_FEATURES, with_toy_data
 
 from bank_node.agent import Agent, AgentConfig
-from bank_node.dataset import BankDataset
 from bank_node.masked_evaluation import SESSION_TTL_S, SecAggCredentials
 from bank_node.node import BankNode
 from fedfraud import model_json, pki
@@ -29,13 +28,6 @@ BANKS = ["alpha", "beta", "gamma"]
 SESSION = "fed/round-1/evaluate/attempt-1/0123"
 
 
-def _with_data(node: BankNode, X, y) -> BankNode:
-    node.__dict__["data"] = BankDataset(TOY_FEATURES, X[:300], y[:300], X[300:], y[300:], None)
-    node.__dict__["contract"] = {"hash": "h", "names": TOY_FEATURES}
-    node._require_training_allowed = lambda: None
-    return node
-
-
 @pytest.mark.parametrize("share", [False, True])
 def test_the_agent_signs_with_its_tls_certificate_and_shares_metrics_only_if_configured(toy_banks, tmp_path, share):
     certs = tmp_path / "consortium"
@@ -43,8 +35,8 @@ def test_the_agent_signs_with_its_tls_certificate_and_shares_metrics_only_if_con
     config = AgentConfig(bank="alpha", aggregator_url="https://127.0.0.1:1", data=tmp_path / "raw",
                          work_dir=tmp_path / "agent", tls=TLSFiles.from_folder(certs / "alpha"), share_metrics=share)
     agent = Agent(config, client=object())
-    _with_data(agent.node, *toy_banks["alpha"])
-    peers = {b: _with_data(BankNode(b, tmp_path, tmp_path / b, None, secagg=SecAggCredentials.from_files(
+    with_toy_data(agent.node, *toy_banks["alpha"])
+    peers = {b: with_toy_data(BankNode(b, tmp_path, tmp_path / b, None, secagg=SecAggCredentials.from_files(
         certs / b / "ca.crt", certs / b / "cert.pem", certs / b / "key.pem")), *toy_banks[b]) for b in BANKS[1:]}
     request = KeyRequest(SESSION, BANKS).to_bytes()
     offers = {"alpha": SessionOffer.from_bytes(agent.compute(TaskKind.KEYS, request))}
@@ -65,7 +57,7 @@ def test_the_agent_signs_with_its_tls_certificate_and_shares_metrics_only_if_con
 def test_banks_given_one_work_folder_by_mistake_keep_their_own_keys_and_answers(toy_banks, tmp_path):
     certs, shared = tmp_path / "consortium", tmp_path / "one-folder"
     pki.provision("nordic", ["aggregator", *BANKS], certs)
-    nodes = {b: _with_data(BankNode(b, tmp_path, shared, None, secagg=SecAggCredentials.from_files(
+    nodes = {b: with_toy_data(BankNode(b, tmp_path, shared, None, secagg=SecAggCredentials.from_files(
         certs / b / "ca.crt", certs / b / "cert.pem", certs / b / "key.pem")), *toy_banks[b]) for b in BANKS}
     request = KeyRequest(SESSION, BANKS).to_bytes()
     offers = {b: SessionOffer.from_bytes(n.offer(request)) for b, n in nodes.items()}
