@@ -163,15 +163,21 @@ def allowed_drop(settings, with_: float, without: float, positives: int) -> floa
     return max(settings.acceptance_delta_floor, settings.acceptance_z * math.sqrt(variance))
 
 
+def _pooled(answers: dict[str, dict], labels: list[str], evaluators: list[str], with_label: str,
+            without_label: str) -> tuple[float, float]:
+    """The pooled AUPRC at ``evaluators``' holdouts with and without one update (no trees left: no-skill)."""
+    base_reports = [answers[b][with_label] for b in evaluators]
+    without = (crosscheck.auprc([answers[b][without_label] for b in evaluators]) if without_label in labels
+               else crosscheck.prevalence(base_reports))
+    return crosscheck.auprc(base_reports), without
+
+
 def _judge(r: RoundState, answers: dict[str, dict], labels: list[str], evaluators: list[str],
            with_label: str, without_label: str) -> dict:
     """The pooled AUPRC at ``evaluators``' holdouts with and without one update, and its δ."""
     row = {"evaluators": evaluators}
     if evaluators:
-        base_reports = [answers[b][with_label] for b in evaluators]
-        row["others_with"] = crosscheck.auprc(base_reports)
-        row["others_without"] = (crosscheck.auprc([answers[b][without_label] for b in evaluators])
-                                 if without_label in labels else crosscheck.prevalence(base_reports))
+        row["others_with"], row["others_without"] = _pooled(answers, labels, evaluators, with_label, without_label)
         row["others_positives"] = sum(answers[b][WITH_ALL].positives for b in evaluators)
         row["allowed_drop"] = allowed_drop(r.plan.settings, row["others_with"], row["others_without"],
                                            row["others_positives"])
@@ -207,10 +213,7 @@ def gate(r: RoundState) -> None:
     for bank in banks:
         row = _judge(r, answers, labels, sorted(b for b in answers if b != bank), WITH_ALL, _without(bank))
         if answers:
-            every = sorted(answers)
-            with_all = crosscheck.auprc([answers[b][WITH_ALL] for b in every])
-            without = (crosscheck.auprc([answers[b][_without(bank)] for b in every]) if _without(bank) in labels
-                       else crosscheck.prevalence([answers[b][WITH_ALL] for b in every]))
+            with_all, without = _pooled(answers, labels, sorted(answers), WITH_ALL, _without(bank))
             row["contribution"] = with_all - without
         stage["banks"][bank] = row
     over = sorted((b for b in banks if _excess(stage["banks"][b]) > 0),
