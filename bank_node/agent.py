@@ -47,6 +47,7 @@ class AgentConfig:
     policy: Any = None  # bank_node.policy.TrainingPolicy: the tasks this bank accepts (YAML ``policy:``)
     share_metrics: bool = False  # send per-bank evaluation metrics (histograms only ever leave masked)
     share_local_model: bool = True  # cross-evaluation: let the others score a model from this bank's rows
+    privacy: Any = None  # bank_node.privacy.PrivacyPolicy: DP on leaf values and its ε budget (YAML ``privacy:``)
 
     @classmethod
     def load(cls, path: str | Path) -> "AgentConfig":
@@ -58,9 +59,11 @@ class AgentConfig:
         except TypeError as exc:
             raise ConfigError(f"{path}: retry takes attempts, backoff_seconds, max_backoff_seconds ({exc})") from exc
         from bank_node.policy import TrainingPolicy
+        from bank_node.privacy import PrivacyPolicy
 
         try:
             raw["policy"] = TrainingPolicy.from_dict(raw.get("policy"))
+            raw["privacy"] = PrivacyPolicy.from_dict(raw.get("privacy"))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         for key in ("data", "work_dir", "pipeline_config"):
@@ -115,7 +118,7 @@ class Agent:
                              settings.holdout_fraction, settings.alert_budget,
                              histogram_tls=ClientTLS(str(config.tls.ca), str(config.tls.key), str(config.tls.cert)),
                              policy=config.policy, share_metrics=config.share_metrics,
-                             share_local_model=config.share_local_model,
+                             share_local_model=config.share_local_model, privacy=config.privacy,
                              secagg=lambda: SecAggCredentials.from_files(config.tls.ca, config.tls.cert,
                                                                          config.tls.key))  # read on first use
         self.client = client or AggregatorClient(config.aggregator_url, config.tls, config.retry)

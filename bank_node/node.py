@@ -22,6 +22,7 @@ from typing import Any
 from bank_node.dataset import BankDataset, read_features, spark_training_rows, time_split
 from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, holdout_metrics
 from bank_node.policy import TaskRefused, TrainingPolicy
+from bank_node.privacy import PrivacyPolicy, train_private
 from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
 from fedfraud import model_json
 from fedfraud.model_guard import ModelRefused, header_from_model, parse_received_model, rebuild_model
@@ -55,7 +56,7 @@ class BankNode:
     def __init__(self, bank: str, raw_path: str | Path, work_dir: str | Path, config: PipelineConfig,
                  holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET, engine: str = "local",
                  histogram_tls=None, policy: TrainingPolicy | None = None, secagg=None, share_metrics: bool = False,
-                 share_local_model: bool = True):
+                 share_local_model: bool = True, privacy: PrivacyPolicy | None = None):
         self.bank = bank
         self.raw_path = Path(raw_path)
         self.work_dir = Path(work_dir)
@@ -69,6 +70,9 @@ class BankNode:
         self.secagg = secagg  # masked_evaluation.SecAggCredentials or its loader: signs key offers (None: cannot mask)
         self.share_metrics = share_metrics  # per-bank metrics leave only if the bank says so
         self.share_local_model = share_local_model  # cross-evaluation: may its local model be scored at the others?
+        self.privacy = privacy or PrivacyPolicy()  # DP on leaf values (bagging, cyclic, local model); off by default
+        if self.privacy.enabled and engine != "local":
+            raise ValueError(f"{bank}: privacy needs engine 'local' (the Spark engine grows trees without it)")
 
     def secagg_credentials(self):
         """The bank's ``SecAggCredentials`` (a loader, e.g. the agent's TLS files, is called on first use), or None."""
@@ -81,6 +85,12 @@ class BankNode:
         from bank_node.masked_evaluation import SessionStore
 
         return SessionStore(self.work_dir / "secagg", self.bank)
+
+    @cached_property
+    def privacy_ledger(self):
+        from bank_node.privacy_ledger import PrivacyLedger
+
+        return PrivacyLedger(self.work_dir / "privacy", self.privacy.epsilon_budget, self.privacy.delta)
 
     def is_prepared(self) -> bool:
         """True when features exist for exactly this input and config (no Spark needed)."""
@@ -128,7 +138,10 @@ class BankNode:
         task = self.accepted_task(task_bytes)
         self._require_training_allowed()
         data = self.data
-        if self.engine == "spark":
+        epsilon = None
+        if self.privacy.enabled:  # charged before it trains; refused over budget (bank_node/privacy.py)
+            booster, epsilon = train_private(task, task_bytes, data, self.privacy, self.privacy_ledger)
+        elif self.engine == "spark":
             from pipelines.spark import get_spark
 
             rows = spark_training_rows(get_spark("fedfraud-bank"), self.work_dir / FEATURES_DIR, data)
@@ -137,7 +150,7 @@ class BankNode:
             booster = train_trees(task, data.X_train, data.y_train, data.feature_names)
         scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
         metrics = finite(holdout_metrics(scores, data.y_holdout, self.alert_budget))
-        return build_update(task, booster, data.counts(), metrics).to_bytes()
+        return build_update(task, booster, data.counts(), metrics, epsilon).to_bytes()
 
     def accepted_task(self, task_bytes: bytes) -> TrainTask:
         """The task if this bank accepts it: for this bank, inside its policy, its base model
@@ -215,6 +228,8 @@ class BankNode:
         from bank_node.histogram_worker import ClientTLS, HistogramSession, start_worker
 
         task = self.accepted_task(task_bytes)
+        if self.privacy.enabled:  # histogram-round DP (noise before masking) is not built: never unaccounted
+            raise TaskRefused("privacy_unsupported", "this bank trains privately; the histogram strategy has no DP")
         self._require_training_allowed()
         session = HistogramSession.from_bytes(session_bytes)
         if session.bank != self.bank:

@@ -55,9 +55,11 @@ def train_trees_spark(
 
 
 def build_update(
-    task: TrainTask, booster: xgb.Booster, counts: dict[str, int], metrics: dict[str, float]
+    task: TrainTask, booster: xgb.Booster, counts: dict[str, int], metrics: dict[str, float],
+    privacy_epsilon: float | None = None,
 ) -> ModelUpdate:
-    """The update that leaves the bank: new trees only, training statistics scrubbed, metadata."""
+    """The update that leaves the bank: new trees only, training statistics scrubbed, metadata
+    (and, when the bank trains privately, the ε it has spent so far)."""
     base_rounds = model_json.to_booster(task.base_model).num_boosted_rounds() if task.base_model else 0
     trees = model_json.scrub_training_stats(model_json.new_trees_only(booster, base_rounds))
     return ModelUpdate(
@@ -69,4 +71,5 @@ def build_update(
         counts=counts,
         metrics=metrics,
         model=trees,
+        privacy_epsilon=privacy_epsilon,
     )

@@ -94,7 +94,8 @@ OUTGOING: dict[str, Fields] = {
                        "decline_reasons": ListOf(str), "data_window": ListOf(OneOf((str, None)), 2),
                        "holdout_start": OneOf((str, None))}),
     "update": Fields({"bank": str, "round_id": int, "base_model_id": str, "contract_hash": str, "seed": int,
-                      "counts": COUNTS, "metrics": METRICS, "model": MODEL}),
+                      "counts": COUNTS, "metrics": METRICS, "model": MODEL,
+                      "privacy_epsilon": float}),  # only from a bank that trains privately (bank_node/privacy.py)
     "key offer": Fields({"bank": str, "session": str, "public_key": BASE64, "certificate": str, "signature": BASE64}),
     "masked evaluation": Fields({"bank": str, "model_id": str, "session": str, "purpose": str, "words": BASE64,
                                  "metrics": METRICS}),

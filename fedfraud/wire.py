@@ -96,6 +96,23 @@ class ModelUpdate(WireMessage):
     counts: dict[str, int]
     metrics: dict[str, float]
     model: Doc = field(repr=False)
+    privacy_epsilon: float | None = None  # ε the bank has spent so far, when it trains privately (its claim)
+
+    MAX_EPSILON: ClassVar[float] = 1e6
+
+    def __post_init__(self) -> None:
+        eps = self.privacy_epsilon
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                                or not 0 <= eps <= self.MAX_EPSILON):  # NaN fails the comparison too
+            raise WireFormatError(f"update privacy_epsilon must be a number in [0, {self.MAX_EPSILON:g}], "
+                                  f"got {str(eps)[:24]}")
+
+    def to_bytes(self) -> bytes:
+        """As every message; without ``privacy_epsilon`` when the bank does not train privately."""
+        body = asdict(self)
+        if self.privacy_epsilon is None:
+            del body["privacy_epsilon"]
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
 @dataclass(frozen=True)

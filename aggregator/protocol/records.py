@@ -2,10 +2,13 @@
 
     <federation>/crossval/crossval.json      cross-evaluation: exclusions, every local model's figures
     <federation>/round-<r>/acceptance.json   acceptance: per stage, each bank's figures and contribution
+
+and, read here for the round report, the ε each privately training bank declared in its checked update.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,17 @@ def contributions(ws: Workspace, round_id: int) -> dict[str, float]:
     """Each bank's contribution in a round: pooled AUPRC with minus without its update."""
     return {bank: row["contribution"] for stage in read_acceptance(ws, round_id)["stages"]
             for bank, row in stage["banks"].items() if "contribution" in row}
+
+
+def privacy_epsilons(ws: Workspace, round_id: int) -> dict[str, float]:
+    """ε spent so far, as each bank declared it in its update that passed ``check`` (bounded and validated
+    there: ``ModelUpdate.privacy_epsilon``); banks that do not train privately send none."""
+    spent = {}
+    for bank, data in ws.messages(round_id, "updates-checked").items():  # training.CHECKED
+        epsilon = json.loads(data).get("privacy_epsilon")
+        if epsilon is not None:
+            spent[bank] = float(epsilon)
+    return spent
 
 
 def gate_metrics(ws: Workspace, round_id: int) -> dict[str, float]:

@@ -61,6 +61,7 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         Tag.METRICS_SHARED_BY: ",".join(sorted(evaluation.per_bank)),
     }
     contributions = records.contributions(ws, round_id)
+    privacy = records.privacy_epsilons(ws, round_id)  # each private bank's ε spent, as it declared
     wire = traffic.totals(ws.round_dir(round_id))  # bytes each bank sent and received this round
     floor = best_local(r)
     if floor is not None:
@@ -70,6 +71,7 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
         r.tracker.log_round_metrics(round_id, evaluation.per_bank, evaluation.pooled)
         r.tracker.log_contributions(round_id, contributions)
         r.tracker.log_metrics(round_id, records.gate_metrics(ws, round_id))
+        r.tracker.log_metrics(round_id, {f"privacy.epsilon.{bank}": eps for bank, eps in privacy.items()})
         r.tracker.log_metrics(round_id, traffic.metrics(wire))
         version = r.tracker.register_round_model(booster, plan.federation_id, round_id,
                                                  zero_example(plan.feature_names), tags)
@@ -82,7 +84,7 @@ def register_and_promote(r: RoundState) -> tuple[int, FederatedEvaluation, list[
                   "champion_auprc_before": champion_auprc, "promoted_to_champion": promoted,
                   "best_local_model": None if floor is None else {"bank": floor[0], "pooled_auprc": floor[1]},
                   "contributions": contributions, "acceptance": records.read_acceptance(ws, round_id)["stages"],
-                  "trees": booster.num_boosted_rounds(), "bytes": wire,
+                  "privacy_epsilon": privacy, "trees": booster.num_boosted_rounds(), "bytes": wire,
                   "compaction": ws.read_json(r.path("compaction")) if r.path("compaction").exists() else None}
         earlier = [(n, ws.read_json(ws.path(n, "registered"))["pooled"]) for n in range(1, round_id)
                    if ws.path(n, "registered").exists()]
