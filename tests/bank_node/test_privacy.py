@@ -173,3 +173,66 @@ def test_an_update_with_a_bad_epsilon_is_refused_and_old_updates_parse(value):
         ModelUpdate.from_bytes(json.dumps({**body, "privacy_epsilon": value}).encode())
     del body["privacy_epsilon"]
     assert ModelUpdate.from_bytes(json.dumps(body).encode()).privacy_epsilon is None
+
+
+def test_the_agent_yaml_privacy_block_reaches_the_node(tmp_path):
+    import yaml
+
+    from bank_node.agent import Agent, AgentConfig, ConfigError
+
+    for name in ("ca.crt", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("x")
+    base = {"bank": "alpha", "aggregator_url": "https://127.0.0.1:1", "data": str(tmp_path / "raw"),
+            "work_dir": str(tmp_path / "agent"),
+            "tls": {k: str(tmp_path / f) for k, f in (("ca", "ca.crt"), ("cert", "cert.pem"), ("key", "key.pem"))}}
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({**base, "privacy": {"enabled": True, "epsilon_budget": 3, "noise_multiplier": 5}}))
+    node = Agent(AgentConfig.load(path), client=object()).node
+    assert node.privacy == PrivacyPolicy(True, epsilon_budget=3, noise_multiplier=5)
+    assert node.privacy_ledger.path == tmp_path / "agent" / "node" / "privacy" / "ledger.json"
+    path.write_text(yaml.safe_dump({**base, "privacy": {"enabled": True, "budget": 3}}))
+    with pytest.raises(ConfigError, match="privacy: unknown keys"):
+        AgentConfig.load(path)
+
+
+REPORT = {"training_allowed": True, "decline_reasons": [], "event_time_min": "2026-01-01T00:00:00",
+          "event_time_max": "2026-03-01T00:00:00"}
+
+
+@pytest.mark.slow
+def test_a_private_bagging_federation_reports_each_banks_epsilon_in_mlflow_and_the_round_report(tmp_path, toy_banks):
+    from conftest import four_toy_banks
+
+    from aggregator.drivers.embedded import run_federation
+    from aggregator.tracking import FederationTracker
+    from fedfraud.boundary import outgoing_problem
+    from fedfraud.settings import FederationSettings
+
+    nodes = {}
+    for bank, (X, y) in four_toy_banks(toy_banks).items():
+        work = tmp_path / "banks" / bank
+        (work / "validation").mkdir(parents=True)
+        (work / "validation" / "report.json").write_text(json.dumps(REPORT))
+        privacy = PrivacyPolicy(True, epsilon_budget=50.0, noise_multiplier=3.0 if bank != "delta" else 6.0)
+        nodes[bank] = with_toy_data(BankNode(bank, work, work, config=None, privacy=privacy), X, y)
+    settings = FederationSettings(trees_per_round=3, max_depth=3, max_bin=16, crossval_max_trees=3,
+                                  crossval_min_lift=0.0, crossval_max_contradiction_auc=0.0, acceptance_delta=None)
+    aggregator = tmp_path / "aggregator"
+    tracker = FederationTracker(f"sqlite:///{aggregator / 'mlflow.db'}", "private-bagging")
+    result = run_federation(nodes, "bagging", 2, tracker, {"hash": "h", "names": TOY_FEATURES}, settings, seed=3,
+                            work_dir=aggregator)
+    assert result.version == 2
+
+    runs = tracker.client.search_runs([tracker.experiment_id])
+    parent = next(run for run in runs if "mlflow.parentRunId" not in run.data.tags)
+    last_round = aggregator / "federations" / "private-bagging" / "round-2"
+    report = json.loads((last_round / "registered.json").read_text())
+    for bank, node in nodes.items():  # the local model (3 trees) is charged too, then 3 trees a round
+        sigma = node.privacy.noise_multiplier
+        expected = [epsilon_spent({sigma: 3 + 3 * r}, 1e-5) for r in (1, 2)]
+        history = tracker.client.get_metric_history(parent.info.run_id, f"privacy.epsilon.{bank}")
+        assert [(m.step, m.value) for m in history] == [(r, pytest.approx(expected[r - 1])) for r in (1, 2)]
+        assert node.privacy_ledger.spent() == pytest.approx(expected[1])
+        assert report["privacy_epsilon"][bank] == pytest.approx(expected[1])
+        assert outgoing_problem("update", (last_round / "updates" / f"{bank}.json").read_bytes()) is None
+    assert report["privacy_epsilon"]["delta"] < report["privacy_epsilon"]["alpha"]  # more noise, less ε
