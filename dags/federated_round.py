@@ -67,6 +67,10 @@ def _fail_cleanly(call):
         "crossval": Param(True, type="boolean", description="cross-evaluate the banks' local models before round 1"),
         "champion_gate": Param(True, type="boolean",
                                description="a first champion must beat the best single-bank local model"),
+        "acceptance_delta": Param("auto", type=["string", "number", "null"],
+                                  description="the acceptance gate's allowed drop: auto, a number in [0, 1), "
+                                              "or null (measure contributions only)"),
+        "compaction": Param(False, type="boolean", description="bagging: drop trees the banks' holdouts do not need"),
         "work_dir": Param("", type="string", description="empty: $FEDFRAUD_WORK_DIR or work/airflow"),
     },
 )

@@ -49,6 +49,9 @@ class FederationSettings:
     compaction_new_trees: bool = False  # the round's own trees may be dropped too (only earlier rounds' when off)
 
     def __post_init__(self) -> None:
+        for name in SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
         delta = self.acceptance_delta
         if not (delta is None or delta == "auto" or _number_in(delta, 0, 1)):
             raise ValueError(f"acceptance_delta must be \"auto\", null or a number in [0, 1), not {delta!r}")
@@ -56,19 +59,36 @@ class FederationSettings:
             raise ValueError(f"acceptance_z must be a number in (0, 10), not {self.acceptance_z!r}")
         if not _number_in(self.acceptance_delta_floor, 0, 1):
             raise ValueError(f"acceptance_delta_floor must be in [0, 1), not {self.acceptance_delta_floor!r}")
-        if not isinstance(self.compaction, bool):
-            raise ValueError(f"compaction must be true or false, not {self.compaction!r}")
-        if not (isinstance(self.compaction_tolerance, (int, float)) and 0 <= self.compaction_tolerance < 1):
+        if not _number_in(self.compaction_tolerance, 0, 1):
             raise ValueError(f"compaction_tolerance must be in [0, 1), not {self.compaction_tolerance!r}")
-        if not (isinstance(self.compaction_steps, int) and 1 <= self.compaction_steps <= 32):
+        if not (_number_in(self.compaction_steps, 1, 33) and isinstance(self.compaction_steps, int)):
             raise ValueError(f"compaction_steps must be an integer in 1..32, not {self.compaction_steps!r}")
-        if not isinstance(self.compaction_new_trees, bool):
-            raise ValueError(f"compaction_new_trees must be true or false, not {self.compaction_new_trees!r}")
-        if not (isinstance(self.compaction_max_fraction, (int, float)) and 0 < self.compaction_max_fraction <= 1):
+        if not (_number_in(self.compaction_max_fraction, 0, 2) and 0 < self.compaction_max_fraction <= 1):
             raise ValueError(f"compaction_max_fraction must be in (0, 1], not {self.compaction_max_fraction!r}")
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SWITCHES = ("acceptance", "crossval", "crossval_require_model", "champion_gate", "compaction", "compaction_new_trees")
+# What one federation may choose (a service request, a DAG run); every other setting is the consortium's default.
+REQUEST_OPTIONS = ("crossval", "champion_gate", "acceptance", "acceptance_delta", "acceptance_z",
+                   "acceptance_delta_floor", "compaction", "compaction_tolerance", "compaction_steps",
+                   "compaction_max_fraction", "compaction_new_trees")
+
+
+def requested_settings(trees_per_round: int, min_banks: int, options: dict[str, Any]) -> FederationSettings:
+    """The settings of one federation from its request's options; an unknown option or a value out of
+    its range is refused by name (``ValueError``), never ignored."""
+    unknown = sorted(set(options) - set(REQUEST_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown federation option(s) {unknown}; a request may set {list(REQUEST_OPTIONS)}")
+    return FederationSettings(trees_per_round=trees_per_round, min_banks=min_banks, **options)
+
+
+def requested_options(settings: FederationSettings) -> dict[str, Any]:
+    """The request options of ``settings``, every one spelled out (a stored request compares equal)."""
+    return {name: getattr(settings, name) for name in REQUEST_OPTIONS}
 
 
 def _number_in(value: Any, low: float, high: float) -> bool:

@@ -15,6 +15,7 @@ from aggregator.drivers.airflow_spec import RunSpec, wait_until
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.phases import bank_phase
 from fedfraud.protocol import TaskKind
+from fedfraud.settings import requested_options
 from fedfraud.transport import AggregatorClient
 
 FINISHED_TASK = ("done", "failed", "expired")
@@ -37,7 +38,7 @@ class NetworkedTasks:
         spec = self.spec
         request = {"model_name": spec.model_name, "strategy": spec.strategy, "rounds": spec.rounds,
                    "seed": spec.seed, "min_banks": spec.min_banks, "trees_per_round": spec.trees_per_round,
-                   "banks": sorted(spec.banks), "crossval": spec.crossval, "champion_gate": spec.champion_gate}
+                   "banks": sorted(spec.banks), **requested_options(spec.settings)}
         self.service.start_federation(self.key, request)
         state = wait_until(lambda: self.service.federation(self.key)["summaries"].get(bank, {}).get(TaskKind.SUMMARY),
                            lambda state: state in FINISHED_TASK, spec.wait_seconds, f"{bank}'s summary")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from aggregator.protocol.workspace import Workspace
 from fedfraud.protocol import StrategyName
-from fedfraud.settings import FederationSettings
+from fedfraud.settings import FederationSettings, requested_settings
 
 MODES = ("embedded", "networked")
 
@@ -33,6 +33,8 @@ class RunSpec:
     wait_seconds: int = 1800
     crossval: bool = True  # the poisoning defence's cross-evaluation before round 1
     champion_gate: bool = True  # a first champion must beat the best single-bank local model
+    acceptance_delta: float | str | None = "auto"  # the acceptance gate's allowed drop (README "Poisoning defence")
+    compaction: bool = False  # bagging: the banks judge smaller models every round (README "Compaction")
     run_id: str | None = None  # the scheduler's run: steps refuse state another run left behind
 
     @classmethod
@@ -44,12 +46,15 @@ class RunSpec:
             raise ValueError(f"mode must be one of {MODES}")
         known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and k != "banks"}
         work_dir = known.pop("work_dir", None) or os.environ.get("FEDFRAUD_WORK_DIR", "work/airflow")
-        return cls(banks=dict(banks), work_dir=work_dir, run_id=run_id, **known)
+        spec = cls(banks=dict(banks), work_dir=work_dir, run_id=run_id, **known)
+        assert spec.settings  # building them refuses a bad option by name, before any task runs
+        return spec
 
     @property
     def settings(self) -> FederationSettings:
-        return FederationSettings(trees_per_round=self.trees_per_round, min_banks=self.min_banks,
-                                  crossval=self.crossval, champion_gate=self.champion_gate)
+        return requested_settings(self.trees_per_round, self.min_banks, {
+            "crossval": self.crossval, "champion_gate": self.champion_gate,
+            "acceptance_delta": self.acceptance_delta, "compaction": self.compaction})
 
     @property
     def workspace(self) -> Workspace:

@@ -95,8 +95,10 @@ def banks(r: RoundState) -> list[str]:
 
 
 def exchanges(r: RoundState, bank: str) -> list[Exchange]:
-    """The compaction question, asked in the ``accept`` phase (none when there is nothing to compact)."""
-    return [Exchange(TaskKind.ACCEPT, bank, question_path(r), answer_path(r, bank))] if bank in banks(r) else []
+    """The compaction question, asked in the ``accept`` phase (none when there is nothing to compact); its
+    own ``part``, so the service keeps it apart from the acceptance question of the same bank and round."""
+    return ([Exchange(TaskKind.ACCEPT, bank, question_path(r), answer_path(r, bank), part=PURPOSE)]
+            if bank in banks(r) else [])
 
 
 def _answers(r: RoundState, labels: list[str]) -> tuple[dict[str, dict[str, EvaluationReport]], list[dict]]:

@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aggregator.service.config import ServiceConfig
-from aggregator.service.coordinator import REQUEST_KEYS, REQUEST_OPTIONS, Coordinator
+from aggregator.service.coordinator import REQUEST_KEYS, Coordinator
 from aggregator.service.intake import MAX_FAILURE_BYTES, MAX_SUMMARY_BYTES, Refused, limit_for
 from aggregator.strategies import STRATEGIES
+from fedfraud.settings import REQUEST_OPTIONS, requested_options, requested_settings
 
 MAX_LONG_POLL_S = 30.0
 
@@ -184,12 +185,11 @@ def _federation_request(body: bytes) -> dict[str, Any]:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
         for key in ("rounds", "seed", "min_banks", "trees_per_round"):
             request[key] = int(request[key])
-        for key, default in REQUEST_OPTIONS.items():
-            request[key] = raw.get(key, default)
-            if type(request[key]) is not type(default):
-                raise ValueError(f"{key} must be a {type(default).__name__}")
+        options = {key: value for key, value in raw.items() if key not in REQUEST_KEYS}
+        request.update(requested_options(requested_settings(request["trees_per_round"], request["min_banks"], options)))
     except (ValueError, KeyError, TypeError) as exc:
-        raise Refused(422, "malformed", f"a federation request needs {', '.join(REQUEST_KEYS)}: {exc}") from exc
+        raise Refused(422, "malformed", f"a federation request needs {', '.join(REQUEST_KEYS)} and may set "
+                                        f"{', '.join(REQUEST_OPTIONS)}: {exc}") from exc
     return request
 
 

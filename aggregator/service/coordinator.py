@@ -28,15 +28,13 @@ from aggregator.service.config import ServiceConfig
 from aggregator.service.intake import Refused
 from aggregator.service.tasks import BankTasks
 from fedfraud.protocol import TaskKind
-from fedfraud.settings import FederationSettings
+from fedfraud.settings import REQUEST_OPTIONS, requested_settings
 
 log = logging.getLogger("fedfraud.service")
 TRAINING = phases.BANK_PHASES[0].state
 LAST_STAGE_PHASE = [p for p in phases.BANK_PHASES if p.per_stage][-1]  # training's verdicts are final after it
 PHASE_BY_STATE: dict[str, Phase] = {p.state: p for p in phases.BANK_PHASES}
 REQUEST_KEYS = ("model_name", "strategy", "rounds", "seed", "min_banks", "trees_per_round", "banks")
-# the poisoning defence: cross-evaluation before round 1, and a first champion must beat the best local model
-REQUEST_OPTIONS: dict[str, Any] = {"crossval": True, "champion_gate": True}
 
 
 class Coordinator(BankTasks):
@@ -133,8 +131,8 @@ class Coordinator(BankTasks):
             if federation.plan is None and federation.state != "failed":
                 self._expire(s, key, 0, TaskKind.SUMMARY, "no summary before the federation was planned")
                 r = federation.request
-                settings = FederationSettings(trees_per_round=r["trees_per_round"], min_banks=r["min_banks"],
-                                              **{k: r.get(k, default) for k, default in REQUEST_OPTIONS.items()})
+                settings = requested_settings(r["trees_per_round"], r["min_banks"],
+                                              {k: r[k] for k in REQUEST_OPTIONS if k in r})
                 try:
                     plan = phases.plan_federation(
                         self.workspace(federation), r["model_name"], r["strategy"], r["rounds"], r["seed"],

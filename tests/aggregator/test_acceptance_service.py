@@ -111,3 +111,33 @@ def test_the_service_cross_evaluation_survives_a_restart_and_excludes_a_label_sw
         assert set(status["excluded"]) == {liar} and status["excluded"][liar].startswith("crossval_"), status
     finally:
         c.stop()
+
+
+def test_a_federation_request_can_turn_compaction_on_and_the_service_runs_its_phases(consortium, tmp_path):
+    from aggregator.service.app import _federation_request
+
+    nodes = consortium.nodes
+    tls = TLSFiles(tmp_path / "ca.crt", tmp_path / "cert.pem", tmp_path / "key.pem")
+    c = Coordinator(ServiceConfig(tls=tls, banks=tuple(nodes), database_url=f"sqlite:///{tmp_path / 'state.db'}",
+                                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg"))
+    body = {"model_name": "svc-c", "strategy": "bagging", "rounds": 2, "seed": 0, "min_banks": 2,
+            "trees_per_round": 4, "banks": sorted(nodes), "crossval": False, "compaction": True,
+            "compaction_tolerance": 0.05}
+    c.start_federation("f", _federation_request(json.dumps(body).encode()))
+    drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
+    assert c.plan_federation("f")["state"] == "planned"
+    for round_id in (1, 2):
+        c.open_round("f", round_id)
+        drive(c, nodes, lambda n=round_id: _registered(c, n))
+    with c.Session() as s:
+        ws = c.workspace(c._federation(s, "f"))
+    record = ws.read_json(ws.round_dir(2) / "compaction.json")
+    assert record["answered"] == sorted(nodes) and record["faults"] == [], record
+    assert ws.read_json(ws.path(2, "registered"))["compaction"] == record
+    c.stop()
+
+
+def _registered(c: Coordinator, round_id: int) -> bool:
+    status = c.round_status("f", round_id)
+    assert status["state"] != "failed", status["error"]
+    return status["state"] == "registered"
