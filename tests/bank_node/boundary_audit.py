@@ -95,6 +95,14 @@ def leaks(vector: np.ndarray, blobs: dict[str, bytes]) -> list[str]:
     return [name for name, blob in blobs.items() if any(form in blob for form in forms)]
 
 
+def documented_in_clear(name: str) -> bool:
+    """Files of the aggregator holding what README lists as leaving in the clear: cross-evaluation and acceptance
+    answers (the workspace's ``crossval/answers``, ``acceptance/stage-N/answers``; the service's ``exchange``
+    copies of ``accept`` and ``crossval`` uploads)."""
+    return ("/crossval/answers/" in name or ("/acceptance/" in name and "/answers/" in name)
+            or "/exchange/accept-" in name or "/exchange/crossval-" in name)
+
+
 def files_of(root: Path) -> dict[str, bytes]:
     """Every regular file under ``root``, by relative path (the aggregator's workspace, databases, artifacts)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from boundary_audit import (RecordingNode, distinctive, files_of, leaks, randomness_problem, report_histograms)
+from boundary_audit import (RecordingNode, distinctive, documented_in_clear, files_of, leaks, randomness_problem,
+                            report_histograms)
 from conftest import TOY_FEATURES, four_toy_banks, with_toy_data
 from federated_recorder import Recorder
 
@@ -175,11 +176,6 @@ def plaintext_leaks(run: Run, blobs: dict[str, bytes]) -> dict[str, list[str]]:
                         found[f"{bank}'s {name} histogram of {model_id}"] = places
     assert searched >= len(run.nodes), "too little to search for"
     return found
-
-
-def documented_in_clear(name: str) -> bool:
-    """Files holding what README says leaves in the clear: cross-evaluation and acceptance answers."""
-    return "/crossval/answers/" in name or ("/acceptance/" in name and "/answers/" in name)
 
 
 def test_the_aggregators_files_and_logs_hold_no_banks_masked_plaintext(run):
