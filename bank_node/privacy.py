@@ -57,6 +57,9 @@ from fedfraud import model_json
 from fedfraud.wire import ModelUpdate, TrainTask
 
 MAX_EPSILON = ModelUpdate.MAX_EPSILON  # the largest ε an update may carry
+# Below this the guarantee is vacuous (ε in the hundreds for a few dozen trees) and the accountant's grid
+# of privacy-loss values grows without bound; a bank that wants no noise turns privacy off.
+MIN_NOISE_MULTIPLIER = 0.3
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class PrivacyPolicy:
                 raise ValueError(f"privacy.{f.name} must be a positive number, got {value!r}")
         if self.delta >= 1 or self.epsilon_budget > MAX_EPSILON:
             raise ValueError(f"privacy.delta must be < 1 and epsilon_budget <= {MAX_EPSILON:g}")
+        if self.noise_multiplier < MIN_NOISE_MULTIPLIER:
+            raise ValueError(f"privacy.noise_multiplier must be at least {MIN_NOISE_MULTIPLIER} "
+                             f"(less is no guarantee), got {self.noise_multiplier!r}")
 
     @classmethod
     def from_dict(cls, raw: Any) -> "PrivacyPolicy":

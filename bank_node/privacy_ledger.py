@@ -22,6 +22,7 @@ from pathlib import Path
 from dp_accounting.privacy_loss_distribution import PrivacyLossDistribution
 
 from bank_node.policy import TaskRefused
+from bank_node.privacy import MIN_NOISE_MULTIPLIER
 from pipelines.io import write_bytes
 
 DISCRETIZATION = 1e-3  # PLD grid of privacy-loss values; pessimistic rounding keeps ε an upper bound
@@ -40,8 +41,11 @@ def epsilon_spent(mechanisms: dict[float, int], delta: float) -> float:
 
 
 def noise_for_budget(epsilon: float, delta: float, mechanisms: int, tolerance: float = 1e-3) -> float:
-    """The least noise multiplier whose ``mechanisms`` compositions stay within ``epsilon`` at ``delta``."""
-    low, high = 0.05, 1.0
+    """The least noise multiplier (at least ``MIN_NOISE_MULTIPLIER``) whose ``mechanisms`` compositions
+    stay within ``epsilon`` at ``delta``."""
+    low, high = MIN_NOISE_MULTIPLIER, max(1.0, MIN_NOISE_MULTIPLIER)
+    if epsilon_spent({low: mechanisms}, delta) <= epsilon:
+        return low
     while epsilon_spent({high: mechanisms}, delta) > epsilon:
         low, high = high, high * 2
         if high > 1e5:

@@ -129,11 +129,11 @@ def test_noise_has_the_declared_scale(toy_banks):
         return np.array(list(model_json.leaf_values(model_json.to_doc(private_trees(t, X, y, TOY_FEATURES, policy,
                                                                                     seed)))))
 
-    exact = leaves(1e-9, 0)  # the first tree's structure does not depend on the noise
-    assert np.abs(leaves(1e-9, 1) - exact).max() < 1e-6  # without noise the refit is deterministic
-    noise = np.concatenate([leaves(3.0, seed) - exact for seed in range(16)]) / PARAMS["eta"]
-    expected = 3.0 * PrivacyPolicy(True, leaf_clip=100.0, leaf_lambda=50.0).sensitivity(PARAMS)
+    # the first tree's structure does not depend on the noise: same seed, noise scales with sigma
+    noise = np.concatenate([leaves(3.0, seed) - leaves(0.3, seed) for seed in range(16)]) / PARAMS["eta"]
+    expected = (3.0 - 0.3) * PrivacyPolicy(True, leaf_clip=100.0, leaf_lambda=50.0).sensitivity(PARAMS)
     assert len(noise) >= 80 and np.std(noise) == pytest.approx(expected, rel=0.2)
+    assert np.abs(leaves(3.0, 5) - leaves(3.0, 5)).max() == 0  # seeded: the same noise again
 
 
 def test_the_ledger_refuses_a_task_over_budget_and_remembers_across_restarts(tmp_path, toy_banks):
@@ -154,8 +154,8 @@ def test_the_ledger_refuses_a_task_over_budget_and_remembers_across_restarts(tmp
 def test_privacy_config_is_validated_and_histogram_and_spark_are_refused(tmp_path, toy_banks):
     assert PrivacyPolicy.from_dict(None).enabled is False
     assert PrivacyPolicy.from_dict({"enabled": True, "epsilon_budget": 2}).epsilon_budget == 2
-    for wrong in ({"enabled": "yes"}, {"epsilon": 1}, {"delta": 1.5}, {"noise_multiplier": 0}, {"leaf_clip": -1},
-                  {"gradient_clip": float("nan")}, [1]):
+    for wrong in ({"enabled": "yes"}, {"epsilon": 1}, {"delta": 1.5}, {"noise_multiplier": 0},
+                  {"noise_multiplier": 0.1}, {"leaf_clip": -1}, {"gradient_clip": float("nan")}, [1]):
         with pytest.raises(ValueError, match="privacy"):
             PrivacyPolicy.from_dict(wrong)
     with pytest.raises(ValueError, match="engine 'local'"):
