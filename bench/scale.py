@@ -150,13 +150,13 @@ def main(argv=None) -> None:
     if "banks" in args.parts:
         summary["banks"] = banks_part(args)
         print_banks(summary["banks"])
-    if "scoring" in args.parts:
-        summary["scoring"] = scoring_part(args)
-        print_scoring(summary["scoring"])
-    if "bank" in args.parts:
+    if "bank" in args.parts:  # before scoring: scoring times the model alone on these features too
         summary["bank"] = [launch(args, args.work_dir / "bank" / f"{rows}.json", "bank", rows=rows, trees=args.trees,
                                   seed=args.seed) for rows in args.sizes]
         print_bank(summary["bank"])
+    if "scoring" in args.parts:
+        summary["scoring"] = scoring_part(args)
+        print_scoring(summary["scoring"])
     summary["load_average_end"] = os.getloadavg()
     out = args.work_dir / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
