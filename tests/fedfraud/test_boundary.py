@@ -28,6 +28,12 @@ def boundary_section() -> str:
     return " ".join(text[start:text.index("\n## ", start + 1)].split())  # line breaks as spaces
 
 
+# how README's list names each field of the summary
+SUMMARY_README_NAMES = {"counts": "counts", "contract_hash": "feature-contract hash", "data_window": "data window",
+                        "training_allowed": "training_allowed", "decline_reasons": "decline_reasons",
+                        "holdout_start": "holdout_start"}
+
+
 def update() -> ModelUpdate:
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(200, 3)), rng.integers(0, 2, 200)
@@ -38,7 +44,7 @@ def update() -> ModelUpdate:
 
 
 def test_every_task_kind_has_a_declared_answer():
-    assert set(ANSWERS) == set(TaskKind.ALL) - {TaskKind.HISTOGRAM} | {TaskKind.HISTOGRAM}
+    assert set(ANSWERS) == set(TaskKind.ALL)
     assert {answer_kind(kind) for kind in TaskKind.ALL} | {"failure"} == set(OUTGOING)
 
 
@@ -117,7 +123,20 @@ def test_the_readme_lists_every_declared_kind(kind):
     assert README_NAMES[kind] in boundary_section(), f"README's boundary section does not list {kind!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="finding: a failed task's reason leaves the bank and README does not list "
-                   "it yet; the text to paste is in notes/readme_boundary.md (remove this mark when it is in)")
+UNLISTED = pytest.mark.xfail(strict=True, reason="finding: leaves the bank but README's list does not name it yet; the "
+                              "text to paste is in notes/readme_boundary.md (remove this mark once it is in)")
+
+
+@pytest.mark.parametrize("field", [
+    "counts", "contract_hash", "data_window",
+    pytest.param("training_allowed", marks=UNLISTED), pytest.param("decline_reasons", marks=UNLISTED),
+    pytest.param("holdout_start", marks=UNLISTED),
+])
+def test_the_readme_names_every_field_of_the_summary(field):
+    assert field in OUTGOING["summary"].fields
+    assert SUMMARY_README_NAMES[field] in boundary_section(), f"README does not name the summary's {field}"
+
+
+@UNLISTED
 def test_the_readme_lists_a_failed_tasks_reason():
     assert re.search(README_NAMES["failure"], boundary_section())
