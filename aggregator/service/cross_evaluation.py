@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-
-from sqlalchemy import select
 
 from aggregator.protocol import crossval
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import Exchange
-from aggregator.service import store
 
 log = logging.getLogger("fedfraud.service")
 CROSS_EVALUATING = "cross-evaluating"
@@ -42,21 +38,7 @@ def run(coordinator, key: str) -> None:
     def ask(exchanges: list[Exchange]) -> None:
         with c.lock, c.Session.begin() as s:
             ids = [c._add_task(s, federation, 0, x.kind, x.bank, x.question, x.answer, x.part).id for x in exchanges]
-        deadline = time.time() + c.config.deadline_seconds
-        while not c._stop.is_set():
-            with c.Session() as s:
-                still_open = s.scalars(select(store.Task.id).where(
-                    store.Task.id.in_(ids), store.Task.state.in_(store.OPEN_TASK_STATES))).first()
-            if still_open is None:
-                return
-            if time.time() >= deadline:
-                with c.lock, c.Session.begin() as s:
-                    for task in s.scalars(select(store.Task).where(
-                            store.Task.id.in_(ids), store.Task.state.in_(store.OPEN_TASK_STATES))):
-                        task.state, task.detail = "expired", "no answer before the cross-evaluation deadline"
-                return
-            time.sleep(min(1.0, c.config.tick_seconds))
-        raise RoundFailed("the service stopped during cross-evaluation")
+        c.wait_for_tasks(ids, "no answer before the cross-evaluation deadline", min(1.0, c.config.tick_seconds))
 
     try:
         plan = crossval.run_with(ws, Plan.from_dict(federation.plan), ask)

@@ -58,20 +58,15 @@ class RemoteNode:
             c._expire(s, self.federation.key, self.round_id, TaskKind.HISTOGRAM, "the collective round was aborted")
 
     def _ask(self, kind: str, input_bytes: bytes, part: str = "") -> bytes:
-        c, key = self.coordinator, self.federation.key
+        c = self.coordinator
         folder = c.workspace(self.federation).round_dir(self.round_id) / "exchange"
         question, answer = folder / f"{kind}-{self.bank}.in.json", folder / f"{kind}-{self.bank}.json"
         write_bytes(input_bytes, question)
         with c.lock, c.Session.begin() as s:
             tid = c._add_task(s, self.federation, self.round_id, kind, self.bank, question, answer, part).id
-        while True:
-            with c.Session() as s:
-                task = s.get(store.Task, tid)
-                if task.state == "done":
-                    return Path(task.result_path).read_bytes()
-                if task.state not in store.OPEN_TASK_STATES:
-                    raise RuntimeError(f"{self.bank} did not answer {kind}: {task.state} ({task.detail})")
-            if task.deadline <= time.time():
-                with c.lock, c.Session.begin() as s:
-                    c._expire(s, key, self.round_id, kind, "no answer before the deadline")
-            time.sleep(self.poll_s)
+        c.wait_for_tasks([tid], "no answer before the deadline", self.poll_s)
+        with c.Session() as s:
+            task = s.get(store.Task, tid)
+            if task.state != "done":
+                raise RuntimeError(f"{self.bank} did not answer {kind}: {task.state} ({task.detail})")
+            return Path(task.result_path).read_bytes()

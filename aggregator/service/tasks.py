@@ -1,6 +1,6 @@
 """The banks' side of the service: tasks handed out, answers taken in, exactly once and by name.
 
-``BankTasks`` is mixed into ``Coordinator``: it needs its ``Session``, ``lock`` and ``config``.
+``BankTasks`` is mixed into ``Coordinator``: it needs its ``Session``, ``lock``, ``config`` and ``_stop``.
 A task is open (pending, fetched) until its bank answers (done), says why it cannot (failed),
 or its phase closes (expired). Uploads and phase closings hold the same lock, so an answer is
 either in before the phase closes or refused as ``late``.
@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 
 from aggregator.protocol import traffic
+from aggregator.protocol.errors import RoundFailed
 from aggregator.service import store
 from aggregator.service.intake import Refused, screen_upload
 from pipelines.io import write_bytes
@@ -35,6 +36,7 @@ class BankTasks:
     lock: Any
     config: Any
     started_at: float  # when this process started serving
+    _stop: Any  # set when the service stops
 
     def seen(self, name: str) -> None:
         with self.Session.begin() as s:
@@ -149,6 +151,25 @@ class BankTasks:
                               deadline=time.time() + self.config.deadline_seconds)
             s.add(task)
         return task
+
+    def wait_for_tasks(self, ids: list[str], detail: str, poll_s: float) -> None:
+        """Return once none of the tasks ``ids`` is open: answered, failed, or expired at its own deadline
+        (naming ``detail``). A stopping service raises ``RoundFailed``."""
+        while not self._stop.is_set():
+            with self.Session() as s:
+                still_open = list(s.scalars(select(store.Task).where(
+                    store.Task.id.in_(ids), store.Task.state.in_(store.OPEN_TASK_STATES))))
+                overdue = [task.id for task in still_open if task.deadline <= time.time()]
+            if not still_open:
+                return
+            if overdue:
+                with self.lock, self.Session.begin() as s:
+                    for task in s.scalars(select(store.Task).where(
+                            store.Task.id.in_(overdue), store.Task.state.in_(store.OPEN_TASK_STATES))):
+                        task.state, task.detail = "expired", detail
+                continue
+            time.sleep(poll_s)
+        raise RoundFailed("the service stopped while waiting for the banks")
 
     def _expire(self, s, key: str, round_id: int, kind: str | None, detail: str) -> None:
         query = select(store.Task).where(store.Task.federation == key, store.Task.round_id == round_id,

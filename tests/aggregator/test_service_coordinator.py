@@ -109,3 +109,22 @@ def test_a_collective_round_in_flight_fails_by_name_when_the_service_restarts(tm
     c.stop()
     status = make_coordinator(tmp_path).round_status("f1", 1)
     assert status["state"] == "failed" and "restarted" in status["error"]
+
+
+def test_waiting_for_tasks_ends_when_each_is_answered_or_expired_at_its_own_deadline(tmp_path):
+    from aggregator.protocol.errors import RoundFailed
+
+    c = make_coordinator(tmp_path, deadline_seconds=0.6)
+    c.start_federation("f1", request())
+    ids = {bank: c.next_task(bank)["id"] for bank in BANKS}
+    c.accept_result("alpha", ids["alpha"], summary("alpha"))
+    c.accept_failure("beta", ids["beta"], "BankDeclined: not today")
+    c.wait_for_tasks(list(ids.values()), "no answer in time", poll_s=0.05)  # gamma's deadline ends the wait
+    with c.Session() as s:
+        states = {bank: (s.get(store.Task, tid).state, s.get(store.Task, tid).detail) for bank, tid in ids.items()}
+    assert states == {"alpha": ("done", None), "beta": ("failed", "BankDeclined: not today"),
+                      "gamma": ("expired", "no answer in time")}
+    c.start_federation("f2", request())
+    c.stop()
+    with pytest.raises(RoundFailed, match="stopped"):
+        c.wait_for_tasks([c.next_task("alpha")["id"]], "never", poll_s=0.05)
