@@ -123,20 +123,13 @@ def test_the_readme_lists_every_declared_kind(kind):
     assert README_NAMES[kind] in boundary_section(), f"README's boundary section does not list {kind!r}"
 
 
-UNLISTED = pytest.mark.xfail(strict=True, reason="finding: leaves the bank but README's list does not name it yet; the "
-                              "text to paste is in notes/readme_boundary.md (remove this mark once it is in)")
-
-
 @pytest.mark.parametrize("field", [
-    "counts", "contract_hash", "data_window",
-    pytest.param("training_allowed", marks=UNLISTED), pytest.param("decline_reasons", marks=UNLISTED),
-    pytest.param("holdout_start", marks=UNLISTED),
+    "counts", "contract_hash", "data_window", "training_allowed", "decline_reasons", "holdout_start",
 ])
 def test_the_readme_names_every_field_of_the_summary(field):
     assert field in OUTGOING["summary"].fields
     assert SUMMARY_README_NAMES[field] in boundary_section(), f"README does not name the summary's {field}"
 
 
-@UNLISTED
 def test_the_readme_lists_a_failed_tasks_reason():
     assert re.search(README_NAMES["failure"], boundary_section())
