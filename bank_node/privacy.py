@@ -1,6 +1,7 @@
 """Differential privacy for bagging and cyclic updates: noisy leaf values, clipped rows, the ε it costs.
 
-With ``privacy.enabled`` in the agent's YAML, ``private_trees`` grows a task's trees one at a time and
+With ``privacy.enabled`` in the agent's YAML, every task ``BankNode.train`` runs (bagging, cyclic, and the
+local model shared for cross-evaluation) goes through ``private_trees``: it grows the trees one at a time and
 replaces each new tree's leaf values, before the next tree is grown, by values the bank computes
 itself from its own rows under clipping, plus Gaussian noise. The ledger and its accountant
 (``bank_node.privacy_ledger``) charge every task before it trains and refuse one over budget.

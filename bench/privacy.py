@@ -65,6 +65,17 @@ def run(consortium, args, label: str, policy: PrivacyPolicy, noise_seed: int, se
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def generated_banks(args) -> dict[str, Path]:
+    """The generated banks, written once per (banks, rows, seed): a re-run keeps their features."""
+    raw, wanted = args.work_dir / "raw", {"banks": args.banks, "rows": args.rows, "seed": args.seed}
+    marker = raw / "generated.json"
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return {p.parent.name: p for p in sorted(raw.glob("*/transactions.parquet"))}
+    paths = write_banks(raw, n_banks=args.banks, total_rows=args.rows, seed=args.seed)
+    marker.write_text(json.dumps(wanted))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=150_000)
@@ -78,7 +89,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("work/bench/privacy"))
     args = parser.parse_args()
     settings = FederationSettings(trees_per_round=args.trees, crossval=False)
-    paths = write_banks(args.work_dir / "raw", n_banks=args.banks, total_rows=args.rows, seed=args.seed)
+    paths = generated_banks(args)
     consortium = prepare_consortium(paths, args.work_dir, load_config(), settings,
                                     lambda m: print(f"  {m}", file=sys.stderr))
     mechanisms = args.rounds * args.trees
@@ -109,7 +120,7 @@ def main() -> None:
         print(f"| {label} | {'–' if sigma is None else f'{sigma:.3g}'} | "
               f"{'–' if spent is None else f'{spent:.3f}'} | "
               f"{statistics.mean(auprc):.4f} ({min(auprc):.4f} – {max(auprc):.4f}) |")
-    out = args.work_dir / "results.json"
+    out = args.work_dir / f"results-{args.epsilons.replace(',', '_')}.json"
     out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "rows": rows,
                                "cpu_count": os.cpu_count(), "python": platform.python_version(),
                                "load_average": os.getloadavg()}, indent=2))
