@@ -14,7 +14,8 @@ private setting runs with ``--noise-seeds`` different noise keys (the bank's sec
 and range. The pooled AUPRC is the federation's own (from masked sums) for its last round's model on
 every bank's holdout.
 
-    nice -n 19 .venv/bin/python bench/privacy.py --rows 150000 --banks 4 --rounds 3 --work-dir work/bench/privacy
+    nice -n 19 .venv/bin/python bench/privacy.py --rows 100000 --banks 4 --rounds 2 --trees 10 --noise-seeds 2 \
+        --work-dir work/bench/privacy [--epsilons inf,8,4,2,1]
 """
 
 from __future__ import annotations
