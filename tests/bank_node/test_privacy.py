@@ -200,7 +200,9 @@ REPORT = {"training_allowed": True, "decline_reasons": [], "event_time_min": "20
 
 
 @pytest.mark.slow
-def test_a_private_bagging_federation_reports_each_banks_epsilon_in_mlflow_and_the_round_report(tmp_path, toy_banks):
+@pytest.mark.parametrize("strategy", ["bagging", "cyclic"])
+def test_a_private_federation_reports_each_banks_epsilon_in_mlflow_and_the_round_report(strategy, tmp_path,
+                                                                                         toy_banks):
     from conftest import four_toy_banks
 
     from aggregator.drivers.embedded import run_federation
@@ -218,14 +220,14 @@ def test_a_private_bagging_federation_reports_each_banks_epsilon_in_mlflow_and_t
     settings = FederationSettings(trees_per_round=3, max_depth=3, max_bin=16, crossval_max_trees=3,
                                   crossval_min_lift=0.0, crossval_max_contradiction_auc=0.0, acceptance_delta=None)
     aggregator = tmp_path / "aggregator"
-    tracker = FederationTracker(f"sqlite:///{aggregator / 'mlflow.db'}", "private-bagging")
-    result = run_federation(nodes, "bagging", 2, tracker, {"hash": "h", "names": TOY_FEATURES}, settings, seed=3,
+    tracker = FederationTracker(f"sqlite:///{aggregator / 'mlflow.db'}", f"private-{strategy}")
+    result = run_federation(nodes, strategy, 2, tracker, {"hash": "h", "names": TOY_FEATURES}, settings, seed=3,
                             work_dir=aggregator)
     assert result.version == 2
 
     runs = tracker.client.search_runs([tracker.experiment_id])
     parent = next(run for run in runs if "mlflow.parentRunId" not in run.data.tags)
-    last_round = aggregator / "federations" / "private-bagging" / "round-2"
+    last_round = aggregator / "federations" / f"private-{strategy}" / "round-2"
     report = json.loads((last_round / "registered.json").read_text())
     for bank, node in nodes.items():  # the local model (3 trees) is charged too, then 3 trees a round
         sigma = node.privacy.noise_multiplier
