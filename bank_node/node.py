@@ -148,8 +148,10 @@ class BankNode:
             booster = train_trees_spark(task, rows, data.feature_names)
         else:
             booster = train_trees(task, data.X_train, data.y_train, data.feature_names)
-        scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
-        metrics = finite(holdout_metrics(scores, data.y_holdout, self.alert_budget))
+        metrics = {}
+        if self.share_metrics:  # the new trees' holdout metrics are per-bank figures: they leave only if shared
+            scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
+            metrics = finite(holdout_metrics(scores, data.y_holdout, self.alert_budget))
         return build_update(task, booster, data.counts(), metrics, epsilon).to_bytes()
 
     def accepted_task(self, task_bytes: bytes) -> TrainTask:

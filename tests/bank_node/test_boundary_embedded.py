@@ -198,9 +198,6 @@ def test_no_clear_report_repeats_what_a_masked_evaluation_hides(run):
     assert plaintext_leaks(run, run.blobs()) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="finding (issue 12 item 3/5): every update carries the bank's holdout metrics "
-                   "(AUPRC, ROC-AUC, recall, precision of its new trees) whatever share_metrics says; README's list "
-                   "does not name them and the aggregator does not use them")
 @pytest.mark.parametrize("run", ["bagging"], indirect=True)
 def test_a_bank_that_does_not_share_metrics_sends_none_in_its_updates(run):
     assert not any(node.share_metrics for node in run.nodes.values())
