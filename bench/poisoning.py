@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ATTACKS = {
     "clean": "no attack",
+    "absent": "nothing: it sits the federation out (the honest banks' own federation, a reference)",
     "flipped": "trees trained on flipped labels",
     "flipped_leaves_x100": "flipped labels and leaves x 100",
     "flipped_rows_x1e6": "flipped labels and train_rows claimed x 10^6",
@@ -82,6 +83,8 @@ def hostile_node_class():
             summary = {**super().summary(), "counts": self.honest.counts()}  # honest counts, except:
             if self.attack == "negative_positives":
                 summary["counts"] = {**summary["counts"], "positives": -10 ** 6}
+            elif self.attack == "absent":
+                summary.update(training_allowed=False, decline_reasons=["the bench: sits this federation out"])
             return summary
 
         def train(self, task_bytes: bytes) -> bytes:
@@ -387,6 +390,9 @@ def main() -> None:
     out = args.work_dir / "results.json"
     results = {mode: recorded(args, mode) for mode in MODES}  # every row recorded with these settings
     clean = results.get("defended", {}).get("clean", {}).get("pooled_auprc")
+    absent = results.get("defended", {}).get("absent", {}).get("pooled_auprc")
+    if clean and absent:
+        print(f"\nWithout the attacker at all (its honest data lost too): {absent:.3f}, {absent - clean:+.3f} vs clean")
     print(f"\nPooled AUPRC on every bank's true holdout ({args.banks} banks, {args.rows:,} rows, bagging, "
           f"{args.rounds} rounds x {args.trees} trees, seed {args.seed}; attacker {args.attacker})")
     print("| attack | undefended | defended | defended − clean | named (defended) | champion (defended) "
