@@ -463,8 +463,7 @@ def test_a_dead_bank_registers_nothing_and_the_retry_runs_with_the_healthy_banks
 # ---------------------------------------------------------------------------- what the server sees
 
 def recording_server(records: list):
-    """XGBoost's federated server with a recording relay in front (``tests/bank_node/federated_recorder.py``):
-    the strategy's banks reach the relay, and ``records`` gets each round's recorder."""
+    """``tests/bank_node/federated_recorder.py``'s ``recording_server``, that file loaded by path."""
     import importlib.util
     import sys
 
@@ -474,24 +473,7 @@ def recording_server(records: list):
         spec = importlib.util.spec_from_file_location("federated_recorder", path)
         recorder_module = sys.modules["federated_recorder"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(recorder_module)
-
-    class RecordedServer(FederatedServer):
-        def launch(self):
-            super().launch()
-            self.recorder = recorder_module.Recorder(f"127.0.0.1:{self.port}")
-            records.append(self.recorder)
-            return self
-
-        @property
-        def address(self) -> str:
-            return self.recorder.address
-
-        def stop(self, grace_s: float = 5.0) -> None:
-            super().stop(grace_s)
-            if getattr(self, "recorder", None) is not None:
-                self.recorder.stop()
-
-    return RecordedServer
+    return recorder_module.recording_server(records)
 
 
 @pytest.mark.slow

@@ -71,3 +71,27 @@ def call(address: str, method: str, request: fw.Request | bytes, timeout: float 
     with grpc.insecure_channel(address, options=OPTIONS) as channel:
         reply = channel.unary_unary(f"/{fw.SERVICE}/{method}")(data, wait_for_ready=True, timeout=timeout)
     return fw.parse_reply(method, reply)
+
+
+def recording_server(records: list[Recorder]):
+    """XGBoost's federated server with a ``Recorder`` in front: the strategy's banks reach the relay, and
+    ``records`` gets each launched server's recorder (patch it in as the strategy's ``FederatedServer``)."""
+    from aggregator.federated_server import FederatedServer
+
+    class RecordedServer(FederatedServer):
+        def launch(self):
+            super().launch()
+            self.recorder = Recorder(f"127.0.0.1:{self.port}")
+            records.append(self.recorder)
+            return self
+
+        @property
+        def address(self) -> str:
+            return self.recorder.address
+
+        def stop(self, grace_s: float = 5.0) -> None:
+            super().stop(grace_s)
+            if getattr(self, "recorder", None) is not None:
+                self.recorder.stop()
+
+    return RecordedServer

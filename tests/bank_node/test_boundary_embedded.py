@@ -19,10 +19,9 @@ import pytest
 from boundary_audit import (RecordingNode, distinctive, documented_in_clear, files_of, leaks, randomness_problem,
                             report_histograms)
 from conftest import TOY_FEATURES, four_toy_banks, with_toy_data
-from federated_recorder import Recorder
+from federated_recorder import Recorder, recording_server
 
 from aggregator.drivers.embedded import embedded_credentials, run_federation
-from aggregator.federated_server import FederatedServer
 from aggregator.strategies import histogram as histogram_module
 from aggregator.tracking import FederationTracker
 from bank_node.node import BankNode
@@ -48,28 +47,6 @@ def toy_nodes(root: Path, toy_banks) -> dict[str, BankNode]:
     for bank, credentials in embedded_credentials(root / "pki", sorted(nodes)).items():
         nodes[bank].secagg = credentials
     return nodes
-
-
-def recording_server(records: list[Recorder]):
-    """XGBoost's federated server behind a relay that keeps every request a bank's sidecar sends."""
-
-    class RecordedServer(FederatedServer):
-        def launch(self):
-            super().launch()
-            self.recorder = Recorder(f"127.0.0.1:{self.port}")
-            records.append(self.recorder)
-            return self
-
-        @property
-        def address(self) -> str:
-            return self.recorder.address
-
-        def stop(self, grace_s: float = 5.0) -> None:
-            super().stop(grace_s)
-            if getattr(self, "recorder", None) is not None:
-                self.recorder.stop()
-
-    return RecordedServer
 
 
 class Held(logging.Handler):
