@@ -49,18 +49,6 @@ def quality(consortium, rounds, settings, seed) -> dict[str, dict[str, float]]:
     return table
 
 
-def wire_bytes(consortium, strategy: str, rounds: int) -> dict[str, dict[str, int]]:
-    """Bytes each bank sent and received over the federation's rounds, as the rounds counted them
-    (``aggregator.protocol.traffic``: every exchange's payload where it crossed)."""
-    root = consortium.work_dir / "federations" / f"bench-{strategy}"
-    out: dict[str, dict[str, int]] = {}
-    for round_id in range(1, rounds + 1):
-        for bank, row in traffic.totals(root / f"round-{round_id}").items():
-            for way, n in row.items():
-                out.setdefault(bank, {"sent": 0, "received": 0})[way] += n
-    return out
-
-
 def round_times(consortium, settings, seed, repeats) -> dict[str, float]:
     """Median seconds of one training round (tasks, training, checks, aggregation) per strategy,
     and of a centralized fit of the same number of trees on the pooled rows."""
@@ -99,7 +87,8 @@ def main() -> None:
     consortium = prepare_consortium(paths, args.work_dir, load_config(), settings,
                                     lambda m: print(f"  {m}", file=sys.stderr))
     table = quality(consortium, args.rounds, settings, args.seed)
-    wire = {name: wire_bytes(consortium, name, args.rounds) for name in ("bagging", "cyclic")}
+    wire = {name: traffic.over_rounds(consortium.work_dir / "federations" / f"bench-{name}", args.rounds)
+            for name in ("bagging", "cyclic")}
     times = round_times(consortium, settings, args.seed, args.repeats)
     banks = sorted(consortium.nodes)
     print(f"\nHoldout AUPRC ({args.banks} banks, {args.rows:,} rows, {args.rounds} rounds x "

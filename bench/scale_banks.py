@@ -101,24 +101,12 @@ def _timed(record: list, key: str, fn):
     return wrapper
 
 
-def wire_bytes(root: Path, rounds: int) -> dict[str, dict[str, int]]:
-    """{bank: {"sent", "received"}} summed over the federation's rounds, as the rounds counted them."""
-    from aggregator.protocol import traffic
-
-    out: dict[str, dict[str, int]] = {}
-    for round_id in range(1, rounds + 1):
-        for bank, row in traffic.totals(root / f"round-{round_id}").items():
-            for way, n in row.items():
-                out.setdefault(bank, {"sent": 0, "received": 0})[way] += n
-    return out
-
-
 def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int, trees: int, seed: int) -> dict:
     """One federation of ``strategy`` over the first ``n_banks`` prepared banks, in this (fresh) process.
 
     The round driver's phases are wrapped only to read the clock and RSS around them (behaviour unchanged)."""
     from aggregator.drivers.embedded import Consortium, federate
-    from aggregator.protocol import crossval, phases
+    from aggregator.protocol import crossval, phases, traffic
     from aggregator.tracking import default_tracking_uri
     from fedfraud.settings import FederationSettings
 
@@ -147,7 +135,7 @@ def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int
                           log)[""]
     total = time.perf_counter() - started
     peak_mib = own_mib("VmHWM")
-    wire = wire_bytes(case_dir / "federations" / model_name, rounds)
+    wire = traffic.over_rounds(case_dir / "federations" / model_name, rounds)
     per_round = [{**r, **s} for r, s in zip(rounds_log, stages_log[-len(rounds_log):])]
     return {
         "strategy": strategy, "banks": n_banks, "rows_per_bank": rows, "rounds": rounds, "trees_per_round": trees,

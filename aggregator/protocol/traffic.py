@@ -59,6 +59,16 @@ def totals(round_dir: Path) -> dict[str, dict[str, int]]:
     return out
 
 
+def over_rounds(federation_root: Path, rounds: int) -> dict[str, dict[str, int]]:
+    """``totals`` summed over rounds 1..``rounds`` of the federation at ``federation_root`` (benches)."""
+    out: dict[str, dict[str, int]] = {}
+    for round_id in range(1, rounds + 1):
+        for bank, row in totals(Path(federation_root) / f"round-{round_id}").items():
+            for way, n in row.items():
+                out.setdefault(bank, {"received": 0, "sent": 0})[way] += n
+    return out
+
+
 def metrics(counted: dict[str, dict[str, int]]) -> dict[str, float]:
     """MLflow metrics: ``bytes.<bank>.sent`` / ``.received`` (the bank's view) and the round's totals."""
     values = {f"bytes.{bank}.{way}": float(n) for bank, row in counted.items() for way, n in row.items()}

@@ -24,3 +24,12 @@ def test_only_a_rounds_exchanges_are_counted(tmp_path):
     traffic.record(tmp_path / "federations" / "m" / "summaries" / "alpha.json", "alpha", received=1, sent=2)
     assert not list(tmp_path.rglob("traffic"))
     assert traffic.totals(tmp_path / "federations" / "m" / "round-1") == {}
+
+
+def test_a_federations_rounds_are_summed_per_bank(tmp_path):
+    root = tmp_path / "federations" / "m"
+    traffic.record(root / "round-1" / "updates" / "alpha.json", "alpha", received=10, sent=1)
+    traffic.record(root / "round-2" / "updates" / "alpha.json", "alpha", received=20, sent=2)
+    traffic.record(root / "round-3" / "updates" / "alpha.json", "alpha", received=40, sent=4)  # past ``rounds``
+    traffic.record(root / "round-2" / "updates" / "beta.json", "beta", received=5, sent=5)
+    assert traffic.over_rounds(root, 2) == {"alpha": {"received": 30, "sent": 3}, "beta": {"received": 5, "sent": 5}}
