@@ -142,7 +142,8 @@ def make_coordinator(tmp_path: Path, **config):
     from aggregator.service.coordinator import Coordinator
 
     tls = TLSFiles(tmp_path / "ca.crt", tmp_path / "cert.pem", tmp_path / "key.pem")
-    return Coordinator(ServiceConfig(tls=tls, banks=SERVICE_BANKS, database_url=f"sqlite:///{tmp_path / 'state.db'}",
+    config = {"banks": SERVICE_BANKS, **config}
+    return Coordinator(ServiceConfig(tls=tls, database_url=f"sqlite:///{tmp_path / 'state.db'}",
                                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg",
                                      **config))
 

@@ -11,9 +11,9 @@ import json
 import time
 
 import pytest
+from conftest import make_coordinator
 from mlflow import MlflowClient
 
-from aggregator.service.config import ServiceConfig, TLSFiles
 from aggregator.protocol.state import node_call
 from aggregator.service.coordinator import Coordinator
 from fedfraud.protocol import TaskKind
@@ -50,9 +50,7 @@ def drive(c: Coordinator, nodes, done, limit_s: float = 600) -> None:
 
 def test_a_bagging_round_through_the_service_scores_each_update_before_it_joins(consortium, tmp_path):
     nodes = consortium.nodes
-    tls = TLSFiles(tmp_path / "ca.crt", tmp_path / "cert.pem", tmp_path / "key.pem")
-    c = Coordinator(ServiceConfig(tls=tls, banks=tuple(nodes), database_url=f"sqlite:///{tmp_path / 'state.db'}",
-                                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg"))
+    c = make_coordinator(tmp_path, banks=tuple(nodes))
     request = {"model_name": "svc", "strategy": "bagging", "rounds": 1, "seed": 0, "min_banks": 2,
                "trees_per_round": 5, "banks": sorted(nodes)}
     c.start_federation("f", request)
@@ -93,16 +91,13 @@ def test_the_service_cross_evaluation_survives_a_restart_and_excludes_a_label_sw
     nodes = {**consortium.nodes}
     liar = sorted(nodes)[1]
     nodes[liar] = swapped(nodes[liar])
-    tls = TLSFiles(tmp_path / "ca.crt", tmp_path / "cert.pem", tmp_path / "key.pem")
-    config = ServiceConfig(tls=tls, banks=tuple(nodes), database_url=f"sqlite:///{tmp_path / 'state.db'}",
-                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg")
-    c = Coordinator(config)
+    c = make_coordinator(tmp_path, banks=tuple(nodes))
     c.start_federation("f", {"model_name": "svc-x", "strategy": "bagging", "rounds": 1, "seed": 0, "min_banks": 2,
                              "trees_per_round": 5, "banks": sorted(nodes)})
     drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
     assert c.plan_federation("f")["state"] == "cross-evaluating"
     c.stop()  # the aggregator restarts before any bank answered: the cross-evaluation runs again
-    c = Coordinator(config).start()
+    c = Coordinator(c.config).start()
     try:
         drive(c, nodes, lambda: c.federation_status("f")["state"] != "cross-evaluating")
         status = c.federation_status("f")
@@ -117,9 +112,7 @@ def test_a_federation_request_can_turn_compaction_on_and_the_service_runs_its_ph
     from aggregator.service.app import _federation_request
 
     nodes = consortium.nodes
-    tls = TLSFiles(tmp_path / "ca.crt", tmp_path / "cert.pem", tmp_path / "key.pem")
-    c = Coordinator(ServiceConfig(tls=tls, banks=tuple(nodes), database_url=f"sqlite:///{tmp_path / 'state.db'}",
-                                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", work_dir=tmp_path / "agg"))
+    c = make_coordinator(tmp_path, banks=tuple(nodes))
     body = {"model_name": "svc-c", "strategy": "bagging", "rounds": 2, "seed": 0, "min_banks": 2,
             "trees_per_round": 4, "banks": sorted(nodes), "crossval": False, "compaction": True,
             "compaction_tolerance": 0.05}
