@@ -30,6 +30,19 @@ class TaskRefused(RuntimeError):
         self.check, self.detail = check, detail
 
 
+def from_config_block(cls, raw: Any, key: str):
+    """The dataclass ``cls`` from the agent YAML's ``key:`` block (absent: its defaults); a block that is
+    not a mapping, or an unknown key in it, is refused by name."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{key} must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown}; known: {[f.name for f in fields(cls)]}")
+    return cls(**raw)
+
+
 @dataclass(frozen=True)
 class TrainingPolicy:
     """Bounds on the training params a bank accepts and on the models it loads (config: ``policy``)."""
@@ -54,14 +67,7 @@ class TrainingPolicy:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "TrainingPolicy":
-        if raw is None:
-            return cls()
-        if not isinstance(raw, dict):
-            raise ValueError(f"policy must be a mapping, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"policy: unknown keys {unknown}; known: {[f.name for f in fields(cls)]}")
-        return cls(**raw)
+        return from_config_block(cls, raw, "policy")
 
     def received_limits(self) -> ModelLimits:
         """What a model sent to this bank must meet before it is loaded."""

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
+from bank_node.policy import from_config_block
 from bank_node.training import BASE_PARAMS, dmatrix
 from fedfraud import model_json
 from fedfraud.wire import ModelUpdate, TrainTask
@@ -91,14 +92,7 @@ class PrivacyPolicy:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "PrivacyPolicy":
-        if raw is None:
-            return cls()
-        if not isinstance(raw, dict):
-            raise ValueError(f"privacy must be a mapping, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"privacy: unknown keys {unknown}; known: {[f.name for f in fields(cls)]}")
-        return cls(**raw)
+        return from_config_block(cls, raw, "privacy")
 
     def leaf_terms(self, params: dict[str, Any]) -> tuple[float, float, float, float]:
         """(lambda, alpha, hessian bound B, scale_pos_weight) for a task's params."""
