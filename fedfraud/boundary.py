@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedfraud.protocol import TaskKind
+from fedfraud.scores import BINS
 from fedfraud.secagg import federated_wire as fw
 
 
@@ -62,7 +63,6 @@ BASE64 = Text(r"[A-Za-z0-9+/]*={0,2}")
 METRICS = MapOf(float, frozenset({"auprc", "roc_auc", "recall_at_1pct_fpr", "precision_at_budget"}))
 COUNTS = Fields({"train_rows": int, "positives": int, "negatives": int, "holdout_rows": int,
                  "holdout_positives": int})
-SCORE_BINS = 1000
 TREE = Fields({
     "id": int, "left_children": ListOf(int), "right_children": ListOf(int), "parents": ListOf(int),
     "split_indices": ListOf(int), "split_conditions": ListOf(float), "split_type": ListOf(int),
@@ -87,7 +87,7 @@ MODEL = Fields({  # XGBoost's model JSON, new trees only; no attributes, no cate
     }),
 })
 EVALUATION_REPORT = Fields({"bank": str, "model_id": str, "positives": int, "negatives": int, "metrics": METRICS,
-                            "hist_pos": ListOf(int, SCORE_BINS), "hist_neg": ListOf(int, SCORE_BINS)})
+                            "hist_pos": ListOf(int, BINS), "hist_neg": ListOf(int, BINS)})
 
 OUTGOING: dict[str, Fields] = {
     "summary": Fields({"bank": str, "contract_hash": str, "counts": COUNTS, "training_allowed": bool,
