@@ -51,13 +51,18 @@ class RecordingNode:
         return recorded
 
     def plaintext_histograms(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """(model id, positives', negatives' score histogram) of every model this bank masked, recomputed here."""
-        found = {}
-        for task_bytes in self.masked_tasks:
-            task = MaskedEvaluationTask.from_bytes(task_bytes)
-            report = EvaluationReport.from_bytes(self.node.evaluate(json.dumps(task.model).encode()))
-            found[report.model_id] = (np.asarray(report.hist_pos), np.asarray(report.hist_neg))
-        return [(model_id, pos, neg) for model_id, (pos, neg) in sorted(found.items())]
+        return masked_plaintext(self.node, self.masked_tasks)
+
+
+def masked_plaintext(node, masked_tasks: list[bytes]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(model id, positives', negatives' score histogram) of every model in ``masked_tasks`` (the masked
+    evaluation tasks the bank received), scored again by ``node`` on its holdout: the plaintext it masked."""
+    found = {}
+    for task_bytes in masked_tasks:
+        task = MaskedEvaluationTask.from_bytes(task_bytes)
+        report = EvaluationReport.from_bytes(node.evaluate(json.dumps(task.model).encode()))
+        found[report.model_id] = (np.asarray(report.hist_pos), np.asarray(report.hist_neg))
+    return [(model_id, pos, neg) for model_id, (pos, neg) in sorted(found.items())]
 
 
 def randomness_problem(data: bytes, what: str) -> str | None:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from boundary_audit import distinctive, documented_in_clear, files_of, leaks, randomness_problem, report_histograms
+from boundary_audit import (distinctive, documented_in_clear, files_of, leaks, masked_plaintext,
+                            randomness_problem, report_histograms)
 
 from fedfraud.boundary import answer_kind, http_problem, masked_words
 from fedfraud.secagg.masking import encode_counts
-from fedfraud.wire import EvaluationReport, MaskedEvaluationTask
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -121,14 +121,8 @@ def test_every_request_an_agent_sends_is_a_declared_route_carrying_a_declared_an
 
 def bank_side_plaintext(stack, bank: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Each model this bank masked, scored again on its holdout here (the bank's side): its plain histograms."""
-    node = stack.consortium.nodes[bank]
-    found = {}
-    for entry in stack.sent(bank):
-        if "input_of" in entry:
-            task = MaskedEvaluationTask.from_bytes(base64.b64decode(entry["body"]))
-            report = EvaluationReport.from_bytes(node.evaluate(json.dumps(task.model).encode()))
-            found[report.model_id] = (np.asarray(report.hist_pos), np.asarray(report.hist_neg))
-    return [(model_id, pos, neg) for model_id, (pos, neg) in sorted(found.items())]
+    tasks = [base64.b64decode(entry["body"]) for entry in stack.sent(bank) if "input_of" in entry]
+    return masked_plaintext(stack.consortium.nodes[bank], tasks)
 
 
 def test_masked_evaluations_over_the_network_are_random_words(stack):
