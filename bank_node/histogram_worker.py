@@ -76,7 +76,7 @@ class WorkerFailed(RuntimeError):
     """The bank's training process failed, timed out or was aborted."""
 
 
-def train_binned(dtrain, params: dict[str, Any], num_trees: int, base_model: dict | None, callbacks=()):
+def train_binned(dtrain, params: dict[str, Any], num_trees: int, base_model: dict | None, callbacks=(), obj=None):
     """K trees on an already binned matrix, warm-started from ``base_model``.
 
     Same parameter handling as ``bank_node.training.train_trees``.
@@ -90,7 +90,7 @@ def train_binned(dtrain, params: dict[str, Any], num_trees: int, base_model: dic
     params = {**BASE_PARAMS, **params}
     if base is not None:
         params.pop("base_score", None)  # the global model fixes it for every bank
-    return xgb.train(params, dtrain, num_boost_round=num_trees, xgb_model=base, callbacks=list(callbacks))
+    return xgb.train(params, dtrain, num_boost_round=num_trees, xgb_model=base, callbacks=list(callbacks), obj=obj)
 
 
 def _launch(code: str, job: Path, log: Path, stdin_bytes: bytes | None = None) -> subprocess.Popen:
@@ -182,12 +182,14 @@ class WorkerProcess:
 
 
 def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes, session: HistogramSession,
-                 tls: ClientTLS | None, credentials=None, pair_keys: dict[str, bytes] | None = None) -> WorkerProcess:
+                 tls: ClientTLS | None, credentials=None, pair_keys: dict[str, bytes] | None = None,
+                 private=None) -> WorkerProcess:
     """Bin the bank's training rows with the shared edges into its own work folder and start a worker.
 
     With secure aggregation the worker runs behind the bank's masking sidecar, which agrees the
     session's keys with the bank's consortium certificate: ``credentials`` (the node's
-    ``SecAggCredentials``), else ``tls``'s certificate files. ``pair_keys``: keys agreed elsewhere."""
+    ``SecAggCredentials``), else ``tls``'s certificate files. ``pair_keys``: keys agreed elsewhere.
+    ``private``: a charged ``histogram_privacy.PrivateHistogram`` (clipped gradients, the sidecar's noise)."""
     from fedfraud.binning import GlobalBins
     from fedfraud.wire import TrainTask
 
@@ -209,7 +211,9 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
     problem = session.world_problem()
     if problem:
         raise WorkerFailed(f"secagg_session: {problem}")
-    secrets_in = _sidecar_secrets(pair_keys, credentials, tls) if session.secagg else b""
+    if private is not None and not session.secagg:
+        raise WorkerFailed("privacy_needs_secagg: the noise is added by the masking sidecar")
+    secrets_in = _sidecar_secrets(pair_keys, credentials, tls, private) if session.secagg else b""
     bins = GlobalBins.from_dict(session.bins)
     if bins.num_feature != len(dataset.feature_names):
         raise WorkerFailed(f"bins for {bins.num_feature} features, the bank has {len(dataset.feature_names)}")
@@ -224,7 +228,8 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
     job = {"session": json.loads(session.to_bytes()), "task": str(paths["task.json"]), "x": str(paths["x.npy"]),
            "y": str(paths["y.npy"]), "feature_names": list(dataset.feature_names), "counts": dataset.counts(),
            "out": str(paths["update.json"]), "progress": str(paths["progress"]), "parent_pid": os.getpid(),
-           "tls": tls.communicator_args() if session.tls and tls and not session.secagg else None}
+           "tls": tls.communicator_args() if session.tls and tls and not session.secagg else None,
+           "privacy": private and private.worker_job()}
     if not session.secagg:
         paths["job.json"].write_text(json.dumps(job))
         return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0)
@@ -235,20 +240,22 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
         if session.tls and tls else None,
         "session_id": session.secagg_session, "address_file": str(paths["sidecar.address"]),
         "audit": str(paths["collectives.jsonl"]), "timeout_s": session.timeout_s, "max_bytes": MAX_MESSAGE_BYTES,
-        "parent_pid": os.getpid()}
+        "parent_pid": os.getpid(), "privacy": private and private.noise.to_dict()}
     paths["job.json"].write_text(json.dumps(job))
     return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0,
                          paths["sidecar.log"], secrets_in)
 
 
-def _sidecar_secrets(pair_keys: dict[str, bytes] | None, credentials, tls: ClientTLS | None) -> bytes:
-    """What the sidecar reads from its stdin pipe (never a file): pair keys, or the identity to agree them."""
+def _sidecar_secrets(pair_keys: dict[str, bytes] | None, credentials, tls: ClientTLS | None, private=None) -> bytes:
+    """What the sidecar reads from its stdin pipe (never a file): pair keys, or the identity to agree them;
+    and the noise seed of a private task."""
     from cryptography.hazmat.primitives import serialization
 
     from fedfraud.secagg.keys import Identity, Trust
 
+    noise = private.secrets() if private is not None else {}
     if pair_keys is not None:
-        return json.dumps({"pair_keys": {peer: key.hex() for peer, key in pair_keys.items()}}).encode()
+        return json.dumps({"pair_keys": {peer: key.hex() for peer, key in pair_keys.items()}, **noise}).encode()
     if credentials is not None:
         identity, trust = credentials.identity, credentials.trust
     elif tls is not None:
@@ -260,7 +267,7 @@ def _sidecar_secrets(pair_keys: dict[str, bytes] | None, credentials, tls: Clien
         "cert": identity.certificate.public_bytes(pem).decode(), "ca": trust.ca.public_bytes(pem).decode(),
         "key": identity.key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()).decode(),
-        "banks": None if trust.banks is None else sorted(trust.banks)}}).encode()
+        "banks": None if trust.banks is None else sorted(trust.banks)}, **noise}).encode()
 
 
 def _binned_rows(folder: Path, dataset, bins) -> tuple[Path, Path]:
@@ -327,17 +334,24 @@ def run(job_path: Path) -> None:
     # The cut points come from the public edges, computed before joining: nothing of a sketch is exchanged.
     reference = xgb.QuantileDMatrix(bins.reference_matrix(), feature_names=names, missing=np.nan,
                                     max_bin=bins.max_bin, nthread=session.nthread)
+    private, objective = job.get("privacy"), None
+    if private:  # clipped gradients here; the sidecar noises their sums (bank_node.histogram_privacy)
+        from bank_node.histogram_privacy import check_layout, private_objective
+
+        check_layout(reference, private)
+        objective = private_objective(private, {**task.params})
     with collective.CommunicatorContext(**args):
         try:
             dtrain = xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
                                          ref=reference, nthread=session.nthread)
             joined = time.monotonic()
             booster = train_binned(dtrain, {**task.params, "nthread": session.nthread}, task.num_trees,
-                                   task.base_model, [Progress()])
+                                   task.base_model, [Progress()], objective)
             print(f"{session.bank} rank {session.rank}/{session.world_size}: {task.num_trees} trees in "
                   f"{time.monotonic() - joined:.2f}s (started {joined - STARTED:.2f}s after launch)", flush=True)
             doc = unbin_model(model_json.to_doc(booster), bins)
-            update = build_update(task, model_json.to_booster(doc), job["counts"], {})
+            update = build_update(task, model_json.to_booster(doc), job["counts"], {},
+                                  private["epsilon"] if private else None)
             out = Path(job["out"])
             tmp = out.with_suffix(".tmp")
             tmp.write_bytes(update.to_bytes())

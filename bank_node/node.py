@@ -230,14 +230,18 @@ class BankNode:
         from bank_node.histogram_worker import ClientTLS, HistogramSession, start_worker
 
         task = self.accepted_task(task_bytes)
-        if self.privacy.enabled:  # histogram-round DP (noise before masking) is not built: never unaccounted
-            raise TaskRefused("privacy_unsupported", "this bank trains privately; the histogram strategy has no DP")
         self._require_training_allowed()
         session = HistogramSession.from_bytes(session_bytes)
         if session.bank != self.bank:
             raise ValueError(f"session for {session.bank} sent to {self.bank}")
+        private = None
+        if self.privacy.enabled:  # charged before it trains; refused over budget (bank_node/histogram_privacy.py)
+            from bank_node.histogram_privacy import charge_histogram
+
+            private = charge_histogram(self, task, task_bytes, session, session_bytes)
         worker = start_worker(self.work_dir, self.data, self.contract["hash"], task.to_bytes(), session,
-                              self.histogram_tls or ClientTLS.from_env(), credentials=self.secagg_credentials())
+                              self.histogram_tls or ClientTLS.from_env(), credentials=self.secagg_credentials(),
+                              private=private)
         self._histogram_worker = worker
         try:
             return worker.result()

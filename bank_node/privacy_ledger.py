@@ -1,9 +1,11 @@
 """The bank's ε ledger: what its private tasks have cost, kept in its work folder, and the accountant.
 
-    <work_dir>/privacy/ledger.json   every charged task: its key, round, trees and noise multiplier
+    <work_dir>/privacy/ledger.json   every charged task: its key, round, trees (releases) and noise multiplier
     <work_dir>/privacy/noise.key     32 secret random bytes that seed the bank's noise (never leaves)
 
-Each tree of a task is one Gaussian mechanism of noise multiplier sigma (``bank_node.privacy``).
+Each tree of a bagging or cyclic task is one Gaussian mechanism of noise multiplier sigma
+(``bank_node.privacy``); a histogram tree is ``max_depth + 1`` of them (``releases``,
+``bank_node.histogram_privacy``).
 ``epsilon_spent`` composes them all with ``dp-accounting``'s privacy loss distributions (PLD,
 pessimistic estimate: an upper bound) and reads ε at the policy's δ. ``charge`` runs BEFORE a task
 trains: a task whose ε would pass the budget is refused (``TaskRefused("privacy_budget_exceeded")``)
@@ -74,19 +76,23 @@ class PrivacyLedger:
         """ε of every charged task (plus ``extra`` entries not written yet)."""
         mechanisms: Counter = Counter()
         for entry in [*self.entries(), *extra]:
-            mechanisms[float(entry["noise_multiplier"])] += int(entry["trees"])
+            mechanisms[float(entry["noise_multiplier"])] += int(entry.get("releases", entry["trees"]))
         return epsilon_spent(dict(mechanisms), self.delta)
 
-    def charge(self, key: str, round_id: int, trees: int, noise_multiplier: float) -> float:
-        """Charge a task (before it trains) and return ε spent with it; refuse it by name over budget."""
+    def charge(self, key: str, round_id: int, trees: int, noise_multiplier: float, releases_per_tree: int = 1) -> float:
+        """Charge a task (before it trains) and return ε spent with it; refuse it by name over budget.
+        ``releases_per_tree``: Gaussian mechanisms per tree (a histogram tree: its levels and root sums)."""
         entries = self.entries()
         if any(entry["key"] == key for entry in entries):
             return self.spent()
         entry = {"key": key, "round_id": int(round_id), "trees": int(trees), "noise_multiplier": noise_multiplier}
+        releases = f" ({trees * releases_per_tree} Gaussian releases)" if releases_per_tree != 1 else ""
+        if releases:
+            entry["releases"] = int(trees) * int(releases_per_tree)
         before, after = self.spent(), self.spent([entry])
         if after > self.budget:
             raise TaskRefused("privacy_budget_exceeded",
-                              f"ε spent {before:.4g}; this task's {trees} trees would make it {after:.4g} "
+                              f"ε spent {before:.4g}; this task's {trees} trees{releases} would make it {after:.4g} "
                               f"> budget {self.budget:g} (δ {self.delta:g})")
         write_bytes(json.dumps({"delta": self.delta, "entries": [*entries, entry]}, indent=1).encode(), self.path)
         return after

@@ -81,7 +81,8 @@ class MaskingProxy:
 
     def __init__(self, bank: str, rank: int, banks: list[str], forward: Forward,
                  max_bytes: int = fw.DEFAULT_MAX_BYTES, frac_bits: int = FRAC_BITS,
-                 audit: Callable[[dict], None] = lambda record: None):
+                 audit: Callable[[dict], None] = lambda record: None,
+                 noise: Callable[[np.ndarray, int, int], np.ndarray] | None = None):
         if len(banks) < MIN_PARTIES:
             raise TooFewParties(f"too_few_parties: {len(banks)} < {MIN_PARTIES} banks in the session; with two, "
                                 "the sum minus one's own reveals the other's vector")
@@ -89,6 +90,7 @@ class MaskingProxy:
             raise SidecarRefused(f"sidecar_session: {bank} is not rank {rank} of {banks}")
         self.bank, self.rank, self.banks = bank, rank, list(banks)
         self.forward, self.max_bytes, self.frac_bits, self.audit = forward, max_bytes, frac_bits, audit
+        self.noise = noise  # DP: (values, data_type, label) -> noised values, before masking (histogram_privacy)
         self.masker: PairwiseMasker | None = None
         self.seq_offset = 0
         self.broken: str | None = None
@@ -169,15 +171,18 @@ class MaskingProxy:
         return fw.encode_reply(reply)
 
     def _masked_sum(self, request: fw.Request, upstream: fw.Request) -> bytes:
-        values = request.values()
+        values = raw = request.values()
+        if self.noise is not None:
+            values = self.noise(raw, request.data_type, upstream.sequence_number)
         words = self._encode(values, request.data_type)
         masked = self.masker.mask(words, label=upstream.sequence_number)
         forwarded = fw.Request("Allreduce", upstream.sequence_number, self.rank, masked.astype("<u8").tobytes(),
                                fw.UINT64, fw.SUM)
         total = np.frombuffer(self._upstream(forwarded, 8 * words.size), dtype="<u8")
-        self.audit({"method": "Allreduce", "seq": upstream.sequence_number, "op": "SUM",
-                    "dtype": fw.DTYPE_NAMES[request.data_type], "values": int(values.size), "masked": True})
-        return self._decode(total, request.data_type, values.dtype).tobytes()
+        record = {"method": "Allreduce", "seq": upstream.sequence_number, "op": "SUM",
+                  "dtype": fw.DTYPE_NAMES[request.data_type], "values": int(values.size), "masked": True}
+        self.audit(record if self.noise is None else {**record, "noised": values is not raw})
+        return self._decode(total, request.data_type, raw.dtype).tobytes()
 
     def _encode(self, values: np.ndarray, data_type: int) -> np.ndarray:
         if data_type in FLOATS:
@@ -312,6 +317,10 @@ def run(job_path: str, stdin=None) -> None:
     proxy = MaskingProxy(job["bank"], int(job["rank"]), list(job["banks"]), forward, max_bytes,
                          int(job.get("frac_bits", FRAC_BITS)), audit)
     secrets_in = json.loads((stdin or sys.stdin).read() or "{}")
+    if job.get("privacy"):  # differential privacy: this bank's noise on its gradient sums, before masking
+        from bank_node.histogram_privacy import SumNoiser
+
+        proxy.noise = SumNoiser.from_job(job["privacy"], secrets_in.get("noise_seed"))
     ready = time.monotonic()
     if "pair_keys" in secrets_in:  # keys agreed elsewhere
         proxy.use_pair_keys({peer: bytes.fromhex(key) for peer, key in secrets_in["pair_keys"].items()})

@@ -151,7 +151,7 @@ def test_the_ledger_refuses_a_task_over_budget_and_remembers_across_restarts(tmp
     assert [e["round_id"] for e in ledger.entries()] == [1, 2] and ledger.spent() == pytest.approx(two)
 
 
-def test_privacy_config_is_validated_and_histogram_and_spark_are_refused(tmp_path, toy_banks):
+def test_privacy_config_is_validated_and_spark_is_refused(tmp_path, toy_banks):
     assert PrivacyPolicy.from_dict(None).enabled is False
     assert PrivacyPolicy.from_dict({"enabled": True, "epsilon_budget": 2}).epsilon_budget == 2
     for wrong in ({"enabled": "yes"}, {"epsilon": 1}, {"delta": 1.5}, {"noise_multiplier": 0},
@@ -160,8 +160,6 @@ def test_privacy_config_is_validated_and_histogram_and_spark_are_refused(tmp_pat
             PrivacyPolicy.from_dict(wrong)
     with pytest.raises(ValueError, match="engine 'local'"):
         BankNode("alpha", tmp_path, tmp_path, config=None, engine="spark", privacy=PrivacyPolicy(True))
-    with pytest.raises(TaskRefused, match="privacy_unsupported"):
-        private_node(tmp_path, toy_banks).train_histogram(task(), b"{}")
 
 
 @pytest.mark.parametrize("value", [-0.1, 2e6, True, "1", [1]])
