@@ -86,13 +86,19 @@ class EmbeddedTasks:
     def aggregate_round(self, round_id: int) -> list[str]:
         """Gate, aggregate, publish the candidate, then the masked evaluation's key exchange (every bank's
         node is in this worker: each makes its own offer); the banks that evaluate. On a retry after the
-        stage was aggregated (``working`` exists) only the phases after ``aggregate`` run again."""
+        stage was aggregated (``working`` exists) only the phases after ``aggregate`` run again. The gate's
+        second question (after a first-pass refusal) is answered here by the nodes, then the stage finishes."""
         r = self._round(self._opened_round(round_id), round_id)
         if not r.trains_in_one_task():
-            done = ("gate", "aggregate") if r.path("working").exists() else ()
+            stage_done = r.path("working").exists()
             for phase in phases.aggregator_phases_after("accept"):
-                if phase.name not in done:
+                if phase.per_stage and stage_done:
+                    continue
+                try:
                     phase.run(r)
+                except PhaseRerun as rerun:  # the gate's second question: the nodes are in this worker
+                    phases.finish_stage(r, {b: self.node(b) for b in r.plan.banks}, rerun.phase)
+                    stage_done = True
         keys = phases.bank_phase("keys")
         keys.run(r, {b: self.node(b) for b in keys.banks(r)})
         phases.run_aggregator_phases(r, after="keys")

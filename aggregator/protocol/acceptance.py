@@ -20,9 +20,13 @@ sqrt(se_with² + se_without²) over-states the drop's error: the gate errs towar
 
 Two passes: a leave-one-out with a degrading member in the stage judges the others against a
 poisoned pool, so the first pass refuses only the worst bank over its δ (the largest excess), and
-a second pass re-judges the rest on the pool without it — its holdout left out too — from the pair
-variants (without the worst and b) the banks scored in the same answer. When the pairs were not
-asked (more than ``PAIR_LIMIT`` updates), every bank over its δ in the first pass is refused.
+a second pass re-judges the rest on the pool without it — its holdout left out too. The second
+pass needs the variants without the worst *and* b, so the gate asks for them only then: it writes
+a second question (``pairs``: the variant without the worst, and without the worst and each other
+bank) for the banks that answered the first, and raises ``PhaseRerun("accept")``; the drivers ask
+it and run the gate again. A clean stage costs 1 + n scorings per bank, a refusal n more (asking
+every pair up front cost 1 + n + n(n-1)/2). Without the second pass (δ off, or more updates than
+one question's variants) every bank over its δ in the first pass is refused.
 
 Histogram rounds build every tree collectively, so there is no one bank's update to score: the
 cross-evaluation before round 1 (``crossval.py``) guards them.
@@ -35,6 +39,7 @@ import math
 from pathlib import Path
 
 from aggregator.protocol import compaction, records
+from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
 from aggregator.protocol import training
 from aggregator.protocol.training import checks
@@ -48,8 +53,7 @@ log = logging.getLogger("fedfraud.rounds")
 WITH_ALL = "with_all"
 REFUSED = "acceptance_degrades"
 GATED = (StrategyName.BAGGING, StrategyName.CYCLIC)
-# updates whose pair variants fit in one question: 1 + n + n(n-1)/2 <= MAX_VARIANTS (10 at 64)
-PAIR_LIMIT = max(n for n in range(1, MAX_VARIANTS) if 1 + n + n * (n - 1) // 2 <= MAX_VARIANTS)
+PAIRS = "pairs"  # the second question's folder and task part
 
 
 def _without(*banks: str) -> str:
@@ -73,10 +77,19 @@ def answer_path(r: RoundState, bank: str) -> Path:
     return _folder(r) / "answers" / f"{bank}.json"
 
 
+def pairs_question_path(r: RoundState) -> Path:
+    """The second question (asked only after a first-pass refusal): without the worst, and the worst and b."""
+    return _folder(r) / PAIRS / "question.json"
+
+
+def pairs_answer_path(r: RoundState, bank: str) -> Path:
+    return _folder(r) / PAIRS / "answers" / f"{bank}.json"
+
+
 def propose(r: RoundState) -> None:
     """The stage's candidate with and without each accepted update (and each pair), for every bank to score."""
-    question_path(r).unlink(missing_ok=True)
-    judged_path(r).unlink(missing_ok=True)
+    for stale in (question_path(r), judged_path(r), pairs_question_path(r)):
+        stale.unlink(missing_ok=True)
     accepted = checks(r)["stage_accepted"]
     if not r.plan.settings.acceptance or r.plan.strategy not in GATED or not accepted:
         return
@@ -92,25 +105,46 @@ def propose(r: RoundState) -> None:
         start += len(own[u.bank])
     if start != len(model_json.trees(candidate)):
         raise RuntimeError(f"{r.strategy.name} did not append the stage's trees in bank order")
-    groups, paired = [[b] for b in own], r.plan.settings.acceptance_delta is not None and len(own) <= PAIR_LIMIT
-    if paired:  # for the second pass
-        groups += [[a, b] for i, a in enumerate(own) for b in list(own)[i + 1:]]
-    variants: dict[str, dict] = {WITH_ALL: {"model": "candidate", "drop": []}}
-    for group in groups:
-        drop = sorted(i for b in group for i in own[b])
-        if len(drop) < start:  # else the variant has no tree: scored as no-skill
-            variants[_without(*group)] = {"model": "candidate", "drop": drop}
+    second_pass = r.plan.settings.acceptance_delta is not None and 1 < len(own) <= MAX_VARIANTS
+    variants = _variants(own, start, [[]] + [[b] for b in own])
     question = ScoreQuestion(r.round_id, "accept", variants, {"candidate": candidate})
-    r.ws.write_json({"banks": list(own), "paired": paired}, judged_path(r))
+    r.ws.write_json({"banks": list(own), "trees": own, "total": start, "second_pass": second_pass}, judged_path(r))
     write_bytes(question.to_bytes(), question_path(r))
 
 
+def _variants(own: dict[str, list[int]], trees: int, groups: list[list[str]]) -> dict[str, dict]:
+    """The candidate without each group's trees (no group: ``with_all``); a variant with no tree left is
+    not asked (it scores as no-skill)."""
+    variants = {}
+    for group in groups:
+        drop = sorted(i for b in group for i in own[b])
+        if len(drop) < trees:
+            variants[_without(*group) if group else WITH_ALL] = {"model": "candidate", "drop": drop}
+    return variants
+
+
+def _ask_pairs(r: RoundState, worst: str, answered: list[str]) -> None:
+    """The second question, for the banks that answered the first; then the drivers ask it (a re-run)."""
+    judged, question = r.ws.read_json(judged_path(r)), ScoreQuestion.from_bytes(question_path(r).read_bytes())
+    variants = _variants(judged["trees"], judged["total"], [[worst]] + [[worst, b] for b in judged["banks"]
+                                                                         if b != worst])
+    r.ws.write_json({**judged, "pairs": {"without": worst, "asked": answered}}, judged_path(r))
+    write_bytes(ScoreQuestion(r.round_id, "accept", variants, question.models).to_bytes(), pairs_question_path(r))
+    raise PhaseRerun("accept", f"{worst} refused in the first pass: {len(answered)} bank(s) score the others "
+                               f"without it (second pass)")
+
+
 def accept_banks(r: RoundState) -> list[str]:
+    if pairs_question_path(r).exists():
+        return list(r.ws.read_json(judged_path(r))["pairs"]["asked"])
     return list(r.plan.banks) if question_path(r).exists() or compaction.banks(r) else []
 
 
 def accept_exchanges(r: RoundState, bank: str) -> list[Exchange]:
-    """The acceptance question, and the compaction question that rides in the same phase."""
+    """The acceptance question, and the compaction question that rides in the same phase; after a
+    first-pass refusal, the second question only."""
+    if pairs_question_path(r).exists():
+        return [Exchange(TaskKind.ACCEPT, bank, pairs_question_path(r), pairs_answer_path(r, bank), PAIRS)]
     asked = question_path(r).exists()
     asks = [Exchange(TaskKind.ACCEPT, bank, question_path(r), answer_path(r, bank))] if asked else []
     return asks + compaction.exchanges(r, bank)
@@ -121,11 +155,12 @@ def accept(r: RoundState, nodes: dict[str, Node]) -> None:
     answer_tolerantly(r, nodes, accept_banks, accept_exchanges, "score the candidate")
 
 
-def _answers(r: RoundState, labels: list[str]) -> tuple[dict[str, dict], list[dict[str, str]]]:
+def _answers(r: RoundState, labels: list[str], banks: list[str], where=answer_path
+             ) -> tuple[dict[str, dict], list[dict[str, str]]]:
     """Every well-formed answer's reports by bank; faulty answers named (they count nowhere)."""
     answers, faults = {}, []
-    for bank in accept_banks(r):
-        path = answer_path(r, bank)
+    for bank in banks:
+        path = where(r, bank)
         if not path.exists():
             continue
         try:
@@ -178,7 +213,7 @@ def _judge(r: RoundState, answers: dict[str, dict], labels: list[str], evaluator
     row = {"evaluators": evaluators}
     if evaluators:
         row["others_with"], row["others_without"] = _pooled(answers, labels, evaluators, with_label, without_label)
-        row["others_positives"] = sum(answers[b][WITH_ALL].positives for b in evaluators)
+        row["others_positives"] = sum(answers[b][with_label].positives for b in evaluators)
         row["allowed_drop"] = allowed_drop(r.plan.settings, row["others_with"], row["others_without"],
                                            row["others_positives"])
     return row
@@ -206,10 +241,10 @@ def gate(r: RoundState) -> None:
         return
     question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
     labels = sorted(question.variants)
-    answers, faults = _answers(r, labels)
+    answers, faults = _answers(r, labels, list(r.plan.banks))
     verdict, stage = checks(r), {"stage": list(r.stage), "faults": faults, "banks": {}}
     judged = r.ws.read_json(judged_path(r))  # as proposed: a re-run of the gate judges the same banks
-    banks, paired = judged["banks"], judged["paired"]
+    banks, paired = judged["banks"], judged["second_pass"]
     for bank in banks:
         row = _judge(r, answers, labels, sorted(b for b in answers if b != bank), WITH_ALL, _without(bank))
         if answers:
@@ -221,8 +256,14 @@ def gate(r: RoundState) -> None:
     refused = [_refusal(r, b, stage["banks"][b], "first pass") for b in (over[:1] if paired else over)]
     worst = over[0] if over else None
     if paired and worst is not None and _without(worst) in labels:  # second pass: the pool without the worst
+        if not pairs_question_path(r).exists():
+            _ask_pairs(r, worst, sorted(answers))
+        pair_labels = sorted(ScoreQuestion.from_bytes(pairs_question_path(r).read_bytes()).variants)
+        pairs, pair_faults = _answers(r, pair_labels, judged["pairs"]["asked"], pairs_answer_path)
+        stage["faults"] += [{**x, "question": PAIRS} for x in pair_faults]
+        stage["second_question"] = judged["pairs"]
         for bank in (b for b in banks if b != worst):
-            row = _judge(r, answers, labels, sorted(b for b in answers if b not in (bank, worst)),
+            row = _judge(r, pairs, pair_labels, sorted(b for b in pairs if b not in (bank, worst)),
                          _without(worst), _without(bank, worst))
             stage["banks"][bank]["second_pass"] = {"without": worst, **row}
             if _excess(row) > 0:

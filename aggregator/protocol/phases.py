@@ -110,8 +110,12 @@ def run_stages(r: RoundState, nodes: dict[str, Node]) -> None:
     """The per-stage phases for every stage of the round (cyclic turns, collective training)."""
     for stage in r.stages():
         r.stage = stage
-        for phase in STAGE_PHASES:
-            run_phase(r, phase, nodes)
+        _run_with_reruns(r, nodes, STAGE_PHASES, 0)
+
+
+def finish_stage(r: RoundState, nodes: dict[str, Node], name: str) -> None:
+    """The current stage's phases from ``name`` on, in process (a driver resuming a re-run bank phase)."""
+    _run_with_reruns(r, nodes, STAGE_PHASES, STAGE_PHASES.index(bank_phase(name)))
 
 
 def train_in_process(r: RoundState, nodes: dict[str, Node]) -> Any:
@@ -135,13 +139,18 @@ def run_round(r: RoundState, nodes: dict[str, Node]) -> Any:
 def run_from(r: RoundState, nodes: dict[str, Node], name: str) -> Any:
     """The round's phases from ``name`` to the end in process; a ``PhaseRerun`` goes back to its bank phase
     (the phase that raises it bounds its attempts)."""
-    start = next(i for i, p in enumerate(ROUND) if p.name == name)
+    return _run_with_reruns(r, nodes, ROUND, next(i for i, p in enumerate(ROUND) if p.name == name))
+
+
+def _run_with_reruns(r: RoundState, nodes: dict[str, Node], sequence: tuple[Phase, ...], start: int) -> Any:
+    """``sequence[start:]`` in process; a ``PhaseRerun`` goes back to its bank phase (the phase that raises
+    it bounds its re-runs). Returns the last phase's result."""
     while True:
         try:
             result = None
-            for phase in ROUND[start:]:
+            for phase in sequence[start:]:
                 result = run_phase(r, phase, nodes)
             return result
         except PhaseRerun as rerun:
             log.warning("round %s: %s", r.round_id, rerun)
-            start = ROUND.index(bank_phase(rerun.phase))
+            start = sequence.index(bank_phase(rerun.phase))

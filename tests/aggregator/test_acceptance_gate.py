@@ -14,6 +14,7 @@ import pytest
 from conftest import TOY_FEATURES
 
 from aggregator.protocol import acceptance, records
+from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
 from aggregator.protocol.workspace import Workspace
@@ -47,25 +48,46 @@ def round_state(tmp_path, settings: FederationSettings) -> RoundState:
 
 def stage(tmp_path, variants: dict[str, float], settings=FederationSettings(), paired: bool = True,
           honest_default: float = 0.5) -> RoundState:
-    """A stage in which every bank's update passed the checks and every bank answered: ``variants``
-    gives a variant's top share at every holdout (absent single and pair variants score as with_all)."""
+    """A stage in which every bank's update (one tree each) passed the checks and every bank answered:
+    ``variants`` gives a variant's top share at every holdout (absent variants score as with_all). Pair
+    variants are answered only when the gate asks its second question (``gate``, below)."""
     r = round_state(tmp_path, settings)
-    labels = {acceptance.WITH_ALL} | {acceptance._without(b) for b in BANKS}
-    if paired:
-        labels |= {acceptance._without(a, b) for i, a in enumerate(BANKS) for b in BANKS[i + 1:]}
-    shares = {label: variants.get(label, variants.get(acceptance.WITH_ALL, honest_default)) for label in labels}
+    labels = [acceptance.WITH_ALL] + [acceptance._without(b) for b in BANKS]
     question = ScoreQuestion(1, "accept", {label: {"model": "candidate", "drop": []} for label in labels},
                              {"candidate": {}})
     r.ws.write_json({"participants": BANKS, "rejections": [], "stage_accepted": BANKS}, r.path("checks"))
-    r.ws.write_json({"banks": BANKS, "paired": paired}, acceptance.judged_path(r))
+    r.ws.write_json({"banks": BANKS, "trees": {b: [i] for i, b in enumerate(BANKS)}, "total": len(BANKS),
+                     "second_pass": paired, "shares": variants, "default": honest_default},
+                    acceptance.judged_path(r))
     acceptance.question_path(r).parent.mkdir(parents=True, exist_ok=True)
     acceptance.question_path(r).write_bytes(question.to_bytes())
-    for bank in BANKS:
-        answer = ScoreAnswer(bank, 1, "accept", {label: dataclasses.asdict(report(bank, shares[label]))
-                                                 for label in labels})
-        acceptance.answer_path(r, bank).parent.mkdir(parents=True, exist_ok=True)
-        acceptance.answer_path(r, bank).write_bytes(answer.to_bytes())
+    answer_all(r, labels, acceptance.answer_path)
     return r
+
+
+def answer_all(r: RoundState, labels: list[str], where) -> None:
+    """Every bank answers ``labels`` with the stage's shares."""
+    judged = r.ws.read_json(acceptance.judged_path(r))
+    shares, default = judged["shares"], judged["shares"].get(acceptance.WITH_ALL, judged["default"])
+    for bank in BANKS:
+        answer = ScoreAnswer(bank, 1, "accept", {label: dataclasses.asdict(report(bank, shares.get(label, default)))
+                                                 for label in labels})
+        where(r, bank).parent.mkdir(parents=True, exist_ok=True)
+        where(r, bank).write_bytes(answer.to_bytes())
+
+
+def gate(r: RoundState) -> bool:
+    """The gate, as a driver runs it: a second question is answered by every bank, then the gate runs again.
+    True when the second question was asked."""
+    try:
+        acceptance.gate(r)
+        return False
+    except PhaseRerun as rerun:
+        assert rerun.phase == "accept"
+        question = ScoreQuestion.from_bytes(acceptance.pairs_question_path(r).read_bytes())
+        answer_all(r, sorted(question.variants), acceptance.pairs_answer_path)
+        acceptance.gate(r)
+        return True
 
 
 def refused(r: RoundState) -> list[str]:
@@ -106,10 +128,10 @@ def test_auto_delta_keeps_an_honest_bank_a_fixed_0_05_refused_and_still_refuses_
     # alpine's trees move the others' AUPRC by 0.06 (the noise of ~90 frauds); baltic's by 0.40
     variants = {acceptance.WITH_ALL: 0.5, acceptance._without("alpine"): 0.56, acceptance._without("baltic"): 0.9}
     fixed = stage(tmp_path / "fixed", variants, FederationSettings(acceptance_delta=0.05), paired=False)
-    acceptance.gate(fixed)
+    gate(fixed)
     assert refused(fixed) == ["alpine", "baltic"]
     auto = stage(tmp_path / "auto", variants)
-    acceptance.gate(auto)
+    gate(auto)
     assert refused(auto) == ["baltic"]
     row = rows(auto)["alpine"]
     assert row["others_positives"] == 4 * FRAUDS
@@ -130,11 +152,17 @@ def test_the_second_pass_rejudges_the_others_without_the_worst_bank(tmp_path):
     for b in BANKS[2:]:
         variants[acceptance._without(b, "baltic")] = 0.85
     one_pass = stage(tmp_path / "one", variants, paired=False)
-    acceptance.gate(one_pass)
+    gate(one_pass)
     assert refused(one_pass) == ["alpine", "baltic"]  # the first pass alone refuses the honest bank too
     r = stage(tmp_path / "two", variants)
-    acceptance.gate(r)
+    assert gate(r)  # the pairs are asked only now, of the banks that answered
     assert refused(r) == ["baltic"]
+    asked = r.ws.read_json(acceptance.judged_path(r))["pairs"]
+    assert asked == {"without": "baltic", "asked": BANKS}
+    pairs = ScoreQuestion.from_bytes(acceptance.pairs_question_path(r).read_bytes())
+    assert sorted(pairs.variants) == sorted([acceptance._without("baltic")] + [
+        acceptance._without(b, "baltic") for b in BANKS if b != "baltic"])
+    assert pairs.variants[acceptance._without("alpine", "baltic")]["drop"] == [0, 1]
     second = rows(r)["alpine"]["second_pass"]
     assert second["without"] == "baltic" and second["evaluators"] == ["celtic", "danube", "elbe"]
     assert second["others_positives"] == 3 * FRAUDS and second["allowed_drop"] > 0
@@ -149,7 +177,7 @@ def test_the_second_pass_still_refuses_a_second_degrading_bank(tmp_path):
     for b in ("alpine", "danube", "elbe"):
         variants[acceptance._without(b, "baltic")] = 0.7
     r = stage(tmp_path, variants)
-    acceptance.gate(r)
+    gate(r)
     assert refused(r) == ["baltic", "celtic"]
     details = {x["bank"]: x["detail"] for x in r.ws.read_json(r.path("checks"))["rejections"]}
     assert details["baltic"].startswith("first pass") and details["celtic"].startswith("second pass, without baltic")
@@ -158,7 +186,8 @@ def test_the_second_pass_still_refuses_a_second_degrading_bank(tmp_path):
 def test_without_refusals_there_is_no_second_pass_and_contributions_are_recorded(tmp_path):
     variants = {acceptance.WITH_ALL: 0.6, acceptance._without("alpine"): 0.5}
     r = stage(tmp_path, variants)
-    acceptance.gate(r)
+    assert not gate(r)  # no second question
+    assert not acceptance.pairs_question_path(r).exists()
     assert refused(r) == [] and not r.ws.read_json(r.path("checks"))["rejections"]
     assert all("second_pass" not in row and row["allowed_drop"] > 0 for row in rows(r).values())
     assert records.contributions(r.ws, 1)["alpine"] == pytest.approx(
@@ -168,7 +197,7 @@ def test_without_refusals_there_is_no_second_pass_and_contributions_are_recorded
 def test_delta_off_measures_only(tmp_path):
     r = stage(tmp_path, {acceptance.WITH_ALL: 0.2, acceptance._without("baltic"): 0.9},
               FederationSettings(acceptance_delta=None), paired=False)
-    acceptance.gate(r)
+    gate(r)
     assert refused(r) == [] and rows(r)["baltic"]["allowed_drop"] is None
     assert rows(r)["baltic"]["contribution"] < -0.5
 
@@ -177,9 +206,9 @@ def test_a_rerun_gate_gives_the_same_verdict(tmp_path):
     variants = {acceptance.WITH_ALL: 0.3, acceptance._without("baltic"): 0.7, acceptance._without("celtic"): 0.6,
                 acceptance._without("baltic", "celtic"): 1.0}
     r = stage(tmp_path, variants)
-    acceptance.gate(r)
+    gate(r)
     first = r.ws.read_json(r.path("checks"))
-    acceptance.gate(r)  # e.g. the aggregator restarted after the gate wrote its verdict
+    gate(r)  # e.g. the aggregator restarted after the gate wrote its verdict
     assert r.ws.read_json(r.path("checks")) == first
     assert len(records.read_acceptance(r.ws, 1)["stages"]) == 1
 

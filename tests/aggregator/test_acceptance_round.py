@@ -1,5 +1,6 @@
-"""The acceptance phases in process with real bank nodes on toy data: the question carries the pair
-variants the second pass needs, every bank scores every variant, and the gate records δ per bank."""
+"""The acceptance phases in process with real bank nodes on toy data: every bank scores the candidate with
+and without each update, the gate records δ per bank, and after a refusal it asks the pair variants its
+second pass needs (a re-run of ``accept`` with a second question)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from conftest import TOY_FEATURES, four_toy_banks, toy_counts, with_toy_data
 
 from aggregator.protocol import acceptance, records, training
+from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
 from aggregator.protocol.workspace import Workspace
@@ -45,20 +47,16 @@ def round_state(tmp_path, nodes, settings: FederationSettings) -> RoundState:
     return r
 
 
-def test_the_banks_score_every_single_and_pair_variant_and_the_gate_records_delta(tmp_path, nodes):
+def test_the_banks_score_every_single_variant_and_the_gate_records_delta(tmp_path, nodes):
     r = round_state(tmp_path, nodes, FederationSettings(max_depth=3))
     assert r.ws.read_json(r.path("checks"))["stage_accepted"] == BANKS
     acceptance.propose(r)
     question = ScoreQuestion.from_bytes(acceptance.question_path(r).read_bytes())
     trees = {b: 4 + BANKS.index(b) for b in BANKS}
     total = sum(trees.values())
-    pairs = [(a, b) for i, a in enumerate(BANKS) for b in BANKS[i + 1:]]
-    assert len(question.variants) == 1 + len(BANKS) + len(pairs)
-    for a, b in pairs:
-        drop = question.variants[acceptance._without(a, b)]["drop"]
-        assert drop == sorted(question.variants[acceptance._without(a)]["drop"]
-                              + question.variants[acceptance._without(b)]["drop"])
-        assert len(model_json.trees(question.variant(acceptance._without(a, b)))) == total - trees[a] - trees[b]
+    assert sorted(question.variants) == sorted([acceptance.WITH_ALL] + [acceptance._without(b) for b in BANKS])
+    for b in BANKS:
+        assert len(model_json.trees(question.variant(acceptance._without(b)))) == total - trees[b]
     acceptance.accept(r, nodes)
     acceptance.gate(r)
     stage = records.read_acceptance(r.ws, 1)["stages"][0]
@@ -76,13 +74,24 @@ def test_with_the_gate_off_no_pair_is_asked(tmp_path, nodes):
     acceptance.propose(r)
     question = ScoreQuestion.from_bytes(acceptance.question_path(r).read_bytes())
     assert sorted(question.variants) == sorted([acceptance.WITH_ALL] + [acceptance._without(b) for b in BANKS])
-    assert r.ws.read_json(acceptance.judged_path(r)) == {"banks": BANKS, "paired": False}
+    assert r.ws.read_json(acceptance.judged_path(r))["second_pass"] is False
 
 
 def test_a_refusal_is_followed_by_a_second_pass_on_the_banks_real_pair_answers(tmp_path, nodes):
     r = round_state(tmp_path, nodes, FederationSettings(max_depth=3, acceptance_delta=0.0))  # any drop refuses
     acceptance.propose(r)
     acceptance.accept(r, nodes)
+    with pytest.raises(PhaseRerun, match="second pass"):
+        acceptance.gate(r)
+    assert acceptance.accept_banks(r) == BANKS
+    [ask] = acceptance.accept_exchanges(r, "alpha")
+    assert ask.question == acceptance.pairs_question_path(r) and ask.part == acceptance.PAIRS
+    pairs = ScoreQuestion.from_bytes(ask.question.read_bytes())
+    worst = r.ws.read_json(acceptance.judged_path(r))["pairs"]["without"]
+    for bank in (b for b in BANKS if b != worst):
+        drop = pairs.variants[acceptance._without(bank, worst)]["drop"]
+        assert len(drop) == 4 + BANKS.index(bank) + 4 + BANKS.index(worst)
+    acceptance.accept(r, nodes)  # the driver asks again: the second question only
     acceptance.gate(r)
     stage = records.read_acceptance(r.ws, 1)["stages"][0]
     drops = {b: row["others_without"] - row["others_with"] for b, row in stage["banks"].items()}

@@ -13,8 +13,10 @@ import time
 import pytest
 from conftest import make_coordinator
 from mlflow import MlflowClient
+from sqlalchemy import select
 
 from aggregator.protocol.state import node_call
+from aggregator.service import store
 from aggregator.service.coordinator import Coordinator
 from fedfraud.protocol import TaskKind
 
@@ -134,3 +136,31 @@ def _registered(c: Coordinator, round_id: int) -> bool:
     status = c.round_status("f", round_id)
     assert status["state"] != "failed", status["error"]
     return status["state"] == "registered"
+
+
+def test_after_a_refusal_the_service_asks_the_second_question_and_the_round_registers(consortium, tmp_path):
+    from aggregator.service.app import _federation_request
+
+    nodes = consortium.nodes
+    c = make_coordinator(tmp_path, banks=tuple(nodes))
+    body = {"model_name": "svc-p", "strategy": "bagging", "rounds": 1, "seed": 0, "min_banks": 2,
+            "trees_per_round": 5, "banks": sorted(nodes), "crossval": False, "acceptance_delta": 0.0}
+    c.start_federation("f", _federation_request(json.dumps(body).encode()))  # δ 0: any drop is refused
+    drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
+    assert c.plan_federation("f")["state"] == "planned"
+    c.open_round("f", 1)
+    drive(c, nodes, lambda: _registered(c, 1))
+    with c.Session() as s:
+        ws = c.workspace(c._federation(s, "f"))
+    [stage] = ws.read_json(ws.round_dir(1) / "acceptance.json")["stages"]
+    worst = stage["second_question"]["without"]
+    assert stage["refused"][0] == worst and stage["second_question"]["asked"] == sorted(nodes), stage
+    for bank in (b for b in nodes if b != worst):  # judged again on the banks' answers to the second question
+        assert stage["banks"][bank]["second_pass"]["evaluators"] == [b for b in sorted(nodes) if b not in (bank, worst)]
+    with c.Session() as s:
+        parts = {t.id for t in s.scalars(select(store.Task).where(store.Task.kind == TaskKind.ACCEPT,
+                                                                   store.Task.state == "done"))}
+    assert len(parts) == 2 * len(nodes)  # the first question and the second, each answered by every bank
+    report = ws.read_json(ws.path(1, "registered"))
+    assert worst not in report["participants"]
+    c.stop()
