@@ -28,6 +28,11 @@ def _history() -> Window:
     return Window.partitionBy("account_id").orderBy(MICROS, "transaction_id")
 
 
+def _before(lag_micros: int) -> Window:
+    """The account's events at least ``lag_micros`` before this one's instant: ``(-inf, t - lag]``."""
+    return Window.partitionBy("account_id").orderBy(MICROS).rangeBetween(Window.unboundedPreceding, -lag_micros)
+
+
 def _trailing(column: str, seconds: int, agg) -> Column:
     """``agg`` (count or sum) of ``column`` over the account's events in ``[t - seconds, t]`` up to this one."""
     earlier = Window.partitionBy("account_id").orderBy(MICROS).rangeBetween(-seconds * 1_000_000, -1)
@@ -47,83 +52,77 @@ def with_event_order(df: DataFrame) -> DataFrame:
 
 
 def with_base_amount(df: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Amount in the consortium's base currency (rates from config) and its log."""
+    """Amount in the consortium's base currency (rates from config), its log and the small flag."""
     rates = F.create_map(*[F.lit(x) for pair in sorted(cfg.rates_to_base.items()) for x in pair])
     base = F.col("amount") * rates[F.col("currency")]
-    return df.withColumn("amount_base", base).withColumn("log_amount_base", F.log1p(base))
-
-
-def with_time_of_day(df: DataFrame) -> DataFrame:
-    """Hour (UTC), weekday (Monday = 0) and a night flag."""
-    hour = F.hour("event_time")
-    return (
-        df.withColumn("hour", hour)
-        .withColumn("weekday", (F.dayofweek("event_time") + 5) % 7)
-        .withColumn("is_night", (hour < 6).cast("int"))
+    return df.select(
+        "*",
+        base.alias("amount_base"),
+        F.log1p(base).alias("log_amount_base"),
+        (base < cfg.small_amount_base).cast("int").alias("is_small_amount"),
     )
 
 
-def with_account_history(df: DataFrame) -> DataFrame:
-    """How this amount and timing compare with the account's prior transactions."""
+def row_features(cfg: FeatureConfig) -> dict[str, Column]:
+    """Features of the row alone: time of day, small amount, one-hot channel and merchant category."""
+    hour = F.hour("event_time")
+    features = {
+        "hour": hour,
+        "weekday": (F.dayofweek("event_time") + 5) % 7,  # Monday = 0
+        "is_night": (hour < 6).cast("int"),
+        "device_missing": F.col("device_id").isNull().cast("int"),
+    }
+    features |= {f"channel_{c}": (F.col("channel") == c).cast("int") for c in CHANNELS}
+    features |= {f"mcc_{c}": (F.col("merchant_category") == c).cast("int") for c in cfg.merchant_categories}
+    features["mcc_other"] = (~F.col("merchant_category").isin(list(cfg.merchant_categories))).cast("int")
+    return features
+
+
+def history_features(cfg: FeatureConfig) -> dict[str, Column]:
+    """How this amount and timing compare with the account's prior transactions, and trailing
+    counts and sums (windows and card-testing bursts); none depends on another window."""
     ordered = _history()
     micros = F.col(MICROS)
     prior = ordered.rowsBetween(Window.unboundedPreceding, -1)
     prior_mean = F.avg("amount_base").over(prior)
     prior_std = F.stddev_samp("amount_base").over(prior)
-    return (
-        df.withColumn("prior_txn_count", F.row_number().over(ordered) - 1)
-        .withColumn("seconds_since_prev_txn", (micros - F.lag(micros).over(ordered)) / 1e6)
-        .withColumn("amount_to_prior_mean", _safe_ratio(F.col("amount_base"), prior_mean))
-        .withColumn("amount_to_prior_max", _safe_ratio(F.col("amount_base"), F.max("amount_base").over(prior)))
-        .withColumn("amount_zscore", _safe_ratio(F.col("amount_base") - prior_mean, prior_std))
-    )
-
-
-def with_trailing_windows(df: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Count and base-currency sum of the account's transactions in each trailing window."""
+    home = F.first("country").over(ordered.rowsBetween(Window.unboundedPreceding, 0))
+    features = {
+        "prior_txn_count": F.row_number().over(ordered) - 1,
+        "seconds_since_prev_txn": (micros - F.lag(micros).over(ordered)) / 1e6,
+        "amount_to_prior_mean": _safe_ratio(F.col("amount_base"), prior_mean),
+        "amount_to_prior_max": _safe_ratio(F.col("amount_base"), F.max("amount_base").over(prior)),
+        "amount_zscore": _safe_ratio(F.col("amount_base") - prior_mean, prior_std),
+        "away_from_first_country": (F.col("country") != home).cast("int"),
+    }
     for name, seconds in cfg.windows_seconds.items():
-        df = df.withColumn(f"txn_count_{name}", _trailing("amount_base", seconds, F.count)).withColumn(
-            f"amount_sum_{name}", _trailing("amount_base", seconds, F.sum)
-        )
-    return df
+        features[f"txn_count_{name}"] = _trailing("amount_base", seconds, F.count)
+        features[f"amount_sum_{name}"] = _trailing("amount_base", seconds, F.sum)
+    features["small_count_burst"] = _trailing("is_small_amount", cfg.burst_window_seconds, F.sum)
+    return features
 
 
-def with_first_use_flags(df: DataFrame) -> DataFrame:
-    """1 where the account uses a device, merchant/payee, country or channel for the first time.
+def first_use_features() -> dict[str, Column]:
+    """First use of a device, merchant/payee, country or channel, and new merchants/devices in 24 h.
 
-    "Seen before" is the set of values in the account's earlier rows: one window with the
-    history's ordering, instead of a sort per column (measured ~25% less CPU on 1M rows). The
-    set grows with an account's distinct values, which stay small for real accounts.
+    "Seen before" is the set of values in the account's earlier rows (the history's ordering).
+    The first uses in ``[t - 24h, t]`` up to this row are the distinct values up to this row
+    minus the distinct values before ``t - 24h`` (a prefix of the history): two set sizes instead
+    of a second round of windows over the flags.
     """
     earlier = _history().rowsBetween(Window.unboundedPreceding, -1)
+    features: dict[str, Column] = {}
     for name, column in FIRST_USE_COLUMNS.items():
-        seen = F.coalesce(F.array_contains(F.collect_set(column).over(earlier), F.col(column)), F.lit(False))
-        df = df.withColumn(f"first_{name}", (F.col(column).isNotNull() & ~seen).cast("int"))
-    home = F.first("country").over(_history().rowsBetween(Window.unboundedPreceding, 0))
-    return (
-        df.withColumn("device_missing", F.col("device_id").isNull().cast("int"))
-        .withColumn("new_merchants_24h", _trailing("first_merchant", 86_400, F.sum))
-        .withColumn("new_devices_24h", _trailing("first_device", 86_400, F.sum))
-        .withColumn("away_from_first_country", (F.col("country") != home).cast("int"))
-    )
+        seen = F.collect_set(column).over(earlier)
+        first = F.col(column).isNotNull() & ~F.coalesce(F.array_contains(seen, F.col(column)), F.lit(False))
+        features[f"first_{name}"] = first.cast("int")
+        if name in NEW_IN_24H:
+            before_day = F.size(F.collect_set(column).over(_before(86_400 * 1_000_000 + 1)))
+            features[NEW_IN_24H[name]] = F.size(seen) + first.cast("int") - before_day
+    return features
 
 
-def with_burst_indicators(df: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Small payments in the burst window (card testing) and whether they form a burst."""
-    df = df.withColumn("is_small_amount", (F.col("amount_base") < cfg.small_amount_base).cast("int"))
-    return df.withColumn("small_count_burst", _trailing("is_small_amount", cfg.burst_window_seconds, F.sum)).withColumn(
-        "small_burst", (F.col("small_count_burst") >= cfg.burst_min_count).cast("int")
-    )
-
-
-def with_categoricals(df: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """One-hot channel and merchant category over fixed vocabularies (unknown -> other)."""
-    for channel in CHANNELS:
-        df = df.withColumn(f"channel_{channel}", (F.col("channel") == channel).cast("int"))
-    known = F.col("merchant_category").isin(list(cfg.merchant_categories))
-    for category in cfg.merchant_categories:
-        df = df.withColumn(f"mcc_{category}", (F.col("merchant_category") == category).cast("int"))
-    return df.withColumn("mcc_other", (~known).cast("int"))
+NEW_IN_24H = {"merchant": "new_merchants_24h", "device": "new_devices_24h"}
 
 
 CONTINUOUS = "float"  # the model reads float32: storing more precision buys nothing
@@ -155,18 +154,20 @@ def feature_names(cfg: FeatureConfig) -> list[str]:
 
 
 def build_features(validated: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Validated transactions -> keys, label and the ordered feature columns (types: ``feature_types``)."""
-    featured = (
+    """Validated transactions -> keys, label and the ordered feature columns (types: ``feature_types``).
+
+    Every window expression sits in one ``select``, so Spark evaluates them in three window
+    operators (history rows, trailing ranges, same instant) over one sort per account.
+    """
+    prepared = (
         validated.repartition("account_id")  # every window below is per account: one shuffle
         .transform(with_base_amount, cfg)
-        .transform(with_time_of_day)
         .transform(with_event_order)
-        .transform(with_account_history)
-        .transform(with_trailing_windows, cfg)
-        .transform(with_first_use_flags)
-        .transform(with_burst_indicators, cfg)
-        .transform(with_categoricals, cfg)
     )
+    features = {**row_features(cfg), **history_features(cfg), **first_use_features()}
+    features["small_burst"] = F.col("small_count_burst") >= cfg.burst_min_count
+    windowed = prepared.select("*", *[c.alias(n) for n, c in features.items() if n != "small_burst"])
+    windowed = windowed.withColumn("small_burst", features["small_burst"])
     columns = [F.col(k) for k in KEYS] + [F.col(LABEL)]
     columns += [F.col(name).cast(dtype).alias(name) for name, dtype in feature_types(cfg).items()]
-    return featured.select(*columns)
+    return windowed.select(*columns)

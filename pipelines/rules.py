@@ -50,16 +50,18 @@ def rule_reasons(df: DataFrame, known_currencies: list[str], as_of: datetime) ->
     return df.withColumn(REASON, first_broken)
 
 
-def repeated_ids(ruled: DataFrame) -> DataFrame:
-    """``transaction_id, copies, valid_copies`` for every non-null id that occurs more than once.
+def repeated_ids(df: DataFrame) -> DataFrame:
+    """``transaction_id, copies`` for every non-null id that occurs more than once.
 
-    One hash aggregation over the id column only (no sort, no shuffle of whole rows); the
-    result is small for real data, so the duplicate resolution below can broadcast it.
+    One hash aggregation over the id column alone (Parquet reads just that column; no sort, no
+    shuffle of whole rows); the result is small for real data, so the duplicate resolution below
+    can broadcast it.
     """
     return (
-        ruled.filter(F.col("transaction_id").isNotNull())
+        df.select("transaction_id")
+        .filter(F.col("transaction_id").isNotNull())
         .groupBy("transaction_id")
-        .agg(F.count(F.lit(1)).alias("copies"), F.count(F.when(F.col(REASON).isNull(), 1)).alias("valid_copies"))
+        .agg(F.count(F.lit(1)).alias("copies"))
         .filter(F.col("copies") > 1)
     )
 
@@ -67,12 +69,12 @@ def repeated_ids(ruled: DataFrame) -> DataFrame:
 def mark_duplicates(ruled: DataFrame, repeated: DataFrame) -> DataFrame:
     """Tag later valid copies of an id as duplicates; the earliest valid copy stays.
 
-    Only rows whose id has two or more valid copies are ordered (a window over those few
-    rows); every other row passes through unchanged.
+    Only the valid rows whose id is repeated are ordered (a window over those few rows; an id
+    with a single valid copy keeps it); every other row passes through unchanged.
     """
-    contested_ids = repeated.filter(F.col("valid_copies") > 1).select("transaction_id", F.lit(True).alias("_contested"))
-    joined = ruled.join(F.broadcast(contested_ids), "transaction_id", "left")
-    contested = F.coalesce(F.col("_contested"), F.lit(False)) & F.col(REASON).isNull()
+    repeated_flag = repeated.select("transaction_id", F.lit(True).alias("_repeated"))
+    joined = ruled.join(F.broadcast(repeated_flag), "transaction_id", "left")
+    contested = F.coalesce(F.col("_repeated"), F.lit(False)) & F.col(REASON).isNull()
     copies = Window.partitionBy("transaction_id").orderBy(
         "event_time", "account_id", "amount", "merchant_id", "device_id"
     )
@@ -84,5 +86,4 @@ def mark_duplicates(ruled: DataFrame, repeated: DataFrame) -> DataFrame:
 
 def tag_reasons(df: DataFrame, known_currencies: list[str], as_of: datetime) -> DataFrame:
     """Add ``reason``: null for a valid row, else the first rule it breaks (duplicates decided last)."""
-    ruled = rule_reasons(df, known_currencies, as_of)
-    return mark_duplicates(ruled, repeated_ids(ruled))
+    return mark_duplicates(rule_reasons(df, known_currencies, as_of), repeated_ids(df))

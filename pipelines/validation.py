@@ -5,9 +5,12 @@ and the gate checks the written counts add up before it reports. Rows it lets th
 written, must pass the Great Expectations contract suite. Data-level checks decide whether the
 bank may train.
 
-Cost: the input is read once into a cache; one aggregation over it gives the input rows, the
-count per reason, the training statistics and what the contract's expectations would flag on the
-input; GX runs once, on the written valid rows.
+Cost: no cache and no aggregation pass over whole rows. The input's rows come from the Parquet
+footers, repeated ids from a pass over the id column alone; the training statistics, the rows per
+reason and what the contract's expectations would flag on the input are observed (Spark
+``Observation``) while valid/ and quarantine/ are written. Clean input (every row valid) is read
+once: quarantine/ is then written empty without a second pass. GX runs once, on the written
+valid rows.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.config import PipelineConfig, ValidationConfig
@@ -41,27 +44,37 @@ def _utc_naive(moment: datetime | None) -> datetime:
     return moment
 
 
-def split_rows(tagged: DataFrame) -> tuple[DataFrame, DataFrame]:
-    """Return (valid, quarantine) for a conformed DataFrame tagged with ``reason``; no I/O."""
+def split_rows(tagged: DataFrame, seen: dict[str, Observation], reasons: list[str], checks: list[tuple]):
+    """Return (valid, quarantine) for a conformed DataFrame tagged with ``reason``; no I/O.
+
+    ``seen["valid"]`` and ``seen["quarantine"]`` observe each side's metrics (``valid_metrics``,
+    ``quarantine_metrics``, on the conformed columns) when it is written.
+    """
     extras = [c for c in tagged.columns if c not in COLUMN_NAMES and c != REASON and not c.startswith("__original__")]
     typed = [F.col(LABEL).cast("int").alias(LABEL) if c == LABEL else F.col(c) for c in COLUMN_NAMES]
-    valid = tagged.filter(F.col(REASON).isNull()).select(*typed, *extras)
-    quarantine = tagged.filter(F.col(REASON).isNotNull()).select(*original_columns(tagged.drop(REASON)), REASON)
-    return valid, quarantine
+    valid = tagged.filter(F.col(REASON).isNull()).observe(seen["valid"], *valid_metrics(checks))
+    quarantine = tagged.filter(F.col(REASON).isNotNull()).observe(
+        seen["quarantine"], *quarantine_metrics(reasons, checks)
+    )
+    return valid.select(*typed, *extras), quarantine.select(*original_columns(tagged.drop(REASON)), REASON)
 
 
-def summarize(tagged: DataFrame, checks: list[tuple]) -> dict[str | None, dict[str, Any]]:
-    """One aggregation over the tagged rows: per reason (None = valid) rows, label and time stats,
-    and the rows each expectation would count as unexpected."""
-    rows = tagged.groupBy(REASON).agg(
+def valid_metrics(checks: list[tuple]) -> list[Column]:
+    """What the gate reports about its valid rows, observed while they are written."""
+    return [
         F.count(F.lit(1)).alias("rows"),
         F.count(LABEL).alias("labelled"),
         F.coalesce(F.sum(LABEL), F.lit(0)).alias("fraud"),
         F.min("event_time").alias("first"),
         F.max("event_time").alias("last"),
         *unexpected_counts(checks),
-    ).collect()
-    return {row[REASON]: row.asDict() for row in rows}
+    ]
+
+
+def quarantine_metrics(reasons: list[str], checks: list[tuple]) -> list[Column]:
+    """Rows per reason and the expectations' counts on the quarantined rows, observed while written."""
+    per_reason = [F.count(F.when(F.col(REASON) == r, 1)).alias(f"reason:{r}") for r in reasons]
+    return [F.count(F.lit(1)).alias("rows"), *per_reason, *unexpected_counts(checks)]
 
 
 def training_decision(labelled: int, fraud: int, rules: ValidationConfig) -> list[str]:
@@ -95,41 +108,45 @@ def validate(
     raw, fmt = read_input(spark, input_path)
     conformed = conform(raw, fmt)
     checks = contract_checks(known, as_of)
-    ruled = rule_reasons(conformed, known, as_of).persist()  # the only pass over the input
-    repeated = repeated_ids(ruled).persist()
+    reasons = all_reasons(conformed, known, as_of)
+    input_rows = raw.count()  # Parquet: read from the footers
+    repeated = repeated_ids(conformed).persist()  # a pass over the id column alone; small
     try:
-        tagged = mark_duplicates(ruled, repeated)
-        groups = summarize(tagged, checks)
-        repeated_rows = repeated.agg(F.coalesce(F.sum("copies"), F.lit(0))).first()[0]
-        valid, quarantine = split_rows(tagged)
+        repeated_count, repeated_rows = repeated.agg(F.count(F.lit(1)), F.coalesce(F.sum("copies"), F.lit(0))).first()
+        ruled = rule_reasons(conformed, known, as_of)
+        tagged = mark_duplicates(ruled, repeated) if repeated_count else ruled
+        seen = {"valid": Observation("valid"), "quarantine": Observation("quarantine")}
+        valid, quarantine = split_rows(tagged, seen, reasons, checks)
         write_parquet(valid, out / VALID_DIR)
-        write_parquet(quarantine, out / QUARANTINE_DIR)
+        stats = seen["valid"].get
+        if stats["rows"] == input_rows:  # every row is valid: no second pass for an empty quarantine
+            write_parquet(quarantine.limit(0), out / QUARANTINE_DIR)
+            quarantined = {"rows": 0} | {k: 0 for k in stats} | {f"reason:{r}": 0 for r in reasons}
+        else:
+            write_parquet(quarantine, out / QUARANTINE_DIR)
+            quarantined = seen["quarantine"].get
     finally:
         repeated.unpersist()
-        ruled.unpersist()
 
     def discard(problem: str) -> GateError:
         shutil.rmtree(out / VALID_DIR, ignore_errors=True)
         shutil.rmtree(out / QUARANTINE_DIR, ignore_errors=True)
         return GateError(problem)
 
-    input_rows = sum(g["rows"] for g in groups.values())
-    stats = groups.get(None) or {"rows": 0, "labelled": 0, "fraud": 0, "first": None, "last": None}
-    per_reason = {r: 0 for r in all_reasons(conformed, known, as_of)}
-    per_reason.update({r: g["rows"] for r, g in groups.items() if r is not None})
+    per_reason = {r: quarantined[f"reason:{r}"] for r in reasons}
     # Reconcile what was written (Parquet row counts) with the input, per side.
     written_valid = spark.read.parquet(str(out / VALID_DIR))
     valid_rows = written_valid.count()
     quarantined_rows = spark.read.parquet(str(out / QUARANTINE_DIR)).count()
-    if valid_rows != stats["rows"] or quarantined_rows != input_rows - stats["rows"] or (
-        valid_rows + quarantined_rows != input_rows
+    if valid_rows != stats["rows"] or quarantined_rows != quarantined["rows"] or (
+        valid_rows + quarantined_rows != input_rows or sum(per_reason.values()) != quarantined_rows
     ):
         raise discard(f"rows lost: input {input_rows} != valid {valid_rows} + quarantined {quarantined_rows}")
     on_valid = run_suite(written_valid.select(*COLUMN_NAMES), [e for e, _ in checks], out, "valid")
     if not on_valid.success:
         raise discard(f"rows the gate let through break the contract suite: {on_valid.failures}")
 
-    input_failures = {check_key(e): sum(g[check_key(e)] for g in groups.values()) for e, c in checks if c is not None}
+    input_failures = {check_key(e): stats[check_key(e)] + quarantined[check_key(e)] for e, c in checks if c is not None}
     input_failures[UNIQUE_ID] = int(repeated_rows)
     decline = training_decision(stats["labelled"], stats["fraud"], config.validation)
     report = {
