@@ -34,10 +34,12 @@ shape (``privacy_unknown_sum``) and more root or level releases than the task wa
 (``privacy_unaccounted_release``). Each attempt of a round (a fresh session) is charged again and
 noised afresh: the noise seed is the bank's secret key with the task, the rows and the session.
 
-Not protected, plainly: the row count (the INT32 shape sum), the column-sampling seed, the trees'
-structure only through the noised sums (it is post-processing, so it is covered), but nothing the
-bank sends outside the round (summary counts, evaluation, see README). The noise is the bank's own
-claim: a bank that skips it harms only its own customers.
+Covered, unlike bagging's leaf noise: the trees' structure, since XGBoost chooses every split from the
+noised sums (post-processing). Not protected, plainly: the row count (the INT32 shape sum, and the
+matrix checks' MAX words), and everything the bank sends outside the collective (summary counts, the
+update's metadata, evaluation; see README). A bank's noise is its own act: one that skips it exposes
+only its own customers. Within the guarantee, leaves can still be wild at small ε (a noisy hessian
+sum near 0): ``min_child_weight`` (public, the consortium's) refuses splits whose noised hessian is small.
 """
 
 from __future__ import annotations
@@ -183,8 +185,12 @@ def private_objective(privacy: dict[str, Any], params: dict[str, Any]):
     return objective
 
 
-def check_layout(reference, privacy: dict[str, Any]) -> None:
-    """The worker's cut count must be the one the sidecar's noise was set up for."""
+def worker_privacy(privacy: dict[str, Any] | None, reference, params: dict[str, Any]):
+    """The worker's (objective, ε to report): (None, None) without privacy. The matrix's bins must be the
+    ones the sidecar's noise was set up for."""
+    if not privacy:
+        return None, None
     found = histogram_bins(reference)
     if found != int(privacy["total_bins"]):
         raise HistogramPrivacyRefused(f"privacy_layout: {found} bins here, the sidecar expects {privacy['total_bins']}")
+    return private_objective(privacy, dict(params)), float(privacy["epsilon"])

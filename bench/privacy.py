@@ -1,12 +1,14 @@
-"""Bench: pooled AUPRC of a private bagging federation against the ε each bank spends (bank_node/privacy.py).
+"""Bench: pooled AUPRC of a private federation against the ε each bank spends (bagging: bank_node/privacy.py;
+histogram: bank_node/histogram_privacy.py).
 
 Generated non-IID banks (``pipelines.synthetic``), validated and featurised once; then one embedded
-bagging federation (real XGBoost, real MLflow, masked evaluation, acceptance on) per target ε:
+federation of ``--strategy`` (real XGBoost, real MLflow, masked evaluation, acceptance on) per target ε:
 
 * ``inf`` — privacy off (the ordinary federation);
-* a number — every bank's noise multiplier sigma taken from the accountant so that ``rounds x trees``
-  Gaussian mechanisms spend that ε at δ (``privacy_ledger.noise_for_budget``; never below the policy's
-  least sigma, 0.3, so a large ε may be under-spent).
+* a number — every bank's noise multiplier sigma taken from the accountant so that its Gaussian mechanisms
+  spend that ε at δ (``privacy_ledger.noise_for_budget``; never below the policy's least sigma, 0.3, so a
+  large ε may be under-spent). Bagging: ``rounds x trees`` mechanisms; histogram: ``rounds x trees x
+  (max_depth + 1)`` (each tree's levels and root sums).
 
 Cross-evaluation is off (a shared local model is charged to the budget too: it would halve what the
 rounds may spend). Every bank has the same policy (the defaults: C 1, W 1, leaf_lambda 20). Each
@@ -16,6 +18,8 @@ every bank's holdout.
 
     nice -n 19 .venv/bin/python bench/privacy.py --rows 100000 --banks 4 --rounds 2 --trees 10 --noise-seeds 2 \
         --work-dir work/bench/privacy [--epsilons inf,8,4,2,1]
+    nice -n 19 .venv/bin/python bench/privacy.py --strategy histogram --rows 100000 --banks 4 --rounds 2 \
+        --trees 10 --max-depth 4 --max-bin 32 --noise-seeds 2 --work-dir work/bench/privacy-histogram
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ from pipelines.config import load_config
 from pipelines.synthetic import write_banks
 
 def run(consortium, args, label: str, policy: PrivacyPolicy, noise_seed: int, settings) -> dict:
-    """One bagging federation with every bank on ``policy``; its pooled AUPRC and the ε each bank spent."""
-    name = f"privacy-{label}-{noise_seed}"
+    """One federation with every bank on ``policy``; its pooled AUPRC and the ε each bank spent."""
+    name = f"privacy-{args.strategy}-{label}-{noise_seed}"
     nodes = {}
     for bank, base in sorted(consortium.nodes.items()):
         shutil.rmtree(base.work_dir / "privacy", ignore_errors=True)  # a fresh ledger per federation
@@ -57,7 +61,7 @@ def run(consortium, args, label: str, policy: PrivacyPolicy, noise_seed: int, se
     shutil.rmtree(work, ignore_errors=True)
     tracker = FederationTracker(f"sqlite:///{(args.work_dir / 'mlflow.db').resolve()}", name)
     started = time.perf_counter()
-    result = run_federation(nodes, "bagging", args.rounds, tracker, consortium.contract, settings, args.seed,
+    result = run_federation(nodes, args.strategy, args.rounds, tracker, consortium.contract, settings, args.seed,
                             work_dir=work)
     spent = {b: n.privacy_ledger.spent() for b, n in nodes.items()} if policy.enabled else {}
     return {"label": label, "noise_seed": noise_seed, "noise_multiplier": policy.noise_multiplier if policy.enabled
@@ -79,21 +83,29 @@ def generated_banks(args) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategy", choices=("bagging", "histogram"), default="bagging")
     parser.add_argument("--rows", type=int, default=150_000)
     parser.add_argument("--banks", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--trees", type=int, default=20, help="trees per round (each a Gaussian mechanism)")
+    parser.add_argument("--trees", type=int, default=20, help="trees per round")
+    parser.add_argument("--max-depth", type=int, default=6)
+    parser.add_argument("--max-bin", type=int, default=256)
+    parser.add_argument("--min-child-weight", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument("--epsilons", default="inf,8,4,2,1")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--noise-seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--work-dir", type=Path, default=Path("work/bench/privacy"))
     args = parser.parse_args()
-    settings = FederationSettings(trees_per_round=args.trees, crossval=False)
+    settings = FederationSettings(trees_per_round=args.trees, crossval=False, max_depth=args.max_depth,
+                                  max_bin=args.max_bin, min_child_weight=args.min_child_weight,
+                                  learning_rate=args.learning_rate)
     paths = generated_banks(args)
     consortium = prepare_consortium(paths, args.work_dir, load_config(), settings,
                                     lambda m: print(f"  {m}", file=sys.stderr))
-    mechanisms = args.rounds * args.trees
+    per_tree = args.max_depth + 1 if args.strategy == "histogram" else 1
+    mechanisms = args.rounds * args.trees * per_tree
     rows = []
     for label in args.epsilons.split(","):
         if label == "inf":
@@ -108,9 +120,11 @@ def main() -> None:
             rows.append(row)
             print(f"  ε {label:<5} noise seed {seed}: pooled AUPRC {row['pooled_auprc']:.4f} "
                   f"({row['seconds']:.0f}s)", file=sys.stderr)
-    print(f"\nPrivate bagging: pooled AUPRC vs ε ({args.banks} banks, {args.rows:,} rows, {args.rounds} rounds x "
-          f"{args.trees} trees = {mechanisms} Gaussian mechanisms per bank, δ {args.delta:g}, seed {args.seed}, "
-          f"{args.noise_seeds} noise seeds)")
+    print(f"\nPrivate {args.strategy}: pooled AUPRC vs ε ({args.banks} banks, {args.rows:,} rows, {args.rounds} "
+          f"rounds x {args.trees} trees{f' x {per_tree} releases' if per_tree > 1 else ''} = {mechanisms} Gaussian "
+          f"mechanisms per bank, max_depth {args.max_depth}, max_bin {args.max_bin}, min_child_weight "
+          f"{args.min_child_weight:g}, eta {args.learning_rate:g}, δ {args.delta:g}, "
+          f"seed {args.seed}, {args.noise_seeds} noise seeds)")
     print("| target ε | noise multiplier σ | ε spent (max over banks) | pooled AUPRC mean (min – max) |")
     print("|---|---|---|---|")
     for label in args.epsilons.split(","):
@@ -121,7 +135,7 @@ def main() -> None:
         print(f"| {label} | {'–' if sigma is None else f'{sigma:.3g}'} | "
               f"{'–' if spent is None else f'{spent:.3f}'} | "
               f"{statistics.mean(auprc):.4f} ({min(auprc):.4f} – {max(auprc):.4f}) |")
-    out = args.work_dir / f"results-{args.epsilons.replace(',', '_')}.json"
+    out = args.work_dir / f"results-{args.strategy}-{args.epsilons.replace(',', '_')}.json"
     out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "rows": rows,
                                "cpu_count": os.cpu_count(), "python": platform.python_version(),
                                "load_average": os.getloadavg()}, indent=2))
