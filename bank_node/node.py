@@ -70,7 +70,7 @@ class BankNode:
         self.secagg = secagg  # masked_evaluation.SecAggCredentials or its loader: signs key offers (None: cannot mask)
         self.share_metrics = share_metrics  # per-bank metrics leave only if the bank says so
         self.share_local_model = share_local_model  # cross-evaluation: may its local model be scored at the others?
-        self.privacy = privacy or PrivacyPolicy()  # DP on leaf values (bagging, cyclic, local model); off by default
+        self.privacy = privacy or PrivacyPolicy()  # DP: leaf values; histogram: gradient sums; off by default
         if self.privacy.enabled and engine != "local":
             raise ValueError(f"{bank}: privacy needs engine 'local' (the Spark engine grows trees without it)")
 

@@ -35,7 +35,8 @@ What this does NOT protect, plainly: the trees' *structure* (which feature and t
 uses) is chosen by XGBoost on the raw rows and leaves the bank unprivatised, so the guarantee holds
 for the leaf values given the structure, not for the model. Row and class counts (summary, update),
 holdout metrics in the update, cross-evaluation reports and the masked evaluation's histograms are
-not covered either, nor is the histogram strategy (refused while privacy is on).
+not covered either. Histogram rounds have their own mechanism (noise on the gradient sums before masking,
+``bank_node.histogram_privacy``), charged to the same ledger.
 
 Noise is seeded from a secret key kept in the bank's work folder (never the aggregator's seed alone,
 which would let the aggregator subtract it), the task's bytes and a digest of the training rows: the
