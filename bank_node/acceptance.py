@@ -5,6 +5,11 @@ some trees) goes through the node's ordinary ``evaluate`` — the same checks as
 model — and only its report (metrics and score histograms) leaves. ``local_model`` is the
 bank's model from its own rows for cross-evaluation; its trees *do* leave the bank (they are
 scored at the others), so a bank may refuse it (``share_local_model: false`` in its agent config).
+
+A question with ``masking`` (acceptance, the default) is answered masked: the bank verifies the relayed
+key offers of the session's banks (at least three), derives the pairwise keys and sends each variant's
+histograms as masked words at its own slot (the variant's place in the sorted labels), never metrics.
+One answer per session: a different question under the same session is refused (``mask_reuse``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from fedfraud.crosscheck import MAX_VARIANTS, ScoreAnswer, ScoreQuestion
+import numpy as np
+
+from bank_node.masked_evaluation import credentials_of, session_banks
+from fedfraud.crosscheck import MAX_VARIANTS, MaskedScoreAnswer, ScoreAnswer, ScoreQuestion
 from fedfraud.model_json import to_bytes
+from fedfraud.secagg.keys import KeyAgreementRefused, check_session
+from fedfraud.secagg.masking import MaskReuse, PairwiseMasker, encode_counts, words_to_text
 from fedfraud.wire import EvaluationReport, TrainTask, WireFormatError
 
 if TYPE_CHECKING:
@@ -30,11 +40,40 @@ def score_question(node: "BankNode", question_bytes: bytes) -> bytes:
         raise WireFormatError("a score question holds models and variants as objects")
     if len(question.variants) > MAX_VARIANTS:
         raise WireFormatError(f"{len(question.variants)} variants exceed the limit of {MAX_VARIANTS}")
+    if question.masking is not None:
+        return _score_masked(node, question)
     reports = {}
     for label in sorted(question.variants):
         report = EvaluationReport.from_bytes(node.evaluate(to_bytes(question.variant(label))))
         reports[label] = asdict(report)
     return ScoreAnswer(node.bank, question.round_id, question.purpose, reports).to_bytes()
+
+
+def _score_masked(node: "BankNode", question: ScoreQuestion) -> bytes:
+    """Every variant's histograms as masked words, under the question's session (keys offered in ``keys``)."""
+    credentials, masking = credentials_of(node), question.masking
+    if question.purpose != "accept" or not isinstance(masking, dict):
+        raise KeyAgreementRefused("masking_malformed", "only an acceptance question is masked, with an object")
+    session = check_session(masking.get("session"))
+    banks = session_banks(node.bank, masking.get("banks"))
+    if not isinstance(masking.get("offers"), dict):
+        raise KeyAgreementRefused("offer_malformed", "offers must be an object")
+    keys = node.secagg_store.keys(session, credentials.identity, create=False)
+    masker = PairwiseMasker(node.bank, keys.pair_keys(masking["offers"], credentials.trust, banks))
+    digest = question.digest()
+    earlier = node.secagg_store.answered(session, "accept")
+    if earlier is not None:  # the same answer again is harmless; another vector under the same masks is not
+        if earlier["model_id"] != digest:
+            raise MaskReuse(f"mask_reuse: {node.bank} already answered another question in session {session}")
+        return earlier["body"].encode()
+    words = {}
+    for slot, label in enumerate(sorted(question.variants)):
+        report = EvaluationReport.from_bytes(node.evaluate(to_bytes(question.variant(label))))
+        counts = np.asarray(report.hist_pos + report.hist_neg, dtype=np.int64)
+        words[label] = words_to_text(masker.mask(encode_counts(counts), slot))
+    body = MaskedScoreAnswer(node.bank, question.round_id, "accept", session, digest, words).to_bytes()
+    node.secagg_store.keep(session, "accept", digest, body)
+    return body
 
 
 def local_model(node: "BankNode", task_bytes: bytes) -> bytes:

@@ -112,14 +112,14 @@ def _write_private(path: Path, data: bytes) -> None:
         raise
 
 
-def _credentials(node: "BankNode") -> SecAggCredentials:
+def credentials_of(node: "BankNode") -> SecAggCredentials:
     credentials = node.secagg_credentials()
     if credentials is None:
         raise SecAggUnavailable(f"secagg_no_identity: {node.bank} has no consortium certificate to sign key offers")
     return credentials
 
 
-def _session_banks(bank: str, banks: object) -> list[str]:
+def session_banks(bank: str, banks: object) -> list[str]:
     if not isinstance(banks, list) or not all(isinstance(b, str) for b in banks) or len(set(banks)) != len(banks):
         raise KeyAgreementRefused("session_malformed", "the session's banks must be distinct names")
     if bank not in banks:
@@ -133,10 +133,10 @@ def _session_banks(bank: str, banks: object) -> list[str]:
 
 def make_offer(node: "BankNode", request_bytes: bytes) -> bytes:
     """This bank's signed offer for the request's session (the same key if asked again)."""
-    credentials = _credentials(node)
+    credentials = credentials_of(node)
     request = KeyRequest.from_bytes(request_bytes)
     session = check_session(request.session)
-    _session_banks(node.bank, request.banks)
+    session_banks(node.bank, request.banks)
     node.secagg_store.prune()
     keys = node.secagg_store.keys(session, credentials.identity, create=True)
     return SessionOffer(**keys.offer()).to_bytes()
@@ -144,12 +144,12 @@ def make_offer(node: "BankNode", request_bytes: bytes) -> bytes:
 
 def evaluate_masked(node: "BankNode", task_bytes: bytes) -> bytes:
     """Score the task's model on the holdout; answer its histograms masked, metrics only if shared."""
-    credentials = _credentials(node)
+    credentials = credentials_of(node)
     task = MaskedEvaluationTask.from_bytes(task_bytes)
     session = check_session(task.session)
     if task.purpose not in SLOTS:
         raise KeyAgreementRefused("purpose_unknown", f"purpose {str(task.purpose)[:30]!r} is not one of {list(SLOTS)}")
-    banks = _session_banks(node.bank, task.banks)
+    banks = session_banks(node.bank, task.banks)
     if not isinstance(task.offers, dict):
         raise KeyAgreementRefused("offer_malformed", "offers must be an object")
     keys = node.secagg_store.keys(session, credentials.identity, create=False)

@@ -39,10 +39,13 @@ ATTACKS = {
     "cyclic_tree": "a tree whose child indices form a cycle",
     "leaf_1e39": "a leaf of 1e39",
 }
-MODES = ("undefended", "defended", "acceptance_only")
+MODES = ("undefended", "defended", "acceptance_only", "defended_clear", "acceptance_clear")
 # defended: default settings, except the gate's δ if --acceptance-delta says so; acceptance_only: the gate
-# alone, no cross-evaluation.
-MODE_SETTINGS = {"defended": {}, "acceptance_only": {"crossval": False}}
+# alone, no cross-evaluation; *_clear: the same with acceptance in the clear (judged at the other banks)
+# instead of masked (judged on the pool of every bank).
+MODE_SETTINGS = {"defended": {}, "acceptance_only": {"crossval": False},
+                 "defended_clear": {"acceptance_masked": False},
+                 "acceptance_clear": {"crossval": False, "acceptance_masked": False}}
 
 
 def acceptance_delta(text: str) -> float | str | None:
@@ -407,6 +410,13 @@ def main() -> None:
         a = results.get("acceptance_only", {}).get(attack)
         print(f"| {ATTACKS[attack]} | {cell(u)} | {cell(d)} | {gap} | {named(d, args.attacker)} | {champ} "
               f"| {cell(a)} | {named(a, args.attacker) if a else '–'} |")
+    for masked, clear in (("defended", "defended_clear"), ("acceptance_only", "acceptance_clear")):
+        if results.get(clear):  # masked acceptance (pooled at every bank) against the clear one (at the others)
+            print(f"\n| attack | {masked} (masked acceptance) | named | {clear} | named |\n|---|---|---|---|---|")
+            for attack in (a for a in ATTACKS if a in results[clear]):
+                m, c = results.get(masked, {}).get(attack), results[clear][attack]
+                print(f"| {ATTACKS[attack]} | {cell(m)} | {named(m, args.attacker) if m else '–'} | {cell(c)} "
+                      f"| {named(c, args.attacker)} |")
     out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                                "setup": setup(args), "cpu_count": os.cpu_count(), "results": results},
                               indent=2, default=str))

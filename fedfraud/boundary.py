@@ -99,7 +99,11 @@ OUTGOING: dict[str, Fields] = {
     "key offer": Fields({"bank": str, "session": str, "public_key": BASE64, "certificate": str, "signature": BASE64}),
     "masked evaluation": Fields({"bank": str, "model_id": str, "session": str, "purpose": str, "words": BASE64,
                                  "metrics": METRICS}),
-    # cross-evaluation and acceptance: one evaluation report per variant scored (documented: in the clear)
+    # acceptance (masked, the default): per variant scored, its histograms as pairwise-masked words
+    "masked score answer": Fields({"bank": str, "round_id": int, "purpose": str, "session": str,
+                                   "question": Text(r"[0-9a-f]{64}"), "words": MapOf(BASE64)}),
+    # cross-evaluation, and acceptance with acceptance_masked off: one evaluation report per variant scored
+    # (documented: in the clear)
     "evaluation reports": Fields({"bank": str, "round_id": int, "purpose": str, "reports": MapOf(EVALUATION_REPORT)}),
     # the histogram strategy's planning: grid counts (documented: in the clear)
     "grid counts": Fields({"bank": str, "mantissa_bits": int, "cells": ListOf(ListOf(int)),
@@ -108,19 +112,30 @@ OUTGOING: dict[str, Fields] = {
 }
 # How README's section lists each kind (a phrase that must appear there).
 README_NAMES = {"summary": "counts", "update": "an update", "key offer": "key offer",
-                "masked evaluation": "masked evaluation", "evaluation reports": "evaluation reports",
+                "masked evaluation": "masked evaluation", "masked score answer": "masked acceptance answer",
+                "evaluation reports": "evaluation reports",
                 "grid counts": "grid counts", "failure": "failure"}
 ANSWERS = {
     TaskKind.SUMMARY: "summary", TaskKind.TRAIN: "update", TaskKind.HISTOGRAM: "update",
     TaskKind.LOCAL_MODEL: "update", TaskKind.KEYS: "key offer", TaskKind.EVALUATE: "masked evaluation",
     TaskKind.EVALUATE_CHAMPION: "masked evaluation", TaskKind.CROSSVAL: "evaluation reports",
-    TaskKind.ACCEPT: "evaluation reports", TaskKind.BIN_COUNTS: "grid counts",
+    TaskKind.ACCEPT: ("masked score answer", "evaluation reports"), TaskKind.BIN_COUNTS: "grid counts",
 }
 
 
-def answer_kind(task_kind: str) -> str:
-    """The outgoing kind that answers a task of ``task_kind``."""
-    return ANSWERS[task_kind]
+def answer_kinds(task_kind: str) -> tuple[str, ...]:
+    """Every outgoing kind that may answer a task of ``task_kind`` (acceptance: masked, or in the clear)."""
+    kinds = ANSWERS[task_kind]
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def answer_kind(task_kind: str, body: Any = None) -> str:
+    """The outgoing kind that answers a task of ``task_kind``: of several, the first that ``body`` fits (else
+    the first, so that its problem is the one named)."""
+    kinds = answer_kinds(task_kind)
+    if body is not None:
+        return next((k for k in kinds if outgoing_problem(k, body) is None), kinds[0])
+    return kinds[0]
 
 
 def _is_number(value: Any) -> bool:
@@ -223,7 +238,7 @@ def http_problem(method: str, path: str, query: dict[str, Any], headers: list[st
     if expected == "answer":
         if task_kind is None:
             return f"{method} {path}: an answer to a task the bank was never given"
-        expected = answer_kind(task_kind)
+        expected = answer_kind(task_kind, body)
     return outgoing_problem(expected, body)
 
 

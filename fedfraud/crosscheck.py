@@ -7,12 +7,17 @@ one ``EvaluationReport`` (metrics and score histograms) per variant, never a sco
 
 Used twice: before round 1 every bank scores every bank's local model (cross-evaluation), and
 in bagging/cyclic stages every bank scores the stage's candidate with and without each bank's
-update (validation-gated acceptance and contribution).
+update (validation-gated acceptance and contribution). An acceptance question may carry
+``masking`` (a secure-aggregation session, its banks and their relayed key offers): the bank then
+answers a ``MaskedScoreAnswer``, each variant's histograms as pairwise-masked words, so the
+aggregator learns only each variant's histograms summed over the session's banks.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +41,12 @@ class ScoreQuestion(WireMessage):
     purpose: str  # "crossval" | "accept"
     variants: dict[str, dict[str, Any]]
     models: dict[str, Doc] = field(repr=False)
+    masking: dict[str, Any] | None = field(default=None, repr=False)  # {"session", "banks", "offers"}
+
+    def digest(self) -> str:
+        """What a masked answer is bound to: the round, purpose, variants and models (not the masking)."""
+        body = {"round_id": self.round_id, "purpose": self.purpose, "variants": self.variants, "models": self.models}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def variant(self, label: str) -> Doc:
         """The model document of one variant: its model without the listed trees."""
@@ -82,6 +93,22 @@ class ScoreAnswer(WireMessage):
         if len(totals) > 1:
             raise WireFormatError(f"{self.bank} scored its variants on holdouts of different sizes: {sorted(totals)}")
         return reports
+
+
+@dataclass(frozen=True)
+class MaskedScoreAnswer(WireMessage):
+    """A bank's answer to a masked question: per variant, its score histograms (positives then negatives) as
+    pairwise-masked uint64 words (``fedfraud.secagg.masking.words_to_text``), uniformly random alone."""
+
+    KIND: ClassVar[str] = "masked score answer"
+    MAX_BYTES: ClassVar[int] = MAX_VARIANTS * 24 * 1024 + 64 * 1024  # 64 variants of 2 x BINS words in base64
+
+    bank: str
+    round_id: int
+    purpose: str
+    session: str
+    question: str  # the question's digest
+    words: dict[str, str] = field(repr=False)
 
 
 def histogram(values: Any) -> np.ndarray | None:

@@ -26,6 +26,9 @@ class FederationSettings:
     max_update_bytes: int = 32 * 1024 * 1024
     # Poisoning defence (aggregator/protocol/acceptance.py, crossval.py; README "Poisoning defence").
     acceptance: bool = True  # bagging/cyclic: others score a stage's update before it joins
+    # Acceptance scores only as masked sums over every bank (aggregator/protocol/secure_acceptance.py): the
+    # judged bank's holdout counts too. Off: clear per-bank reports, judged at the other banks only.
+    acceptance_masked: bool = True
     # Refuse an update that lowers the others' pooled AUPRC by more than the allowed drop: "auto" scales it to
     # the evaluators' pooled frauds (acceptance_z standard errors, at least acceptance_delta_floor); a number
     # is a fixed drop; None measures contributions only. A fixed 0.05 refused honest banks on ~90 holdout
@@ -70,9 +73,10 @@ class FederationSettings:
         return asdict(self)
 
 
-SWITCHES = ("acceptance", "crossval", "crossval_require_model", "champion_gate", "compaction", "compaction_new_trees")
+SWITCHES = ("acceptance", "acceptance_masked", "crossval", "crossval_require_model", "champion_gate", "compaction",
+            "compaction_new_trees")
 # What one federation may choose (a service request, a DAG run); every other setting is the consortium's default.
-REQUEST_OPTIONS = ("crossval", "champion_gate", "acceptance", "acceptance_delta", "acceptance_z",
+REQUEST_OPTIONS = ("crossval", "champion_gate", "acceptance", "acceptance_masked", "acceptance_delta", "acceptance_z",
                    "acceptance_delta_floor", "compaction", "compaction_tolerance", "compaction_steps",
                    "compaction_max_fraction", "compaction_new_trees")
 

@@ -71,13 +71,15 @@ class EmbeddedTasks:
         return self._answer(round_id, "train", bank)
 
     def check_round(self, round_id: int) -> list[str]:
-        """Check the updates and propose the candidate; the banks that score it (none when the round
-        trains in one task: cyclic turns and histogram rounds run whole here, acceptance included)."""
+        """Check the updates, propose the candidate and (masked acceptance) exchange the session's keys with
+        the nodes in this worker; the banks that score it (none when the round trains in one task: cyclic
+        turns and histogram rounds run whole here, acceptance included)."""
         r = self._round(self._opened_round(round_id), round_id)
         if r.trains_in_one_task():
             phases.train_in_process(r, {b: self.node(b) for b in r.plan.banks})
             return []
         phases.run_aggregator_phases(r, after="train")
+        phases.run_stage_span(r, {b: self.node(b) for b in r.plan.banks}, "accept_keys", "accept")
         return phases.bank_phase("accept").banks(r)
 
     def accept_bank(self, round_id: int, bank: str) -> str:

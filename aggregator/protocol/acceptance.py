@@ -37,8 +37,10 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 from aggregator.protocol import compaction, records
+from aggregator.protocol import secure_acceptance as secure
 from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
 from aggregator.protocol import training
@@ -61,7 +63,7 @@ def _without(*banks: str) -> str:
 
 
 def _folder(r: RoundState) -> Path:
-    return r.ws.round_dir(r.round_id) / "acceptance" / f"stage-{r.stages().index(r.stage)}"
+    return secure.stage_folder(r)
 
 
 def question_path(r: RoundState) -> Path:
@@ -90,9 +92,12 @@ def propose(r: RoundState) -> None:
     """The stage's candidate with and without each accepted update (and each pair), for every bank to score."""
     for stale in (question_path(r), judged_path(r), pairs_question_path(r)):
         stale.unlink(missing_ok=True)
+    secure.reset(r)
     accepted = checks(r)["stage_accepted"]
     if not r.plan.settings.acceptance or r.plan.strategy not in GATED or not accepted:
         return
+    if len(r.stages()) == 1 and len(accepted) < r.plan.settings.min_banks:
+        return  # below quorum already: the candidate fails by name (``publish_candidate``), nothing to judge
     base = r.ws.working_model(r.round_id)
     checked = getattr(training, "CHECKED", "updates")  # the updates as ``check`` rebuilt them
     updates = sorted((ModelUpdate.from_bytes(r.path(checked, b).read_bytes(),
@@ -110,6 +115,8 @@ def propose(r: RoundState) -> None:
     question = ScoreQuestion(r.round_id, "accept", variants, {"candidate": candidate})
     r.ws.write_json({"banks": list(own), "trees": own, "total": start, "second_pass": second_pass}, judged_path(r))
     write_bytes(question.to_bytes(), question_path(r))
+    if secure.masked(r):
+        secure.open_session(r, "first", question_path(r), list(r.plan.banks))
 
 
 def _variants(own: dict[str, list[int]], trees: int, groups: list[list[str]]) -> dict[str, dict]:
@@ -130,24 +137,39 @@ def _ask_pairs(r: RoundState, worst: str, answered: list[str]) -> None:
                                                                          if b != worst])
     r.ws.write_json({**judged, "pairs": {"without": worst, "asked": answered}}, judged_path(r))
     write_bytes(ScoreQuestion(r.round_id, "accept", variants, question.models).to_bytes(), pairs_question_path(r))
-    raise PhaseRerun("accept", f"{worst} refused in the first pass: {len(answered)} bank(s) score the others "
-                               f"without it (second pass)")
+    if secure.masked(r):
+        secure.open_session(r, PAIRS, pairs_question_path(r), answered)
+    raise PhaseRerun("accept_keys" if secure.masked(r) else "accept",
+                     f"{worst} refused in the first pass: {len(answered)} bank(s) score the others without it "
+                     f"(second pass)")
+
+
+def _compaction_rides(r: RoundState) -> bool:
+    """Compaction's question rides with the first attempt of the first acceptance question only."""
+    s = secure.state(r)
+    return not pairs_question_path(r).exists() and (s is None or s["attempt"] == 1)
 
 
 def accept_banks(r: RoundState) -> list[str]:
+    riding = compaction.banks(r) if _compaction_rides(r) else []
+    if secure.masked(r) and question_path(r).exists():
+        return sorted(set(secure.asked(r)) | set(riding))
     if pairs_question_path(r).exists():
         return list(r.ws.read_json(judged_path(r))["pairs"]["asked"])
-    return list(r.plan.banks) if question_path(r).exists() or compaction.banks(r) else []
+    return list(r.plan.banks) if question_path(r).exists() or riding else []
 
 
 def accept_exchanges(r: RoundState, bank: str) -> list[Exchange]:
-    """The acceptance question, and the compaction question that rides in the same phase; after a
-    first-pass refusal, the second question only."""
+    """The acceptance question (masked: the live session's), and the compaction question that rides in the
+    same phase; after a first-pass refusal, the second question only."""
+    riding = compaction.exchanges(r, bank) if _compaction_rides(r) else []
+    if secure.masked(r) and question_path(r).exists():
+        return ([secure.question_exchange(r, bank)] if bank in secure.asked(r) else []) + riding
     if pairs_question_path(r).exists():
         return [Exchange(TaskKind.ACCEPT, bank, pairs_question_path(r), pairs_answer_path(r, bank), PAIRS)]
     asked = question_path(r).exists()
     asks = [Exchange(TaskKind.ACCEPT, bank, question_path(r), answer_path(r, bank))] if asked else []
-    return asks + compaction.exchanges(r, bank)
+    return asks + riding
 
 
 def accept(r: RoundState, nodes: dict[str, Node]) -> None:
@@ -234,21 +256,33 @@ def _refusal(r: RoundState, bank: str, row: dict, when: str) -> dict:
     return {"bank": bank, "check": REFUSED, "detail": detail}
 
 
+def _scores(r: RoundState, question: str, labels: list[str], banks: list[str], where
+            ) -> tuple[dict[str, dict], list[dict[str, str]], Callable[..., list[str]], list[str]]:
+    """A question's reports by evaluator, the faults named, who judges an update (given the banks to leave
+    out), and the banks whose holdouts count. Masked: one evaluator, every session bank's holdout pooled."""
+    if secure.masked(r):
+        reports, answered, faults = secure.pooled(r, question, labels)
+        return {secure.POOL: reports}, faults, lambda *excluded: [secure.POOL], answered
+    answers, faults = _answers(r, labels, banks, where)
+    return answers, faults, lambda *excluded: sorted(b for b in answers if b not in excluded), sorted(answers)
+
+
 def gate(r: RoundState) -> None:
-    """Refuse, by name, updates that lower the others' pooled AUPRC by more than δ (two passes);
-    record contributions and each judgement's δ."""
+    """Refuse, by name, updates that lower the pooled AUPRC by more than δ (two passes); record
+    contributions and each judgement's δ."""
     if not question_path(r).exists():
         return
     question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
     labels = sorted(question.variants)
-    answers, faults = _answers(r, labels, list(r.plan.banks))
-    verdict, stage = checks(r), {"stage": list(r.stage), "faults": faults, "banks": {}}
+    answers, faults, evaluators, answered = _scores(r, "first", labels, list(r.plan.banks), answer_path)
+    verdict, stage = checks(r), {"stage": list(r.stage), "faults": faults, "banks": {},
+                                 "masked": secure.masked(r)}
     judged = r.ws.read_json(judged_path(r))  # as proposed: a re-run of the gate judges the same banks
     banks, paired = judged["banks"], judged["second_pass"]
     for bank in banks:
-        row = _judge(r, answers, labels, sorted(b for b in answers if b != bank), WITH_ALL, _without(bank))
+        row = _judge(r, answers, labels, evaluators(bank), WITH_ALL, _without(bank))
         if answers:
-            with_all, without = _pooled(answers, labels, sorted(answers), WITH_ALL, _without(bank))
+            with_all, without = _pooled(answers, labels, evaluators(), WITH_ALL, _without(bank))
             row["contribution"] = with_all - without
         stage["banks"][bank] = row
     over = sorted((b for b in banks if _excess(stage["banks"][b]) > 0),
@@ -257,17 +291,21 @@ def gate(r: RoundState) -> None:
     worst = over[0] if over else None
     if paired and worst is not None and _without(worst) in labels:  # second pass: the pool without the worst
         if not pairs_question_path(r).exists():
-            _ask_pairs(r, worst, sorted(answers))
+            _ask_pairs(r, worst, answered)
         pair_labels = sorted(ScoreQuestion.from_bytes(pairs_question_path(r).read_bytes()).variants)
-        pairs, pair_faults = _answers(r, pair_labels, judged["pairs"]["asked"], pairs_answer_path)
+        pairs, pair_faults, pair_evaluators, _ = _scores(r, PAIRS, pair_labels, judged["pairs"]["asked"],
+                                                         pairs_answer_path)
         stage["faults"] += [{**x, "question": PAIRS} for x in pair_faults]
         stage["second_question"] = judged["pairs"]
         for bank in (b for b in banks if b != worst):
-            row = _judge(r, pairs, pair_labels, sorted(b for b in pairs if b not in (bank, worst)),
-                         _without(worst), _without(bank, worst))
+            row = _judge(r, pairs, pair_labels, pair_evaluators(bank, worst), _without(worst), _without(bank, worst))
             stage["banks"][bank]["second_pass"] = {"without": worst, **row}
             if _excess(row) > 0:
                 refused.append(_refusal(r, bank, row, f"second pass, without {worst}"))
+    for row in stage["banks"].values():  # masked: the pool is every answering bank's holdout
+        for judgement in (row, row.get("second_pass", {})):
+            if judgement.get("evaluators") == [secure.POOL]:
+                judgement["evaluators"] = answered
     stage["refused"] = [x["bank"] for x in refused]
     if refused:
         names = {x["bank"] for x in refused}

@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from aggregator.protocol import acceptance, registry, training
-from aggregator.protocol import compaction
+from aggregator.protocol import compaction, secure_acceptance
 from aggregator.protocol import secure_evaluation as secure
 from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.plan import Plan, make_plan
@@ -33,6 +33,9 @@ ROUND: tuple[Phase, ...] = (
     Phase("check", AGGREGATOR, training.check, per_stage=True),
     Phase("propose", AGGREGATOR, acceptance.propose, per_stage=True),
     Phase("propose_compaction", AGGREGATOR, compaction.propose, per_stage=True),
+    Phase("accept_keys", BANK, secure_acceptance.keys, per_stage=True, banks=secure_acceptance.keys_banks,
+          exchanges=secure_acceptance.keys_exchanges, state="exchanging_acceptance_keys"),
+    Phase("relay_accept", AGGREGATOR, secure_acceptance.relay, per_stage=True),
     Phase("accept", BANK, acceptance.accept, per_stage=True, banks=acceptance.accept_banks,
           exchanges=acceptance.accept_exchanges, state="accepting"),
     Phase("gate", AGGREGATOR, acceptance.gate, per_stage=True),
@@ -111,6 +114,13 @@ def run_stages(r: RoundState, nodes: dict[str, Node]) -> None:
     for stage in r.stages():
         r.stage = stage
         _run_with_reruns(r, nodes, STAGE_PHASES, 0)
+
+
+def run_stage_span(r: RoundState, nodes: dict[str, Node], first: str, stop: str) -> None:
+    """The current stage's phases from ``first`` up to ``stop`` (excluded), in process."""
+    names = [p.name for p in STAGE_PHASES]
+    for phase in STAGE_PHASES[names.index(first):names.index(stop)]:
+        run_phase(r, phase, nodes)
 
 
 def finish_stage(r: RoundState, nodes: dict[str, Node], name: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aggregator.protocol.plan import summary_problem
 from fedfraud.binning import BinCounts
-from fedfraud.crosscheck import ScoreAnswer
+from fedfraud.crosscheck import MaskedScoreAnswer, ScoreAnswer
 from fedfraud.protocol import TaskKind
 from fedfraud.wire import MaskedEvaluation, ModelUpdate, SessionOffer, WireFormatError, loads_strict
 
@@ -68,8 +68,9 @@ def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
         return SessionOffer.from_bytes(body).bank, None
     if kind == TaskKind.BIN_COUNTS:
         return BinCounts.from_bytes(body).bank, None
-    if kind in TaskKind.SCORES:
-        answer = ScoreAnswer.from_bytes(body)
+    if kind in TaskKind.SCORES:  # acceptance is answered masked unless the federation chose it in the clear
+        masked = kind == TaskKind.ACCEPT and b'"words"' in body
+        answer = (MaskedScoreAnswer if masked else ScoreAnswer).from_bytes(body)
         return answer.bank, answer.round_id
     if kind == TaskKind.SUMMARY:
         summary = loads_strict(body, "summary")

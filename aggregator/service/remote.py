@@ -44,6 +44,10 @@ class RemoteNode:
         """Acceptance in a cyclic round: one task per turn (each turn's question is another)."""
         return self._ask(TaskKind.ACCEPT, question_bytes, part=hashlib.sha256(question_bytes).hexdigest()[:16])
 
+    def offer(self, request_bytes: bytes) -> bytes:
+        """A key offer for a masked acceptance in a cyclic round (each turn's session is another)."""
+        return self._ask(TaskKind.KEYS, request_bytes, part=hashlib.sha256(request_bytes).hexdigest()[:16])
+
     def bin_counts(self, grid_bytes: bytes) -> bytes:
         return self._ask(TaskKind.BIN_COUNTS, grid_bytes)
 

@@ -155,8 +155,9 @@ def test_after_a_refusal_the_service_asks_the_second_question_and_the_round_regi
     [stage] = ws.read_json(ws.round_dir(1) / "acceptance.json")["stages"]
     worst = stage["second_question"]["without"]
     assert stage["refused"][0] == worst and stage["second_question"]["asked"] == sorted(nodes), stage
+    assert stage["masked"]  # the default: both questions answered as masked sums over every bank
     for bank in (b for b in nodes if b != worst):  # judged again on the banks' answers to the second question
-        assert stage["banks"][bank]["second_pass"]["evaluators"] == [b for b in sorted(nodes) if b not in (bank, worst)]
+        assert stage["banks"][bank]["second_pass"]["evaluators"] == sorted(nodes)
     with c.Session() as s:
         parts = {t.id for t in s.scalars(select(store.Task).where(store.Task.kind == TaskKind.ACCEPT,
                                                                    store.Task.state == "done"))}

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from fedfraud.boundary import answer_kind
+from fedfraud.crosscheck import ScoreQuestion
+from fedfraud.protocol import TaskKind
 from fedfraud.wire import EvaluationReport, MaskedEvaluationTask
 
 # node method -> the outgoing kind its result is (``fedfraud.boundary.OUTGOING``); ``evaluate`` is none:
@@ -43,10 +46,11 @@ class RecordingNode:
 
         def recorded(*args):
             result = attribute(*args)
-            if name == "evaluate_masked":
-                self.masked_tasks.append(args[0])
             body = json.dumps(result).encode() if isinstance(result, dict) else bytes(result)
-            self.sent.append((self.bank, METHODS[name], body))
+            kind = answer_kind(TaskKind.ACCEPT, body) if name == "score" else METHODS[name]  # masked or clear
+            if kind in ("masked evaluation", "masked score answer"):
+                self.masked_tasks.append(args[0])
+            self.sent.append((self.bank, kind, body))
             return result
         return recorded
 
@@ -56,12 +60,18 @@ class RecordingNode:
 
 def masked_plaintext(node, masked_tasks: list[bytes]) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(model id, positives', negatives' score histogram) of every model in ``masked_tasks`` (the masked
-    evaluation tasks the bank received), scored again by ``node`` on its holdout: the plaintext it masked."""
+    evaluation tasks and masked acceptance questions the bank received), scored again by ``node`` on its
+    holdout: the plaintext it masked."""
     found = {}
     for task_bytes in masked_tasks:
-        task = MaskedEvaluationTask.from_bytes(task_bytes)
-        report = EvaluationReport.from_bytes(node.evaluate(json.dumps(task.model).encode()))
-        found[report.model_id] = (np.asarray(report.hist_pos), np.asarray(report.hist_neg))
+        if b'"masking"' in task_bytes:  # a masked acceptance question: every variant it asked
+            question = ScoreQuestion.from_bytes(task_bytes)
+            models = [question.variant(label) for label in sorted(question.variants)]
+        else:
+            models = [MaskedEvaluationTask.from_bytes(task_bytes).model]
+        for model in models:
+            report = EvaluationReport.from_bytes(node.evaluate(json.dumps(model).encode()))
+            found[report.model_id] = (np.asarray(report.hist_pos), np.asarray(report.hist_neg))
     return [(model_id, pos, neg) for model_id, (pos, neg) in sorted(found.items())]
 
 

@@ -114,9 +114,9 @@ def test_every_request_an_agent_sends_is_a_declared_route_carrying_a_declared_an
                                    kinds.get(task))
             assert problem is None, f"{bank}: {problem}"
             if request["path"].endswith("/result"):
-                answered[answer_kind(kinds[task])] += 1
-    assert set(answered) >= {"summary", "update", "key offer", "masked evaluation", "evaluation reports",
-                             "grid counts"}, answered
+                answered[answer_kind(kinds[task], body)] += 1
+    assert set(answered) >= {"summary", "update", "key offer", "masked evaluation", "masked score answer",
+                             "evaluation reports", "grid counts"}, answered
 
 
 def bank_side_plaintext(stack, bank: str) -> list[tuple[str, np.ndarray, np.ndarray]]:

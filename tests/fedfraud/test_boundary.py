@@ -12,7 +12,8 @@ import pytest
 import xgboost as xgb
 
 from fedfraud import model_json
-from fedfraud.boundary import (ANSWERS, OUTGOING, README_NAMES, answer_kind, federated_problem, http_problem,
+from fedfraud.boundary import (ANSWERS, OUTGOING, README_NAMES, answer_kind, answer_kinds, federated_problem,
+                               http_problem,
                                outgoing_problem)
 from fedfraud.protocol import TaskKind
 from fedfraud.secagg import federated_wire as fw
@@ -45,7 +46,8 @@ def update() -> ModelUpdate:
 
 def test_every_task_kind_has_a_declared_answer():
     assert set(ANSWERS) == set(TaskKind.ALL)
-    assert {answer_kind(kind) for kind in TaskKind.ALL} | {"failure"} == set(OUTGOING)
+    assert {k for kind in TaskKind.ALL for k in answer_kinds(kind)} | {"failure"} == set(OUTGOING)
+    assert answer_kind(TaskKind.ACCEPT) == "masked score answer"  # the default
 
 
 def test_the_wire_messages_a_bank_sends_fit_their_declaration():

@@ -1,0 +1,237 @@
+"""Masked acceptance: a stage's acceptance scores reach the aggregator only as sums over the session's banks.
+
+With ``acceptance_masked`` on (the default), each acceptance question (``acceptance.propose``'s, and
+the second question after a first-pass refusal) is asked under secure aggregation, per stage:
+
+* ``open_session`` (from ``propose`` / the gate): a session naming federation, round, stage,
+  question and attempt plus a random nonce, and a key request for the round's banks;
+* ``accept_keys`` (bank): each bank answers a signed ephemeral key offer (``fedfraud.secagg.keys``);
+* ``relay_accept`` (aggregator): the plain question plus the session's well-formed offers (fewer than
+  ``max(3, min_banks)`` offering banks fail the round by name);
+* ``accept`` (bank): every variant's histograms as pairwise-masked words (``MaskedScoreAnswer``);
+* ``tally`` (the gate): per variant, the wrapping sum of every session bank's words, decoded; used only
+  when every bank answered, the counts are non-negative and their totals are the banks' planned
+  holdout counts. A bank missing or malformed: a new attempt with the banks that answered, under a new
+  session (``PhaseRerun("accept_keys")``), at most ``MAX_ATTEMPTS``, never below the quorum; else the
+  round fails by name. Never a wrong sum.
+
+The gate then judges each update on the variants' histograms pooled at *every* session bank, the
+judged bank's own holdout included. Leave-one-out pools ("at the others") cannot be masked: the sums
+of one vector over every all-but-one subset give each bank's vector by differencing, so masking them
+would hide nothing. Every sum here is over one bank set, each of a different variant.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.protocol.errors import PhaseRerun, RoundFailed
+from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
+from fedfraud.crosscheck import MaskedScoreAnswer, ScoreQuestion
+from fedfraud.protocol import StrategyName, TaskKind
+from fedfraud.scores import BINS
+from fedfraud.secagg.masking import MIN_PARTIES, SecureAggregationError, decode_counts, unmasked_sum, words_from_text
+from fedfraud.wire import EvaluationReport, KeyRequest, SessionOffer, WireFormatError
+from pipelines.io import write_bytes
+
+MAX_ATTEMPTS = 3
+POOL = "pooled"  # the one evaluator of a masked judgement: every session bank's holdout, summed
+
+
+def masked(r: RoundState) -> bool:
+    return (r.plan.settings.acceptance and r.plan.settings.acceptance_masked
+            and r.plan.strategy in (StrategyName.BAGGING, StrategyName.CYCLIC))
+
+
+def stage_folder(r: RoundState) -> Path:
+    return r.ws.round_dir(r.round_id) / "acceptance" / f"stage-{r.stages().index(r.stage)}"
+
+
+def _state_path(r: RoundState) -> Path:
+    return stage_folder(r) / "secagg" / "session.json"
+
+
+def state(r: RoundState) -> dict | None:
+    """The live session: ``question`` (its name and ``plain`` path), ``attempt``, ``session``, ``banks``
+    asked for keys, ``masking`` (who offered), ``history`` of earlier attempts; None when none is open."""
+    path = _state_path(r)
+    return r.ws.read_json(path) if masked(r) and path.exists() else None
+
+
+def _attempt_folder(r: RoundState, s: dict) -> Path:
+    return stage_folder(r) / "secagg" / s["question"] / f"attempt-{s['attempt']}"
+
+
+def quorum(r: RoundState) -> int:
+    return max(MIN_PARTIES, r.plan.settings.min_banks)
+
+
+def reset(r: RoundState) -> None:
+    """Forget the stage's sessions and sums (a new proposal)."""
+    shutil.rmtree(stage_folder(r) / "secagg", ignore_errors=True)
+
+
+def pooled(r: RoundState, question: str, labels: list[str]
+           ) -> tuple[dict[str, EvaluationReport], list[str], list[dict[str, str]]]:
+    """``question``'s variants pooled at every bank that answered it, those banks, and the faults named on the
+    way; tallied once (then kept), a re-run or a named failure while a bank's answer is missing."""
+    path = stage_folder(r) / "secagg" / question / "pooled.json"
+    if not path.exists():
+        s = state(r)
+        if s is None or s["question"] != question:
+            raise RuntimeError(f"no masked acceptance session is open for the {question} question")
+        reports, faults = tally(r, labels)
+        r.ws.write_json({"banks": s["masking"], "faults": faults,
+                         "reports": {label: asdict(report) for label, report in reports.items()}}, path)
+    kept = r.ws.read_json(path)
+    return ({label: EvaluationReport(**report) for label, report in kept["reports"].items()}, kept["banks"],
+            kept["faults"])
+
+
+def open_session(r: RoundState, question: str, plain: Path, banks: list[str], history: list[dict] | None = None
+                 ) -> None:
+    """A new attempt for ``question`` (first attempt when ``history`` is None) with ``banks``."""
+    earlier = state(r)
+    attempt = 1 if history is None else earlier["attempt"] + 1
+    if len(banks) < quorum(r):
+        raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(banks)} bank(s) for a masked acceptance, "
+                          f"at least {quorum(r)} needed")
+    stage = r.stages().index(r.stage)
+    session = (f"{r.plan.federation_id}/round-{r.round_id}/accept/stage-{stage}/{question}/attempt-{attempt}/"
+               f"{secrets.token_hex(8)}")
+    s = {"question": question, "plain": str(plain), "attempt": attempt, "session": session,
+         "banks": sorted(banks), "history": history or []}
+    write_bytes(KeyRequest(session, sorted(banks)).to_bytes(), _attempt_folder(r, s) / "request.json")
+    r.ws.write_json(s, _state_path(r))
+
+
+def _part(s: dict, r: RoundState) -> str:
+    return f"accept-{r.stages().index(r.stage)}-{s['question']}-{s['attempt']}"
+
+
+def keys_banks(r: RoundState) -> list[str]:
+    s = state(r)
+    return list(s["banks"]) if s else []
+
+
+def keys_exchanges(r: RoundState, bank: str) -> list[Exchange]:
+    s = state(r)
+    folder = _attempt_folder(r, s)
+    return [Exchange(TaskKind.KEYS, bank, folder / "request.json", folder / "offers" / f"{bank}.json", _part(s, r))]
+
+
+def keys(r: RoundState, nodes: dict[str, Node]) -> None:
+    answer_tolerantly(r, nodes, keys_banks, keys_exchanges, "offer a key for acceptance")
+
+
+def relay(r: RoundState) -> None:
+    """The plain question with the well-formed offers of the session's banks, for each of them to answer."""
+    s = state(r)
+    if s is None:
+        return
+    folder, offers, faults = _attempt_folder(r, s), {}, []
+    for bank in s["banks"]:
+        path = folder / "offers" / f"{bank}.json"
+        try:
+            offer = SessionOffer.from_bytes(path.read_bytes()) if path.exists() else None
+            if offer is not None and (offer.bank != bank or offer.session != s["session"]):
+                raise WireFormatError(f"offer names {str(offer.bank)[:40]} / session {str(offer.session)[:80]}")
+        except WireFormatError as exc:
+            faults.append({"bank": bank, "check": "key_offer_invalid", "detail": str(exc)[:300]})
+            continue
+        if offer is None:
+            faults.append({"bank": bank, "check": "key_offer_missing", "detail": f"attempt {s['attempt']}"})
+            continue
+        offers[bank] = {k: getattr(offer, k) for k in ("bank", "session", "public_key", "certificate", "signature")}
+    s["masking"], s["offer_faults"] = sorted(offers), faults
+    r.ws.write_json(s, _state_path(r))
+    if len(offers) < quorum(r):
+        raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(offers)} acceptance key offer(s) of "
+                          f"{len(s['banks'])} banks, at least {quorum(r)} needed; faults: {faults}")
+    plain = ScoreQuestion.from_bytes(Path(s["plain"]).read_bytes())
+    masking = {"session": s["session"], "banks": sorted(offers), "offers": offers}
+    question = ScoreQuestion(plain.round_id, plain.purpose, plain.variants, plain.models, masking)
+    write_bytes(question.to_bytes(), folder / "question.json")
+
+
+def asked(r: RoundState) -> list[str]:
+    s = state(r)
+    return list(s.get("masking", [])) if s else []
+
+
+def question_exchange(r: RoundState, bank: str) -> Exchange:
+    s = state(r)
+    folder = _attempt_folder(r, s)
+    return Exchange(TaskKind.ACCEPT, bank, folder / "question.json", folder / "answers" / f"{bank}.json",
+                    _part(s, r) + "-masked")
+
+
+def tally(r: RoundState, labels: list[str]) -> tuple[dict[str, EvaluationReport], list[dict[str, str]]]:
+    """Each variant's histograms pooled at every session bank (as one report), and every bank left out of an
+    attempt, by name; a re-run or a named failure when a bank's answer cannot enter the sum."""
+    s = state(r)
+    folder, digest = _attempt_folder(r, s), ScoreQuestion.from_bytes(Path(s["plain"]).read_bytes()).digest()
+    uploads: dict[str, list[np.ndarray]] = {label: [] for label in labels}
+    answered, faults = [], list(s.get("offer_faults", []))
+    for bank in s["masking"]:
+        try:
+            words = _answer(folder / "answers" / f"{bank}.json", bank, s["session"], digest, labels)
+        except (WireFormatError, SecureAggregationError) as exc:
+            faults.append({"bank": bank, "check": "masked_acceptance_answer_invalid", "detail": str(exc)[:300]})
+            continue
+        answered.append(bank)
+        for label in labels:
+            uploads[label].append(words[label])
+    if answered != s["masking"]:
+        _rerun_or_fail(r, s, answered, faults)
+    reports = {label: _decoded(r, uploads[label], answered, label) for label in labels}
+    return reports, [f for h in [*s["history"], {"faults": faults}] for f in h.get("faults", [])]
+
+
+def _answer(path: Path, bank: str, session: str, digest: str, labels: list[str]) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise WireFormatError("no masked acceptance answer arrived")
+    answer = MaskedScoreAnswer.from_bytes(path.read_bytes())
+    expected = {"bank": bank, "session": session, "question": digest, "purpose": "accept"}
+    for name, value in expected.items():
+        if getattr(answer, name) != value:
+            raise WireFormatError(f"the answer's {name} is {str(getattr(answer, name))[:80]!r}, expected {value!r}")
+    if not isinstance(answer.words, dict) or sorted(answer.words) != labels:
+        raise WireFormatError("the answer's variants are not the question's")
+    return {label: words_from_text(answer.words[label], 2 * BINS) for label in labels}
+
+
+def _decoded(r: RoundState, uploads: list[np.ndarray], banks: list[str], label: str) -> EvaluationReport:
+    """The sum as a pooled report if it is counts of exactly the banks' planned holdouts; else the round fails."""
+    try:
+        counts = decode_counts(unmasked_sum(uploads))
+    except SecureAggregationError as exc:
+        raise RoundFailed(f"round {r.round_id}: masked_sum_invalid: the acceptance sum of {label} over {banks} is "
+                          f"not counts ({exc}); a bank masked with other keys or lied") from None
+    pos, neg = counts[:BINS], counts[BINS:]
+    planned = [r.plan.counts.get(b) or {} for b in banks]
+    expected = (sum(c.get("holdout_positives", -1) for c in planned),
+                sum(c.get("holdout_rows", 0) - c.get("holdout_positives", 0) for c in planned))
+    if (int(pos.sum()), int(neg.sum())) != expected:
+        raise RoundFailed(f"round {r.round_id}: masked_sum_invalid: the acceptance sum of {label} holds "
+                          f"{int(pos.sum())} / {int(neg.sum())} positives / negatives, the banks' planned holdouts "
+                          f"{expected[0]} / {expected[1]}")
+    return EvaluationReport(POOL, label, int(pos.sum()), int(neg.sum()), {}, pos.tolist(), neg.tolist())
+
+
+def _rerun_or_fail(r: RoundState, s: dict, answered: list[str], faults: list[dict]) -> None:
+    missing = sorted(set(s["masking"]) - set(answered))
+    if s["attempt"] >= MAX_ATTEMPTS or len(answered) < quorum(r):
+        raise RoundFailed(f"round {r.round_id}: masked_acceptance_incomplete: {missing} did not answer attempt "
+                          f"{s['attempt']} of the {s['question']} question; {len(answered)} left (at least "
+                          f"{quorum(r)} needed, {MAX_ATTEMPTS} attempts at most)")
+    history = [*s["history"], {"attempt": s["attempt"], "session": s["session"], "banks": s["banks"],
+                               "masking": s["masking"], "answered": answered, "faults": faults}]
+    open_session(r, s["question"], Path(s["plain"]), answered, history)
+    raise PhaseRerun("accept_keys", f"{missing} did not answer acceptance attempt {s['attempt']}; attempt "
+                                    f"{s['attempt'] + 1} with {answered} under fresh keys")
