@@ -8,6 +8,8 @@ Steps (each run ``--repeats`` times after one small warm-up run; the median is r
 
 * ``read_write``   ``spark.read.parquet(union).write.parquet(out)``
 * ``features``     ``spark.read.parquet(union)`` -> ``build_features`` -> ``write.parquet(out)``
+* ``gate``         ``validate(spark, union, out, config)``: the validation gate alone (GX and Data
+                   Docs included); only with ``--per-step``, to see where the command's time goes
 * ``command``      ``build_bank_features(spark, union, out, config)``: what ``fedfraud features``
                    runs (gate, then features from its ``valid/``, contract) on the union written
                    as one Parquet dir -- the target's numerator
@@ -40,15 +42,17 @@ from pipelines.config import PipelineConfig, load_config
 from pipelines.features import build_features
 from pipelines.spark import get_spark
 from pipelines.synthetic import write_banks
+from pipelines.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 N_BANKS = 5
 WARMUP_ROWS = 20_000
 TARGET_RATIO = 3.0
-STEPS = ("read_write", "features", "command")
+STEPS = ("read_write", "features", "gate", "command")
 LABELS = {
     "read_write": "plain read -> write (baseline)",
     "features": "read -> build_features -> write",
+    "gate": "validation gate alone (GX, Data Docs)",
     "command": "fedfraud features (gate + features)",
 }
 
@@ -62,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per step; the median is reported")
     parser.add_argument("--skip-command", action="store_true", help="do not time the whole fedfraud features")
     parser.add_argument("--explain", action="store_true", help="print the feature pipeline's physical plan")
+    parser.add_argument("--per-step", action="store_true", help="also time the validation gate alone")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.repeats < 1:
         parser.error("--rows and --repeats must be >= 1")
@@ -137,13 +142,18 @@ class Bench:
         df = self.spark.read.parquet(str(self.union))
         build_features(df, self.config.features).write.mode("overwrite").parquet(str(target))
 
+    def gate(self) -> None:
+        validate(self.spark, self.union, self.out / "gate", self.config)
+
     def command(self) -> None:
         build_bank_features(self.spark, self.union, self.out / "bank", self.config)
 
-    def run(self, with_command: bool) -> dict[str, tuple[float, float | None]]:
+    def run(self, with_command: bool, with_gate: bool = False) -> dict[str, tuple[float, float | None]]:
         """{step: (wall s, cpu s)}; every step starts from an empty output directory."""
         clean(self.out)
         times = {"read_write": self.clock.measure(self.read_write), "features": self.clock.measure(self.features)}
+        if with_gate:
+            times["gate"] = self.clock.measure(self.gate)
         if with_command:
             times["command"] = self.clock.measure(self.command)
         return times
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     walls: dict[str, list[float]] = {}
     cpus: dict[str, list[float | None]] = {}
     for i in range(args.repeats):
-        times = bench.run(with_command)
+        times = bench.run(with_command, args.per_step)
         for step, (wall, cpu) in times.items():
             walls.setdefault(step, []).append(wall)
             cpus.setdefault(step, []).append(cpu)
@@ -233,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": ratio,  # fedfraud features (gate + features) / plain read -> write, wall
         "ratio_cpu": command_cpu / base_cpu if base_cpu and command_cpu else None,
         "ratio_features": seconds["features"] / base,
+        "ratio_gate": seconds["gate"] / base if "gate" in seconds else None,
         "target_ratio": TARGET_RATIO,
         "target_met": ratio is not None and ratio <= TARGET_RATIO,
         "cores": os.cpu_count(),

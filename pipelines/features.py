@@ -96,10 +96,19 @@ def history_features(cfg: FeatureConfig) -> dict[str, Column]:
         "away_from_first_country": (F.col("country") != home).cast("int"),
     }
     for name, seconds in cfg.windows_seconds.items():
-        features[f"txn_count_{name}"] = _trailing("amount_base", seconds, F.count)
+        features[f"txn_count_{name}"] = _trailing_count("amount_base", seconds, F.count)
         features[f"amount_sum_{name}"] = _trailing("amount_base", seconds, F.sum)
-    features["small_count_burst"] = _trailing("is_small_amount", cfg.burst_window_seconds, F.sum)
+    features["small_count_burst"] = _trailing_count("is_small_amount", cfg.burst_window_seconds, F.sum)
     return features
+
+
+def _trailing_count(column: str, seconds: int, agg) -> Column:
+    """Like ``_trailing`` for an integer ``agg`` (count, or sum of a 0/1 flag): the running total up to
+    this row minus the total before ``t - seconds``. Both frames grow by one row at a time, so no
+    frame is re-aggregated and integer totals make the difference exact."""
+    upto = _history().rowsBetween(Window.unboundedPreceding, 0)
+    before = agg(column).over(_before(seconds * 1_000_000 + 1))
+    return agg(column).over(upto) - F.coalesce(before, F.lit(0))
 
 
 def first_use_features() -> dict[str, Column]:

@@ -65,6 +65,14 @@ def write_parquet(df: DataFrame, final: str | Path) -> None:
         df.write.mode("overwrite").parquet(str(stage))
 
 
+def parquet_rows(path: str | Path) -> int:
+    """Rows in the Parquet dataset Spark wrote at ``path``, summed from its part files' footers."""
+    import pyarrow.parquet as pq
+
+    parts = [f for f in Path(path).rglob("*.parquet") if not f.name.startswith((".", "_"))]
+    return sum(pq.ParquetFile(part).metadata.num_rows for part in parts)
+
+
 def write_bytes(data: bytes, final: str | Path) -> None:
     """Write ``data`` at ``final`` through a temp file and a rename: never a partial file."""
     final = Path(final)

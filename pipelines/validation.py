@@ -27,7 +27,7 @@ from pipelines.config import PipelineConfig, ValidationConfig
 from pipelines.conform import conform, original_columns
 from pipelines.contract import COLUMN_NAMES, LABEL
 from pipelines.expectations import UNIQUE_ID, check_key, contract_checks, run_suite, unexpected_counts
-from pipelines.io import read_input, write_json, write_parquet
+from pipelines.io import parquet_rows, read_input, write_json, write_parquet
 from pipelines.rules import REASON, all_reasons, mark_duplicates, repeated_ids, rule_reasons
 
 VALID_DIR, QUARANTINE_DIR, REPORT_FILE = "valid", "quarantine", "report.json"
@@ -134,15 +134,14 @@ def validate(
         return GateError(problem)
 
     per_reason = {r: quarantined[f"reason:{r}"] for r in reasons}
-    # Reconcile what was written (Parquet row counts) with the input, per side.
-    written_valid = spark.read.parquet(str(out / VALID_DIR))
-    valid_rows = written_valid.count()
-    quarantined_rows = spark.read.parquet(str(out / QUARANTINE_DIR)).count()
+    # Reconcile what was written (the Parquet footers' row counts) with the input, per side.
+    valid_rows, quarantined_rows = parquet_rows(out / VALID_DIR), parquet_rows(out / QUARANTINE_DIR)
     if valid_rows != stats["rows"] or quarantined_rows != quarantined["rows"] or (
         valid_rows + quarantined_rows != input_rows or sum(per_reason.values()) != quarantined_rows
     ):
         raise discard(f"rows lost: input {input_rows} != valid {valid_rows} + quarantined {quarantined_rows}")
-    on_valid = run_suite(written_valid.select(*COLUMN_NAMES), [e for e, _ in checks], out, "valid")
+    written_valid = spark.read.parquet(str(out / VALID_DIR)).select(*COLUMN_NAMES)
+    on_valid = run_suite(written_valid, [e for e, _ in checks], out, "valid")
     if not on_valid.success:
         raise discard(f"rows the gate let through break the contract suite: {on_valid.failures}")
 

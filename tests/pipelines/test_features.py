@@ -113,3 +113,49 @@ def test_same_input_gives_same_features(config, tiny):
     first = build_features(tiny, config.features)
     second = build_features(tiny.orderBy(F.rand(3)), config.features)
     assertDataFrameEqual(first, second, checkRowOrder=False, rtol=0.0, atol=0.0)
+
+
+@pytest.fixture(scope="module")
+def crowded(make_raw):
+    """Seeded events on few instants (many ties, many exactly 24 h apart) and few values per column."""
+    import random
+    from datetime import datetime, timedelta
+
+    rng = random.Random(5)
+    start = datetime(2026, 1, 5)
+    rows = []
+    for i in range(160):
+        when = start + timedelta(hours=6 * rng.randrange(14), seconds=rng.choice([0, 0, 0, 1]))
+        rows.append(txn(f"x{i:03d}", when, account=rng.choice(["a1", "a2", "a3"]), merchant=rng.choice("mnop"),
+                        device=rng.choice(["d1", "d2", "d3", None]), country=rng.choice(["DE", "FR"]),
+                        channel=rng.choice(["card_present", "ecommerce"])))
+    return make_raw(rows)
+
+
+def test_first_uses_match_a_per_value_ordering_and_a_self_join(spark, config, crowded):
+    """First-use flags equal "first row of (account, value) in (time, id) order"; new merchants and
+    devices in 24 h equal the count of those first rows in ``[t - 24h, t]`` up to this row."""
+    from pyspark.sql import Window
+
+    got = build_features(crowded, config.features)
+    ref = crowded
+    for name, column in {"device": "device_id", "merchant": "merchant_id", "country": "country",
+                         "channel": "channel"}.items():
+        order = Window.partitionBy("account_id", column).orderBy("event_time", "transaction_id")
+        first = F.col(column).isNotNull() & (F.row_number().over(order) == 1)
+        ref = ref.withColumn(f"first_{name}", first.cast("int"))
+    a, b = ref.alias("a"), ref.alias("b")
+    upto = (F.col("b.event_time") < F.col("a.event_time")) | (
+        (F.col("b.event_time") == F.col("a.event_time")) & (F.col("b.transaction_id") <= F.col("a.transaction_id"))
+    )
+    day = (F.col("b.event_time") >= F.col("a.event_time") - F.expr("INTERVAL 24 HOURS")) & upto
+    counted = a.join(b, (F.col("a.account_id") == F.col("b.account_id")) & day).groupBy("a.transaction_id").agg(
+        F.sum("b.first_merchant").alias("new_merchants_24h"), F.sum("b.first_device").alias("new_devices_24h")
+    )
+    flags = ["first_device", "first_merchant", "first_country", "first_channel"]
+    expected = ref.select("transaction_id", *flags).join(counted, "transaction_id")
+    actual = got.select("transaction_id", *flags, "new_merchants_24h", "new_devices_24h")
+    assert expected.count() == crowded.count()
+    assert actual.filter(F.col("new_merchants_24h") > 1).count() > 0  # the fixture exercises the windows
+    expected = expected.select(*[F.col(n).cast(t).alias(n) for n, t in actual.dtypes])
+    assertDataFrameEqual(actual, expected, checkRowOrder=False)

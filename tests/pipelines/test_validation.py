@@ -165,3 +165,27 @@ def test_input_counts_equal_the_gx_suite_on_the_input(spark, parquet_gate, tmp_p
         if count is not None:  # the max-event-time expectation has no row count in GX
             assert counted[key] == count, key
     assert counted["expect_column_max_to_be_between(event_time)"] == 1
+
+
+def test_clean_input_writes_an_empty_quarantine_with_its_schema(spark, make_raw, config, tmp_path):
+    """Every row valid: quarantine/ is still written (empty, input columns + reason) and the counts add up."""
+    make_raw(GOOD).withColumn("branch", F.lit("north")).write.parquet(str(tmp_path / "in"))
+    report = validate(spark, tmp_path / "in", tmp_path / "out", config, as_of=AS_OF)
+    quarantine = spark.read.parquet(str(tmp_path / "out" / "quarantine"))
+    assert quarantine.count() == 0 and quarantine.columns == [*COLUMN_NAMES, "branch", "reason"]
+    assert report["input_rows"] == report["valid_rows"] == len(GOOD) and report["quarantined_rows"] == 0
+    assert set(report["quarantine_reasons"].values()) == {0}
+    assert report["labelled_rows"] == len(GOOD) and report["expectations"]["input_failures"] == {}
+
+
+def test_a_repeated_id_keeps_its_only_valid_copy(spark, make_raw, config, tmp_path):
+    """An id whose earlier copy breaks a rule: that copy is quarantined for the rule, the valid one stays."""
+    rows = [*GOOD, txn("ok1", "2026-01-05 09:00:00", amount=-1.0), txn("ok1", "2026-01-05 09:00:00", currency="XYZ")]
+    make_raw(rows).write.parquet(str(tmp_path / "in"))
+    report = validate(spark, tmp_path / "in", tmp_path / "out", config, as_of=AS_OF)
+    valid = spark.read.parquet(str(tmp_path / "out" / "valid")).filter(F.col("transaction_id") == "ok1")
+    assert [r.amount for r in valid.collect()] == [6.0]
+    quarantine = spark.read.parquet(str(tmp_path / "out" / "quarantine"))
+    assert sorted(r.reason for r in quarantine.collect()) == ["amount_not_positive", "currency_without_rate"]
+    assert report["quarantine_reasons"]["duplicate_transaction_id"] == 0
+    assert report["expectations"]["input_failures"]["expect_column_values_to_be_unique(transaction_id)"] == 3
