@@ -4,10 +4,12 @@ Every feature of a transaction uses only the same account's earlier events and t
 transaction itself. Events are ordered by ``event_time``, ties broken by ``transaction_id``,
 so the order (and every feature) is deterministic and never looks ahead.
 
-Every window is per account and ordered by (event time, id), or by a prefix of that order, so
-Spark sorts each account's rows once. A trailing window over ``[t - w, t]`` is split into the
+Every window is per account and ordered by (event time, id), or by a prefix of that order, and
+every window expression sits in one ``select``, so Spark sorts each account's rows once and
+evaluates them in three window operators. A trailing sum over ``[t - w, t]`` is split into the
 account's events at earlier instants, ``[t - w, t)`` (a range frame), plus the events at the
-same instant up to this one in id order: later same-instant events never count.
+same instant up to this one in id order: later same-instant events never count. Trailing counts
+are the running count up to this row minus the count before ``t - w`` (exact for integers).
 """
 
 from __future__ import annotations
