@@ -267,6 +267,11 @@ def _scores(r: RoundState, question: str, labels: list[str], banks: list[str], w
     return answers, faults, lambda *excluded: sorted(b for b in answers if b not in excluded), sorted(answers)
 
 
+def _named(row: dict, answered: list[str]) -> dict:
+    """A masked judgement names the banks whose holdouts its pool sums (its one evaluator is the pool)."""
+    return {**row, "evaluators": answered} if row["evaluators"] == [secure.POOL] else row
+
+
 def gate(r: RoundState) -> None:
     """Refuse, by name, updates that lower the pooled AUPRC by more than δ (two passes); record
     contributions and each judgement's δ."""
@@ -280,7 +285,7 @@ def gate(r: RoundState) -> None:
     judged = r.ws.read_json(judged_path(r))  # as proposed: a re-run of the gate judges the same banks
     banks, paired = judged["banks"], judged["second_pass"]
     for bank in banks:
-        row = _judge(r, answers, labels, evaluators(bank), WITH_ALL, _without(bank))
+        row = _named(_judge(r, answers, labels, evaluators(bank), WITH_ALL, _without(bank)), answered)
         if answers:
             with_all, without = _pooled(answers, labels, evaluators(), WITH_ALL, _without(bank))
             row["contribution"] = with_all - without
@@ -293,19 +298,16 @@ def gate(r: RoundState) -> None:
         if not pairs_question_path(r).exists():
             _ask_pairs(r, worst, answered)
         pair_labels = sorted(ScoreQuestion.from_bytes(pairs_question_path(r).read_bytes()).variants)
-        pairs, pair_faults, pair_evaluators, _ = _scores(r, PAIRS, pair_labels, judged["pairs"]["asked"],
-                                                         pairs_answer_path)
+        pairs, pair_faults, pair_evaluators, pair_answered = _scores(r, PAIRS, pair_labels,
+                                                                     judged["pairs"]["asked"], pairs_answer_path)
         stage["faults"] += [{**x, "question": PAIRS} for x in pair_faults]
         stage["second_question"] = judged["pairs"]
         for bank in (b for b in banks if b != worst):
-            row = _judge(r, pairs, pair_labels, pair_evaluators(bank, worst), _without(worst), _without(bank, worst))
+            row = _named(_judge(r, pairs, pair_labels, pair_evaluators(bank, worst), _without(worst),
+                                _without(bank, worst)), pair_answered)
             stage["banks"][bank]["second_pass"] = {"without": worst, **row}
             if _excess(row) > 0:
                 refused.append(_refusal(r, bank, row, f"second pass, without {worst}"))
-    for row in stage["banks"].values():  # masked: the pool is every answering bank's holdout
-        for judgement in (row, row.get("second_pass", {})):
-            if judgement.get("evaluators") == [secure.POOL]:
-                judgement["evaluators"] = answered
     stage["refused"] = [x["bank"] for x in refused]
     if refused:
         names = {x["bank"] for x in refused}
