@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.protocol.errors import PhaseRerun, RoundFailed
+from aggregator.protocol.secure_evaluation import decoded
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
 from fedfraud.crosscheck import MaskedScoreAnswer, ScoreQuestion
 from fedfraud.protocol import StrategyName, TaskKind
 from fedfraud.scores import BINS
-from fedfraud.secagg.masking import MIN_PARTIES, SecureAggregationError, decode_counts, unmasked_sum, words_from_text
+from fedfraud.secagg.masking import MIN_PARTIES, SecureAggregationError, words_from_text
 from fedfraud.wire import EvaluationReport, KeyRequest, SessionOffer, WireFormatError
 from pipelines.io import write_bytes
 
@@ -189,7 +190,10 @@ def tally(r: RoundState, labels: list[str]) -> tuple[dict[str, EvaluationReport]
             uploads[label].append(words[label])
     if answered != s["masking"]:
         _rerun_or_fail(r, s, answered, faults)
-    reports = {label: _decoded(r, uploads[label], answered, label) for label in labels}
+    reports = {}
+    for label in labels:
+        pos, neg = decoded(r, uploads[label], answered, f"acceptance {label}")
+        reports[label] = EvaluationReport(POOL, label, int(pos.sum()), int(neg.sum()), {}, pos.tolist(), neg.tolist())
     return reports, [f for h in [*s["history"], {"faults": faults}] for f in h.get("faults", [])]
 
 
@@ -204,24 +208,6 @@ def _answer(path: Path, bank: str, session: str, digest: str, labels: list[str])
     if not isinstance(answer.words, dict) or sorted(answer.words) != labels:
         raise WireFormatError("the answer's variants are not the question's")
     return {label: words_from_text(answer.words[label], 2 * BINS) for label in labels}
-
-
-def _decoded(r: RoundState, uploads: list[np.ndarray], banks: list[str], label: str) -> EvaluationReport:
-    """The sum as a pooled report if it is counts of exactly the banks' planned holdouts; else the round fails."""
-    try:
-        counts = decode_counts(unmasked_sum(uploads))
-    except SecureAggregationError as exc:
-        raise RoundFailed(f"round {r.round_id}: masked_sum_invalid: the acceptance sum of {label} over {banks} is "
-                          f"not counts ({exc}); a bank masked with other keys or lied") from None
-    pos, neg = counts[:BINS], counts[BINS:]
-    planned = [r.plan.counts.get(b) or {} for b in banks]
-    expected = (sum(c.get("holdout_positives", -1) for c in planned),
-                sum(c.get("holdout_rows", 0) - c.get("holdout_positives", 0) for c in planned))
-    if (int(pos.sum()), int(neg.sum())) != expected:
-        raise RoundFailed(f"round {r.round_id}: masked_sum_invalid: the acceptance sum of {label} holds "
-                          f"{int(pos.sum())} / {int(neg.sum())} positives / negatives, the banks' planned holdouts "
-                          f"{expected[0]} / {expected[1]}")
-    return EvaluationReport(POOL, label, int(pos.sum()), int(neg.sum()), {}, pos.tolist(), neg.tolist())
 
 
 def _rerun_or_fail(r: RoundState, s: dict, answered: list[str], faults: list[dict]) -> None:

@@ -206,7 +206,7 @@ def tally(r: RoundState) -> Tally:
                 metrics[p][bank] = shared
     if answered != banks:
         _rerun_or_fail(r, state, answered, faults)
-    histograms = {p: _decoded(r, words[p], banks, p) for p in purposes}
+    histograms = {p: decoded(r, words[p], banks, p) for p in purposes}
     return Tally(banks, histograms, metrics, _named_faults(state))
 
 
@@ -222,9 +222,10 @@ def _named_faults(state: dict) -> list[dict[str, str]]:
     return faults
 
 
-def _decoded(r: RoundState, uploads: list[np.ndarray], banks: list[str], purpose: str
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """The sum's counts if they are counts of exactly the banks' planned holdouts; else the round fails."""
+def decoded(r: RoundState, uploads: list[np.ndarray], banks: list[str], purpose: str
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The sum's counts (positives', negatives' histograms) if they are counts of exactly the banks' planned
+    holdouts; else the round fails by name (masked evaluation and masked acceptance alike)."""
     try:
         counts = decode_counts(unmasked_sum(uploads))
     except SecureAggregationError as exc:
