@@ -34,7 +34,7 @@ ROUND: tuple[Phase, ...] = (
     Phase("propose", AGGREGATOR, acceptance.propose, per_stage=True),
     Phase("propose_compaction", AGGREGATOR, compaction.propose, per_stage=True),
     Phase("accept_keys", BANK, secure_acceptance.keys, per_stage=True, banks=secure_acceptance.keys_banks,
-          exchanges=secure_acceptance.keys_exchanges, state="exchanging_acceptance_keys"),
+          exchanges=secure_acceptance.keys_exchanges, state="acceptance_keys"),
     Phase("relay_accept", AGGREGATOR, secure_acceptance.relay, per_stage=True),
     Phase("accept", BANK, acceptance.accept, per_stage=True, banks=acceptance.accept_banks,
           exchanges=acceptance.accept_exchanges, state="accepting"),

@@ -128,3 +128,14 @@ def test_waiting_for_tasks_ends_when_each_is_answered_or_expired_at_its_own_dead
     c.stop()
     with pytest.raises(RoundFailed, match="stopped"):
         c.wait_for_tasks([c.next_task("alpha")["id"]], "never", poll_s=0.05)
+
+
+def test_every_round_state_fits_the_state_column():
+    """Postgres enforces the column's length (sqlite does not): a bank phase's state longer than it fails
+    the round in the deployed stack only (``exchanging_acceptance_keys`` did)."""
+    from aggregator.protocol.phases import BANK_PHASES
+
+    states = {p.state for p in BANK_PHASES} | {"registered", "failed", "training", "planned"}
+    limit = store.Round.__table__.c.state.type.length
+    assert all(len(state) <= limit for state in states), sorted(s for s in states if len(s) > limit)
+    assert len({p.state for p in BANK_PHASES}) == len(BANK_PHASES)  # the service maps a state to its phase
