@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bank_node.masked_evaluation import credentials_of, session_banks
+from bank_node.masked_evaluation import earlier_answer, session_masker
 from fedfraud.crosscheck import MAX_VARIANTS, MaskedScoreAnswer, ScoreAnswer, ScoreQuestion
 from fedfraud.model_json import to_bytes
-from fedfraud.secagg.keys import KeyAgreementRefused, check_session
-from fedfraud.secagg.masking import MaskReuse, PairwiseMasker, encode_counts, words_to_text
+from fedfraud.secagg.keys import KeyAgreementRefused
+from fedfraud.secagg.masking import encode_counts, words_to_text
 from fedfraud.wire import EvaluationReport, TrainTask, WireFormatError
 
 if TYPE_CHECKING:
@@ -51,21 +51,13 @@ def score_question(node: "BankNode", question_bytes: bytes) -> bytes:
 
 def _score_masked(node: "BankNode", question: ScoreQuestion) -> bytes:
     """Every variant's histograms as masked words, under the question's session (keys offered in ``keys``)."""
-    credentials, masking = credentials_of(node), question.masking
+    masking = question.masking
     if question.purpose != "accept" or not isinstance(masking, dict):
         raise KeyAgreementRefused("masking_malformed", "only an acceptance question is masked, with an object")
-    session = check_session(masking.get("session"))
-    banks = session_banks(node.bank, masking.get("banks"))
-    if not isinstance(masking.get("offers"), dict):
-        raise KeyAgreementRefused("offer_malformed", "offers must be an object")
-    keys = node.secagg_store.keys(session, credentials.identity, create=False)
-    masker = PairwiseMasker(node.bank, keys.pair_keys(masking["offers"], credentials.trust, banks))
+    session, masker = session_masker(node, masking.get("session"), masking.get("banks"), masking.get("offers"))
     digest = question.digest()
-    earlier = node.secagg_store.answered(session, "accept")
-    if earlier is not None:  # the same answer again is harmless; another vector under the same masks is not
-        if earlier["model_id"] != digest:
-            raise MaskReuse(f"mask_reuse: {node.bank} already answered another question in session {session}")
-        return earlier["body"].encode()
+    if (earlier := earlier_answer(node, session, "accept", digest)) is not None:
+        return earlier  # the same answer again is harmless
     words = {}
     for slot, label in enumerate(sorted(question.variants)):
         report = EvaluationReport.from_bytes(node.evaluate(to_bytes(question.variant(label))))

@@ -142,27 +142,42 @@ def make_offer(node: "BankNode", request_bytes: bytes) -> bytes:
     return SessionOffer(**keys.offer()).to_bytes()
 
 
-def evaluate_masked(node: "BankNode", task_bytes: bytes) -> bytes:
-    """Score the task's model on the holdout; answer its histograms masked, metrics only if shared."""
+def session_masker(node: "BankNode", session: object, banks: object, offers: object) -> tuple[str, PairwiseMasker]:
+    """The session's name and this bank's pairwise masker for it: the session well named, its banks (at least
+    three, this bank among them), every relayed offer verified against the consortium; refused by name."""
     credentials = credentials_of(node)
-    task = MaskedEvaluationTask.from_bytes(task_bytes)
-    session = check_session(task.session)
-    if task.purpose not in SLOTS:
-        raise KeyAgreementRefused("purpose_unknown", f"purpose {str(task.purpose)[:30]!r} is not one of {list(SLOTS)}")
-    banks = session_banks(node.bank, task.banks)
-    if not isinstance(task.offers, dict):
+    session = check_session(session)
+    listed = session_banks(node.bank, banks)
+    if not isinstance(offers, dict):
         raise KeyAgreementRefused("offer_malformed", "offers must be an object")
     keys = node.secagg_store.keys(session, credentials.identity, create=False)
-    pair_keys = keys.pair_keys(task.offers, credentials.trust, banks)
+    return session, PairwiseMasker(node.bank, keys.pair_keys(offers, credentials.trust, listed))
+
+
+def earlier_answer(node: "BankNode", session: str, purpose: str, answered: str) -> bytes | None:
+    """The answer already sent in this session and slot for the same ``answered`` (model or question id), sent
+    again; None if there is none. Another vector under the same masks is refused (``mask_reuse``)."""
+    earlier = node.secagg_store.answered(session, purpose)
+    if earlier is None:
+        return None
+    if earlier["model_id"] != answered:
+        raise MaskReuse(f"mask_reuse: {node.bank} already masked another {purpose} answer in session {session}")
+    return earlier["body"].encode()
+
+
+def evaluate_masked(node: "BankNode", task_bytes: bytes) -> bytes:
+    """Score the task's model on the holdout; answer its histograms masked, metrics only if shared."""
+    credentials_of(node)  # a bank without a consortium certificate says so before anything else
+    task = MaskedEvaluationTask.from_bytes(task_bytes)
+    if task.purpose not in SLOTS:
+        raise KeyAgreementRefused("purpose_unknown", f"purpose {str(task.purpose)[:30]!r} is not one of {list(SLOTS)}")
+    session, masker = session_masker(node, task.session, task.banks, task.offers)
     report = EvaluationReport.from_bytes(node.evaluate(model_json.to_bytes(task.model)))
-    earlier = node.secagg_store.answered(session, task.purpose)
-    if earlier is not None:  # the same answer again is harmless; another vector under the same mask is not
-        if earlier["model_id"] != report.model_id:
-            raise MaskReuse(f"mask_reuse: {node.bank} already masked a {task.purpose} evaluation in this session")
-        return earlier["body"].encode()
+    if (earlier := earlier_answer(node, session, task.purpose, report.model_id)) is not None:
+        return earlier  # the same answer again is harmless
     words = encode_counts(np.concatenate([np.asarray(report.hist_pos, dtype=np.int64),
                                           np.asarray(report.hist_neg, dtype=np.int64)]))
-    masked = PairwiseMasker(node.bank, pair_keys).mask(words, SLOTS[task.purpose])
+    masked = masker.mask(words, SLOTS[task.purpose])
     metrics = dict(report.metrics) if node.share_metrics else {}
     body = MaskedEvaluation(node.bank, report.model_id, session, task.purpose, words_to_text(masked),
                             metrics).to_bytes()

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.protocol.errors import PhaseRerun, RoundFailed
-from aggregator.protocol.secure_evaluation import decoded
+from aggregator.protocol.secure_evaluation import decoded, relayed_offers
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
 from fedfraud.crosscheck import MaskedScoreAnswer, ScoreQuestion
 from fedfraud.protocol import StrategyName, TaskKind
 from fedfraud.scores import BINS
 from fedfraud.secagg.masking import MIN_PARTIES, SecureAggregationError, words_from_text
-from fedfraud.wire import EvaluationReport, KeyRequest, SessionOffer, WireFormatError
+from fedfraud.wire import EvaluationReport, KeyRequest, WireFormatError
 from pipelines.io import write_bytes
 
 MAX_ATTEMPTS = 3
@@ -135,20 +135,11 @@ def relay(r: RoundState) -> None:
     s = state(r)
     if s is None:
         return
-    folder, offers, faults = _attempt_folder(r, s), {}, []
-    for bank in s["banks"]:
-        path = folder / "offers" / f"{bank}.json"
-        try:
-            offer = SessionOffer.from_bytes(path.read_bytes()) if path.exists() else None
-            if offer is not None and (offer.bank != bank or offer.session != s["session"]):
-                raise WireFormatError(f"offer names {str(offer.bank)[:40]} / session {str(offer.session)[:80]}")
-        except WireFormatError as exc:
-            faults.append({"bank": bank, "check": "key_offer_invalid", "detail": str(exc)[:300]})
-            continue
-        if offer is None:
-            faults.append({"bank": bank, "check": "key_offer_missing", "detail": f"attempt {s['attempt']}"})
-            continue
-        offers[bank] = {k: getattr(offer, k) for k in ("bank", "session", "public_key", "certificate", "signature")}
+    folder = _attempt_folder(r, s)
+    offers, invalid = relayed_offers(folder, s["banks"], s["session"])
+    invalid_by_bank = {f["bank"]: f for f in invalid}  # in bank order: malformed, or no offer at all
+    missing = {"check": "key_offer_missing", "detail": f"attempt {s['attempt']}"}
+    faults = [invalid_by_bank.get(bank, {"bank": bank, **missing}) for bank in s["banks"] if bank not in offers]
     s["masking"], s["offer_faults"] = sorted(offers), faults
     r.ws.write_json(s, _state_path(r))
     if len(offers) < quorum(r):

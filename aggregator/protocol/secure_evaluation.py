@@ -98,22 +98,29 @@ def keys(r: RoundState, nodes: dict[str, Node]) -> None:
     answer_tolerantly(r, nodes, keys_banks, keys_exchanges, "offer a key")
 
 
-def relay(r: RoundState) -> None:
-    """The offers, as sent, into every masked evaluation task; a bank without a well-formed offer is left out."""
-    state, folder = record(r), _folder(r)
+def relayed_offers(folder: Path, banks: list[str], session: str) -> tuple[dict[str, dict], list[dict[str, str]]]:
+    """The well-formed offers in ``folder/offers/`` of ``banks`` for ``session``, as sent, and each malformed
+    one named (``key_offer_invalid``); a bank with no offer is in neither."""
     offers, faults = {}, []
-    for bank in state["banks"]:
+    for bank in banks:
         path = folder / "offers" / f"{bank}.json"
         if not path.exists():
             continue
         try:
             offer = SessionOffer.from_bytes(path.read_bytes())
-            if offer.bank != bank or offer.session != state["session"]:
+            if offer.bank != bank or offer.session != session:
                 raise WireFormatError(f"offer names {str(offer.bank)[:40]} / session {str(offer.session)[:80]}")
             offers[bank] = {k: getattr(offer, k) for k in ("bank", "session", "public_key", "certificate",
                                                            "signature")}
         except WireFormatError as exc:
             faults.append({"bank": bank, "check": "key_offer_invalid", "detail": str(exc)[:300]})
+    return offers, faults
+
+
+def relay(r: RoundState) -> None:
+    """The offers, as sent, into every masked evaluation task; a bank without a well-formed offer is left out."""
+    state, folder = record(r), _folder(r)
+    offers, faults = relayed_offers(folder, state["banks"], state["session"])
     state["masking"], state["offer_faults"] = sorted(offers), faults
     r.ws.write_json(state, _root(r) / "attempts.json")
     if len(offers) < quorum(r):
