@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipelines.contract import LABEL
@@ -40,23 +43,36 @@ def read_features(features_dir: str | Path, feature_names: list[str]) -> pd.Data
     return frame.sort_values(["event_time", "transaction_id"], kind="mergesort").reset_index(drop=True)
 
 
-def time_split(frame: pd.DataFrame, feature_names: list[str], holdout_fraction: float) -> BankDataset:
-    """Labelled rows only; the latest ``holdout_fraction`` of them (by event time) is the holdout."""
-    labelled = frame[frame[LABEL].notna()]
+def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fraction: float) -> BankDataset:
+    """Labelled rows only, ordered by time then id; the latest ``holdout_fraction`` of them is the holdout.
+
+    Built column by column from Parquet: the keys are read once to order the rows, then each feature
+    is read, reordered and cast to float32 in its place. Memory is the two float32 matrices plus one
+    column, never the whole table (at 10M rows: ~1.8 GB, where a pandas table held ~11 GB).
+    """
+    source = ds.dataset(str(features_dir), format="parquet")
+    keys = source.to_table(columns=["transaction_id", "event_time", LABEL])
+    order = pc.sort_indices(keys, sort_keys=[("event_time", "ascending"), ("transaction_id", "ascending")])
+    labelled = pc.filter(order, pc.is_valid(keys.column(LABEL).take(order)))
     cut = int(round(len(labelled) * (1.0 - holdout_fraction)))
-    train, holdout = labelled.iloc[:cut], labelled.iloc[cut:]
-
-    def matrix(part: pd.DataFrame) -> np.ndarray:
-        return part[feature_names].to_numpy(dtype=np.float32, na_value=np.nan)
-
+    parts = {"train": labelled.slice(0, cut).to_numpy(), "holdout": labelled.slice(cut).to_numpy()}
+    matrices = {part: np.empty((len(rows), len(feature_names)), dtype=np.float32) for part, rows in parts.items()}
+    for j, name in enumerate(feature_names):
+        column = source.to_table(columns=[name]).column(0)
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
+        for part, rows in parts.items():
+            matrices[part][:, j] = values[rows]
+        del column, values
+    label = keys.column(LABEL).to_numpy(zero_copy_only=False)
+    first = int(parts["holdout"][0]) if len(parts["holdout"]) else None
     return BankDataset(
         feature_names=list(feature_names),
-        X_train=matrix(train),
-        y_train=train[LABEL].to_numpy(dtype=np.int32),
-        X_holdout=matrix(holdout),
-        y_holdout=holdout[LABEL].to_numpy(dtype=np.int32),
-        holdout_start=holdout["event_time"].iloc[0].isoformat() if len(holdout) else None,
-        holdout_first_id=str(holdout["transaction_id"].iloc[0]) if len(holdout) else None,
+        X_train=matrices["train"],
+        y_train=label[parts["train"]].astype(np.int32),
+        X_holdout=matrices["holdout"],
+        y_holdout=label[parts["holdout"]].astype(np.int32),
+        holdout_start=pd.Timestamp(keys.column("event_time")[first].as_py()).isoformat() if first is not None else None,
+        holdout_first_id=str(keys.column("transaction_id")[first].as_py()) if first is not None else None,
     )
 
 

@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from bank_node.dataset import BankDataset, read_features, spark_training_rows, time_split
+from bank_node.dataset import BankDataset, load_dataset, spark_training_rows
 from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, holdout_metrics
 from bank_node.policy import TaskRefused, TrainingPolicy
 from bank_node.privacy import PrivacyPolicy, train_private
@@ -118,7 +118,7 @@ class BankNode:
     @cached_property
     def data(self) -> BankDataset:
         names = self.contract["names"]
-        return time_split(read_features(self.work_dir / FEATURES_DIR, names), names, self.holdout_fraction)
+        return load_dataset(self.work_dir / FEATURES_DIR, names, self.holdout_fraction)
 
     def summary(self) -> dict[str, Any]:
         """What the bank tells the aggregator before a round: counts, contract, readiness."""
