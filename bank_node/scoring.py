@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bank_node.dataset import read_features
+from bank_node.dataset import feature_rows
 from bank_node.policy import TrainingPolicy
 from bank_node.training import dmatrix
 from fedfraud import model_json
@@ -75,10 +75,10 @@ def score_transactions(spark, model_uri: str, input_path: str | Path, output_pat
         if expected:
             require_same_contract(expected, contract, "this bank")
         booster = model_json.to_booster(parse_received_model(model_bytes, limits, contract["names"]))
-        features = read_features(work / FEATURES_DIR, contract["names"])
-        scores = booster.predict(dmatrix(features[contract["names"]].to_numpy(np.float32), None, contract["names"]))
+        ids, X = feature_rows(work / FEATURES_DIR, contract["names"])
+        scores = booster.predict(dmatrix(X, None, contract["names"]))
         quarantined = pq.read_table(str(work / VALIDATION_DIR / QUARANTINE_DIR), columns=["transaction_id"]).to_pandas()
-    scored = pd.DataFrame({"transaction_id": features["transaction_id"], "score": scores.astype(np.float64)})
+    scored = pd.DataFrame({"transaction_id": ids.to_pandas(), "score": scores.astype(np.float64)})
     unscored = pd.DataFrame({"transaction_id": quarantined["transaction_id"], "score": np.nan})
     write_scores(pd.concat([scored, unscored], ignore_index=True), Path(output_path))
     return {"scored": len(scored), "quarantined": len(unscored)}

@@ -97,9 +97,8 @@ def champion_uri(tracking_uri: str, model_name: str) -> str:
 
 def run_scoring(work_dir: Path, rows: int, tracking_uri: str, model_name: str, seed: int) -> dict:
     """``score_transactions`` end to end on ``rows`` rows of one bank, and the model alone on built features."""
-    import numpy as np
 
-    from bank_node.dataset import read_features
+    from bank_node.dataset import feature_rows
     from bank_node.policy import TrainingPolicy
     from bank_node.scoring import resolve_model, score_transactions
     from bank_node.training import dmatrix
@@ -130,7 +129,7 @@ def run_scoring(work_dir: Path, rows: int, tracking_uri: str, model_name: str, s
         names = load_contract(built / CONTRACT_FILE)["names"]
         booster = model_json.to_booster(parse_received_model(resolve_model(uri, tracking_uri, limits.max_bytes)[0],
                                                              limits, names))
-        X = read_features(built / FEATURES_DIR, names)[names].to_numpy(np.float32)
+        X = feature_rows(built / FEATURES_DIR, names)[1]
         began = time.perf_counter()
         booster.predict(dmatrix(X, None, names))
         seconds = time.perf_counter() - began

@@ -9,15 +9,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bank_node.dataset import load_dataset, read_features
+from bank_node.dataset import feature_rows, load_dataset
 from pipelines.contract import LABEL
 
 NAMES = ["amount", "count_24h", "is_new_merchant"]
 
 
+def _sorted_table(folder) -> pd.DataFrame:
+    frame = pq.read_table(str(folder)).to_pandas()
+    return frame.sort_values(["event_time", "transaction_id"], kind="mergesort").reset_index(drop=True)
+
+
 def _reference(frame: pd.DataFrame, holdout_fraction: float):
     """The split as a pandas table does it: labelled rows by (time, id), the latest share held out."""
-    frame = frame.sort_values(["event_time", "transaction_id"], kind="mergesort").reset_index(drop=True)
     labelled = frame[frame[LABEL].notna()]
     cut = int(round(len(labelled) * (1.0 - holdout_fraction)))
     matrix = lambda part: part[NAMES].to_numpy(dtype=np.float32, na_value=np.nan)  # noqa: E731
@@ -45,7 +49,7 @@ def _write_parts(folder, seed: int = 3, rows: int = 997, files: int = 4) -> None
 def test_load_dataset_equals_the_pandas_split(tmp_path):
     _write_parts(tmp_path / "features")
     data = load_dataset(tmp_path / "features", NAMES, 0.2)
-    train, holdout, matrix = _reference(read_features(tmp_path / "features", NAMES), 0.2)
+    train, holdout, matrix = _reference(_sorted_table(tmp_path / "features"), 0.2)
 
     assert data.X_train.dtype == np.float32 and data.X_train.shape == (len(train), len(NAMES))
     np.testing.assert_array_equal(data.X_train, matrix(train))  # NaN where NaN, bit for bit elsewhere
@@ -55,6 +59,14 @@ def test_load_dataset_equals_the_pandas_split(tmp_path):
     assert data.holdout_start == holdout["event_time"].iloc[0].isoformat()
     assert data.holdout_first_id == holdout["transaction_id"].iloc[0]
     assert data.counts()["train_rows"] + data.counts()["holdout_rows"] == train.shape[0] + holdout.shape[0]
+
+
+def test_feature_rows_are_every_row_by_time_then_id(tmp_path):
+    _write_parts(tmp_path / "features")
+    ids, X = feature_rows(tmp_path / "features", NAMES)
+    frame = _sorted_table(tmp_path / "features")
+    assert ids.to_pylist() == frame["transaction_id"].tolist()  # unlabelled rows are scored too
+    np.testing.assert_array_equal(X, frame[NAMES].to_numpy(dtype=np.float32, na_value=np.nan))
 
 
 def test_load_dataset_without_labelled_rows_has_no_holdout(tmp_path):
