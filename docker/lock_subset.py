@@ -26,9 +26,10 @@ LEFT_OUT = {
     # The bank's agent: Spark, GX, XGBoost, scikit-learn. No Airflow, no web service, no database
     # drivers, no MLflow (a bank reaches the aggregator only, never the consortium's MLflow).
     "bank-node": {"apache-airflow", "fastapi", "uvicorn", "asyncpg", "psycopg2-binary", "mlflow"},
-    # The aggregator and `mlflow server`: no Airflow, no GX. pyspark stays as a Python package only
+    # The aggregator and `mlflow server`: no Airflow, no GX, no DP accountant (each bank keeps its own
+    # privacy ledger; the aggregator never computes an epsilon). pyspark stays as a Python package only
     # (pipelines.io imports it; the image has no Java and never starts Spark: the Dockerfile drops its jars).
-    "aggregator": {"apache-airflow", "great-expectations", "asyncpg"},
+    "aggregator": {"apache-airflow", "great-expectations", "asyncpg", "dp-accounting"},
 }
 NEVER = {"nvidia-nccl-cu12"}
 BLOCK_START = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==")
