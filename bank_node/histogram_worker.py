@@ -15,6 +15,12 @@ Cut points come from ``GlobalBins.reference_matrix`` (public: derived from the s
 The process does not sketch its own rows, which XGBoost would share with every peer. A
 watchdog ends the process when its deadline passes or its parent dies, so a lost peer or
 server can never leave it hanging.
+
+A session with a ``world_id`` keeps the worker and its sidecar for the whole world (same server, same
+banks): the rows are loaded and the communicator joined once, and each round is a command on the
+worker's stdin (the sidecar re-keys for the round's session first). Between rounds the worker waits
+for its next command; it exits when the server stops listening, the parent dies, or it idles past the
+session's timeout. ``stop_live_workers`` ends them at once (the embedded driver's shutdown hook).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from bank_node.secagg_sidecar import watchdog
-from bank_node.worker_process import LAUNCH, SIDECAR_LAUNCH, WorkerFailed, WorkerProcess, _launch  # noqa: F401
+from bank_node.secagg_sidecar import server_watch, watchdog
+from bank_node.worker_process import (  # noqa: F401
+    LAUNCH, SIDECAR_LAUNCH, PersistentWorker, RoundOfPersistent, WorkerFailed, WorkerProcess, _launch,
+)
 from fedfraud.histogram_session import HistogramSession, loopback
 
 ALLOW_UNMASKED_ENV = "FEDFRAUD_SECAGG_ALLOW_UNMASKED"  # "1": this bank joins unmasked sessions (benches)
@@ -133,20 +141,79 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
            "out": str(paths["update.json"]), "progress": str(paths["progress"]), "parent_pid": os.getpid(),
            "tls": tls.communicator_args() if session.tls and tls and not session.secagg else None,
            "privacy": private and private.worker_job()}
-    if not session.secagg:
+    if not session.secagg and not session.world_id:
         paths["job.json"].write_text(json.dumps(job))
         return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0)
-    job["sidecar_address_file"] = str(paths["sidecar.address"])
-    job["sidecar"] = {
-        "bank": session.bank, "rank": session.rank, "banks": list(session.banks), "upstream": session.server_address,
-        "tls": {"server_ca": tls.server_ca, "client_key": tls.client_key, "client_cert": tls.client_cert}
-        if session.tls and tls else None,
-        "session_id": session.secagg_session, "address_file": str(paths["sidecar.address"]),
-        "audit": str(paths["collectives.jsonl"]), "timeout_s": session.timeout_s, "max_bytes": MAX_MESSAGE_BYTES,
-        "parent_pid": os.getpid(), "privacy": private and private.noise.to_dict()}
+    if session.secagg:
+        job["sidecar_address_file"] = str(paths["sidecar.address"])
+        job["sidecar"] = {
+            "bank": session.bank, "rank": session.rank, "banks": list(session.banks),
+            "upstream": session.server_address,
+            "tls": {"server_ca": tls.server_ca, "client_key": tls.client_key, "client_cert": tls.client_cert}
+            if session.tls and tls else None,
+            "session_id": session.secagg_session, "address_file": str(paths["sidecar.address"]),
+            "audit": str(paths["collectives.jsonl"]), "timeout_s": session.timeout_s, "max_bytes": MAX_MESSAGE_BYTES,
+            "parent_pid": os.getpid(), "privacy": private and private.noise.to_dict()}
+    if session.world_id:  # kept for the world: one process per bank for all its rounds
+        return _persistent_round(folder, paths, job, session, task_bytes, bins.digest,
+                                 _sidecar_secrets(pair_keys, credentials, tls) if session.secagg else b"",
+                                 private, pair_keys)
     paths["job.json"].write_text(json.dumps(job))
     return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0,
                          paths["sidecar.log"], secrets_in)
+
+
+_LIVE: dict[str, PersistentWorker] = {}  # work folder -> this process's kept worker for one world
+
+
+def _persistent_round(folder: Path, paths: dict, job: dict, session: HistogramSession, task_bytes: bytes,
+                      bins_digest: str, secrets_in: bytes, private, pair_keys) -> RoundOfPersistent:
+    """The round on this bank's kept worker for the session's world: started fresh at the world's round 0,
+    else the live one, which must have trained exactly ``world_round`` rounds of it."""
+    world = (session.world_id, session.bank, session.rank, session.world_size, tuple(session.banks),
+             session.server_address, session.tls, session.secagg, session.nthread, bins_digest, job["x"])
+    key = str(folder)
+    live = _LIVE.get(key)
+    if live is not None and (session.world_round == 0 or live.world != world or not live.alive()):
+        _LIVE.pop(key, None)
+        live.kill()
+        live = None
+    if session.world_round and (live is None or live.rounds_done != session.world_round):
+        found = "none" if live is None else f"one that trained {live.rounds_done}"
+        raise WorkerFailed(f"histogram_worker_lost: round {session.world_round} of world {session.world_id} needs "
+                           f"this bank's worker of that world after {session.world_round} rounds; found {found}")
+    if live is None:
+        job["persistent"] = True
+        if session.secagg:
+            job["sidecar"]["persistent"] = True
+            job["sidecar"]["keyed_file"] = str(folder / "sidecar.keyed")
+            (folder / "sidecar.keyed").unlink(missing_ok=True)
+        paths["job.json"].write_text(json.dumps(job))
+        live = PersistentWorker(paths["job.json"], paths["worker.log"],
+                                paths["sidecar.log"] if session.secagg else None, secrets_in, world)
+        _LIVE[key] = live
+    n = session.world_round
+    task_path, out = folder / f"task-w{n}.json", folder / f"update-w{n}.json"
+    for stale in folder.glob("update-w*.json"):
+        stale.unlink(missing_ok=True)
+    task_path.write_bytes(task_bytes)
+    command = {"task": str(task_path), "out": str(out), "round_id": session.round_id, "timeout_s": session.timeout_s,
+               "secagg_session": session.secagg_session, "privacy": private and private.worker_job()}
+    rekey = None
+    if session.secagg:
+        rekey = {"session_id": session.secagg_session, "timeout_s": session.timeout_s,
+                 "noise": private and private.noise.to_dict(), **(private.secrets() if private is not None else {})}
+        if pair_keys is not None:
+            rekey["pair_keys"] = {peer: k.hex() for peer, k in pair_keys.items()}
+    live.start_round(command, rekey, out)
+    return RoundOfPersistent(live, session.timeout_s + 30.0)
+
+
+def stop_live_workers() -> None:
+    """End every kept worker (and sidecar) of this process: the federation is over."""
+    while _LIVE:
+        _, live = _LIVE.popitem()
+        live.kill()
 
 
 def _sidecar_secrets(pair_keys: dict[str, bytes] | None, credentials, tls: ClientTLS | None, private=None) -> bytes:
@@ -202,63 +269,114 @@ def _sidecar_address(path: Path, deadline: float) -> str:
     raise WorkerFailed("deadline passed before the masking sidecar listened")
 
 
+def _wait_keyed(path: Path, session_id: str, deadline) -> None:
+    """Block until the kept sidecar has agreed this round's keys (it writes the session it is keyed for)."""
+    while time.monotonic() < deadline():
+        try:
+            if path.read_text().strip() == session_id:
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise WorkerFailed("deadline passed before the masking sidecar agreed this round's keys")
+
+
 def run(job_path: Path) -> None:
-    """Join the round's communicator, train, write the update; any failure exits at once."""
+    """Join the communicator, train each round, write its update; any failure exits at once.
+
+    One round (the job's) or, kept for a world, one round per command line on stdin."""
     import xgboost as xgb
     from xgboost import collective
 
-    from fedfraud.binning import GlobalBins, unbin_model
-    from bank_node.histogram_privacy import worker_privacy
-    from bank_node.training import build_update
-    from fedfraud import model_json
-    from fedfraud.wire import TrainTask
+    from fedfraud.binning import GlobalBins
 
     job = json.loads(job_path.read_text())
     session = HistogramSession.from_bytes(json.dumps(job["session"]).encode())
-    deadline = time.monotonic() + session.timeout_s
-    threading.Thread(target=watchdog, args=(deadline, job["parent_pid"]), daemon=True).start()
-    task = TrainTask.from_bytes(Path(job["task"]).read_bytes())
+    persistent = bool(job.get("persistent"))
+    deadline = [time.monotonic() + session.timeout_s]  # moved on by every command when kept
+    threading.Thread(target=watchdog, args=(lambda: deadline[0], job["parent_pid"]), daemon=True).start()
     bins = GlobalBins.from_dict(session.bins)
     X = np.ascontiguousarray(np.load(job["x"]))
     y = np.load(job["y"])
     names = job["feature_names"]
+    # The cut points come from the public edges, computed before joining: nothing of a sketch is exchanged.
+    reference = xgb.QuantileDMatrix(bins.reference_matrix(), feature_names=names, missing=np.nan,
+                                    max_bin=bins.max_bin, nthread=session.nthread)
+    if not persistent:
+        address = session.server_address
+        if job.get("sidecar_address_file"):  # secure aggregation: only the bank's sidecar talks to the server
+            address = _sidecar_address(Path(job["sidecar_address_file"]), deadline[0])
+        with collective.CommunicatorContext(**_communicator_args(job, session, address)):
+            try:
+                dtrain = xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
+                                             ref=reference, nthread=session.nthread)
+            except BaseException:  # leave now: finalising the communicator could wait on dead peers
+                traceback.print_exc()
+                sys.stderr.flush()
+                os._exit(1)
+            _train_round(job, session, bins, reference, dtrain, job["task"], job["out"], job.get("privacy"))
+        return
+    threading.Thread(target=server_watch, args=(session.server_address,), daemon=True).start()
+    dtrain = None
+    for line in sys.stdin:  # one round per line; the node closing the pipe ends the world
+        command = json.loads(line)
+        deadline[0] = time.monotonic() + float(command["timeout_s"])
+        if job.get("sidecar_address_file"):
+            _wait_keyed(Path(job["sidecar"]["keyed_file"]), command["secagg_session"], lambda: deadline[0])
+        if dtrain is None:  # joined once for the world; the communicator numbers every later call on
+            address = session.server_address
+            if job.get("sidecar_address_file"):
+                address = _sidecar_address(Path(job["sidecar_address_file"]), deadline[0])
+            collective.init(**_communicator_args(job, session, address))
+            dtrain = xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
+                                         ref=reference, nthread=session.nthread)
+        _train_round(job, session, bins, reference, dtrain, command["task"], command["out"], command.get("privacy"))
+        deadline[0] = time.monotonic() + session.timeout_s  # idle until the next round
+
+
+def _communicator_args(job: dict, session: HistogramSession, address: str) -> dict[str, Any]:
+    return {"dmlc_communicator": "federated", "federated_server_address": address,
+            "federated_world_size": session.world_size, "federated_rank": session.rank, **(job.get("tls") or {})}
+
+
+def _train_round(job: dict, session: HistogramSession, bins, reference, dtrain, task_path: str, out_path: str,
+                 privacy: dict | None) -> None:
+    """The round's trees on the joined communicator, unbinned, as the bank's update (written atomically)."""
+    import xgboost as xgb
+
+    from bank_node.histogram_privacy import worker_privacy
+    from bank_node.training import build_update
+    from fedfraud import model_json
+    from fedfraud.binning import unbin_model
+    from fedfraud.wire import TrainTask
+
+    task = TrainTask.from_bytes(Path(task_path).read_bytes())
     progress = Path(job["progress"])
+    progress.unlink(missing_ok=True)
 
     class Progress(xgb.callback.TrainingCallback):
         def after_iteration(self, model, epoch, evals_log):
             progress.write_text(str(epoch + 1))
             return False
 
-    address = session.server_address
-    if job.get("sidecar_address_file"):  # secure aggregation: only the bank's sidecar talks to the server
-        address = _sidecar_address(Path(job["sidecar_address_file"]), deadline)
-    args: dict[str, Any] = {"dmlc_communicator": "federated", "federated_server_address": address,
-                            "federated_world_size": session.world_size, "federated_rank": session.rank,
-                            **(job.get("tls") or {})}
-    # The cut points come from the public edges, computed before joining: nothing of a sketch is exchanged.
-    reference = xgb.QuantileDMatrix(bins.reference_matrix(), feature_names=names, missing=np.nan,
-                                    max_bin=bins.max_bin, nthread=session.nthread)
     # privacy: clipped gradients here, the sidecar noises their sums (bank_node.histogram_privacy)
-    objective, epsilon = worker_privacy(job.get("privacy"), reference, task.params)
-    with collective.CommunicatorContext(**args):
-        try:
-            dtrain = xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
-                                         ref=reference, nthread=session.nthread)
-            joined = time.monotonic()
-            booster = train_binned(dtrain, {**task.params, "nthread": session.nthread}, task.num_trees,
-                                   task.base_model, [Progress()], objective)
-            print(f"{session.bank} rank {session.rank}/{session.world_size}: {task.num_trees} trees in "
-                  f"{time.monotonic() - joined:.2f}s (started {joined - STARTED:.2f}s after launch)", flush=True)
-            doc = unbin_model(model_json.to_doc(booster), bins)
-            update = build_update(task, model_json.to_booster(doc), job["counts"], {}, epsilon)
-            out = Path(job["out"])
-            tmp = out.with_suffix(".tmp")
-            tmp.write_bytes(update.to_bytes())
-            tmp.replace(out)
-        except BaseException:  # leave now: finalising the communicator could wait on dead peers
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
+    objective, epsilon = worker_privacy(privacy, reference, task.params)
+    try:
+        joined = time.monotonic()
+        booster = train_binned(dtrain, {**task.params, "nthread": session.nthread}, task.num_trees,
+                               task.base_model, [Progress()], objective)
+        print(f"{session.bank} rank {session.rank}/{session.world_size} round {task.round_id}: {task.num_trees} "
+              f"trees in {time.monotonic() - joined:.2f}s (started {joined - STARTED:.2f}s after launch)", flush=True)
+        doc = unbin_model(model_json.to_doc(booster), bins)
+        update = build_update(task, model_json.to_booster(doc), job["counts"], {}, epsilon)
+        out = Path(out_path)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_bytes(update.to_bytes())
+        tmp.replace(out)
+    except BaseException:  # leave now: finalising the communicator could wait on dead peers
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -92,7 +92,8 @@ class MaskingProxy:
         self.forward, self.max_bytes, self.frac_bits, self.audit = forward, max_bytes, frac_bits, audit
         self.noise = noise  # DP: (values, data_type, label) -> noised values, before masking (histogram_privacy)
         self.masker: PairwiseMasker | None = None
-        self.seq_offset = 0
+        self.seq_offset = 0  # key agreements so far: each took one upstream sequence number
+        self.worker_next = 0  # the worker's next sequence number (a kept world numbers calls across rounds)
         self.broken: str | None = None
         self._lock = threading.Lock()
 
@@ -114,7 +115,8 @@ class MaskingProxy:
         if len(offer) > OFFER_SLOT_BYTES - 4:
             raise SidecarRefused(f"sidecar_offer_size: own offer of {len(offer)} bytes exceeds its slot")
         slot = len(offer).to_bytes(4, "big") + offer.ljust(OFFER_SLOT_BYTES - 4, b"\0")
-        request = fw.Request("Allgather", 0, self.rank, slot)
+        seq = self.worker_next + self.seq_offset  # 0 in a fresh world; between rounds in a kept one
+        request = fw.Request("Allgather", seq, self.rank, slot)
         gathered = self._upstream(request, len(self.banks) * OFFER_SLOT_BYTES)
         offers = []
         for rank, bank in enumerate(self.banks):
@@ -127,8 +129,8 @@ class MaskingProxy:
                 raise SidecarRefused(f"sidecar_offer_malformed: rank {rank}'s offer is not {bank}'s")
             offers.append(parsed)
         self.masker = PairwiseMasker(self.bank, keys.pair_keys(offers, trust, self.banks))
-        self.seq_offset = 1
-        self.audit({"method": "Allgather", "seq": 0, "what": "key offers", "bytes": len(slot), "masked": False})
+        self.seq_offset += 1
+        self.audit({"method": "Allgather", "seq": seq, "what": "key offers", "bytes": len(slot), "masked": False})
 
     # ------------------------------------------------------------------ calls
 
@@ -153,6 +155,10 @@ class MaskingProxy:
         if request.rank != self.rank:
             raise SidecarRefused(f"sidecar_wrong_rank: the worker claims rank {request.rank}, this bank is "
                                  f"rank {self.rank}")
+        if request.sequence_number < self.worker_next:  # a repeated number would repeat a mask label
+            raise SidecarRefused(f"sidecar_sequence_reused: call {request.sequence_number} after "
+                                 f"{self.worker_next - 1}")
+        self.worker_next = request.sequence_number + 1
         if method in ("Allgather", "AllgatherV"):
             raise SidecarRefused(f"sidecar_gather_refused: {request.describe()} would send this bank's buffer "
                                  "to every peer in the clear (a sketch?); cut points come from the shared edges")
@@ -217,18 +223,38 @@ class MaskingProxy:
 
 # ---------------------------------------------------------------------------- the process
 
-def watchdog(deadline: float, parent: int, what: str = "histogram worker") -> None:
-    """Exit the process at ``deadline`` or when its parent (the bank's node) is gone."""
+def watchdog(deadline: float | Callable[[], float], parent: int, what: str = "histogram worker") -> None:
+    """Exit the process at ``deadline`` (a time, or a function giving the current one: a kept process moves it
+    every round) or when its parent (the bank's node) is gone."""
     import time
 
     while True:
-        if time.monotonic() > deadline:
+        if time.monotonic() > (deadline() if callable(deadline) else deadline):
             print(f"{what}: deadline passed, exiting", file=sys.stderr, flush=True)
             os._exit(EXIT_WATCHDOG)
         if os.getppid() != parent:
             print(f"{what}: parent gone, exiting", file=sys.stderr, flush=True)
             os._exit(EXIT_WATCHDOG)
         time.sleep(0.5)
+
+
+def server_watch(address: str, misses: int = 3, period_s: float = 1.0, what: str = "histogram worker") -> None:
+    """Exit the (kept) process when the federated server stops listening: the world is over."""
+    import socket
+    import time
+
+    host, port = address.rsplit(":", 1)
+    missed = 0
+    while True:
+        time.sleep(period_s)
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+                missed = 0
+        except OSError:
+            missed += 1
+            if missed >= misses:
+                print(f"{what}: the federated server at {address} is gone, exiting", file=sys.stderr, flush=True)
+                os._exit(0)
 
 
 def _credentials(bank: str, given: dict):
@@ -294,19 +320,24 @@ def _serve(proxy: MaskingProxy, max_bytes: int):
 
 
 def run(job_path: str, stdin=None) -> None:
-    """Agree keys (or read them from stdin), serve the worker, publish the address; until terminated."""
+    """Agree keys (or read them from stdin), serve the worker, publish the address; until terminated.
+
+    Kept for a world (``persistent``): the first stdin line is the bank's identity, then one line per round
+    (its session, noise): fresh keys for each, published in ``keyed_file`` once agreed."""
     import time
     from pathlib import Path
 
     job = json.loads(Path(job_path).read_text())["sidecar"]
-    deadline = time.monotonic() + float(job["timeout_s"])
-    threading.Thread(target=watchdog, args=(deadline, int(job["parent_pid"]), "secagg sidecar"), daemon=True).start()
+    persistent = bool(job.get("persistent"))
+    deadline = [time.monotonic() + float(job["timeout_s"])]
+    threading.Thread(target=watchdog, args=(lambda: deadline[0], int(job["parent_pid"]), "secagg sidecar"),
+                     daemon=True).start()
     max_bytes = int(job["max_bytes"])
     channel = _upstream_channel(job["upstream"], job.get("tls"), max_bytes)
     stubs = {m: channel.unary_unary(f"/{fw.SERVICE}/{m}") for m in fw.METHODS}
 
     def forward(method: str, data: bytes) -> bytes:
-        return stubs[method](data, timeout=max(1.0, deadline - time.monotonic()), wait_for_ready=True)
+        return stubs[method](data, timeout=max(1.0, deadline[0] - time.monotonic()), wait_for_ready=True)
 
     audit_path = Path(job["audit"])
 
@@ -316,27 +347,64 @@ def run(job_path: str, stdin=None) -> None:
 
     proxy = MaskingProxy(job["bank"], int(job["rank"]), list(job["banks"]), forward, max_bytes,
                          int(job.get("frac_bits", FRAC_BITS)), audit)
-    secrets_in = json.loads((stdin or sys.stdin).read() or "{}")
+    stdin = stdin or sys.stdin
+    secrets_in = json.loads((stdin.readline() if persistent else stdin.read()) or "{}")
+    identity = _credentials(job["bank"], secrets_in["credentials"]) if "credentials" in secrets_in else None
+    if persistent:
+        return _serve_world(job, proxy, secrets_in, identity, deadline, stdin, max_bytes)
     if job.get("privacy"):  # differential privacy: this bank's noise on its gradient sums, before masking
         from bank_node.histogram_privacy import SumNoiser
 
         proxy.noise = SumNoiser.from_job(job["privacy"], secrets_in.get("noise_seed"))
     ready = time.monotonic()
-    if "pair_keys" in secrets_in:  # keys agreed elsewhere
-        proxy.use_pair_keys({peer: bytes.fromhex(key) for peer, key in secrets_in["pair_keys"].items()})
-    elif "credentials" in secrets_in:
-        proxy.agree_keys(job["session_id"], *_credentials(job["bank"], secrets_in["credentials"]))
-    else:
-        raise SidecarRefused("secagg_no_identity: neither pair keys nor a certificate to agree them")
+    _rekey(proxy, job["session_id"], secrets_in, identity)
     server, port = _serve(proxy, max_bytes)
-    address_file = Path(job["address_file"])
-    tmp = address_file.with_suffix(".tmp")
-    tmp.write_text(f"127.0.0.1:{port}")
-    tmp.replace(address_file)
+    _publish(Path(job["address_file"]), f"127.0.0.1:{port}")
     print(f"secagg sidecar for {job['bank']} (rank {job['rank']}/{len(job['banks'])}): 127.0.0.1:{port} -> "
           f"{job['upstream']}; keys in {time.monotonic() - ready:.2f}s (ready {ready - STARTED:.2f}s after launch)",
           flush=True)
     server.wait_for_termination()
+
+
+def _rekey(proxy: MaskingProxy, session_id: str, given: dict, identity) -> None:
+    if "pair_keys" in given:  # keys agreed elsewhere
+        proxy.use_pair_keys({peer: bytes.fromhex(key) for peer, key in given["pair_keys"].items()})
+    elif identity is not None:
+        proxy.agree_keys(session_id, *identity)
+    else:
+        raise SidecarRefused("secagg_no_identity: neither pair keys nor a certificate to agree them")
+
+
+def _publish(path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _serve_world(job: dict, proxy: MaskingProxy, secrets_in: dict, identity, deadline: list, stdin,
+                 max_bytes: int) -> None:
+    """A kept sidecar: serve the worker for the whole world, agreeing fresh keys for every round's session."""
+    import time
+    from pathlib import Path
+
+    server, port = _serve(proxy, max_bytes)
+    _publish(Path(job["address_file"]), f"127.0.0.1:{port}")
+    threading.Thread(target=server_watch, args=(job["upstream"], 3, 1.0, "secagg sidecar"), daemon=True).start()
+    for line in stdin:  # one round per line; the node closing the pipe ends the world
+        command = json.loads(line)
+        deadline[0] = time.monotonic() + float(command["timeout_s"])
+        started = time.monotonic()
+        with proxy._lock:  # between rounds: the worker waits for the keyed file before its next call
+            proxy.masker, proxy.noise = None, None
+            if command.get("noise"):  # differential privacy: this round's noise, before masking
+                from bank_node.histogram_privacy import SumNoiser
+
+                proxy.noise = SumNoiser.from_job(command["noise"], command.get("noise_seed"))
+            _rekey(proxy, command["session_id"], {**secrets_in, **command}, identity)
+        _publish(Path(job["keyed_file"]), command["session_id"])
+        print(f"secagg sidecar for {job['bank']}: keys for {command['session_id']} in "
+              f"{time.monotonic() - started:.2f}s", flush=True)
+    server.stop(0)
 
 
 def main(argv: list[str] | None = None) -> None:

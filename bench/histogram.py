@@ -13,7 +13,13 @@ are missing. Then:
    aggregation (every bank behind its masking sidecar, the default) and without, against a
    centralized fit of 20 trees on the pooled raw rows, as ``bench/federation.py`` times it
    (XGBoost nthread=2), and with nthread=1. Median of ``--repeats``; masked and unmasked
-   rounds alternate, so load changes hit both alike.
+   rounds alternate, so load changes hit both alike. These are one-round worlds (server and
+   workers started for the round: the Airflow and service drivers today).
+4. kept world (the embedded driver): ``--repeats`` + 1 masked rounds on one federated server and
+   one worker + sidecar per bank; the first round starts them, each later round is timed against
+   centralized fits of the same 20 trees on top of the same global model (nthread 2 and 1), right
+   after it. Where each round's time goes (server ready, the slowest bank's trees) is printed, and
+   the kept world's model is checked bit-identical to a centralized fit on the shared bins.
 
 ``--masking on|off`` chooses how steps 1-2 run (default on); ``--round-times-only`` skips them.
 
@@ -37,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 
-from aggregator.drivers.embedded import Consortium, federate, prepare_consortium, train_round
+from aggregator.drivers.embedded import Consortium, federate, prepare_consortium, processes_kept, train_round
 from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies.histogram import Histogram
 from aggregator.tracking import default_tracking_uri
@@ -172,6 +178,71 @@ def round_times(consortium: Consortium, settings: FederationSettings, seed: int,
     return {**{name: statistics.median(values) for name, values in timings.items()}, "shared_bins": bins_seconds}
 
 
+def slowest_trees(nodes: dict) -> float:
+    """The slowest bank's training time in its worker's last round (from its log): the trees alone."""
+    seconds = []
+    for node in nodes.values():
+        lines = [line for line in (node.work_dir / "histogram" / "worker.log").read_text(errors="replace").splitlines()
+                 if " trees in " in line]
+        if lines:
+            seconds.append(float(lines[-1].split(" trees in ", 1)[1].split("s", 1)[0]))
+    return max(seconds, default=float("nan"))
+
+
+def kept_world_times(consortium: Consortium, settings: FederationSettings, seed: int, repeats: int) -> dict:
+    """``repeats`` + 1 masked rounds in one kept world; each later round against centralized fits of the same
+    trees on the same global model, timed right after it."""
+    nodes, contract = consortium.nodes, consortium.contract
+    banks = sorted(nodes)
+    counts = [nodes[b].summary()["counts"] for b in banks]
+    params = consortium_params(settings, sum(c["positives"] for c in counts), sum(c["negatives"] for c in counts))
+    X = np.concatenate([nodes[b].data.X_train for b in banks])
+    y = np.concatenate([nodes[b].data.y_train for b in banks])
+    strategy = Histogram(settings, seed, params)
+    strategy.secagg = True
+    timings: dict[str, list[float]] = {"kept_round": [], "centralized_warm": [], "centralized_warm_nthread1": []}
+    breakdown, doc = [], None
+    with processes_kept(strategy):
+        for round_id in range(1, repeats + 2):
+            started = time.perf_counter()
+            new_doc, _, _ = train_round(nodes, strategy, banks, round_id, doc, contract, settings)
+            seconds = time.perf_counter() - started
+            breakdown.append({"round": round_id, "seconds": seconds, "slowest_bank_trees_s": slowest_trees(nodes),
+                              **strategy.last_timings})
+            if round_id > 1:
+                timings["kept_round"].append(seconds)
+                for name, extra in (("centralized_warm", {}), ("centralized_warm_nthread1", {"nthread": 1})):
+                    task = strategy.configure(round_id, "pooled", 0, doc, contract["hash"])
+                    task = dataclasses.replace(task, base_model=doc, params={**task.params, **extra})
+                    started = time.perf_counter()
+                    train_trees(task, X, y, contract["names"])
+                    timings[name].append(time.perf_counter() - started)
+            log(f"kept world, round {round_id}: {seconds:.2f}s ({breakdown[-1]})" + (
+                "" if round_id == 1 else f"; centralized {timings['centralized_warm'][-1]:.2f}s, nthread=1 "
+                                         f"{timings['centralized_warm_nthread1'][-1]:.2f}s"))
+            doc = new_doc
+    identical = kept_equals_centralized(consortium, strategy, doc, repeats + 1)
+    return {**{name: statistics.median(values) for name, values in timings.items()},
+            "first_round": breakdown[0]["seconds"], "rounds": breakdown, "bit_identical": identical}
+
+
+def kept_equals_centralized(consortium: Consortium, strategy: Histogram, doc, rounds: int) -> bool:
+    """The kept world's model against a centralized chain on the binned pooled rows (same rounds and seeds)."""
+    nodes, names = consortium.nodes, consortium.contract["names"]
+    banks = sorted(nodes)
+    X = np.concatenate([strategy.bins.apply(nodes[b].data.X_train) for b in banks])
+    y = np.concatenate([nodes[b].data.y_train for b in banks])
+    booster = None
+    for round_id in range(1, rounds + 1):
+        task = strategy.configure(round_id, "pooled", 0, None, consortium.contract["hash"])
+        task = dataclasses.replace(task, base_model=None if booster is None else model_json.to_doc(booster))
+        booster = train_trees(task, X, y, names)
+    federated = model_json.to_booster(doc)
+    return all(np.array_equal(federated.predict(dmatrix(nodes[b].data.X_holdout, None, names)),
+                              booster.predict(dmatrix(strategy.bins.apply(nodes[b].data.X_holdout), None, names)))
+               for b in banks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=Path("work/bench/fed300"))
@@ -195,16 +266,26 @@ def main() -> None:
         table["histogram"] = row
         identical, worst, bins_per_feature = exactness(consortium, result, uri, args.rounds, settings, args.seed)
     times = round_times(consortium, settings, args.seed, args.repeats)
+    kept = kept_world_times(consortium, settings, args.seed, args.repeats)
 
     rows_total = sum(consortium.nodes[b].data.counts()["train_rows"] for b in banks)
     print(f"\nOne round of {settings.trees_per_round} trees, {len(banks)} banks, {rows_total:,} training rows "
           f"(median of {args.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
     print(f"  masked (secure aggregation) {times['histogram']:6.2f}s, unmasked {times['histogram_unmasked']:6.2f}s: "
           f"{times['histogram'] / times['histogram_unmasked']:.2f}x; the same model either way")
+    print(f"  kept world (embedded driver), masked: first round {kept['first_round']:.2f}s, later rounds "
+          f"{kept['kept_round']:.2f}s = {kept['kept_round'] / kept['centralized_warm']:.2f}x centralized "
+          f"({kept['centralized_warm']:.2f}s), {kept['kept_round'] / kept['centralized_warm_nthread1']:.2f}x "
+          f"centralized nthread=1 ({kept['centralized_warm_nthread1']:.2f}s); bit-identical to centralized on "
+          f"the shared bins: {kept['bit_identical']}")
+    for r in kept["rounds"]:
+        print(f"    round {r['round']}: {r['seconds']:.2f}s, {r.get('world')} world, server ready after "
+              f"{r.get('server_ready_s', float('nan')):.2f}s, slowest bank's trees {r['slowest_bank_trees_s']:.2f}s")
     if args.round_times_only:  # steps 1-2 skipped
         out = args.work_dir / "histogram_round_times.json"
         out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                                    "banks": banks, "train_rows": rows_total, "round_seconds": times,
+                                   "kept_world": kept,
                                    "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}, indent=2))
         print(f"\nresults: {out}")
         return
@@ -232,7 +313,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "banks": banks, "rounds": args.rounds,
         "seed": args.seed, "masking": args.masking, "train_rows": rows_total, "auprc": table,
-        "bit_identical": identical,
+        "bit_identical": identical, "kept_world": kept,
         "max_abs_diff": worst, "bins_per_feature": bins_per_feature, "round_seconds": times,
         "federation_seconds": federation_seconds, "model_uri": result.model_uri,
         "other_strategies_from": previous.get("command"), "cpu_count": os.cpu_count(),

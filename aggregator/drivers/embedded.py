@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +22,7 @@ from aggregator.protocol.training import checks
 from aggregator.protocol.workspace import Workspace
 from aggregator.strategies import Strategy
 from aggregator.tracking import FederationTracker, default_tracking_uri
+from bank_node.histogram_worker import stop_live_workers
 from bank_node.masked_evaluation import SecAggCredentials
 from bank_node.node import BankNode
 from fedfraud import model_json, pki
@@ -120,18 +121,35 @@ def run_federation(nodes: dict[str, Node], strategy_name: str, rounds: int, trac
         for bank, reason in plan.excluded.items():
             log.warning("bank %s excluded: %s", bank, reason)
         strategy = strategy_for(plan)  # one instance per federation (histogram keeps its bins)
-        rejections: list[dict[str, str]] = []
-        result = None
-        for round_id in range(1, rounds + 1):
-            ws.clear_round(round_id)
-            r = RoundState(ws, plan, round_id, tracker, strategy, on_progress=on_progress)
-            version, evaluation, history = phases.run_round(r, nodes)
-            rejections += [{"round": str(round_id), **x} for x in checks(r)["rejections"]]
-            on_progress(f"round {round_id}: pooled AUPRC {evaluation.pooled['auprc']:.4f} -> version {version}")
-            result = FederationResult(tracker.model_uri(version), version, plan.federation_id, evaluation,
-                                      history, list(rejections), plan.excluded)
+        with processes_kept(strategy):  # histogram: one server and one worker per bank for the federation
+            rejections: list[dict[str, str]] = []
+            result = None
+            for round_id in range(1, rounds + 1):
+                ws.clear_round(round_id)
+                r = RoundState(ws, plan, round_id, tracker, strategy, on_progress=on_progress)
+                version, evaluation, history = phases.run_round(r, nodes)
+                rejections += [{"round": str(round_id), **x} for x in checks(r)["rejections"]]
+                on_progress(f"round {round_id}: pooled AUPRC {evaluation.pooled['auprc']:.4f} -> version {version}")
+                result = FederationResult(tracker.model_uri(version), version, plan.federation_id, evaluation,
+                                          history, list(rejections), plan.excluded)
     assert result is not None
     return result
+
+
+@contextmanager
+def processes_kept(strategy: Strategy):
+    """Keep a collective strategy's processes (the histogram's federated server, the banks' workers) for
+    every round inside; on leaving, however it ends, stop them all (the shutdown hook)."""
+    if not hasattr(strategy, "keep_world"):
+        yield strategy
+        return
+    strategy.keep_world = True
+    try:
+        yield strategy
+    finally:
+        strategy.keep_world = False
+        strategy.close()
+        stop_live_workers()
 
 
 def train_round(nodes: dict[str, Node], strategy: Strategy, banks: list[str], round_id: int, global_doc: Doc | None,

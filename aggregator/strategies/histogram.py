@@ -29,6 +29,15 @@ fails. Then evaluation, registration and promotion run as for every other strate
 that fails mid-round fails the round: every worker is killed, the server is stopped,
 nothing is registered, and ``RoundFailed`` names the bank. A retry starts a new world from the
 banks still healthy.
+
+**Kept worlds** (``keep_world``, set by a driver that keeps this object for the whole federation: the
+embedded driver, the bench). The server is started once per *world* (the same banks, the same masking)
+and kept across rounds, and each bank keeps its worker and sidecar for it (the session's ``world_id`` and
+``world_round``). Every round still agrees fresh keys (its own session). A failure stops the server and
+ends the world, and a change of banks starts a new one. A bank that lost its kept worker between rounds
+refuses at once (``histogram_worker_lost``): the world is ended and the round runs once more in a new
+one. ``close()`` stops the server; the driver calls it when the federation ends. Drivers that build a
+strategy per round (Airflow tasks, the service) keep today's one-round worlds.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import os
 import secrets
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 from fedfraud.binning import BinCounts, GlobalBins, Grid
@@ -55,6 +65,17 @@ from fedfraud.protocol import StrategyName
 from fedfraud.wire import ModelUpdate, TrainTask
 
 log = logging.getLogger("fedfraud.histogram")
+
+
+@dataclass
+class World:
+    """A federated server kept for the rounds of one set of banks."""
+
+    server: FederatedServer
+    banks: list[str]
+    secagg: bool
+    world_id: str
+    rounds: int = 0  # rounds trained in this world (each bank's kept worker must have trained as many)
 
 
 class Histogram(Strategy):
@@ -75,6 +96,9 @@ class Histogram(Strategy):
         self.server_tls = ServerTLS.from_env()
         self.secagg = os.environ.get("FEDFRAUD_HISTOGRAM_SECAGG", "1") != "0"
         self.attempts = 0  # collective attempts of this federation (each is its own key session)
+        self.keep_world = False  # keep the server (and the banks their workers) across rounds; close() ends it
+        self.world_state: World | None = None
+        self.last_timings: dict[str, Any] = {}  # the last collective stage: where its time went
         if self.server_tls is None and not loopback(f"{self.server_host}:0"):
             raise ServerFailed(f"the federated server on {self.server_host} needs TLS: set "
                                "FEDFRAUD_FEDERATED_SERVER_KEY, _SERVER_CERT, _CLIENT_CA (plain gRPC: 127.0.0.1 only)")
@@ -142,33 +166,64 @@ class Histogram(Strategy):
         world = sorted(tasks)
         assert self.bins is not None
         started = time.monotonic()
-        server = FederatedServer(len(world), tls=self.server_tls, timeout_s=self.round_timeout_s + 60,
-                                 startup_timeout_s=self.server_startup_s, host=self.server_host)
+        live = self._world_for(world)
+        fresh = live.rounds == 0
         pool = ThreadPoolExecutor(max_workers=len(world), thread_name_prefix="histogram-bank")
+        ended = True
         try:
-            server.launch()  # banks start binning and launching workers while the server comes up
             key_session = self.key_session(round_id)
             sessions = {bank: HistogramSession(
-                bank=bank, round_id=round_id, server_address=server.address, world_size=len(world), rank=rank,
+                bank=bank, round_id=round_id, server_address=live.server.address, world_size=len(world), rank=rank,
                 bins=self.bins.to_dict(), tls=self.server_tls is not None, timeout_s=self.round_timeout_s,
                 nthread=self.nthread, secagg=self.secagg, banks=world if self.secagg else [],
-                secagg_session=key_session if self.secagg else "").to_bytes() for rank, bank in enumerate(world)}
+                secagg_session=key_session if self.secagg else "", world_id=live.world_id if self.keep_world else "",
+                world_round=live.rounds if self.keep_world else 0).to_bytes() for rank, bank in enumerate(world)}
             futures: dict[Future, str] = {
                 pool.submit(nodes[bank].train_histogram, tasks[bank].to_bytes(), sessions[bank]): bank
                 for bank in world}
             try:
-                server.wait_ready()
-                failure = self._watch(futures, server, started)
+                live.server.wait_ready()
+                ready = time.monotonic()
+                failure = self._watch(futures, live.server, started)
             except ServerFailed as exc:
-                failure = str(exc)
+                failure, ready = str(exc), time.monotonic()
             if failure:
-                self._abort(nodes, world, futures, server)
+                self._abort(nodes, world, futures, live.server)
+                if not fresh and "histogram_worker_lost" in failure:  # a bank restarted between rounds
+                    log.warning("round %s: %s; the round runs again in a new world", round_id, failure)
+                    self.close()
+                    ended = False  # the new world is the retry's to keep or end
+                    return self._run(nodes, tasks, round_id)
                 raise RoundFailed(f"round {round_id}: collective training failed ({failure}); "
-                                    f"world was {world}; nothing registered")
+                                  f"world was {world}; nothing registered")
+            live.rounds += 1
+            ended = not self.keep_world
+            self.last_timings = {"world": "new" if fresh else "kept", "server_ready_s": ready - started,
+                                 "stage_s": time.monotonic() - started}
             return {bank: future.result() for future, bank in futures.items()}
         finally:
-            server.stop()
+            if ended:  # a one-round world, or any failure: the server never outlives it
+                self.close()
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _world_for(self, world: list[str]) -> World:
+        """The kept world when it is this one and its server is alive; else a new world (its server launching)."""
+        live = self.world_state
+        if live is not None and self.keep_world and live.banks == world and live.secagg == self.secagg \
+                and live.server.alive():
+            return live
+        self.close()
+        server = FederatedServer(len(world), tls=self.server_tls, timeout_s=self.round_timeout_s + 60,
+                                 startup_timeout_s=self.server_startup_s, host=self.server_host)
+        server.launch()  # banks start binning and launching workers while the server comes up
+        self.world_state = World(server, list(world), self.secagg, f"w{secrets.token_hex(8)}")
+        return self.world_state
+
+    def close(self) -> None:
+        """Stop the kept server (the banks' kept workers exit when it stops listening); idempotent."""
+        live, self.world_state = self.world_state, None
+        if live is not None:
+            live.server.stop()
 
     def key_session(self, round_id: int) -> str:
         """A fresh session name per attempt: the federation (its seed, params, bins), round, attempt, nonce."""

@@ -22,11 +22,12 @@ from mlflow import MlflowClient
 
 from fedfraud.binning import FLOAT32_MAX, BinCounts, GlobalBins, Grid, count_cells
 from aggregator.federated_server import FederatedServer, ServerFailed, ServerTLS
-from aggregator.drivers.embedded import STRATEGY_CHOICES, run_federation, train_round
+from aggregator.drivers.embedded import STRATEGY_CHOICES, processes_kept, run_federation, train_round
 from aggregator.protocol.errors import RoundFailed
 from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies import STRATEGIES, Histogram
 from bank_node.dataset import BankDataset
+from bank_node import histogram_worker
 from bank_node.histogram_worker import ClientTLS, WorkerFailed, start_worker
 from fedfraud.histogram_session import HistogramSession
 from bank_node.node import BankNode
@@ -304,6 +305,99 @@ def test_a_hung_bank_is_cut_off_by_the_round_timeout(toy):
         train_round({**nodes, "gamma": frozen}, strategy, sorted(nodes), 1, None, contract, many_trees)
     assert time.monotonic() - started < 12 + 40
     assert our_children() == []
+
+
+# ---------------------------------------------------------------------------- kept worlds
+
+def kept_pids(nodes) -> dict[str, tuple[int, int | None]]:
+    """Each bank's kept (worker, sidecar) pids in this process."""
+    return {Path(folder).parent.name: (live.pid, live.sidecar and live.sidecar.pid)
+            for folder, live in histogram_worker._LIVE.items() if Path(folder).parent.name in nodes}
+
+
+def keyed_sessions(node) -> list[str]:
+    """The sessions a bank's kept sidecar agreed keys for, in order (from its log)."""
+    log = (node.work_dir / "histogram" / "sidecar.log").read_text()
+    return [line.split(" keys for ", 1)[1].split()[0] for line in log.splitlines() if " keys for " in line]
+
+
+def test_a_kept_world_trains_every_round_on_one_server_and_one_worker_per_bank_with_fresh_keys(toy):
+    nodes, contract = toy
+    banks = sorted(nodes)
+    strategy = make_strategy(nodes)
+    doc, servers, workers = None, set(), []
+    with processes_kept(strategy):
+        for round_id in (1, 2, 3):
+            doc, participants, _ = train_round(nodes, strategy, banks, round_id, doc, contract, SETTINGS)
+            assert participants == set(banks)
+            servers.add(strategy.world_state.server.process.pid)
+            workers.append(kept_pids(nodes))
+            assert strategy.last_timings["world"] == ("new" if round_id == 1 else "kept")
+        assert len(servers) == 1 and workers[0] == workers[1] == workers[2] and len(workers[0]) == 4
+        sessions = {bank: keyed_sessions(nodes[bank]) for bank in banks}
+        assert all(len(s) == 3 and len(set(s)) == 3 for s in sessions.values()), "fresh keys every round"
+        assert all([":r1:", ":r2:", ":r3:"] == [f":r{s.split(':r', 1)[1].split(':')[0]}:" for s in v]
+                   for v in sessions.values())
+        assert len({tuple(v) for v in sessions.values()}) == 1, "every bank keyed the same sessions"
+    assert our_children() == [] and histogram_worker._LIVE == {}, "the shutdown hook ends server and workers"
+    pooled = pooled_chain(nodes, banks, strategy, 3, contract)
+    raw = np.concatenate([nodes[b].data.X_holdout for b in banks])
+    binned = strategy.bins.apply(raw)
+    assert np.array_equal(model_json.to_booster(doc).predict(dmatrix(raw, None, FEATURES)),
+                          pooled.predict(dmatrix(binned, None, FEATURES)))
+
+
+def test_a_bank_dying_in_a_kept_world_fails_the_round_fast_and_the_next_round_runs_with_the_rest(toy):
+    nodes, contract = toy
+    many_trees = dataclasses.replace(SETTINGS, trees_per_round=400)
+    strategy = make_strategy(nodes, many_trees)
+    with processes_kept(strategy):
+        strategy.settings = SETTINGS
+        doc, _, _ = train_round(nodes, strategy, sorted(nodes), 1, None, contract, SETTINGS)
+        strategy.settings = many_trees
+        dying = Dies(nodes["beta"])
+        with pytest.raises(RoundFailed, match="round 2: .*beta failed"):
+            train_round({**nodes, "beta": dying}, strategy, sorted(nodes), 2, doc, contract, many_trees)
+        assert dying.killed_at is not None and time.monotonic() - dying.killed_at < 45
+        assert strategy.world_state is None and our_children() == [], "the failed world's processes are gone"
+        strategy.settings = SETTINGS
+        healthy = {b: n for b, n in nodes.items() if b != "beta"}
+        doc2, participants, _ = train_round(healthy, strategy, sorted(healthy), 2, doc, contract, SETTINGS)
+        assert participants == set(healthy) and strategy.last_timings["world"] == "new"
+        assert len(model_json.trees(doc2)) == 2 * SETTINGS.trees_per_round
+    assert our_children() == []
+
+
+def test_a_bank_that_lost_its_kept_worker_between_rounds_costs_a_new_world_not_the_round(toy):
+    nodes, contract = toy
+    strategy = make_strategy(nodes)
+    with processes_kept(strategy):
+        doc, _, _ = train_round(nodes, strategy, sorted(nodes), 1, None, contract, SETTINGS)
+        first = kept_pids(nodes)
+        os.kill(first["gamma"][0], signal.SIGKILL)  # the bank's worker is gone; its node does not know yet
+        doc, participants, _ = train_round(nodes, strategy, sorted(nodes), 2, doc, contract, SETTINGS)
+        assert participants == set(nodes) and strategy.last_timings["world"] == "new"
+        assert all(pids[0] != first[b][0] for b, pids in kept_pids(nodes).items())
+    assert our_children() == []
+    pooled = pooled_chain(nodes, sorted(nodes), strategy, 2, contract)
+    binned = strategy.bins.apply(nodes["delta"].data.X_holdout)
+    assert np.array_equal(model_json.to_booster(doc).predict(dmatrix(binned, None, FEATURES)),
+                          pooled.predict(dmatrix(binned, None, FEATURES)))
+
+
+def test_a_kept_worker_refuses_a_round_of_a_world_it_did_not_train(toy):
+    nodes, contract = toy
+    strategy = make_strategy(nodes)
+    strategy.bins = strategy.shared_bins(nodes, sorted(nodes))
+    session = HistogramSession(bank="alpha", round_id=2, server_address="127.0.0.1:1", world_size=3, rank=0,
+                               bins=strategy.bins.to_dict(), banks=["alpha", "beta", "gamma"], secagg_session="s:1",
+                               world_id="wdeadbeef", world_round=1)
+    task = strategy.configure(2, "alpha", 0, None, contract["hash"])
+    with pytest.raises(WorkerFailed, match="histogram_worker_lost: round 1 of world wdeadbeef"):
+        start_worker(nodes["alpha"].work_dir, nodes["alpha"].data, contract["hash"], task.to_bytes(), session,
+                     nodes["alpha"].histogram_tls)
+    bad = dataclasses.replace(session, world_id="", world_round=1)
+    assert "world round" in bad.world_problem()
 
 
 # ---------------------------------------------------------------------------- channel security

@@ -181,3 +181,59 @@ def test_a_hostile_server_reply_of_the_wrong_size_is_refused(tmp_path):
             for s in sidecars:
                 s.stop()
             hostile.stop()
+
+
+class KeptSidecar(Sidecar):
+    """A sidecar kept for a world: the identity on its first stdin line, then one re-key line per round."""
+
+    def __init__(self, folder: Path, bank: str, banks: list[str], upstream: str, secrets_in: dict):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.address_file, self.log = folder / "sidecar.address", folder / "sidecar.log"
+        self.keyed = folder / "sidecar.keyed"
+        self.audit = folder / "collectives.jsonl"
+        job = {"sidecar": {"bank": bank, "rank": banks.index(bank), "banks": banks, "upstream": upstream,
+                           "tls": None, "session_id": "", "address_file": str(self.address_file),
+                           "audit": str(self.audit), "timeout_s": 300, "max_bytes": 1 << 20, "persistent": True,
+                           "keyed_file": str(self.keyed), "parent_pid": __import__("os").getpid()}}
+        (folder / "job.json").write_text(json.dumps(job))
+        self.process = _launch(SIDECAR_LAUNCH, folder / "job.json", self.log,
+                               json.dumps(secrets_in).encode() + b"\n", keep_stdin=True)
+
+    def rekey(self, session_id: str) -> None:
+        self.process.stdin.write(json.dumps({"session_id": session_id, "timeout_s": 300}).encode() + b"\n")
+        self.process.stdin.flush()
+
+    def wait_keyed(self, session_id: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.keyed.exists() and self.keyed.read_text() == session_id):
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "sidecar did not agree keys"
+            time.sleep(0.02)
+
+
+def test_a_kept_sidecar_agrees_fresh_keys_every_round_between_the_workers_calls(world, tmp_path):
+    _, recorder = world
+    given = credentials(tmp_path / "pki", BANKS)
+    kept = [KeptSidecar(tmp_path / f"kept-{b}", b, BANKS, recorder.address, given[b]) for b in BANKS]
+    try:
+        addresses = [s.address() for s in kept]
+        values = [np.full(512, 10.0 * (rank + 1)) for rank in range(3)]
+        for round_no, session in enumerate(("test:w1:r1:a1:aa", "test:w1:r2:a2:bb")):
+            for s in kept:
+                s.rekey(session)
+            for s in kept:
+                s.wait_keyed(session)
+            with ThreadPoolExecutor(3) as pool:  # the workers' calls go on numbering across rounds
+                totals = list(pool.map(lambda rank, seq=round_no: np.frombuffer(call(
+                    addresses[rank], "Allreduce", allreduce(seq, rank, values[rank], DOUBLE)), "<f8"), range(3)))
+            assert all(np.array_equal(t, np.full(512, 60.0)) for t in totals)
+        for rank in range(3):
+            seen = recorder.by_rank(rank)
+            assert [(r.method, r.request.sequence_number) for r in seen] == [
+                ("Allgather", 0), ("Allreduce", 1), ("Allgather", 2), ("Allreduce", 3)]
+            assert seen[0].request.send_buffer != seen[2].request.send_buffer, "a fresh key offer each round"
+            assert seen[1].request.send_buffer != seen[3].request.send_buffer, "the same vector, other masks"
+        assert "sidecar_sequence_reused" in refusal(addresses[0], "Allreduce", allreduce(1, 0, values[0], DOUBLE))
+    finally:
+        for s in kept:
+            s.stop()
