@@ -1,10 +1,11 @@
 """A bank scores models it is sent on its own holdout: cross-evaluation and acceptance.
 
-``score_question`` answers a ``fedfraud.crosscheck.ScoreQuestion``: every variant (a model minus
-some trees) goes through the node's ordinary ``evaluate`` — the same checks as any received
-model — and only its report (metrics and score histograms) leaves. ``local_model`` is the
-bank's model from its own rows for cross-evaluation; its trees *do* leave the bank (they are
-scored at the others), so a bank may refuse it (``share_local_model: false`` in its agent config).
+``score_question`` answers a ``fedfraud.crosscheck.ScoreQuestion``: every model goes through the
+bank's ordinary entry check once, every variant (a model minus some trees) is scored from it
+(``bank_node.variant_scoring``), and only each variant's report (metrics and score histograms)
+leaves. ``local_model`` is the bank's model from its own rows for cross-evaluation; its trees *do*
+leave the bank (they are scored at the others), so a bank may refuse it (``share_local_model: false``
+in its agent config).
 
 A question with ``masking`` (acceptance, the default) is answered masked: the bank verifies the relayed
 key offers of the session's banks (at least three), derives the pairwise keys and sends each variant's
@@ -14,17 +15,20 @@ One answer per session: a different question under the same session is refused (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bank_node.evaluation import evaluation_report, finite, score_histograms
 from bank_node.masked_evaluation import earlier_answer, session_masker
+from bank_node.variant_scoring import variant_scores
+from fedfraud import model_json
 from fedfraud.crosscheck import MAX_VARIANTS, MaskedScoreAnswer, ScoreAnswer, ScoreQuestion
-from fedfraud.model_json import to_bytes
 from fedfraud.secagg.keys import KeyAgreementRefused
 from fedfraud.secagg.masking import encode_counts, words_to_text
-from fedfraud.wire import EvaluationReport, TrainTask, WireFormatError
+from fedfraud.wire import TrainTask, WireFormatError
 
 if TYPE_CHECKING:
     from bank_node.node import BankNode
@@ -43,9 +47,11 @@ def score_question(node: "BankNode", question_bytes: bytes) -> bytes:
     if question.masking is not None:
         return _score_masked(node, question)
     reports = {}
-    for label in sorted(question.variants):
-        report = EvaluationReport.from_bytes(node.evaluate(to_bytes(question.variant(label))))
-        reports[label] = asdict(report)
+    labels = node.data.y_holdout
+    for label, (doc, scores) in variant_scores(node, question).items():
+        model_id = model_json.model_id(doc if doc is not None else question.variant(label))
+        report = evaluation_report(node.bank, model_id, scores, labels, node.alert_budget)
+        reports[label] = asdict(dataclasses.replace(report, metrics=finite(report.metrics)))
     return ScoreAnswer(node.bank, question.round_id, question.purpose, reports).to_bytes()
 
 
@@ -59,9 +65,8 @@ def _score_masked(node: "BankNode", question: ScoreQuestion) -> bytes:
     if (earlier := earlier_answer(node, session, "accept", digest)) is not None:
         return earlier  # the same answer again is harmless
     words = {}
-    for slot, label in enumerate(sorted(question.variants)):
-        report = EvaluationReport.from_bytes(node.evaluate(to_bytes(question.variant(label))))
-        counts = np.asarray(report.hist_pos + report.hist_neg, dtype=np.int64)
+    for slot, (label, (_, scores)) in enumerate(variant_scores(node, question).items()):  # sorted labels
+        counts = np.concatenate(score_histograms(scores, node.data.y_holdout)).astype(np.int64)
         words[label] = words_to_text(masker.mask(encode_counts(counts), slot))
     body = MaskedScoreAnswer(node.bank, question.round_id, "accept", session, digest, words).to_bytes()
     node.secagg_store.keep(session, "accept", digest, body)

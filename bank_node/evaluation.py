@@ -36,6 +36,11 @@ def holdout_metrics(
     }
 
 
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics that are defined (a one-class holdout has no AUPRC): the wire refuses NaN."""
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
 def evaluation_report(
     bank: str, model_id: str, scores: np.ndarray, labels: np.ndarray, alert_budget: float = DEFAULT_ALERT_BUDGET
 ) -> EvaluationReport:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from bank_node.dataset import BankDataset, load_dataset, spark_training_rows
-from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, holdout_metrics
+from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, finite, holdout_metrics
 from bank_node.policy import TaskRefused, TrainingPolicy
 from bank_node.privacy import PrivacyPolicy, train_private
 from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
@@ -45,11 +44,6 @@ def input_fingerprint(path: Path, config: PipelineConfig) -> dict[str, Any]:
     stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     digest = hashlib.sha256(json.dumps([stat, repr(config)]).encode()).hexdigest()
     return {"input": str(path), "digest": digest}
-
-
-def finite(metrics: dict[str, float]) -> dict[str, float]:
-    """Metrics that are defined (a one-class holdout has no AUPRC): the wire refuses NaN."""
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 class BankNode:

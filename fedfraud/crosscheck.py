@@ -48,15 +48,20 @@ class ScoreQuestion(WireMessage):
         body = {"round_id": self.round_id, "purpose": self.purpose, "variants": self.variants, "models": self.models}
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-    def variant(self, label: str) -> Doc:
-        """The model document of one variant: its model without the listed trees."""
+    def variant_spec(self, label: str) -> tuple[str, list[int]]:
+        """(model name, tree indices to drop) of one variant, checked; else WireFormatError."""
         spec = self.variants[label]
         if not isinstance(spec, dict) or spec.get("model") not in self.models:
             raise WireFormatError(f"variant {label!r} names no model of this question")
         drop = spec.get("drop", [])
         if not isinstance(drop, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in drop):
             raise WireFormatError(f"variant {label!r}: drop must be a list of tree indices")
-        return drop_trees(self.models[spec["model"]], drop)
+        return spec["model"], drop
+
+    def variant(self, label: str) -> Doc:
+        """The model document of one variant: its model without the listed trees."""
+        name, drop = self.variant_spec(label)
+        return drop_trees(self.models[name], drop)
 
 
 @dataclass(frozen=True)

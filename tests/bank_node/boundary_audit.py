@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from bank_node.variant_scoring import variant_scores
+from fedfraud import model_json
 from fedfraud.boundary import answer_kind
+from fedfraud.scores import score_histograms
 from fedfraud.crosscheck import ScoreQuestion
 from fedfraud.protocol import TaskKind
 from fedfraud.wire import EvaluationReport, MaskedEvaluationTask
@@ -64,14 +67,14 @@ def masked_plaintext(node, masked_tasks: list[bytes]) -> list[tuple[str, np.ndar
     holdout: the plaintext it masked."""
     found = {}
     for task_bytes in masked_tasks:
-        if b'"masking"' in task_bytes:  # a masked acceptance question: every variant it asked
+        if b'"masking"' in task_bytes:  # a masked acceptance question: every variant, as the bank scores them
             question = ScoreQuestion.from_bytes(task_bytes)
-            models = [question.variant(label) for label in sorted(question.variants)]
-        else:
-            models = [MaskedEvaluationTask.from_bytes(task_bytes).model]
-        for model in models:
-            report = EvaluationReport.from_bytes(node.evaluate(json.dumps(model).encode()))
-            found[report.model_id] = (np.asarray(report.hist_pos), np.asarray(report.hist_neg))
+            for label, (_, scores) in variant_scores(node, question).items():
+                found[model_json.model_id(question.variant(label))] = score_histograms(scores, node.data.y_holdout)
+            continue
+        model = MaskedEvaluationTask.from_bytes(task_bytes).model
+        report = EvaluationReport.from_bytes(node.evaluate(json.dumps(model).encode()))
+        found[report.model_id] = (np.asarray(report.hist_pos), np.asarray(report.hist_neg))
     return [(model_id, pos, neg) for model_id, (pos, neg) in sorted(found.items())]
 
 
