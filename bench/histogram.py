@@ -189,8 +189,9 @@ def slowest_trees(nodes: dict) -> float:
     return max(seconds, default=float("nan"))
 
 
-def kept_world_times(consortium: Consortium, settings: FederationSettings, seed: int, repeats: int) -> dict:
-    """``repeats`` + 1 masked rounds in one kept world; each later round against centralized fits of the same
+def kept_world_times(consortium: Consortium, settings: FederationSettings, seed: int, repeats: int,
+                     masked: bool = True) -> dict:
+    """``repeats`` + 1 rounds in one kept world; each later round against centralized fits of the same
     trees on the same global model, timed right after it."""
     nodes, contract = consortium.nodes, consortium.contract
     banks = sorted(nodes)
@@ -199,9 +200,9 @@ def kept_world_times(consortium: Consortium, settings: FederationSettings, seed:
     X = np.concatenate([nodes[b].data.X_train for b in banks])
     y = np.concatenate([nodes[b].data.y_train for b in banks])
     strategy = Histogram(settings, seed, params)
-    strategy.secagg = True
+    strategy.secagg = masked
     timings: dict[str, list[float]] = {"kept_round": [], "centralized_warm": [], "centralized_warm_nthread1": []}
-    breakdown, doc = [], None
+    breakdown, doc, ids = [], None, []
     with processes_kept(strategy):
         for round_id in range(1, repeats + 2):
             started = time.perf_counter()
@@ -217,13 +218,21 @@ def kept_world_times(consortium: Consortium, settings: FederationSettings, seed:
                     started = time.perf_counter()
                     train_trees(task, X, y, contract["names"])
                     timings[name].append(time.perf_counter() - started)
-            log(f"kept world, round {round_id}: {seconds:.2f}s ({breakdown[-1]})" + (
+            mode = "masked" if masked else "unmasked"
+            log(f"kept world ({mode}), round {round_id}: {seconds:.2f}s ({breakdown[-1]})" + (
                 "" if round_id == 1 else f"; centralized {timings['centralized_warm'][-1]:.2f}s, nthread=1 "
                                          f"{timings['centralized_warm_nthread1'][-1]:.2f}s"))
             doc = new_doc
+            ids.append(model_json.model_id(doc))
     identical = kept_equals_centralized(consortium, strategy, doc, repeats + 1)
+    one_round = Histogram(settings, seed, params)  # the same rounds in one-round worlds: the same models?
+    one_round.secagg, one_round_doc, one_round_ids = masked, None, []
+    for round_id in range(1, repeats + 2):
+        one_round_doc, _, _ = train_round(nodes, one_round, banks, round_id, one_round_doc, contract, settings)
+        one_round_ids.append(model_json.model_id(one_round_doc))
     return {**{name: statistics.median(values) for name, values in timings.items()},
-            "first_round": breakdown[0]["seconds"], "rounds": breakdown, "bit_identical": identical}
+            "first_round": breakdown[0]["seconds"], "rounds": breakdown, "bit_identical": identical,
+            "model_ids": ids, "same_as_one_round_worlds": ids == one_round_ids}
 
 
 def kept_equals_centralized(consortium: Consortium, strategy: Histogram, doc, rounds: int) -> bool:
@@ -267,6 +276,7 @@ def main() -> None:
         identical, worst, bins_per_feature = exactness(consortium, result, uri, args.rounds, settings, args.seed)
     times = round_times(consortium, settings, args.seed, args.repeats)
     kept = kept_world_times(consortium, settings, args.seed, args.repeats)
+    kept_unmasked = kept_world_times(consortium, settings, args.seed, args.repeats, masked=False)
 
     rows_total = sum(consortium.nodes[b].data.counts()["train_rows"] for b in banks)
     print(f"\nOne round of {settings.trees_per_round} trees, {len(banks)} banks, {rows_total:,} training rows "
@@ -277,15 +287,21 @@ def main() -> None:
           f"{kept['kept_round']:.2f}s = {kept['kept_round'] / kept['centralized_warm']:.2f}x centralized "
           f"({kept['centralized_warm']:.2f}s), {kept['kept_round'] / kept['centralized_warm_nthread1']:.2f}x "
           f"centralized nthread=1 ({kept['centralized_warm_nthread1']:.2f}s); bit-identical to centralized on "
-          f"the shared bins: {kept['bit_identical']}")
+          f"the shared bins: {kept['bit_identical']}; the same models as one-round worlds, round by round: "
+          f"{kept['same_as_one_round_worlds']}")
+    print(f"  kept world, unmasked: first round {kept_unmasked['first_round']:.2f}s, later rounds "
+          f"{kept_unmasked['kept_round']:.2f}s = {kept_unmasked['kept_round'] / kept_unmasked['centralized_warm']:.2f}x"
+          f" centralized, {kept_unmasked['kept_round'] / kept_unmasked['centralized_warm_nthread1']:.2f}x nthread=1;"
+          f" bit-identical to centralized: {kept_unmasked['bit_identical']}; same models as one-round worlds: "
+          f"{kept_unmasked['same_as_one_round_worlds']}")
     for r in kept["rounds"]:
-        print(f"    round {r['round']}: {r['seconds']:.2f}s, {r.get('world')} world, server ready after "
+        print(f"    masked round {r['round']}: {r['seconds']:.2f}s, {r.get('world')} world, server ready after "
               f"{r.get('server_ready_s', float('nan')):.2f}s, slowest bank's trees {r['slowest_bank_trees_s']:.2f}s")
     if args.round_times_only:  # steps 1-2 skipped
         out = args.work_dir / "histogram_round_times.json"
         out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                                    "banks": banks, "train_rows": rows_total, "round_seconds": times,
-                                   "kept_world": kept,
+                                   "kept_world": kept, "kept_world_unmasked": kept_unmasked,
                                    "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}, indent=2))
         print(f"\nresults: {out}")
         return
@@ -313,7 +329,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "banks": banks, "rounds": args.rounds,
         "seed": args.seed, "masking": args.masking, "train_rows": rows_total, "auprc": table,
-        "bit_identical": identical, "kept_world": kept,
+        "bit_identical": identical, "kept_world": kept, "kept_world_unmasked": kept_unmasked,
         "max_abs_diff": worst, "bins_per_feature": bins_per_feature, "round_seconds": times,
         "federation_seconds": federation_seconds, "model_uri": result.model_uri,
         "other_strategies_from": previous.get("command"), "cpu_count": os.cpu_count(),
