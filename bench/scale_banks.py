@@ -101,6 +101,35 @@ def _timed(record: list, key: str, fn):
     return wrapper
 
 
+BANK_CALLS = ("train", "score", "offer", "evaluate_masked", "evaluate", "local_model")  # what a driver asks a bank
+
+
+def _time_banks(nodes: dict) -> dict[str, dict[str, float]]:
+    """Wrap each node's answering methods to add up its seconds per method ({bank: {method: seconds}})."""
+    spent: dict[str, dict[str, float]] = {b: {} for b in nodes}
+    for bank, node in nodes.items():
+        for name in BANK_CALLS:
+            def timed(*args, _fn=getattr(node, name), _bank=bank, _name=name, **kwargs):
+                began = time.perf_counter()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    spent[_bank][_name] = spent[_bank].get(_name, 0.0) + time.perf_counter() - began
+            setattr(node, name, timed)
+    return spent
+
+
+def _bank_time(spent: dict[str, dict[str, float]], before: dict[str, dict[str, float]]) -> dict:
+    """Bank seconds of one round: their sum (what this one process spent on banks, one after another) and,
+    per method, the busiest bank's; their sum estimates the banks' part when each bank has its own machine."""
+    delta = {b: {m: s - before.get(b, {}).get(m, 0.0) for m, s in calls.items()} for b, calls in spent.items()}
+    methods = sorted({m for calls in delta.values() for m in calls})
+    busiest = {m: max(calls.get(m, 0.0) for calls in delta.values()) for m in methods}
+    return {"banks_seconds_sum": round(sum(sum(c.values()) for c in delta.values()), 2),
+            "busiest_bank_seconds_by_call": {m: round(s, 2) for m, s in busiest.items()},
+            "busiest_bank_seconds": round(sum(busiest.values()), 2)}
+
+
 def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int, trees: int, seed: int) -> dict:
     """One federation of ``strategy`` over the first ``n_banks`` prepared banks, in this (fresh) process.
 
@@ -125,7 +154,18 @@ def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int
     rounds_log: list[dict] = []
     stages_log: list[dict] = []
     crossval_log: list[dict] = []
-    phases.run_round = _timed(rounds_log, "seconds", phases.run_round)
+    spent = _time_banks(nodes)
+    run_round = _timed(rounds_log, "seconds", phases.run_round)
+
+    def round_with_bank_time(*args, **kwargs):
+        before = {b: dict(calls) for b, calls in spent.items()}
+        try:
+            return run_round(*args, **kwargs)
+        finally:
+            bank_time = _bank_time(spent, before)
+            rounds_log[-1].update(bank_time, aggregator_seconds=round(rounds_log[-1]["seconds"]
+                                                                        - bank_time["banks_seconds_sum"], 2))
+    phases.run_round = round_with_bank_time
     phases.run_stages = _timed(stages_log, "training_seconds", phases.run_stages)
     crossval.run = _timed(crossval_log, "seconds", crossval.run)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak below is the federation's
