@@ -14,6 +14,8 @@ and the model alone on that bank's already built features (rows/s of ``Booster.p
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,15 +26,23 @@ BANK = "alpine"
 
 
 def bank_input(work_dir: Path, rows: int, seed: int) -> Path:
-    """``work_dir/input-<rows>/<bank>/transactions.parquet``, generated once."""
-    from pipelines.synthetic import bank_profiles, generate_bank
-
+    """``work_dir/input-<rows>/<bank>/transactions.parquet``, generated once, in a child process: the
+    generator holds the whole table, and memory a process frees is not always given back, so generating
+    here would count in the steps' peak RSS below."""
     path = work_dir / f"input-{rows}" / BANK / "transactions.parquet"
     if not path.exists():
         began = time.perf_counter()
-        write_parquet(generate_bank(bank_profiles(1, seed)[0], rows, seed), path)
+        code = "import sys; from scale_bank import write_input; write_input(*sys.argv[1:])"
+        subprocess.run([sys.executable, "-c", code, str(path), str(rows), str(seed)], check=True,
+                       cwd=Path(__file__).parent)
         log(f"{rows:,} rows generated in {time.perf_counter() - began:.0f}s")
     return path
+
+
+def write_input(path: str, rows: str, seed: str) -> None:
+    from pipelines.synthetic import bank_profiles, generate_bank
+
+    write_parquet(generate_bank(bank_profiles(1, int(seed))[0], int(rows), int(seed)), Path(path))
 
 
 def _reset_peak() -> None:
