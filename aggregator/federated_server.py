@@ -3,7 +3,10 @@
 ``xgboost.federated.run_federated_server`` blocks. It never returns on its own once the workers
 are done, and it listens on 0.0.0.0. So it runs here as a child process
 (``python -m aggregator.federated_server``), and ``FederatedServer`` always ends it by its
-pid: when the round succeeds, fails or times out, and when the caller is interrupted.
+pid: when the round succeeds, fails or times out, and when the caller is interrupted. A server kept for
+several rounds (``aggregator.strategies.histogram``'s kept worlds) is ended the same way when the world
+ends; and the server exits by itself when the process that started it is gone (killed, say), so it never
+outlives its aggregator.
 
 TLS: pass ``ServerTLS``. The server then demands a client certificate signed by
 ``client_ca`` (the consortium CA) and presents ``server_cert``. The banks' side is
@@ -105,7 +108,7 @@ class FederatedServer:
         port = free_port(self.host)
         self._log = tempfile.TemporaryFile(prefix="fedfraud-federated-server-")
         command = [sys.executable, "-c", LAUNCH, "--workers", str(self.n_workers),
-                   "--port", str(port), "--timeout", str(int(self.timeout_s))]
+                   "--port", str(port), "--timeout", str(int(self.timeout_s)), "--parent-pid", str(os.getpid())]
         if self.tls:
             command += ["--server-key", self.tls.server_key, "--server-cert", self.tls.server_cert,
                         "--client-ca", self.tls.client_ca]
@@ -162,6 +165,13 @@ class FederatedServer:
         self.stop()
 
 
+def _exit_with_parent(parent: int, period_s: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(period_s)
+    print(f"federated server: parent {parent} is gone, exiting", flush=True)
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run XGBoost's federated server until terminated.")
     parser.add_argument("--workers", type=int, required=True)
@@ -170,7 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-key")
     parser.add_argument("--server-cert")
     parser.add_argument("--client-ca")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (the aggregator) is gone")
     args = parser.parse_args(argv)
+    if args.parent_pid:
+        import threading
+
+        threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
     from xgboost.federated import run_federated_server
 
     run_federated_server(args.workers, args.port, server_key_path=args.server_key,

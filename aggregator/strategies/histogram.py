@@ -182,7 +182,8 @@ class Histogram(Strategy):
                 pool.submit(nodes[bank].train_histogram, tasks[bank].to_bytes(), sessions[bank]): bank
                 for bank in world}
             try:
-                live.server.wait_ready()
+                if fresh:  # a kept server listens already (``_watch`` notices if it exits)
+                    live.server.wait_ready()
                 ready = time.monotonic()
                 failure = self._watch(futures, live.server, started)
             except ServerFailed as exc:

@@ -108,7 +108,7 @@ def pooled_chain(nodes, banks, strategy, rounds, contract):
 
 
 def our_children() -> list[str]:
-    """Command lines of this process's live histogram workers and federated servers."""
+    """Command lines of this process's live histogram workers, masking sidecars and federated servers."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -117,7 +117,7 @@ def our_children() -> list[str]:
         except OSError:
             continue
         if int(fields[1]) == os.getpid() and fields[0] != "Z" and (
-                "histogram_worker" in cmdline or "federated_server" in cmdline):
+                "histogram_worker" in cmdline or "federated_server" in cmdline or "secagg_sidecar" in cmdline):
             found.append(cmdline)
     return found
 
@@ -444,6 +444,33 @@ def test_federated_server_stops_and_frees_its_port():
     with pytest.raises(ServerFailed):
         broken.start()
     assert time.monotonic() - started < 30 and not broken.alive()
+
+
+def test_a_federated_server_exits_when_its_aggregator_is_killed(tmp_path):
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "server.pid"
+    code = ("import sys, time; from aggregator.federated_server import FederatedServer; "
+            f"server = FederatedServer(3).start(); open({str(pid_file)!r}, 'w').write(str(server.process.pid)); "
+            "time.sleep(600)")
+    aggregator = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert aggregator.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        server_pid = int(pid_file.read_text())
+        os.kill(aggregator.pid, signal.SIGKILL)  # no stop(), no finally: only the server's own watch is left
+        aggregator.wait(10)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{server_pid}").exists() and "Z" not in Path(f"/proc/{server_pid}/stat").read_text(
+                ).rsplit(")", 1)[1].split()[:1]:
+            assert time.monotonic() < deadline, "the federated server outlived its aggregator"
+            time.sleep(0.2)
+    finally:
+        if aggregator.poll() is None:
+            aggregator.kill()
 
 
 def test_a_round_over_tls_with_consortium_certificates(toy, tmp_path):
