@@ -18,8 +18,9 @@ are missing. Then:
 4. kept world (the embedded driver): ``--repeats`` + 1 masked rounds on one federated server and
    one worker + sidecar per bank; the first round starts them, each later round is timed against
    centralized fits of the same 20 trees on top of the same global model (nthread 2 and 1), right
-   after it. Where each round's time goes (server ready, the slowest bank's trees) is printed, and
-   the kept world's model is checked bit-identical to a centralized fit on the shared bins.
+   after it. Where each round's time goes (server listening and every bank asked, the slowest bank's
+   trees) is printed, and the kept world's model is checked bit-identical to a centralized fit on the
+   shared bins and to the same rounds in one-round worlds.
 
 ``--masking on|off`` chooses how steps 1-2 run (default on); ``--round-times-only`` skips them.
 
@@ -295,8 +296,9 @@ def main() -> None:
           f" bit-identical to centralized: {kept_unmasked['bit_identical']}; same models as one-round worlds: "
           f"{kept_unmasked['same_as_one_round_worlds']}")
     for r in kept["rounds"]:
-        print(f"    masked round {r['round']}: {r['seconds']:.2f}s, {r.get('world')} world, server ready after "
-              f"{r.get('server_ready_s', float('nan')):.2f}s, slowest bank's trees {r['slowest_bank_trees_s']:.2f}s")
+        print(f"    masked round {r['round']}: {r['seconds']:.2f}s, {r.get('world')} world, server listening and "
+              f"banks asked after {r.get('ready_s', float('nan')):.2f}s, slowest bank's trees "
+              f"{r['slowest_bank_trees_s']:.2f}s")
     if args.round_times_only:  # steps 1-2 skipped
         out = args.work_dir / "histogram_round_times.json"
         out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),

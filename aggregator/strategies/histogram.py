@@ -199,7 +199,7 @@ class Histogram(Strategy):
                                   f"world was {world}; nothing registered")
             live.rounds += 1
             ended = not self.keep_world
-            self.last_timings = {"world": "new" if fresh else "kept", "server_ready_s": ready - started,
+            self.last_timings = {"world": "new" if fresh else "kept", "ready_s": ready - started,
                                  "stage_s": time.monotonic() - started}
             return {bank: future.result() for future, bank in futures.items()}
         finally:
