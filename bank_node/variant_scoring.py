@@ -1,19 +1,28 @@
-"""Scores of every variant of a score question: each model checked and scored once, not once per variant.
+"""Scores of every variant of a score question, each model checked once and each tree scored once.
 
-A variant is a model minus some trees (acceptance: "the candidate without bank b's trees", one per bank).
-Scoring each variant as its own model costs (1 + n) passes over a model of ~n blocks at n banks: a
-bank's work grew with the square of the banks. Here each model is validated once
-(``parse_received_model``, the bank's ordinary entry check) and predicted once as a margin; a
-variant's margin is that margin minus its dropped trees' leaf values (XGBoost's ``pred_leaf``, the
-values read from the validated document), so a question costs about two passes per model.
+A variant is a model minus some trees (acceptance: "the candidate without bank b's trees", one per
+bank). Scoring each variant as its own model costs (1 + n) passes over a model of ~n blocks at n
+banks, so a bank's work grew with the square of the banks; and every stage and round the model it
+is sent repeats the trees it scored before. Here:
 
-The variant that drops nothing is XGBoost's own prediction, bit for bit; the others agree with
-scoring the reduced model to float32 rounding (~1e-7), which moves a score across one of the
-1,000 histogram bins only when it sits on a bin edge.
+* each model is validated once (``parse_received_model``, the bank's ordinary entry check);
+* its holdout margin is the base margin plus every tree's leaf value (XGBoost's ``pred_leaf``, the
+  values read from the validated document), added **one tree at a time in tree order** in float64;
+* the running sums of the last models are kept (``MarginCache``), keyed by the content of their trees,
+  so a model that starts with trees scored before only scores its new trees;
+* a variant's margin is that sum minus its dropped trees' values (added in index order).
+
+The same trees give the same scores whether they were cached or not (the sums are sequential), so
+results do not depend on what a bank was asked before. Scores agree with XGBoost's float32 prediction
+of the reduced model to ~1e-7: a score moves to a neighbouring histogram bin only on a bin edge.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,54 +31,137 @@ from bank_node.training import dmatrix
 from fedfraud import model_json
 from fedfraud.crosscheck import ScoreQuestion
 from fedfraud.model_guard import parse_received_model
+from fedfraud.model_header import parse_base_score
 
 if TYPE_CHECKING:
     from bank_node.node import BankNode
 
-ROWS_PER_CHUNK_CELLS = 1 << 22  # rows x trees of leaf indices held at once (16 MB of float32)
+CELLS_PER_CHUNK = 1 << 22  # rows x trees of leaf indices held at once (16 MB of float32)
+KEPT_MODELS = 4  # running sums a bank keeps (the last models it scored)
 
 
-def variant_scores(node: "BankNode", question: ScoreQuestion) -> dict[str, tuple[dict, np.ndarray]]:
-    """{label: (variant document, holdout scores)} for every variant of ``question``, in sorted label order.
+@dataclass
+class _Sums:
+    key: str  # the model's header (objective, base score)
+    trees: list[str]  # digest of each tree, in order
+    margin: np.ndarray  # float64: base margin + every tree's leaf value, added in tree order
+
+
+class MarginCache:
+    """A bank's running holdout margins of the last models it scored (nothing here leaves the bank)."""
+
+    def __init__(self):
+        self._kept: list[_Sums] = []
+        self._lock = threading.Lock()
+
+    def longest_prefix(self, key: str, trees: list[str]) -> _Sums | None:
+        with self._lock:
+            fits = [s for s in self._kept if s.key == key and s.trees == trees[:len(s.trees)]]
+            return max(fits, key=lambda s: len(s.trees), default=None)
+
+    def keep(self, sums: _Sums) -> None:
+        with self._lock:
+            others = [s for s in self._kept if (s.key, s.trees) != (sums.key, sums.trees)]
+            self._kept = others[-(KEPT_MODELS - 1):] + [sums]
+
+
+def variant_scores(node: "BankNode", question: ScoreQuestion) -> dict[str, tuple[dict | None, np.ndarray]]:
+    """{label: (the model's document if nothing is dropped, holdout scores)} in sorted label order.
 
     Every model is checked against the bank's policy and contract first (``ModelRefused`` names why not)."""
     data = node.data
-    holdout = dmatrix(data.X_holdout, None, data.feature_names)
-    limits = node.policy.received_limits()
-    docs, boosters, margins, leaves = {}, {}, {}, {}
+    specs = {label: question.variant_spec(label) for label in sorted(question.variants)}
+    dropped: dict[str, set[int]] = {}
+    for name, drop in specs.values():
+        dropped.setdefault(name, set()).update(drop)
+    cache, limits, holdout = _cache(node), node.policy.received_limits(), None
+    models: dict[str, _Scored] = {}
     out = {}
-    for label in sorted(question.variants):
-        name, drop = question.variant_spec(label)
-        if name not in docs:
-            docs[name] = parse_received_model(model_json.to_bytes(question.models[name]), limits, data.feature_names)
-            boosters[name] = model_json.to_booster(docs[name])
-        doc = docs[name]
-        drop = sorted({i for i in drop if 0 <= i < len(model_json.trees(doc))})  # as drop_trees: others are absent
-        if not drop:
-            out[label] = (doc, boosters[name].predict(holdout))
-            continue
-        if name not in leaves:
-            margins[name] = boosters[name].predict(holdout, output_margin=True).astype(np.float64)
-            leaves[name] = _leaf_values(boosters[name], doc, data.X_holdout, data.feature_names)
-        out[label] = (None, _sigmoid(margins[name] - leaves[name][:, drop].sum(axis=1, dtype=np.float64)))
+    for label, (name, drop) in specs.items():
+        if name not in models:
+            doc = parse_received_model(model_json.to_bytes(question.models[name]), limits, data.feature_names)
+            if holdout is None:
+                holdout = dmatrix(data.X_holdout, None, data.feature_names)
+            models[name] = _Scored(doc, holdout, cache, dropped[name])
+        scored = models[name]
+        drop = sorted({i for i in drop if 0 <= i < scored.size})  # as drop_trees: absent indices drop nothing
+        margin = scored.margin - scored.tree_sum(drop) if drop else scored.margin
+        out[label] = (None if drop else scored.doc, _sigmoid(margin))
     return out
+
+
+def _cache(node: "BankNode") -> MarginCache:
+    """The node's cache for its current holdout (a new holdout, after ``prepare``, starts a new one)."""
+    holder = node.__dict__.get("_margin_cache")
+    if holder is None or holder[0] is not node.data:
+        holder = (node.data, MarginCache())
+        node.__dict__["_margin_cache"] = holder
+    return holder[1]
+
+
+class _Scored:
+    """One validated model on the holdout: its margin, and the leaf values of the trees variants drop."""
+
+    def __init__(self, doc: dict, holdout, cache: MarginCache, dropped: set[int]):
+        self.doc, self.holdout = doc, holdout
+        self.booster = model_json.to_booster(doc)
+        trees = model_json.trees(doc)
+        self.size, rows = len(trees), holdout.num_row()
+        self._values = [np.asarray(tree["split_conditions"], dtype=np.float32) for tree in trees]  # a leaf's value
+        self._kept = {t for t in dropped if 0 <= t < self.size}
+        self._leaves: dict[int, np.ndarray] = {}
+        param = doc["learner"]["learner_model_param"]
+        key = json.dumps([doc["learner"]["objective"], param["base_score"]], sort_keys=True)
+        digests = [hashlib.sha256(model_json.to_bytes({**tree, "id": 0})).hexdigest() for tree in trees]
+        known = cache.longest_prefix(key, digests)
+        if known is None:
+            score = float(np.float32(parse_base_score(param["base_score"])))
+            margin, start = np.full(rows, np.log(score / (1.0 - score)), dtype=np.float64), 0
+        else:
+            margin, start = known.margin.copy(), len(known.trees)
+        for _, values in self._leaf_values(range(start, self.size)):  # one tree at a time, in order
+            margin += values
+        self.margin = margin
+        cache.keep(_Sums(key, digests, margin))
+
+    def tree_sum(self, indices: list[int]) -> np.ndarray:
+        """The leaf values of these trees added in index order (float64)."""
+        for _ in self._leaf_values([t for t in indices if t not in self._leaves]):
+            pass  # kept by _leaf_values: a cached prefix's trees are read only when a variant drops them
+        total = np.zeros(self.holdout.num_row(), dtype=np.float64)
+        for t in indices:
+            total += self._leaves[t]
+        return total
+
+    def _leaf_values(self, indices):
+        """(tree, each holdout row's leaf value in it) for these trees in order, a slice of trees at a time
+        (``CELLS_PER_CHUNK`` rows x trees of leaf indices); keeps those a variant drops."""
+        rows = self.holdout.num_row()
+        for first, last in _runs(list(indices)):
+            step = max(1, CELLS_PER_CHUNK // max(1, rows))
+            for begin in range(first, last, step):
+                end = min(last, begin + step)
+                index = np.asarray(self.booster[begin:end].predict(self.holdout, pred_leaf=True), dtype=np.int64)
+                index = index.reshape(rows, end - begin)
+                for k, t in enumerate(range(begin, end)):
+                    values = self._values[t][index[:, k]].astype(np.float64)
+                    if t in self._kept:
+                        self._leaves[t] = values
+                    yield t, values
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as [first, last) runs of consecutive trees."""
+    runs: list[tuple[int, int]] = []
+    for t in sorted(indices):
+        if runs and runs[-1][1] == t:
+            runs[-1] = (runs[-1][0], t + 1)
+        else:
+            runs.append((t, t + 1))
+    return runs
 
 
 def _sigmoid(margin: np.ndarray) -> np.ndarray:
     """binary:logistic's transform, returned as float32 as XGBoost predicts."""
     with np.errstate(over="ignore"):  # a very negative margin: exp overflows to inf, the score to 0
         return (1.0 / (1.0 + np.exp(-margin))).astype(np.float32)
-
-
-def _leaf_values(booster, doc: dict, X: np.ndarray, feature_names: list[str]) -> np.ndarray:
-    """(rows, trees) float32: the value of the leaf each holdout row reaches in each tree."""
-    trees = model_json.trees(doc)
-    values = [np.asarray(tree["split_conditions"], dtype=np.float32) for tree in trees]  # a leaf's value
-    out = np.empty((len(X), len(trees)), dtype=np.float32)
-    step = max(1, ROWS_PER_CHUNK_CELLS // max(1, len(trees)))
-    for start in range(0, len(X), step):
-        index = booster.predict(dmatrix(X[start:start + step], None, feature_names), pred_leaf=True)
-        index = np.asarray(index, dtype=np.int64).reshape(-1, len(trees))
-        for t, leaf in enumerate(values):
-            out[start:start + step, t] = leaf[index[:, t]]
-    return out
