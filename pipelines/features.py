@@ -4,12 +4,13 @@ Every feature of a transaction uses only the same account's earlier events and t
 transaction itself. Events are ordered by ``event_time``, ties broken by ``transaction_id``,
 so the order (and every feature) is deterministic and never looks ahead.
 
-Every window is per account and ordered by (event time, id), or by a prefix of that order, and
-every window expression sits in one ``select``, so Spark sorts each account's rows once and
-evaluates them in three window operators. A trailing sum over ``[t - w, t]`` is split into the
-account's events at earlier instants, ``[t - w, t)`` (a range frame), plus the events at the
-same instant up to this one in id order: later same-instant events never count. Trailing counts
-are the running count up to this row minus the count before ``t - w`` (exact for integers).
+Every window is per account and ordered by (event time, id), or by a prefix of that order, so
+Spark sorts each account's rows once; the window operators stacked on that sort need no other.
+A trailing sum over ``[t - w, t]`` is split into the account's events at earlier instants,
+``[t - w, t)`` (a range frame), plus the events at the same instant up to this one in id order:
+later same-instant events never count. Trailing counts are the running count up to this row
+minus the count before ``t - w`` (exact for integers). First uses are flagged against the set of
+earlier values; the new merchants/devices in 24 h are running counts of those flags.
 """
 
 from __future__ import annotations
@@ -114,22 +115,26 @@ def _trailing_count(column: str, seconds: int, agg) -> Column:
 
 
 def first_use_features() -> dict[str, Column]:
-    """First use of a device, merchant/payee, country or channel, and new merchants/devices in 24 h.
-
-    "Seen before" is the set of values in the account's earlier rows (the history's ordering).
-    The first uses in ``[t - 24h, t]`` up to this row are the distinct values up to this row
-    minus the distinct values before ``t - 24h`` (a prefix of the history): two set sizes instead
-    of a second round of windows over the flags.
-    """
+    """First use of a device, merchant/payee, country or channel: a value absent from the set of
+    values in the account's earlier rows (the history's ordering)."""
     earlier = _history().rowsBetween(Window.unboundedPreceding, -1)
     features: dict[str, Column] = {}
     for name, column in FIRST_USE_COLUMNS.items():
         seen = F.collect_set(column).over(earlier)
         first = F.col(column).isNotNull() & ~F.coalesce(F.array_contains(seen, F.col(column)), F.lit(False))
         features[f"first_{name}"] = first.cast("int")
-        if name in NEW_IN_24H:
-            before_day = F.size(F.collect_set(column).over(_before(86_400 * 1_000_000 + 1)))
-            features[NEW_IN_24H[name]] = F.size(seen) + first.cast("int") - before_day
+    return features
+
+
+def new_in_24h_features() -> dict[str, Column]:
+    """New merchants/devices in ``[t - 24h, t]`` up to this row, over the ``first_*`` flags: the
+    running count of first uses minus the count before ``t - 24h`` (exact integers). A second
+    window operator over the same sort; set sizes over a range frame cost more."""
+    upto = _history().rowsBetween(Window.unboundedPreceding, 0)
+    features: dict[str, Column] = {}
+    for name, feature in NEW_IN_24H.items():
+        before_day = F.sum(f"first_{name}").over(_before(86_400 * 1_000_000 + 1))
+        features[feature] = F.sum(f"first_{name}").over(upto) - F.coalesce(before_day, F.lit(0))
     return features
 
 
@@ -167,8 +172,8 @@ def feature_names(cfg: FeatureConfig) -> list[str]:
 def build_features(validated: DataFrame, cfg: FeatureConfig) -> DataFrame:
     """Validated transactions -> keys, label and the ordered feature columns (types: ``feature_types``).
 
-    Every window expression sits in one ``select``, so Spark evaluates them in three window
-    operators (history rows, trailing ranges, same instant) over one sort per account.
+    The window expressions sit in two ``select``s (the 24 h counts read the first-use flags), so
+    Spark evaluates them in window operators stacked over one sort per account.
     """
     prepared = (
         validated.repartition("account_id")  # every window below is per account: one shuffle
@@ -176,9 +181,9 @@ def build_features(validated: DataFrame, cfg: FeatureConfig) -> DataFrame:
         .transform(with_event_order)
     )
     features = {**row_features(cfg), **history_features(cfg), **first_use_features()}
-    features["small_burst"] = F.col("small_count_burst") >= cfg.burst_min_count
-    windowed = prepared.select("*", *[c.alias(n) for n, c in features.items() if n != "small_burst"])
-    windowed = windowed.withColumn("small_burst", features["small_burst"])
+    windowed = prepared.select("*", *[c.alias(n) for n, c in features.items()])
+    windowed = windowed.select("*", *[c.alias(n) for n, c in new_in_24h_features().items()])
+    windowed = windowed.withColumn("small_burst", F.col("small_count_burst") >= cfg.burst_min_count)
     columns = [F.col(k) for k in KEYS] + [F.col(LABEL)]
     columns += [F.col(name).cast(dtype).alias(name) for name, dtype in feature_types(cfg).items()]
     return windowed.select(*columns)

@@ -159,3 +159,13 @@ def test_first_uses_match_a_per_value_ordering_and_a_self_join(spark, config, cr
     assert actual.filter(F.col("new_merchants_24h") > 1).count() > 0  # the fixture exercises the windows
     expected = expected.select(*[F.col(n).cast(t).alias(n) for n, t in actual.dtypes])
     assertDataFrameEqual(actual, expected, checkRowOrder=False)
+
+
+
+def test_one_shuffle_and_one_sort_per_account(config, tiny):
+    """Every window operator (history, trailing ranges, same instant, 24 h counts over the first-use
+    flags) reads the one sort of each account's rows: no second exchange or sort of whole rows."""
+    plan = build_features(tiny, config.features)._jdf.queryExecution().executedPlan().toString()
+    operators = [line.strip(" +-:").split(" ")[0] for line in plan.splitlines()]
+    assert operators.count("Exchange") == 1 and operators.count("Sort") == 1, plan
+    assert operators.count("Window") >= 4, plan
