@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,13 +108,17 @@ BANK_CALLS = ("train", "score", "offer", "evaluate_masked", "evaluate", "local_m
 def _time_banks(nodes: dict) -> dict[str, dict[str, float]]:
     """Wrap each node's answering methods to add up its seconds per method ({bank: {method: seconds}})."""
     spent: dict[str, dict[str, float]] = {b: {} for b in nodes}
+    inside = threading.local()  # a call made inside another (evaluate_masked -> evaluate) counts once
     for bank, node in nodes.items():
         for name in BANK_CALLS:
             def timed(*args, _fn=getattr(node, name), _bank=bank, _name=name, **kwargs):
-                began = time.perf_counter()
+                if getattr(inside, "call", False):
+                    return _fn(*args, **kwargs)
+                inside.call, began = True, time.perf_counter()
                 try:
                     return _fn(*args, **kwargs)
                 finally:
+                    inside.call = False
                     spent[_bank][_name] = spent[_bank].get(_name, 0.0) + time.perf_counter() - began
             setattr(node, name, timed)
     return spent
