@@ -39,9 +39,8 @@ from typing import Any
 import numpy as np
 
 from bank_node.secagg_sidecar import server_watch, watchdog
-from bank_node.worker_process import (  # noqa: F401
-    LAUNCH, SIDECAR_LAUNCH, PersistentWorker, RoundOfPersistent, WorkerFailed, WorkerProcess, _launch,
-)
+from bank_node.kept_worker import persistent_round, stop_live_workers  # noqa: F401
+from bank_node.worker_process import LAUNCH, SIDECAR_LAUNCH, WorkerFailed, WorkerProcess, _launch  # noqa: F401
 from fedfraud.histogram_session import HistogramSession, loopback
 
 ALLOW_UNMASKED_ENV = "FEDFRAUD_SECAGG_ALLOW_UNMASKED"  # "1": this bank joins unmasked sessions (benches)
@@ -155,65 +154,12 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
             "audit": str(paths["collectives.jsonl"]), "timeout_s": session.timeout_s, "max_bytes": MAX_MESSAGE_BYTES,
             "parent_pid": os.getpid(), "privacy": private and private.noise.to_dict()}
     if session.world_id:  # kept for the world: one process per bank for all its rounds
-        return _persistent_round(folder, paths, job, session, task_bytes, bins.digest,
+        return persistent_round(folder, paths, job, session, task_bytes, bins.digest,
                                  _sidecar_secrets(pair_keys, credentials, tls) if session.secagg else b"",
-                                 private, pair_keys)
+                                private, pair_keys)
     paths["job.json"].write_text(json.dumps(job))
     return WorkerProcess(paths["job.json"], paths["worker.log"], paths["update.json"], session.timeout_s + 30.0,
                          paths["sidecar.log"], secrets_in)
-
-
-_LIVE: dict[str, PersistentWorker] = {}  # work folder -> this process's kept worker for one world
-
-
-def _persistent_round(folder: Path, paths: dict, job: dict, session: HistogramSession, task_bytes: bytes,
-                      bins_digest: str, secrets_in: bytes, private, pair_keys) -> RoundOfPersistent:
-    """The round on this bank's kept worker for the session's world: started fresh at the world's round 0,
-    else the live one, which must have trained exactly ``world_round`` rounds of it."""
-    world = (session.world_id, session.bank, session.rank, session.world_size, tuple(session.banks),
-             session.server_address, session.tls, session.secagg, session.nthread, bins_digest, job["x"])
-    key = str(folder)
-    live = _LIVE.get(key)
-    if live is not None and (session.world_round == 0 or live.world != world or not live.alive()):
-        _LIVE.pop(key, None)
-        live.kill()
-        live = None
-    if session.world_round and (live is None or live.rounds_done != session.world_round):
-        found = "none" if live is None else f"one that trained {live.rounds_done}"
-        raise WorkerFailed(f"histogram_worker_lost: round {session.world_round} of world {session.world_id} needs "
-                           f"this bank's worker of that world after {session.world_round} rounds; found {found}")
-    if live is None:
-        job["persistent"] = True
-        if session.secagg:
-            job["sidecar"]["persistent"] = True
-            job["sidecar"]["keyed_file"] = str(folder / "sidecar.keyed")
-            (folder / "sidecar.keyed").unlink(missing_ok=True)
-        paths["job.json"].write_text(json.dumps(job))
-        live = PersistentWorker(paths["job.json"], paths["worker.log"],
-                                paths["sidecar.log"] if session.secagg else None, secrets_in, world)
-        _LIVE[key] = live
-    n = session.world_round
-    task_path, out = folder / f"task-w{n}.json", folder / f"update-w{n}.json"
-    for stale in folder.glob("update-w*.json"):
-        stale.unlink(missing_ok=True)
-    task_path.write_bytes(task_bytes)
-    command = {"task": str(task_path), "out": str(out), "round_id": session.round_id, "timeout_s": session.timeout_s,
-               "secagg_session": session.secagg_session, "privacy": private and private.worker_job()}
-    rekey = None
-    if session.secagg:
-        rekey = {"session_id": session.secagg_session, "timeout_s": session.timeout_s,
-                 "noise": private and private.noise.to_dict(), **(private.secrets() if private is not None else {})}
-        if pair_keys is not None:
-            rekey["pair_keys"] = {peer: k.hex() for peer, k in pair_keys.items()}
-    live.start_round(command, rekey, out)
-    return RoundOfPersistent(live, session.timeout_s + 30.0)
-
-
-def stop_live_workers() -> None:
-    """End every kept worker (and sidecar) of this process: the federation is over."""
-    while _LIVE:
-        _, live = _LIVE.popitem()
-        live.kill()
 
 
 def _sidecar_secrets(pair_keys: dict[str, bytes] | None, credentials, tls: ClientTLS | None, private=None) -> bytes:

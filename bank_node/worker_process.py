@@ -1,9 +1,7 @@
 """The bank's training processes for histogram rounds: start the worker (and its masking sidecar), wait for
 its update within a deadline, kill both when the round is aborted; failures named with the logs' tails.
 
-``WorkerProcess``: one round, then the processes exit. ``PersistentWorker``: the same two processes kept for
-a whole *world* (one federated server, the same banks): each round is one command line on the worker's
-stdin (and, with masking, one re-key line on the sidecar's: fresh keys every round). Any failure kills both."""
+``WorkerProcess``: one round, then the processes exit (``bank_node.kept_worker`` keeps them for a world)."""
 
 from __future__ import annotations
 
@@ -115,103 +113,3 @@ class WorkerProcess:
         if self.sidecar_log is None:
             return worker
         return f"{worker} | sidecar: {_tail(self.sidecar_log, limit)}"
-
-
-class PersistentWorker:
-    """A bank's worker (and sidecar) for a whole world: ``start_round`` sends one round, ``wait_round`` waits
-    (bounded) for its update. ``world`` is what the processes were started for (reuse only for the same)."""
-
-    def __init__(self, job: Path, log: Path, sidecar_log: Path | None, sidecar_secrets: bytes, world: tuple):
-        self.log, self.sidecar_log, self.world = log, sidecar_log, world
-        self.sidecar = (_launch(SIDECAR_LAUNCH, job, sidecar_log, sidecar_secrets.rstrip(b"\n") + b"\n",
-                                keep_stdin=True) if sidecar_log else None)
-        self.process = _launch(LAUNCH, job, log, keep_stdin=True)
-        self.rounds_done = 0  # rounds this world's processes have trained (every bank of the world agrees)
-        self.aborted = False
-        self.out: Path | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        sidecar_alive = self.sidecar is None or self.sidecar.poll() is None
-        return not self.aborted and self.process.poll() is None and sidecar_alive
-
-    def start_round(self, command: dict, sidecar_command: dict | None, out: Path) -> None:
-        """The sidecar's re-key first (it agrees the round's keys while the worker prepares), then the worker's."""
-        import json
-
-        self.out = out
-        try:
-            if self.sidecar is not None:
-                self.sidecar.stdin.write(json.dumps(sidecar_command).encode() + b"\n")
-                self.sidecar.stdin.flush()
-            self.process.stdin.write(json.dumps(command).encode() + b"\n")
-            self.process.stdin.flush()
-        except OSError as exc:  # a process that died between rounds
-            self.kill()
-            raise WorkerFailed(f"the bank's persistent worker is gone ({exc}). {self.log_tail()}") from None
-
-    def result(self, timeout_s: float) -> bytes:
-        """The round's update; on any failure (or the deadline) both processes are killed."""
-        deadline = time.monotonic() + timeout_s
-        out = self.out
-        while not out.exists():
-            if self.process.poll() is not None:
-                self.kill()
-                reason = "aborted" if self.aborted else f"exited with {self.process.returncode}"
-                raise WorkerFailed(f"training process {reason}. {self.log_tail()}")
-            if self.sidecar is not None and self.sidecar.poll() is not None:
-                self.kill()
-                raise WorkerFailed(f"secagg sidecar exited with {self.sidecar.returncode}; worker killed. "
-                                   f"{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise WorkerFailed(f"no result within {timeout_s:.0f}s; killed. {self.log_tail()}")
-            time.sleep(0.01)
-        self.rounds_done += 1
-        return out.read_bytes()
-
-    def kill(self) -> None:
-        self.aborted = True
-        for process in (self.process, self.sidecar):
-            if process is not None:
-                if process.poll() is None:
-                    process.kill()
-                process.wait()
-                if process.stdin is not None:
-                    try:
-                        process.stdin.close()
-                    except OSError:
-                        pass
-
-    def log_tail(self, limit: int = 1500) -> str:
-        worker = _tail(self.log, limit)
-        if self.sidecar_log is None:
-            return worker
-        return f"{worker} | sidecar: {_tail(self.sidecar_log, limit)}"
-
-
-class RoundOfPersistent:
-    """One round on a ``PersistentWorker``, shaped like ``WorkerProcess`` (result, kill, pid, sidecar)."""
-
-    def __init__(self, worker: PersistentWorker, timeout_s: float):
-        self.worker, self.timeout_s = worker, timeout_s
-
-    @property
-    def pid(self) -> int:
-        return self.worker.pid
-
-    @property
-    def sidecar(self):
-        return self.worker.sidecar
-
-    def result(self) -> bytes:
-        return self.worker.result(self.timeout_s)
-
-    def kill(self) -> None:
-        self.worker.kill()
-
-    def log_tail(self, limit: int = 1500) -> str:
-        return self.worker.log_tail(limit)

@@ -22,7 +22,7 @@ from aggregator.protocol.training import checks
 from aggregator.protocol.workspace import Workspace
 from aggregator.strategies import Strategy
 from aggregator.tracking import FederationTracker, default_tracking_uri
-from bank_node.histogram_worker import stop_live_workers
+from bank_node.kept_worker import stop_live_workers
 from bank_node.masked_evaluation import SecAggCredentials
 from bank_node.node import BankNode
 from fedfraud import model_json, pki

@@ -27,7 +27,7 @@ from aggregator.protocol.errors import RoundFailed
 from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies import STRATEGIES, Histogram
 from bank_node.dataset import BankDataset
-from bank_node import histogram_worker
+from bank_node import kept_worker
 from bank_node.histogram_worker import ClientTLS, WorkerFailed, start_worker
 from fedfraud.histogram_session import HistogramSession
 from bank_node.node import BankNode
@@ -311,8 +311,8 @@ def test_a_hung_bank_is_cut_off_by_the_round_timeout(toy):
 
 def kept_pids(nodes) -> dict[str, tuple[int, int | None]]:
     """Each bank's kept (worker, sidecar) pids in this process."""
-    return {Path(folder).parent.name: (live.pid, live.sidecar and live.sidecar.pid)
-            for folder, live in histogram_worker._LIVE.items() if Path(folder).parent.name in nodes}
+    return {bank: (live.pid, live.sidecar and live.sidecar.pid) for bank, node in nodes.items()
+            if (live := kept_worker._LIVE.get(str(node.work_dir / "histogram"))) is not None}
 
 
 def keyed_sessions(node) -> list[str]:
@@ -339,7 +339,7 @@ def test_a_kept_world_trains_every_round_on_one_server_and_one_worker_per_bank_w
         assert all([":r1:", ":r2:", ":r3:"] == [f":r{s.split(':r', 1)[1].split(':')[0]}:" for s in v]
                    for v in sessions.values())
         assert len({tuple(v) for v in sessions.values()}) == 1, "every bank keyed the same sessions"
-    assert our_children() == [] and histogram_worker._LIVE == {}, "the shutdown hook ends server and workers"
+    assert our_children() == [] and kept_worker._LIVE == {}, "the shutdown hook ends server and workers"
     pooled = pooled_chain(nodes, banks, strategy, 3, contract)
     raw = np.concatenate([nodes[b].data.X_holdout for b in banks])
     binned = strategy.bins.apply(raw)
@@ -375,6 +375,9 @@ def test_a_bank_that_lost_its_kept_worker_between_rounds_costs_a_new_world_not_t
         doc, _, _ = train_round(nodes, strategy, sorted(nodes), 1, None, contract, SETTINGS)
         first = kept_pids(nodes)
         os.kill(first["gamma"][0], signal.SIGKILL)  # the bank's worker is gone; its node does not know yet
+        stat = Path(f"/proc/{first['gamma'][0]}/stat")
+        while stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # dead, not yet reaped
+            time.sleep(0.02)
         doc, participants, _ = train_round(nodes, strategy, sorted(nodes), 2, doc, contract, SETTINGS)
         assert participants == set(nodes) and strategy.last_timings["world"] == "new"
         assert all(pids[0] != first[b][0] for b, pids in kept_pids(nodes).items())
