@@ -128,13 +128,7 @@ def exactness(consortium: Consortium, result, uri: str, rounds: int, settings: F
     strategy = Histogram(settings, seed, consortium_params(settings, sum(c["positives"] for c in counts),
                                                            sum(c["negatives"] for c in counts)))
     bins = strategy.shared_bins(nodes, banks)
-    X = np.concatenate([bins.apply(nodes[b].data.X_train) for b in banks])
-    y = np.concatenate([nodes[b].data.y_train for b in banks])
-    booster = None
-    for round_id in range(1, rounds + 1):
-        task = strategy.configure(round_id, "pooled", 0, None, consortium.contract["hash"])
-        task = dataclasses.replace(task, base_model=None if booster is None else model_json.to_doc(booster))
-        booster = train_trees(task, X, y, names)
+    booster = centralized_chain(consortium, strategy, bins, rounds)
     identical, worst = True, 0.0
     for b in banks:
         raw = registered.predict(dmatrix(nodes[b].data.X_holdout, None, names))
@@ -144,14 +138,20 @@ def exactness(consortium: Consortium, result, uri: str, rounds: int, settings: F
     return identical, worst, [len(e) + 1 for e in bins.edges]
 
 
-def round_times(consortium: Consortium, settings: FederationSettings, seed: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one histogram round, masked and unmasked, and of centralized fits of as many trees."""
+def pooled_rows(consortium: Consortium, settings: FederationSettings):
+    """(nodes, contract, banks, consortium params, pooled X, pooled y): what a centralized fit of the banks needs."""
     nodes, contract = consortium.nodes, consortium.contract
     banks = sorted(nodes)
     counts = [nodes[b].summary()["counts"] for b in banks]
     params = consortium_params(settings, sum(c["positives"] for c in counts), sum(c["negatives"] for c in counts))
     X = np.concatenate([nodes[b].data.X_train for b in banks])
     y = np.concatenate([nodes[b].data.y_train for b in banks])
+    return nodes, contract, banks, params, X, y
+
+
+def round_times(consortium: Consortium, settings: FederationSettings, seed: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one histogram round, masked and unmasked, and of centralized fits of as many trees."""
+    nodes, contract, banks, params, X, y = pooled_rows(consortium, settings)
     strategy = Histogram(settings, seed, params)
     started = time.perf_counter()
     strategy.bins = strategy.shared_bins(nodes, banks)
@@ -194,12 +194,7 @@ def kept_world_times(consortium: Consortium, settings: FederationSettings, seed:
                      masked: bool = True) -> dict:
     """``repeats`` + 1 rounds in one kept world; each later round against centralized fits of the same
     trees on the same global model, timed right after it."""
-    nodes, contract = consortium.nodes, consortium.contract
-    banks = sorted(nodes)
-    counts = [nodes[b].summary()["counts"] for b in banks]
-    params = consortium_params(settings, sum(c["positives"] for c in counts), sum(c["negatives"] for c in counts))
-    X = np.concatenate([nodes[b].data.X_train for b in banks])
-    y = np.concatenate([nodes[b].data.y_train for b in banks])
+    nodes, contract, banks, params, X, y = pooled_rows(consortium, settings)
     strategy = Histogram(settings, seed, params)
     strategy.secagg = masked
     timings: dict[str, list[float]] = {"kept_round": [], "centralized_warm": [], "centralized_warm_nthread1": []}
@@ -236,17 +231,25 @@ def kept_world_times(consortium: Consortium, settings: FederationSettings, seed:
             "model_ids": ids, "same_as_one_round_worlds": ids == one_round_ids}
 
 
-def kept_equals_centralized(consortium: Consortium, strategy: Histogram, doc, rounds: int) -> bool:
-    """The kept world's model against a centralized chain on the binned pooled rows (same rounds and seeds)."""
+def centralized_chain(consortium: Consortium, strategy: Histogram, bins, rounds: int):
+    """``rounds`` rounds of the strategy's trees fitted centrally on every bank's binned training rows."""
     nodes, names = consortium.nodes, consortium.contract["names"]
     banks = sorted(nodes)
-    X = np.concatenate([strategy.bins.apply(nodes[b].data.X_train) for b in banks])
+    X = np.concatenate([bins.apply(nodes[b].data.X_train) for b in banks])
     y = np.concatenate([nodes[b].data.y_train for b in banks])
     booster = None
     for round_id in range(1, rounds + 1):
         task = strategy.configure(round_id, "pooled", 0, None, consortium.contract["hash"])
         task = dataclasses.replace(task, base_model=None if booster is None else model_json.to_doc(booster))
         booster = train_trees(task, X, y, names)
+    return booster
+
+
+def kept_equals_centralized(consortium: Consortium, strategy: Histogram, doc, rounds: int) -> bool:
+    """The kept world's model against a centralized chain on the binned pooled rows (same rounds and seeds)."""
+    nodes, names = consortium.nodes, consortium.contract["names"]
+    banks = sorted(nodes)
+    booster = centralized_chain(consortium, strategy, strategy.bins, rounds)
     federated = model_json.to_booster(doc)
     return all(np.array_equal(federated.predict(dmatrix(nodes[b].data.X_holdout, None, names)),
                               booster.predict(dmatrix(strategy.bins.apply(nodes[b].data.X_holdout), None, names)))
