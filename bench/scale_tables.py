@@ -22,19 +22,21 @@ def growth(rows: list[dict], key) -> dict[str, dict[int, float]]:
 def print_banks(rows: list[dict]) -> None:
     print("\nBank sweep (one case per process; times in s, memory in MiB, traffic in MB per bank per round, "
           "mean over banks (max)):")
-    print("| strategy | banks | federation | crossval | round | of which training | process peak RSS | "
+    print("| strategy | banks | federation | crossval | round | of which training | busiest bank | process peak RSS | "
           "above banks loaded | children peak RSS (n) | bank sent | bank received | pooled AUPRC |")
-    print("|---" * 12 + "|")
+    print("|---" * 13 + "|")
     for r in sorted(rows, key=lambda r: (r.get("strategy", ""), r.get("banks", r.get("n_banks", 0)))):
         if _failed(r):
-            print(f"| {r.get('strategy')} | {r.get('n_banks')} | did not run: {_failed(r)} |" + " |" * 9)
+            print(f"| {r.get('strategy')} | {r.get('n_banks')} | did not run: {_failed(r)} |" + " |" * 10)
             continue
         m, rounds = r["memory"], r["rounds"]
         training = sum(x["training_seconds"] for x in r["rounds_detail"]) / len(r["rounds_detail"])
+        busiest = [x.get("busiest_bank_seconds") for x in r["rounds_detail"]]
+        busiest_cell = f"{sum(busiest) / len(busiest):.1f}" if None not in busiest else "-"
         ways = {w: [b[w] / rounds / MB for b in r["wire_bytes"].values()] for w in ("sent", "received")}
         cells = {w: f"{sum(v) / len(v):.3f} ({max(v):.3f})" if v else "-" for w, v in ways.items()}
         print(f"| {r['strategy']} | {r['banks']} | {r['federation_seconds']:.1f} | {r['crossval_seconds'] or 0:.1f} | "
-              f"{r['round_seconds_mean']:.1f} | {training:.1f} | {m['process_peak_rss_mib']:.0f} | "
+              f"{r['round_seconds_mean']:.1f} | {training:.1f} | {busiest_cell} | {m['process_peak_rss_mib']:.0f} | "
               f"{m['federation_increment_mib']:.0f} | {m['children_peak_rss_mib']:.0f} ({m['children_peak_count']}) | "
               f"{cells['sent']} | {cells['received']} | {r['pooled_auprc']:.3f} |")
     ran = [r for r in rows if not _failed(r)]
