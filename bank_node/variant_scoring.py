@@ -10,7 +10,8 @@ is sent repeats the trees it scored before. Here:
   values read from the validated document), added **one tree at a time in tree order** in float64;
 * the running sums of the last models are kept (``MarginCache``), keyed by the content of their trees,
   so a model that starts with trees scored before only scores its new trees;
-* a variant's margin is that sum minus its dropped trees' values (added in index order).
+* a variant's margin is that sum minus its dropped trees' values (added in index order, one running
+  sum per distinct set of dropped trees: memory grows with the variants, not with the trees).
 
 The same trees give the same scores whether they were cached or not (the sums are sequential), so
 results do not depend on what a bank was asked before. Scores agree with XGBoost's float32 prediction
@@ -71,9 +72,6 @@ def variant_scores(node: "BankNode", question: ScoreQuestion) -> dict[str, tuple
     Every model is checked against the bank's policy and contract first (``ModelRefused`` names why not)."""
     data = node.data
     specs = {label: question.variant_spec(label) for label in sorted(question.variants)}
-    dropped: dict[str, set[int]] = {}
-    for name, drop in specs.values():
-        dropped.setdefault(name, set()).update(drop)
     cache, limits, holdout = _cache(node), node.policy.received_limits(), None
     models: dict[str, _Scored] = {}
     out = {}
@@ -82,11 +80,12 @@ def variant_scores(node: "BankNode", question: ScoreQuestion) -> dict[str, tuple
             doc = parse_received_model(model_json.to_bytes(question.models[name]), limits, data.feature_names)
             if holdout is None:
                 holdout = dmatrix(data.X_holdout, None, data.feature_names)
-            models[name] = _Scored(doc, holdout, cache, dropped[name])
+            drops = [d for n, d in specs.values() if n == name]
+            models[name] = _Scored(doc, holdout, cache, drops)
         scored = models[name]
-        drop = sorted({i for i in drop if 0 <= i < scored.size})  # as drop_trees: absent indices drop nothing
-        margin = scored.margin - scored.tree_sum(drop) if drop else scored.margin
-        out[label] = (None if drop else scored.doc, _sigmoid(margin))
+        dropped = scored.dropped(drop)
+        margin = scored.margin - scored.drop_sums[dropped] if dropped else scored.margin
+        out[label] = (None if dropped else scored.doc, _sigmoid(margin))
     return out
 
 
@@ -100,16 +99,17 @@ def _cache(node: "BankNode") -> MarginCache:
 
 
 class _Scored:
-    """One validated model on the holdout: its margin, and the leaf values of the trees variants drop."""
+    """One validated model on the holdout: its margin, and the summed leaf values of each drop set asked.
 
-    def __init__(self, doc: dict, holdout, cache: MarginCache, dropped: set[int]):
+    Memory: one float64 holdout vector per distinct drop set (at most the question's variants), never
+    one per tree."""
+
+    def __init__(self, doc: dict, holdout, cache: MarginCache, drops: list[list[int]]):
         self.doc, self.holdout = doc, holdout
         self.booster = model_json.to_booster(doc)
         trees = model_json.trees(doc)
         self.size, rows = len(trees), holdout.num_row()
         self._values = [np.asarray(tree["split_conditions"], dtype=np.float32) for tree in trees]  # a leaf's value
-        self._kept = {t for t in dropped if 0 <= t < self.size}
-        self._leaves: dict[int, np.ndarray] = {}
         param = doc["learner"]["learner_model_param"]
         key = json.dumps([doc["learner"]["objective"], param["base_score"]], sort_keys=True)
         digests = [hashlib.sha256(model_json.to_bytes({**tree, "id": 0})).hexdigest() for tree in trees]
@@ -119,23 +119,30 @@ class _Scored:
             margin, start = np.full(rows, np.log(score / (1.0 - score)), dtype=np.float64), 0
         else:
             margin, start = known.margin.copy(), len(known.trees)
-        for _, values in self._leaf_values(range(start, self.size)):  # one tree at a time, in order
+        sets = {d for d in map(self.dropped, drops) if d}
+        self.drop_sums = {d: np.zeros(rows, dtype=np.float64) for d in sets}
+        holding = {}  # tree -> the drop sets it is in
+        for d in sets:
+            for t in d:
+                holding.setdefault(t, []).append(d)
+        # every sum is added one tree at a time in index order: the cached prefix's dropped trees first
+        for t, values in self._leaf_values([t for t in holding if t < start]):
+            for d in holding[t]:
+                self.drop_sums[d] += values
+        for t, values in self._leaf_values(range(start, self.size)):
             margin += values
+            for d in holding.get(t, ()):
+                self.drop_sums[d] += values
         self.margin = margin
         cache.keep(_Sums(key, digests, margin))
 
-    def tree_sum(self, indices: list[int]) -> np.ndarray:
-        """The leaf values of these trees added in index order (float64)."""
-        for _ in self._leaf_values([t for t in indices if t not in self._leaves]):
-            pass  # kept by _leaf_values: a cached prefix's trees are read only when a variant drops them
-        total = np.zeros(self.holdout.num_row(), dtype=np.float64)
-        for t in indices:
-            total += self._leaves[t]
-        return total
+    def dropped(self, drop: list[int]) -> tuple[int, ...]:
+        """The trees a variant drops, as drop_trees does: sorted, each once, absent indices ignored."""
+        return tuple(sorted({i for i in drop if 0 <= i < self.size}))
 
     def _leaf_values(self, indices):
-        """(tree, each holdout row's leaf value in it) for these trees in order, a slice of trees at a time
-        (``CELLS_PER_CHUNK`` rows x trees of leaf indices); keeps those a variant drops."""
+        """(tree, each holdout row's leaf value in it) for these trees in index order, a slice of trees at a
+        time (``CELLS_PER_CHUNK`` rows x trees of leaf indices)."""
         rows = self.holdout.num_row()
         for first, last in _runs(list(indices)):
             step = max(1, CELLS_PER_CHUNK // max(1, rows))
@@ -144,10 +151,7 @@ class _Scored:
                 index = np.asarray(self.booster[begin:end].predict(self.holdout, pred_leaf=True), dtype=np.int64)
                 index = index.reshape(rows, end - begin)
                 for k, t in enumerate(range(begin, end)):
-                    values = self._values[t][index[:, k]].astype(np.float64)
-                    if t in self._kept:
-                        self._leaves[t] = values
-                    yield t, values
+                    yield t, self._values[t][index[:, k]].astype(np.float64)
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
