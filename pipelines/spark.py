@@ -20,7 +20,7 @@ def get_spark(app_name: str = "fedfraud", cores: str = "*") -> SparkSession:
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", os.environ.get("FEDFRAUD_SHUFFLE_PARTITIONS", "8"))
         .config("spark.sql.adaptive.enabled", "true")
-        .config("spark.driver.memory", os.environ.get("FEDFRAUD_DRIVER_MEMORY", "4g"))
+        .config("spark.driver.memory", os.environ.get("FEDFRAUD_DRIVER_MEMORY", "1g"))
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .getOrCreate()
     )
