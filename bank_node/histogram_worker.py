@@ -248,14 +248,14 @@ def run(job_path: Path) -> None:
     # The cut points come from the public edges, computed before joining: nothing of a sketch is exchanged.
     reference = xgb.QuantileDMatrix(bins.reference_matrix(), feature_names=names, missing=np.nan,
                                     max_bin=bins.max_bin, nthread=session.nthread)
+    def train_matrix():
+        return xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
+                                   ref=reference, nthread=session.nthread)
+
     if not persistent:
-        address = session.server_address
-        if job.get("sidecar_address_file"):  # secure aggregation: only the bank's sidecar talks to the server
-            address = _sidecar_address(Path(job["sidecar_address_file"]), deadline[0])
-        with collective.CommunicatorContext(**_communicator_args(job, session, address)):
+        with collective.CommunicatorContext(**_communicator_args(job, session, deadline[0])):
             try:
-                dtrain = xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
-                                             ref=reference, nthread=session.nthread)
+                dtrain = train_matrix()
             except BaseException:  # leave now: finalising the communicator could wait on dead peers
                 traceback.print_exc()
                 sys.stderr.flush()
@@ -270,17 +270,18 @@ def run(job_path: Path) -> None:
         if job.get("sidecar_address_file"):
             _wait_keyed(Path(job["sidecar"]["keyed_file"]), command["secagg_session"], lambda: deadline[0])
         if dtrain is None:  # joined once for the world; the communicator numbers every later call on
-            address = session.server_address
-            if job.get("sidecar_address_file"):
-                address = _sidecar_address(Path(job["sidecar_address_file"]), deadline[0])
-            collective.init(**_communicator_args(job, session, address))
-            dtrain = xgb.QuantileDMatrix(X, label=y, feature_names=names, missing=np.nan, max_bin=bins.max_bin,
-                                         ref=reference, nthread=session.nthread)
+            collective.init(**_communicator_args(job, session, deadline[0]))
+            dtrain = train_matrix()
         _train_round(job, session, bins, reference, dtrain, command["task"], command["out"], command.get("privacy"))
         deadline[0] = time.monotonic() + session.timeout_s  # idle until the next round
 
 
-def _communicator_args(job: dict, session: HistogramSession, address: str) -> dict[str, Any]:
+def _communicator_args(job: dict, session: HistogramSession, deadline: float) -> dict[str, Any]:
+    """How the worker joins: the server's address or, with secure aggregation, its sidecar's (only the
+    sidecar talks to the server)."""
+    address = session.server_address
+    if job.get("sidecar_address_file"):
+        address = _sidecar_address(Path(job["sidecar_address_file"]), deadline)
     return {"dmlc_communicator": "federated", "federated_server_address": address,
             "federated_world_size": session.world_size, "federated_rank": session.rank, **(job.get("tls") or {})}
 
