@@ -291,6 +291,7 @@ def _train_round(job: dict, session: HistogramSession, bins, reference, dtrain, 
     """The round's trees on the joined communicator, unbinned, as the bank's update (written atomically)."""
     import xgboost as xgb
 
+    from bank_node.exact_gradients import fixed_point_logistic
     from bank_node.histogram_privacy import worker_privacy
     from bank_node.training import build_update
     from fedfraud import model_json
@@ -306,8 +307,10 @@ def _train_round(job: dict, session: HistogramSession, bins, reference, dtrain, 
             progress.write_text(str(epoch + 1))
             return False
 
-    # privacy: clipped gradients here, the sidecar noises their sums (bank_node.histogram_privacy)
+    # privacy: clipped gradients here, the sidecar noises their sums (bank_node.histogram_privacy); without it,
+    # gradients on the masking's fixed-point grid, so every sum is exact (bank_node.exact_gradients)
     objective, epsilon = worker_privacy(privacy, reference, task.params)
+    objective = objective or fixed_point_logistic(task.params)
     try:
         joined = time.monotonic()
         booster = train_binned(dtrain, {**task.params, "nthread": session.nthread}, task.num_trees,

@@ -187,6 +187,8 @@ class MaskingProxy:
         total = np.frombuffer(self._upstream(forwarded, 8 * words.size), dtype="<u8")
         record = {"method": "Allreduce", "seq": upstream.sequence_number, "op": "SUM",
                   "dtype": fw.DTYPE_NAMES[request.data_type], "values": int(values.size), "masked": True}
+        if request.data_type in FLOATS and (beyond := inexact_sums(total)):
+            record["beyond_exact"] = beyond  # float64 rounds these sums: see bank_node.exact_gradients
         self.audit(record if self.noise is None else {**record, "noised": values is not raw})
         return self._decode(total, request.data_type, raw.dtype).tobytes()
 
@@ -222,6 +224,11 @@ class MaskingProxy:
 
 
 # ---------------------------------------------------------------------------- the process
+
+def inexact_sums(total: np.ndarray) -> int:
+    """How many summed words float64 cannot hold exactly (|word| > 2**53, i.e. |sum| > 2**21 at 32 bits)."""
+    return int(np.count_nonzero(np.abs(total.view(np.int64).astype(np.float64)) > 2.0 ** 53))
+
 
 def watchdog(deadline: float | Callable[[], float], parent: int, what: str = "histogram worker") -> None:
     """Exit the process at ``deadline`` (a time, or a function giving the current one: a kept process moves it

@@ -15,13 +15,13 @@ def dmatrix(X: np.ndarray, y: np.ndarray | None, feature_names: list[str]) -> xg
     return xgb.DMatrix(X, label=y, feature_names=feature_names, missing=np.nan)
 
 
-def train_trees(task: TrainTask, X: np.ndarray, y: np.ndarray, feature_names: list[str]) -> xgb.Booster:
-    """The global model (if any) plus ``task.num_trees`` trees fitted on (X, y)."""
+def train_trees(task: TrainTask, X: np.ndarray, y: np.ndarray, feature_names: list[str], obj=None) -> xgb.Booster:
+    """The global model (if any) plus ``task.num_trees`` trees fitted on (X, y); ``obj``: a custom objective."""
     base = model_json.to_booster(task.base_model) if task.base_model else None
     params = {**BASE_PARAMS, **task.params}
     if base is not None:
         params.pop("base_score", None)  # the global model fixes it for every bank
-    return xgb.train(params, dmatrix(X, y, feature_names), num_boost_round=task.num_trees, xgb_model=base)
+    return xgb.train(params, dmatrix(X, y, feature_names), num_boost_round=task.num_trees, xgb_model=base, obj=obj)
 
 
 _SKLEARN_NAMES = {"eta": "learning_rate", "seed": "random_state"}

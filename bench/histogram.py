@@ -48,6 +48,7 @@ from aggregator.drivers.embedded import Consortium, federate, prepare_consortium
 from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies.histogram import Histogram
 from aggregator.tracking import default_tracking_uri
+from bank_node.exact_gradients import fixed_point_logistic
 from bank_node.histogram_worker import ALLOW_UNMASKED_ENV, ClientTLS
 from bank_node.node import FINGERPRINT_FILE, BankNode, input_fingerprint
 from fedfraud import pki
@@ -173,7 +174,7 @@ def round_times(consortium: Consortium, settings: FederationSettings, seed: int,
             task = TrainTask(bank="pooled", round_id=1, base_model_id="none", contract_hash=contract["hash"],
                              num_trees=settings.trees_per_round, params={**params, "seed": seed + repeat, **extra})
             started = time.perf_counter()
-            train_trees(task, X, y, contract["names"])
+            train_trees(task, X, y, contract["names"], obj=fixed_point_logistic(task.params))
             timings[name].append(time.perf_counter() - started)
         log(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in timings.items()))
     return {**{name: statistics.median(values) for name, values in timings.items()}, "shared_bins": bins_seconds}
@@ -212,7 +213,7 @@ def kept_world_times(consortium: Consortium, settings: FederationSettings, seed:
                     task = strategy.configure(round_id, "pooled", 0, doc, contract["hash"])
                     task = dataclasses.replace(task, base_model=doc, params={**task.params, **extra})
                     started = time.perf_counter()
-                    train_trees(task, X, y, contract["names"])
+                    train_trees(task, X, y, contract["names"], obj=fixed_point_logistic(task.params))
                     timings[name].append(time.perf_counter() - started)
             mode = "masked" if masked else "unmasked"
             log(f"kept world ({mode}), round {round_id}: {seconds:.2f}s ({breakdown[-1]})" + (
@@ -241,7 +242,7 @@ def centralized_chain(consortium: Consortium, strategy: Histogram, bins, rounds:
     for round_id in range(1, rounds + 1):
         task = strategy.configure(round_id, "pooled", 0, None, consortium.contract["hash"])
         task = dataclasses.replace(task, base_model=None if booster is None else model_json.to_doc(booster))
-        booster = train_trees(task, X, y, names)
+        booster = train_trees(task, X, y, names, obj=fixed_point_logistic(task.params))
     return booster
 
 

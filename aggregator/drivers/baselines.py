@@ -14,6 +14,7 @@ from aggregator.evaluation import FederatedEvaluation, combine
 from aggregator.drivers.result import FederationResult
 from aggregator.protocol.plan import federation_id, select_banks
 from aggregator.tracking import FederationTracker, zero_example
+from bank_node.exact_gradients import fixed_point_logistic
 from bank_node.node import BankNode
 from bank_node.training import train_trees
 from fedfraud import model_json
@@ -68,7 +69,7 @@ def run_centralized(nodes: dict[str, BankNode], rounds: int, tracker: Federation
     params = {**consortium_params(settings, int(y.sum()), int(len(y) - y.sum())), "seed": seed}
     task = TrainTask(bank="pooled", round_id=1, base_model_id="none", contract_hash=contract["hash"],
                      num_trees=rounds * settings.trees_per_round, params=params)
-    booster = train_trees(task, X, y, contract["names"])
+    booster = train_trees(task, X, y, contract["names"], obj=fixed_point_logistic(params))
     evaluation = _evaluate(nodes, banks, booster, settings.alert_budget)
     fid = federation_id(tracker.model_name, StrategyName.CENTRALIZED, rounds, seed, settings, summaries)
     run_params = {"strategy": StrategyName.CENTRALIZED, "rounds": rounds, "banks": ",".join(banks),

@@ -27,6 +27,7 @@ from aggregator.protocol.errors import RoundFailed
 from fedfraud.settings import FederationSettings, consortium_params
 from aggregator.strategies import STRATEGIES, Histogram
 from bank_node.dataset import BankDataset
+from bank_node.exact_gradients import fixed_point_logistic
 from bank_node import kept_worker
 from bank_node.histogram_worker import ClientTLS, WorkerFailed, start_worker
 from fedfraud.histogram_session import HistogramSession
@@ -103,7 +104,7 @@ def pooled_chain(nodes, banks, strategy, rounds, contract):
     for round_id in range(1, rounds + 1):
         task = strategy.configure(round_id, "pooled", 0, None, contract["hash"])
         task = dataclasses.replace(task, base_model=None if booster is None else model_json.to_doc(booster))
-        booster = train_trees(task, X, y, FEATURES)
+        booster = train_trees(task, X, y, FEATURES, obj=fixed_point_logistic(task.params))
     return booster
 
 

@@ -15,6 +15,7 @@ from conftest import TOY_FEATURES, with_toy_data
 from aggregator.drivers.embedded import embedded_credentials, run_federation, train_round
 from aggregator.strategies import Histogram
 from aggregator.tracking import FederationTracker
+from bank_node.exact_gradients import fixed_point_logistic
 from bank_node.histogram_privacy import (
     HistogramNoise, HistogramPrivacyRefused, SumNoiser, charge_histogram, private_objective, total_bins,
 )
@@ -68,7 +69,7 @@ def pooled_predictions(nodes, strategy, doc) -> tuple[np.ndarray, np.ndarray]:
     X = np.concatenate([strategy.bins.apply(n.data.X_train) for n in nodes.values()])
     y = np.concatenate([n.data.y_train for n in nodes.values()])
     task = strategy.configure(1, "pooled", 0, None, CONTRACT["hash"])
-    pooled = train_trees(task, X, y, TOY_FEATURES)
+    pooled = train_trees(task, X, y, TOY_FEATURES, obj=fixed_point_logistic(task.params))
     matrix = dmatrix(X, None, TOY_FEATURES)
     return model_json.to_booster(doc).predict(matrix), pooled.predict(matrix)
 
