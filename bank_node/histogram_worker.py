@@ -38,12 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from bank_node.secagg_sidecar import server_watch, watchdog
+from bank_node.child_process import server_watch, watchdog
 from bank_node.kept_worker import persistent_round, stop_live_workers  # noqa: F401
 from bank_node.worker_process import LAUNCH, SIDECAR_LAUNCH, WorkerFailed, WorkerProcess, _launch  # noqa: F401
 from fedfraud.histogram_session import HistogramSession, loopback
 
 ALLOW_UNMASKED_ENV = "FEDFRAUD_SECAGG_ALLOW_UNMASKED"  # "1": this bank joins unmasked sessions (benches)
+RECORD_EGRESS_ENV = "FEDFRAUD_RECORD_EGRESS"  # "1": the sidecar logs each request it sends to histogram/egress.jsonl
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # one collective call on the federated channel
 STARTED = time.monotonic()
 
@@ -152,7 +153,8 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
             if session.tls and tls else None,
             "session_id": session.secagg_session, "address_file": str(paths["sidecar.address"]),
             "audit": str(paths["collectives.jsonl"]), "timeout_s": session.timeout_s, "max_bytes": MAX_MESSAGE_BYTES,
-            "parent_pid": os.getpid(), "privacy": private and private.noise.to_dict()}
+            "parent_pid": os.getpid(), "privacy": private and private.noise.to_dict(),
+            "egress": str(folder / "egress.jsonl") if os.environ.get(RECORD_EGRESS_ENV) == "1" else None}
     if session.world_id:  # kept for the world: one process per bank for all its rounds
         return persistent_round(folder, paths, job, session, task_bytes, bins.digest,
                                  _sidecar_secrets(pair_keys, credentials, tls) if session.secagg else b"",

@@ -28,6 +28,7 @@ refusal the session is broken: every later call is refused too, so no partial su
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -38,13 +39,13 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from bank_node.child_process import publish, server_watch, watchdog
 from fedfraud.secagg import federated_wire as fw
 from fedfraud.secagg.masking import (
     FRAC_BITS, MIN_PARTIES, WORD_LIMIT, FixedPointOverflow, PairwiseMasker, SecureAggregationError, TooFewParties,
     decode, encode,
 )
 
-EXIT_WATCHDOG = 3
 STARTED = __import__("time").monotonic()
 OFFER_SLOT_BYTES = 16384  # one bank's offer in the key allgather: 4-byte length + JSON, zero padded
 FLOATS = {0, 1, 2}  # HALF, FLOAT, DOUBLE
@@ -131,6 +132,21 @@ class MaskingProxy:
         self.masker = PairwiseMasker(self.bank, keys.pair_keys(offers, trust, self.banks))
         self.seq_offset += 1
         self.audit({"method": "Allgather", "seq": seq, "what": "key offers", "bytes": len(slot), "masked": False})
+
+    def rekey(self, session_id: str, given: dict, identity, noise: dict | None = None) -> None:
+        """A session's keys (piped in, or agreed with ``identity``) and its DP noise; held off the worker's calls."""
+        with self._lock:  # between rounds of a kept world the worker waits for the keyed file anyway
+            self.masker, self.noise = None, None
+            if noise:  # differential privacy: this bank's noise on its gradient sums, before masking
+                from bank_node.histogram_privacy import SumNoiser
+
+                self.noise = SumNoiser.from_job(noise, given.get("noise_seed"))
+            if "pair_keys" in given:  # keys agreed elsewhere
+                self.use_pair_keys({peer: bytes.fromhex(key) for peer, key in given["pair_keys"].items()})
+            elif identity is not None:
+                self.agree_keys(session_id, *identity)
+            else:
+                raise SidecarRefused("secagg_no_identity: neither pair keys nor a certificate to agree them")
 
     # ------------------------------------------------------------------ calls
 
@@ -230,40 +246,6 @@ def inexact_sums(total: np.ndarray) -> int:
     return int(np.count_nonzero(np.abs(total.view(np.int64).astype(np.float64)) > 2.0 ** 53))
 
 
-def watchdog(deadline: float | Callable[[], float], parent: int, what: str = "histogram worker") -> None:
-    """Exit the process at ``deadline`` (a time, or a function giving the current one: a kept process moves it
-    every round) or when its parent (the bank's node) is gone."""
-    import time
-
-    while True:
-        if time.monotonic() > (deadline() if callable(deadline) else deadline):
-            print(f"{what}: deadline passed, exiting", file=sys.stderr, flush=True)
-            os._exit(EXIT_WATCHDOG)
-        if os.getppid() != parent:
-            print(f"{what}: parent gone, exiting", file=sys.stderr, flush=True)
-            os._exit(EXIT_WATCHDOG)
-        time.sleep(0.5)
-
-
-def server_watch(address: str, misses: int = 3, period_s: float = 1.0, what: str = "histogram worker") -> None:
-    """Exit the (kept) process when the federated server stops listening: the world is over."""
-    import socket
-    import time
-
-    host, port = address.rsplit(":", 1)
-    missed = 0
-    while True:
-        time.sleep(period_s)
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
-                missed = 0
-        except OSError:
-            missed += 1
-            if missed >= misses:
-                print(f"{what}: the federated server at {address} is gone, exiting", file=sys.stderr, flush=True)
-                os._exit(0)
-
-
 def _credentials(bank: str, given: dict):
     """(Identity, Trust) from the PEM text the bank's node piped in; the key must be the certificate's."""
     from cryptography import x509
@@ -343,7 +325,12 @@ def run(job_path: str, stdin=None) -> None:
     channel = _upstream_channel(job["upstream"], job.get("tls"), max_bytes)
     stubs = {m: channel.unary_unary(f"/{fw.SERVICE}/{m}") for m in fw.METHODS}
 
+    egress = Path(job["egress"]) if job.get("egress") else None
+
     def forward(method: str, data: bytes) -> bytes:
+        if egress is not None:  # the bank's own record of every byte it sends its aggregator on this channel
+            with open(egress, "a") as handle:
+                handle.write(json.dumps({"method": method, "request": base64.b64encode(data).decode()}) + "\n")
         return stubs[method](data, timeout=max(1.0, deadline[0] - time.monotonic()), wait_for_ready=True)
 
     audit_path = Path(job["audit"])
@@ -359,33 +346,14 @@ def run(job_path: str, stdin=None) -> None:
     identity = _credentials(job["bank"], secrets_in["credentials"]) if "credentials" in secrets_in else None
     if persistent:
         return _serve_world(job, proxy, secrets_in, identity, deadline, stdin, max_bytes)
-    if job.get("privacy"):  # differential privacy: this bank's noise on its gradient sums, before masking
-        from bank_node.histogram_privacy import SumNoiser
-
-        proxy.noise = SumNoiser.from_job(job["privacy"], secrets_in.get("noise_seed"))
     ready = time.monotonic()
-    _rekey(proxy, job["session_id"], secrets_in, identity)
+    proxy.rekey(job["session_id"], secrets_in, identity, job.get("privacy"))
     server, port = _serve(proxy, max_bytes)
-    _publish(Path(job["address_file"]), f"127.0.0.1:{port}")
+    publish(Path(job["address_file"]), f"127.0.0.1:{port}")
     print(f"secagg sidecar for {job['bank']} (rank {job['rank']}/{len(job['banks'])}): 127.0.0.1:{port} -> "
           f"{job['upstream']}; keys in {time.monotonic() - ready:.2f}s (ready {ready - STARTED:.2f}s after launch)",
           flush=True)
     server.wait_for_termination()
-
-
-def _rekey(proxy: MaskingProxy, session_id: str, given: dict, identity) -> None:
-    if "pair_keys" in given:  # keys agreed elsewhere
-        proxy.use_pair_keys({peer: bytes.fromhex(key) for peer, key in given["pair_keys"].items()})
-    elif identity is not None:
-        proxy.agree_keys(session_id, *identity)
-    else:
-        raise SidecarRefused("secagg_no_identity: neither pair keys nor a certificate to agree them")
-
-
-def _publish(path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _serve_world(job: dict, proxy: MaskingProxy, secrets_in: dict, identity, deadline: list, stdin,
@@ -395,20 +363,14 @@ def _serve_world(job: dict, proxy: MaskingProxy, secrets_in: dict, identity, dea
     from pathlib import Path
 
     server, port = _serve(proxy, max_bytes)
-    _publish(Path(job["address_file"]), f"127.0.0.1:{port}")
+    publish(Path(job["address_file"]), f"127.0.0.1:{port}")
     threading.Thread(target=server_watch, args=(job["upstream"], 3, 1.0, "secagg sidecar"), daemon=True).start()
     for line in stdin:  # one round per line; the node closing the pipe ends the world
         command = json.loads(line)
         deadline[0] = time.monotonic() + float(command["timeout_s"])
         started = time.monotonic()
-        with proxy._lock:  # between rounds: the worker waits for the keyed file before its next call
-            proxy.masker, proxy.noise = None, None
-            if command.get("noise"):  # differential privacy: this round's noise, before masking
-                from bank_node.histogram_privacy import SumNoiser
-
-                proxy.noise = SumNoiser.from_job(command["noise"], command.get("noise_seed"))
-            _rekey(proxy, command["session_id"], {**secrets_in, **command}, identity)
-        _publish(Path(job["keyed_file"]), command["session_id"])
+        proxy.rekey(command["session_id"], {**secrets_in, **command}, identity, command.get("noise"))
+        publish(Path(job["keyed_file"]), command["session_id"])
         print(f"secagg sidecar for {job['bank']}: keys for {command['session_id']} in "
               f"{time.monotonic() - started:.2f}s", flush=True)
     server.stop(0)

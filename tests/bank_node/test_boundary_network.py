@@ -6,8 +6,9 @@ only the declared answer to its task; masked evaluations must be random words; t
 databases, MLflow store and log must hold no bank's masked plaintext outside the clear reports README lists
 (which do repeat it: see the strict xfail in ``test_boundary_embedded.py``).
 
-Not recorded here: the histogram strategy's gRPC channel (sidecar -> the service's federated server, over TLS);
-the same sidecar code is recorded at the server in ``test_boundary_embedded.py``."""
+The histogram strategy's gRPC channel (sidecar -> the service's federated server, over TLS) is recorded by the
+bank itself: the agents run with ``FEDFRAUD_RECORD_EGRESS=1``, so each sidecar logs every request it sends
+upstream (``histogram/egress.jsonl``), and every call must be a declared kind with random masked sums."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import pytest
 from boundary_audit import (distinctive, documented_in_clear, files_of, leaks, masked_plaintext,
                             randomness_problem, report_histograms)
 
-from fedfraud.boundary import answer_kind, http_problem, masked_words
+from bank_node.histogram_worker import RECORD_EGRESS_ENV
+from fedfraud.boundary import answer_kind, federated_kind, federated_problem, http_problem, masked_words
+from fedfraud.secagg import federated_wire as fw
 from fedfraud.secagg.masking import encode_counts
 
 pytestmark = pytest.mark.slow
@@ -55,10 +58,14 @@ class RecordedStack(net.Stack):
         import subprocess
 
         log = open(self.root / f"{name}.log", "ab")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
+        self.egress(name).unlink(missing_ok=True)  # the bank's work folder is the test session's
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, RECORD_EGRESS_ENV: "1"}
         self.processes[name] = subprocess.Popen(
             [sys.executable, str(RECORDING_AGENT), str(self.record(name)), *args], stdout=log,
             stderr=subprocess.STDOUT, env=env)
+
+    def egress(self, bank: str) -> Path:
+        return self.root / "agents" / bank / "node" / "histogram" / "egress.jsonl"
 
     def record(self, bank: str) -> Path:
         return self.root / f"{bank}.sent.jsonl"
@@ -117,6 +124,21 @@ def test_every_request_an_agent_sends_is_a_declared_route_carrying_a_declared_an
                 answered[answer_kind(kinds[task], body)] += 1
     assert set(answered) >= {"summary", "update", "key offer", "masked evaluation", "masked score answer",
                              "evaluation reports", "grid counts"}, answered
+
+
+def test_the_federated_channel_over_tls_carries_declared_calls_and_random_sums_only(stack):
+    ranks = set()
+    for bank in net.BANKS:
+        sent = [fw.parse_request(e["method"], base64.b64decode(e["request"]))
+                for e in map(json.loads, stack.egress(bank).read_text().splitlines())]
+        for request in sent:
+            assert federated_problem(request) is None, f"{bank}: {federated_problem(request)}"
+        kinds = Counter(federated_kind(r) for r in sent)
+        assert kinds["key offer slot"] == 1 and kinds["masked sum"] > 10, (bank, kinds)
+        words = b"".join(r.send_buffer for r in sent if federated_kind(r) == "masked sum")
+        assert randomness_problem(words, f"{bank}'s masked sums") is None
+        ranks |= {r.rank for r in sent}
+    assert ranks == set(range(len(net.BANKS)))
 
 
 def bank_side_plaintext(stack, bank: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
