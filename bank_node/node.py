@@ -69,9 +69,15 @@ class BankNode:
             raise ValueError(f"{bank}: privacy needs engine 'local' (the Spark engine grows trees without it)")
 
     def secagg_credentials(self):
-        """The bank's ``SecAggCredentials`` (a loader, e.g. the agent's TLS files, is called on first use), or None."""
+        """The bank's ``SecAggCredentials`` (a loader, e.g. the agent's TLS files, is called on first use); else
+        those of its histogram channel's consortium certificate (as its masking sidecar uses them), or None."""
         if callable(self.secagg):
             self.secagg = self.secagg()
+        if self.secagg is None and self.histogram_tls is not None:
+            from bank_node.masked_evaluation import SecAggCredentials
+
+            tls = self.histogram_tls
+            self.secagg = SecAggCredentials.from_files(tls.server_ca, tls.client_cert, tls.client_key)
         return self.secagg
 
     @cached_property
@@ -212,12 +218,14 @@ class BankNode:
 
     # Histogram federation (aggregator/strategies/histogram.py): banks grow each tree together.
 
-    def bin_counts(self, grid_bytes: bytes) -> bytes:
-        """Counts of this bank's training rows per feature over the consortium's fixed grid (counts only)."""
-        from fedfraud.binning import BinCounts, Grid, count_cells
+    def bin_counts(self, task_bytes: bytes) -> bytes:
+        """Counts of this bank's training rows over the consortium's grid, as masked words (a ``GridCountTask``);
+        in the clear only for a plain grid and a bank that allows unmasked sessions (bank_node/masked_grid.py)."""
+        from bank_node.masked_grid import clear_grid_counts, is_masked_task, masked_grid_counts
 
-        grid = Grid.from_bytes(grid_bytes)
-        return BinCounts(self.bank, grid.mantissa_bits, count_cells(self.data.X_train, grid)).to_bytes()
+        if is_masked_task(task_bytes):
+            return masked_grid_counts(self, task_bytes)
+        return clear_grid_counts(self, task_bytes)
 
     def train_histogram(self, task_bytes: bytes, session_bytes: bytes) -> bytes:
         """Join a collective round in a worker process of this bank; return its update's bytes."""

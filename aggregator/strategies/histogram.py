@@ -53,10 +53,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 from fedfraud.binning import BinCounts, GlobalBins, Grid
+from fedfraud.grid_counts import GridLayout
 from aggregator.checks import Rejection
 from aggregator.federated_server import LOOPBACK, FederatedServer, ServerFailed, ServerTLS
 from aggregator.protocol.errors import RoundFailed
 from aggregator.strategies.base import Strategy
+from aggregator.strategies.histogram_bins import masked_shared_bins
 from fedfraud import model_json
 from fedfraud.histogram_session import HistogramSession, loopback
 from fedfraud.model_json import Doc
@@ -81,7 +83,8 @@ class World:
 class Histogram(Strategy):
     name = StrategyName.HISTOGRAM
     collective = True  # the round's training phase hands the whole stage to train_collective
-    grid: ClassVar[Grid] = Grid()  # the consortium's fixed counting grid (a constant)
+    grid: ClassVar[Grid] = Grid()  # the consortium's fixed counting grid (a constant); min_count: pooled
+    grid_layout: ClassVar[GridLayout] = GridLayout()  # the grid counts' public dense layout (masked)
     abort_grace_s: ClassVar[float] = 30.0
     server_startup_s: ClassVar[float] = 180.0  # importing XGBoost on a saturated machine took over 60 s
     nthread: ClassVar[int] = 1  # per bank process; embedded runs share the machine's cores
@@ -90,6 +93,8 @@ class Histogram(Strategy):
         super().__init__(settings, seed, {**consortium_params, "subsample": 1.0}, **planned)
         self.bins: GlobalBins | None = None
         self.world: list[str] = []
+        self.grid_banks: list[str] = []  # the banks whose grid counts the shared bins pool
+        self.grid_faults: list[dict[str, str]] = []  # banks left out of the grid counts, named
         self.round_timeout_s = float(os.environ.get("FEDFRAUD_HISTOGRAM_TIMEOUT", "1800"))
         # Where banks reach the server. Embedded: loopback. Networked: the aggregator's name, TLS required.
         self.server_host = os.environ.get("FEDFRAUD_FEDERATED_HOST", LOOPBACK)
@@ -132,7 +137,14 @@ class Histogram(Strategy):
                               f"{[r.as_dict() for r in left_out]}")
         if self.bins is None:
             on_progress(f"round {round_id}: shared bins from {len(world)} banks' grid counts")
-            self.bins = self.shared_bins(nodes, world)
+            self.bins = self.shared_bins(nodes, world, round_id)
+            dropped = {f["bank"]: f for f in self.grid_faults
+                       if f["bank"] in world and f["bank"] not in self.grid_banks}
+            left_out += [Rejection(bank, fault["check"], fault["detail"]) for bank, fault in sorted(dropped.items())]
+            world = [bank for bank in world if bank not in dropped]
+            if len(world) < quorum:
+                raise RoundFailed(f"round {round_id}: {len(world)} bank(s) left after the grid counts, quorum is "
+                                  f"{quorum}; left out: {[r.as_dict() for r in left_out]}")
         self.world = world
         on_progress(f"round {round_id}: {len(world)} banks grow {tasks[world[0]].num_trees} trees together")
         return self._run(nodes, {b: tasks[b] for b in world}, round_id), left_out
@@ -147,8 +159,21 @@ class Histogram(Strategy):
             return "declined to train: " + "; ".join(summary.get("decline_reasons", []))
         return None
 
-    def shared_bins(self, nodes: dict[str, Any], banks: list[str]) -> GlobalBins:
-        """Grid counts from every bank (counts only) -> the consortium's edges."""
+    def shared_bins(self, nodes: dict[str, Any], banks: list[str], round_id: int = 0) -> GlobalBins:
+        """Grid counts from every bank -> the consortium's edges. Masked (the default): the aggregator learns the
+        pooled counts only (``histogram_bins``); ``grid_banks`` are the banks pooled, ``grid_faults`` those left
+        out. Unmasked (``FEDFRAUD_HISTOGRAM_SECAGG=0``, banks must allow it): sparse counts in the clear."""
+        if self.secagg:
+            features = self.header.num_feature if self.header is not None else None
+            bins, self.grid_banks, self.grid_faults = masked_shared_bins(
+                nodes, banks, self.grid_layout, self.grid.min_count, self.settings.max_bin, self._federation_tag(),
+                round_id, features)
+        else:
+            bins, self.grid_banks, self.grid_faults = self._clear_shared_bins(nodes, banks), sorted(banks), []
+        log.info("shared bins %s: %s bins per feature", bins.digest, [len(e) + 1 for e in bins.edges])
+        return bins
+
+    def _clear_shared_bins(self, nodes: dict[str, Any], banks: list[str]) -> GlobalBins:
         reports = []
         for bank in banks:
             try:
@@ -158,9 +183,7 @@ class Histogram(Strategy):
             if report.bank != bank:
                 raise RoundFailed(f"bin counts from {bank} claim to be from {report.bank}")
             reports.append(report)
-        bins = GlobalBins.from_counts(reports, self.settings.max_bin)
-        log.info("shared bins %s: %s bins per feature", bins.digest, [len(e) + 1 for e in bins.edges])
-        return bins
+        return GlobalBins.from_counts(reports, self.settings.max_bin)
 
     def _run(self, nodes: dict[str, Any], tasks: dict[str, TrainTask], round_id: int) -> dict[str, bytes]:
         world = sorted(tasks)
@@ -229,9 +252,12 @@ class Histogram(Strategy):
     def key_session(self, round_id: int) -> str:
         """A fresh session name per attempt: the federation (its seed, params, bins), round, attempt, nonce."""
         self.attempts += 1
-        federation = hashlib.sha256(json.dumps([self.seed, self.consortium_params, self.bins.digest],
-                                               sort_keys=True, default=str).encode()).hexdigest()[:12]
+        federation = self._federation_tag(self.bins.digest)
         return f"histogram:{federation}:r{round_id}:a{self.attempts}:{secrets.token_hex(8)}"
+
+    def _federation_tag(self, *more: str) -> str:
+        return hashlib.sha256(json.dumps([self.seed, self.consortium_params, *more],
+                                         sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def _watch(self, futures: dict[Future, str], server: FederatedServer, started: float) -> str | None:
         """None when every bank returned; else why the round must stop (first failure wins)."""

@@ -32,6 +32,7 @@ from bank_node import kept_worker
 from bank_node.histogram_worker import ClientTLS, WorkerFailed, start_worker
 from fedfraud.histogram_session import HistogramSession
 from bank_node.node import BankNode
+from bank_node.policy import TaskRefused
 from bank_node.training import dmatrix, train_trees
 from fedfraud import model_json, pki
 from fedfraud.wire import ModelUpdate, TrainTask
@@ -153,12 +154,19 @@ def test_rounds_equal_a_pooled_fit_on_the_binned_rows(toy):
     assert our_children() == []
 
 
-def test_shared_bins_come_from_counts_only(toy):
+def test_shared_bins_come_from_counts_only(toy, monkeypatch):
+    """Masked grid counts (the default) give the edges of the plaintext pooled counts; clear counts only leave a
+    bank that allows unmasked sessions."""
     nodes, _ = toy
     banks = sorted(nodes)
-    bins = make_strategy(nodes).shared_bins(nodes, banks)
+    strategy = make_strategy(nodes)
+    bins = strategy.shared_bins(nodes, banks)
+    assert strategy.grid_banks == banks and strategy.grid_faults == []
     pooled = np.concatenate([nodes[b].data.X_train for b in banks])
     assert bins.digest == GlobalBins.from_counts([BinCounts("all", 7, count_cells(pooled))], SETTINGS.max_bin).digest
+    with pytest.raises(TaskRefused, match="secagg_required"):
+        nodes["alpha"].bin_counts(Grid().to_bytes())
+    monkeypatch.setenv("FEDFRAUD_SECAGG_ALLOW_UNMASKED", "1")
     payload = json.loads(nodes["alpha"].bin_counts(Grid().to_bytes()))
     assert all(isinstance(v, int) for part in payload["cells"] + payload["counts"] for v in part)
 
@@ -409,7 +417,7 @@ def test_a_kept_worker_refuses_a_round_of_a_world_it_did_not_train(toy):
 def test_a_bank_refuses_plain_grpc_off_loopback_and_tls_without_its_certificate(toy):
     nodes, contract = toy
     node = nodes["alpha"]
-    bins = make_strategy(nodes).shared_bins(nodes, ["alpha"])
+    bins = make_strategy(nodes).shared_bins(nodes, sorted(nodes))
     task = TrainTask("alpha", 1, "none", contract["hash"], 1, {}).to_bytes()
 
     def session(**kw):
