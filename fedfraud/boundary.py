@@ -105,21 +105,21 @@ OUTGOING: dict[str, Fields] = {
     # cross-evaluation, and acceptance with acceptance_masked off: one evaluation report per variant scored
     # (documented: in the clear)
     "evaluation reports": Fields({"bank": str, "round_id": int, "purpose": str, "reports": MapOf(EVALUATION_REPORT)}),
-    # the histogram strategy's planning: grid counts (documented: in the clear)
-    "grid counts": Fields({"bank": str, "mantissa_bits": int, "cells": ListOf(ListOf(int)),
-                           "counts": ListOf(ListOf(int))}),
+    # the histogram strategy's planning: the dense grid counts as pairwise-masked words (fedfraud/grid_counts.py);
+    # the sparse clear counts (cells, counts) leave only a bank that allows unmasked sessions (benches): not declared
+    "masked grid counts": Fields({"bank": str, "session": str, "words": BASE64}),
     "failure": Fields({"reason": str}),  # a task the bank could not do: why, in words
 }
 # How README's section lists each kind (a phrase that must appear there).
 README_NAMES = {"summary": "counts", "update": "an update", "key offer": "key offer",
                 "masked evaluation": "masked evaluation", "masked score answer": "masked acceptance answer",
                 "evaluation reports": "evaluation reports",
-                "grid counts": "grid counts", "failure": "failure"}
+                "masked grid counts": "grid counts", "failure": "failure"}
 ANSWERS = {
     TaskKind.SUMMARY: "summary", TaskKind.TRAIN: "update", TaskKind.HISTOGRAM: "update",
     TaskKind.LOCAL_MODEL: "update", TaskKind.KEYS: "key offer", TaskKind.EVALUATE: "masked evaluation",
     TaskKind.EVALUATE_CHAMPION: "masked evaluation", TaskKind.CROSSVAL: "evaluation reports",
-    TaskKind.ACCEPT: ("masked score answer", "evaluation reports"), TaskKind.BIN_COUNTS: "grid counts",
+    TaskKind.ACCEPT: ("masked score answer", "evaluation reports"), TaskKind.BIN_COUNTS: "masked grid counts",
 }
 
 

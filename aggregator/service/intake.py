@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aggregator.protocol.plan import summary_problem
 from fedfraud.binning import BinCounts
+from fedfraud.grid_counts import MaskedGridCounts
 from fedfraud.crosscheck import MaskedScoreAnswer, ScoreAnswer
 from fedfraud.protocol import TaskKind
 from fedfraud.wire import MaskedEvaluation, ModelUpdate, SessionOffer, WireFormatError, loads_strict
@@ -33,7 +34,8 @@ class Refused(Exception):
 
 def limit_for(kind: str, max_update_bytes: int) -> int:
     limits = {TaskKind.SUMMARY: MAX_SUMMARY_BYTES, TaskKind.EVALUATE: MaskedEvaluation.MAX_BYTES,
-              TaskKind.EVALUATE_CHAMPION: MaskedEvaluation.MAX_BYTES, TaskKind.BIN_COUNTS: BinCounts.MAX_BYTES,
+              TaskKind.EVALUATE_CHAMPION: MaskedEvaluation.MAX_BYTES,
+              TaskKind.BIN_COUNTS: max(BinCounts.MAX_BYTES, MaskedGridCounts.MAX_BYTES),
               TaskKind.ACCEPT: ScoreAnswer.MAX_BYTES, TaskKind.CROSSVAL: ScoreAnswer.MAX_BYTES,
               TaskKind.KEYS: SessionOffer.MAX_BYTES}
     return limits.get(kind, max_update_bytes)
@@ -66,8 +68,9 @@ def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
         return MaskedEvaluation.from_bytes(body).bank, None
     if kind == TaskKind.KEYS:  # a signed key offer: the banks verify it, the service only relays it
         return SessionOffer.from_bytes(body).bank, None
-    if kind == TaskKind.BIN_COUNTS:
-        return BinCounts.from_bytes(body).bank, None
+    if kind == TaskKind.BIN_COUNTS:  # masked words (the default); sparse clear counts from a bank that allows them
+        masked = b'"words"' in body
+        return (MaskedGridCounts if masked else BinCounts).from_bytes(body).bank, None
     if kind in TaskKind.SCORES:  # acceptance is answered masked unless the federation chose it in the clear
         masked = kind == TaskKind.ACCEPT and b'"words"' in body
         answer = (MaskedScoreAnswer if masked else ScoreAnswer).from_bytes(body)

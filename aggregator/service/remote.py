@@ -48,8 +48,9 @@ class RemoteNode:
         """A key offer for a masked acceptance in a cyclic round (each turn's session is another)."""
         return self._ask(TaskKind.KEYS, request_bytes, part=hashlib.sha256(request_bytes).hexdigest()[:16])
 
-    def bin_counts(self, grid_bytes: bytes) -> bytes:
-        return self._ask(TaskKind.BIN_COUNTS, grid_bytes)
+    def bin_counts(self, task_bytes: bytes) -> bytes:
+        """Grid counts: each attempt of the masked grid session is another task."""
+        return self._ask(TaskKind.BIN_COUNTS, task_bytes, part=hashlib.sha256(task_bytes).hexdigest()[:16])
 
     def train_histogram(self, task_bytes: bytes, session_bytes: bytes) -> bytes:
         envelope = {"task": json.loads(task_bytes), "session": json.loads(session_bytes)}

@@ -28,7 +28,7 @@ from fedfraud.wire import EvaluationReport, MaskedEvaluationTask
 # a plain evaluation report must never leave on its own in a federation
 METHODS = {"summary": "summary", "train": "update", "train_histogram": "update", "local_model": "update",
            "offer": "key offer", "evaluate_masked": "masked evaluation", "score": "evaluation reports",
-           "bin_counts": "grid counts", "evaluate": "plain evaluation report"}
+           "bin_counts": "masked grid counts", "evaluate": "plain evaluation report"}
 CHI2_LIMIT = 420.0  # 255 degrees of freedom: P(chi2 > 420) ~ 1e-9 for uniform bytes
 BIT_SIGMAS = 6.0
 MIN_RANDOM_BYTES = 4096

@@ -23,6 +23,7 @@ from federated_recorder import Recorder, recording_server
 
 from aggregator.drivers.embedded import embedded_credentials, run_federation
 from aggregator.strategies import histogram as histogram_module
+from aggregator.strategies.histogram import Histogram
 from aggregator.tracking import FederationTracker
 from bank_node.node import BankNode
 from fedfraud.boundary import federated_kind, federated_problem, masked_words, outgoing_problem
@@ -115,7 +116,7 @@ def test_every_message_a_bank_sends_is_declared_with_only_allowed_fields(run):
     assert {"summary", "update", "key offer", "masked evaluation"} <= set(kinds), kinds
     assert ("evaluation reports" in kinds) == (run.strategy == "bagging")  # cross-evaluation (on for bagging)
     assert ("masked score answer" in kinds) == (run.strategy != "histogram")  # acceptance, masked
-    assert ("grid counts" in kinds) == (run.strategy == "histogram")
+    assert ("masked grid counts" in kinds) == (run.strategy == "histogram")
 
 
 def sent_words(run: Run, bank: str) -> bytes:
@@ -148,6 +149,28 @@ def test_the_federated_channel_carries_declared_calls_and_random_sums_only(run):
     for rank in sorted({r.rank for r in run.federated}):
         words = b"".join(r.send_buffer for r in run.federated if r.rank == rank and federated_kind(r) == "masked sum")
         assert randomness_problem(words, f"rank {rank}'s masked sums") is None
+
+
+def test_grid_counts_leave_as_random_words_and_their_plaintext_is_nowhere_at_the_aggregator(run):
+    """The histogram strategy's planning: each bank's grid counts leave once, masked; neither its dense counts nor
+    any feature's sparse (occupied cells') counts sit in the aggregator's files or logs."""
+    if run.strategy != "histogram":
+        assert not any(kind == "masked grid counts" for _, kind, _ in run.sent)
+        return
+    blobs, searched = run.blobs(), 0
+    for bank, node in run.nodes.items():
+        answers = [json.loads(body) for b, kind, body in run.sent if b == bank and kind == "masked grid counts"]
+        assert len(answers) == 1, (bank, len(answers))
+        assert randomness_problem(masked_words(answers[0]["words"]), f"{bank}'s masked grid counts") is None
+        dense = Histogram.grid_layout.dense_counts(node.node.data.X_train)
+        clear = encode_counts(dense.reshape(-1)).astype("<u8").tobytes()
+        assert "not uniform" in (randomness_problem(clear, f"{bank}'s grid counts") or ""), "the check cannot fail"
+        for feature, row in enumerate(dense):
+            for name, vector in (("dense", row), ("occupied", row[row > 0])):
+                if distinctive(vector):
+                    searched += 1
+                    assert leaks(vector, blobs) == [], f"{bank}'s {name} grid counts of feature {feature}"
+    assert searched >= 2 * len(run.nodes)
 
 
 def plaintext_leaks(run: Run, blobs: dict[str, bytes]) -> dict[str, list[str]]:

@@ -123,7 +123,7 @@ def test_every_request_an_agent_sends_is_a_declared_route_carrying_a_declared_an
             if request["path"].endswith("/result"):
                 answered[answer_kind(kinds[task], body)] += 1
     assert set(answered) >= {"summary", "update", "key offer", "masked evaluation", "masked score answer",
-                             "evaluation reports", "grid counts"}, answered
+                             "evaluation reports", "masked grid counts"}, answered
 
 
 def test_the_federated_channel_over_tls_carries_declared_calls_and_random_sums_only(stack):
