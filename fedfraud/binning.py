@@ -8,7 +8,8 @@ before the first round:
    A grid cell is a float32 value with all but its top ``mantissa_bits`` mantissa bits cut
    off: 2**mantissa_bits cells per power of two, on both sides of zero. The cell of a value
    follows from the value alone, so banks need no shared data to agree on the grid. Only
-   ``(cell, count)`` pairs leave a bank, never a value.
+   counts leave a bank, never a value, and only masked (``fedfraud.grid_counts``: a dense
+   public layout of the grid; the sparse ``BinCounts`` here only with unmasked sessions).
 2. The aggregator sums the counts and draws at most ``max_bin`` bins per feature, each
    starting at a cell's lower bound (``derive_edges``): a cell is never split, and each bin
    holds about the same share of the pooled rows.
@@ -45,9 +46,10 @@ _SIGN = np.uint32(0x80000000)
 class Grid:
     """The fixed counting grid the aggregator asks for (the same for every bank).
 
-    ``min_count``: the bank leaves out cells holding fewer of its rows, so no single
-    rare value is located. Edges stay shared, so exactness is kept; only bin placement
-    gets coarser in the tails.
+    ``min_count``: cells holding fewer rows are left out of the edge candidates, so no edge
+    locates a single rare value. Masked grid counts (``fedfraud.grid_counts``) apply it to the
+    pooled counts, at the aggregator; ``count_cells`` (the clear path, benches only) at the bank.
+    Edges stay shared, so exactness is kept; only bin placement gets coarser in the tails.
     """
 
     mantissa_bits: int = DEFAULT_MANTISSA_BITS

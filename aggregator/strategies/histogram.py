@@ -11,9 +11,11 @@ a pooled fit on the same binned rows grows.
 
 Two choices make "exactly" hold:
 
-* **Shared bins.** Before the first round the banks send counts over a fixed grid, and the
-  aggregator derives at most ``max_bin`` edges per feature. Banks bin with them, and cut
-  points come from the public edges, not from a sketch of each bank's rows.
+* **Shared bins.** Before the first round the banks send counts over a fixed grid, masked
+  (``histogram_bins``: the aggregator learns the pooled counts only), and the aggregator derives
+  at most ``max_bin`` edges per feature. Banks bin with them, and cut points come from the public
+  edges, not from a sketch of each bank's rows. A bank left out of the grid counts is left out
+  of the round.
 * **No row subsampling** (``subsample`` = 1). XGBoost draws its row sample in each process
   over that process's own row indices, so no federated sample equals a pooled one. Column
   sampling is seeded the same at every rank (one seed per round for all banks), so it matches.
