@@ -160,12 +160,38 @@ def test_masked_evaluations_over_the_network_are_random_words(stack):
         assert len(clear) == len(masked) and "not uniform" in (randomness_problem(clear, bank) or "")
 
 
-def test_the_services_files_and_log_hold_no_masked_plaintext_outside_the_documented_reports(stack):
+def service_blobs(stack) -> dict[str, bytes]:
+    """The service's workspace, databases, MLflow store and log."""
     root = stack.root
     blobs = {**files_of(root / "aggregator"), "mlflow.db": (root / "mlflow.db").read_bytes(),
              "aggregator.log": (root / "aggregator.log").read_bytes()}
     if (root / "mlartifacts").exists():
         blobs.update({f"mlartifacts/{k}": v for k, v in files_of(root / "mlartifacts").items()})
+    return blobs
+
+
+def test_grid_counts_over_the_network_are_random_words_and_their_plaintext_is_not_at_the_service(stack):
+    from aggregator.strategies.histogram import Histogram
+    from fedfraud.protocol import TaskKind
+
+    blobs, searched = service_blobs(stack), 0
+    for bank in net.BANKS:
+        entries = stack.sent(bank)
+        kinds = {e["task"]: e["kind"] for e in entries if "task" in e}
+        answers = [json.loads(base64.b64decode(r["body"])) for r in requests_of(entries)
+                   if r["path"].endswith("/result") and kinds[r["path"].split("/")[3]] == TaskKind.BIN_COUNTS]
+        assert len(answers) == 1 and set(answers[0]) == {"bank", "session", "words"}, [sorted(a) for a in answers]
+        assert randomness_problem(masked_words(answers[0]["words"]), f"{bank}'s masked grid counts") is None
+        for feature, row in enumerate(Histogram.grid_layout.dense_counts(stack.consortium.nodes[bank].data.X_train)):
+            for name, vector in (("dense", row), ("occupied", row[row > 0])):
+                if distinctive(vector):
+                    searched += 1
+                    assert leaks(vector, blobs) == [], f"{bank}'s {name} grid counts of feature {feature}"
+    assert searched >= 2 * len(net.BANKS)
+
+
+def test_the_services_files_and_log_hold_no_masked_plaintext_outside_the_documented_reports(stack):
+    blobs = service_blobs(stack)
     searched, outside = 0, {}
     for bank in net.BANKS:
         for model_id, pos, neg in bank_side_plaintext(stack, bank):
