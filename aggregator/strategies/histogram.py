@@ -54,13 +54,13 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
-from fedfraud.binning import BinCounts, GlobalBins, Grid
+from fedfraud.binning import GlobalBins, Grid
 from fedfraud.grid_counts import GridLayout
 from aggregator.checks import Rejection
 from aggregator.federated_server import LOOPBACK, FederatedServer, ServerFailed, ServerTLS
 from aggregator.protocol.errors import RoundFailed
 from aggregator.strategies.base import Strategy
-from aggregator.strategies.histogram_bins import masked_shared_bins
+from aggregator.strategies.histogram_bins import clear_shared_bins, masked_shared_bins
 from fedfraud import model_json
 from fedfraud.histogram_session import HistogramSession, loopback
 from fedfraud.model_json import Doc
@@ -171,21 +171,10 @@ class Histogram(Strategy):
                 nodes, banks, self.grid_layout, self.grid.min_count, self.settings.max_bin, self._federation_tag(),
                 round_id, features)
         else:
-            bins, self.grid_banks, self.grid_faults = self._clear_shared_bins(nodes, banks), sorted(banks), []
+            bins = clear_shared_bins(nodes, banks, self.grid, self.settings.max_bin)
+            self.grid_banks, self.grid_faults = sorted(banks), []
         log.info("shared bins %s: %s bins per feature", bins.digest, [len(e) + 1 for e in bins.edges])
         return bins
-
-    def _clear_shared_bins(self, nodes: dict[str, Any], banks: list[str]) -> GlobalBins:
-        reports = []
-        for bank in banks:
-            try:
-                report = BinCounts.from_bytes(nodes[bank].bin_counts(self.grid.to_bytes()))
-            except Exception as exc:
-                raise RoundFailed(f"{bank} sent no usable bin counts: {exc.__class__.__name__}: {exc}") from exc
-            if report.bank != bank:
-                raise RoundFailed(f"bin counts from {bank} claim to be from {report.bank}")
-            reports.append(report)
-        return GlobalBins.from_counts(reports, self.settings.max_bin)
 
     def _run(self, nodes: dict[str, Any], tasks: dict[str, TrainTask], round_id: int) -> dict[str, bytes]:
         world = sorted(tasks)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from aggregator.protocol.errors import RoundFailed
-from fedfraud.binning import GlobalBins, derive_edges
+from fedfraud.binning import BinCounts, GlobalBins, Grid, derive_edges
 from fedfraud.grid_counts import GridCountTask, GridLayout, MaskedGridCounts
 from fedfraud.secagg.masking import MIN_PARTIES, SecureAggregationError, decode_counts, unmasked_sum
 from fedfraud.wire import KeyRequest, SessionOffer, WireFormatError
@@ -129,3 +129,17 @@ def _decoded(uploads: dict[str, np.ndarray], banks: list[str], layout: GridLayou
                           f"({exc}); no bins derived") from None
     edges = tuple(derive_edges(c, n, max_bin, layout.mantissa_bits) for c, n in cells)
     return GlobalBins(edges, max_bin, layout.mantissa_bits)
+
+
+def clear_shared_bins(nodes: dict[str, Any], banks: list[str], grid: Grid, max_bin: int) -> GlobalBins:
+    """Unmasked sessions only (benches; banks refuse unless they allow them): sparse counts in the clear."""
+    reports = []
+    for bank in banks:
+        try:
+            report = BinCounts.from_bytes(nodes[bank].bin_counts(grid.to_bytes()))
+        except Exception as exc:
+            raise RoundFailed(f"{bank} sent no usable bin counts: {exc.__class__.__name__}: {exc}") from exc
+        if report.bank != bank:
+            raise RoundFailed(f"bin counts from {bank} claim to be from {report.bank}")
+        reports.append(report)
+    return GlobalBins.from_counts(reports, max_bin)
