@@ -114,7 +114,7 @@ OUTGOING: dict[str, Fields] = {
 README_NAMES = {"summary": "counts", "update": "an update", "key offer": "key offer",
                 "masked evaluation": "masked evaluation", "masked score answer": "masked acceptance answer",
                 "evaluation reports": "evaluation reports",
-                "masked grid counts": "grid counts", "failure": "failure"}
+                "masked grid counts": "masked grid counts", "failure": "failure"}
 ANSWERS = {
     TaskKind.SUMMARY: "summary", TaskKind.TRAIN: "update", TaskKind.HISTOGRAM: "update",
     TaskKind.LOCAL_MODEL: "update", TaskKind.KEYS: "key offer", TaskKind.EVALUATE: "masked evaluation",
