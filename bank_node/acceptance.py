@@ -7,15 +7,22 @@ leaves. ``local_model`` is the bank's model from its own rows for cross-evaluati
 leave the bank (they are scored at the others), so a bank may refuse it (``share_local_model: false``
 in its agent config).
 
-A question with ``masking`` (acceptance, the default) is answered masked: the bank verifies the relayed
-key offers of the session's banks (at least three), derives the pairwise keys and sends each variant's
-histograms as masked words at its own slot (the variant's place in the sorted labels), never metrics.
-One answer per session: a different question under the same session is refused (``mask_reuse``).
+A question with ``masking`` (acceptance and cross-evaluation, the defaults) is answered masked: the bank
+verifies the relayed key offers of the session's banks (at least three), derives the pairwise keys and
+sends each variant's histograms as masked words at its own slot (the variant's place in the sorted labels),
+never metrics. One answer per session: a different question under the same session is refused
+(``mask_reuse``). A masked cross-evaluation question (``_crossval_variants``) names each variant by the
+session bank whose local model it is: the bank sends **zeros** in its own model's slot (so each model is
+pooled at the other banks only) after checking that the model named for it is the one it sent, and refuses
+any other shape: the aggregator cannot ask one model twice under different banks' names and difference the
+sums.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -26,12 +33,18 @@ from bank_node.masked_evaluation import earlier_answer, session_masker
 from bank_node.variant_scoring import variant_scores
 from fedfraud import model_json
 from fedfraud.crosscheck import MAX_VARIANTS, MaskedScoreAnswer, ScoreAnswer, ScoreQuestion
+from fedfraud.model_guard import parse_received_model
+from fedfraud.scores import BINS
 from fedfraud.secagg.keys import KeyAgreementRefused
 from fedfraud.secagg.masking import encode_counts, words_to_text
-from fedfraud.wire import TrainTask, WireFormatError
+from fedfraud.wire import ModelUpdate, TrainTask, WireFormatError
 
 if TYPE_CHECKING:
     from bank_node.node import BankNode
+
+
+CROSSVAL_SLOTS = 1 << 32  # cross-evaluation's mask labels start here: never an evaluation's or acceptance's
+SENT_LOCAL_MODEL = "crossval/local_model.json"  # under the bank's work folder: the trees it sent, by digest
 
 
 class LocalModelRefused(RuntimeError):
@@ -58,19 +71,53 @@ def score_question(node: "BankNode", question_bytes: bytes) -> bytes:
 def _score_masked(node: "BankNode", question: ScoreQuestion) -> bytes:
     """Every variant's histograms as masked words, under the question's session (keys offered in ``keys``)."""
     masking = question.masking
-    if question.purpose != "accept" or not isinstance(masking, dict):
-        raise KeyAgreementRefused("masking_malformed", "only an acceptance question is masked, with an object")
+    if question.purpose not in ("accept", "crossval") or not isinstance(masking, dict):
+        raise KeyAgreementRefused("masking_malformed", "only acceptance and cross-evaluation questions are masked, "
+                                                       "with an object")
     session, masker = session_masker(node, masking.get("session"), masking.get("banks"), masking.get("offers"))
-    digest = question.digest()
-    if (earlier := earlier_answer(node, session, "accept", digest)) is not None:
+    digest, purpose, labels = question.digest(), question.purpose, sorted(question.variants)
+    first_slot, scored = 0, question
+    if purpose == "crossval":
+        first_slot, scored = CROSSVAL_SLOTS, _crossval_variants(node, question, session, masking["banks"])
+    if (earlier := earlier_answer(node, session, purpose, digest)) is not None:
         return earlier  # the same answer again is harmless
+    histograms = {label: np.concatenate(score_histograms(scores, node.data.y_holdout)).astype(np.int64)
+                  for label, (_, scores) in variant_scores(node, scored).items()}
     words = {}
-    for slot, (label, (_, scores)) in enumerate(variant_scores(node, question).items()):  # sorted labels
-        counts = np.concatenate(score_histograms(scores, node.data.y_holdout)).astype(np.int64)
+    for slot, label in enumerate(labels, start=first_slot):  # its own model's slot (cross-evaluation): zeros
+        counts = histograms.get(label, np.zeros(2 * BINS, dtype=np.int64))
         words[label] = words_to_text(masker.mask(encode_counts(counts), slot))
-    body = MaskedScoreAnswer(node.bank, question.round_id, "accept", session, digest, words).to_bytes()
-    node.secagg_store.keep(session, "accept", digest, body)
+    body = MaskedScoreAnswer(node.bank, question.round_id, purpose, session, digest, words).to_bytes()
+    node.secagg_store.keep(session, purpose, digest, body)
     return body
+
+
+def _crossval_variants(node: "BankNode", question: ScoreQuestion, session: str, banks: list[str]) -> ScoreQuestion:
+    """The question without this bank's own model, once the question has the only shape a masked cross-evaluation
+    may have: round 0, a session of the cross-evaluation, each variant one session bank's whole local model and
+    named by it, and the model under this bank's name the one it sent (``crossval_not_my_model``)."""
+    if question.round_id != 0 or "/crossval/" not in session:
+        raise KeyAgreementRefused("crossval_malformed", "a masked cross-evaluation is round 0, in a crossval session")
+    for label in question.variants:
+        model, drop = question.variant_spec(label)
+        if label not in banks or model != label or drop:
+            raise KeyAgreementRefused("crossval_malformed", f"variant {str(label)[:40]!r}: each variant must be a "
+                                                            "session bank's whole local model, named by that bank")
+    if node.bank in question.variants:
+        sent = node.work_dir / SENT_LOCAL_MODEL
+        mine = json.loads(sent.read_text())["trees"] if sent.exists() else None
+        if trees_digest(node, question.models[node.bank]) != mine:
+            raise KeyAgreementRefused("crossval_not_my_model", f"the model named {node.bank} is not the local "
+                                                               f"model {node.bank} sent")
+    others = {label: spec for label, spec in question.variants.items() if label != node.bank}
+    return ScoreQuestion(0, "crossval", others, {label: question.models[label] for label in others})
+
+
+def trees_digest(node: "BankNode", model: object) -> str:
+    """The digest of a model's trees as this bank's entry check rebuilds them (ids aside)."""
+    doc = parse_received_model(model_json.to_bytes(model), node.policy.received_limits(), node.data.feature_names)
+    digests = [hashlib.sha256(model_json.to_bytes({**tree, "id": 0})).hexdigest() for tree in model_json.trees(doc)]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def local_model(node: "BankNode", task_bytes: bytes) -> bytes:
@@ -80,4 +127,8 @@ def local_model(node: "BankNode", task_bytes: bytes) -> bytes:
     task = TrainTask.from_bytes(task_bytes)
     if task.round_id != 0 or task.base_model is not None:
         raise WireFormatError("a local-model task is round 0 and has no base model")
-    return node.train(task_bytes)
+    body = node.train(task_bytes)
+    sent = node.work_dir / SENT_LOCAL_MODEL  # what a masked question must name as this bank's own model
+    sent.parent.mkdir(parents=True, exist_ok=True)
+    sent.write_text(json.dumps({"trees": trees_digest(node, ModelUpdate.from_bytes(body, max_bytes=len(body)).model)}))
+    return body

@@ -99,10 +99,11 @@ OUTGOING: dict[str, Fields] = {
     "key offer": Fields({"bank": str, "session": str, "public_key": BASE64, "certificate": str, "signature": BASE64}),
     "masked evaluation": Fields({"bank": str, "model_id": str, "session": str, "purpose": str, "words": BASE64,
                                  "metrics": METRICS}),
-    # acceptance (masked, the default): per variant scored, its histograms as pairwise-masked words
+    # acceptance and cross-evaluation (masked, the defaults): per variant scored, its histograms as pairwise-masked
+    # words (cross-evaluation: zeros in the bank's own model's slot)
     "masked score answer": Fields({"bank": str, "round_id": int, "purpose": str, "session": str,
                                    "question": Text(r"[0-9a-f]{64}"), "words": MapOf(BASE64)}),
-    # cross-evaluation, and acceptance with acceptance_masked off: one evaluation report per variant scored
+    # acceptance_masked or crossval_masked off (a consortium's choice): one evaluation report per variant scored
     # (documented: in the clear)
     "evaluation reports": Fields({"bank": str, "round_id": int, "purpose": str, "reports": MapOf(EVALUATION_REPORT)}),
     # the histogram strategy's planning: the dense grid counts as pairwise-masked words (fedfraud/grid_counts.py);
@@ -118,7 +119,7 @@ README_NAMES = {"summary": "counts", "update": "an update", "key offer": "key of
 ANSWERS = {
     TaskKind.SUMMARY: "summary", TaskKind.TRAIN: "update", TaskKind.HISTOGRAM: "update",
     TaskKind.LOCAL_MODEL: "update", TaskKind.KEYS: "key offer", TaskKind.EVALUATE: "masked evaluation",
-    TaskKind.EVALUATE_CHAMPION: "masked evaluation", TaskKind.CROSSVAL: "evaluation reports",
+    TaskKind.EVALUATE_CHAMPION: "masked evaluation", TaskKind.CROSSVAL: ("masked score answer", "evaluation reports"),
     TaskKind.ACCEPT: ("masked score answer", "evaluation reports"), TaskKind.BIN_COUNTS: "masked grid counts",
 }
 

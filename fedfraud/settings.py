@@ -41,6 +41,9 @@ class FederationSettings:
     crossval_min_lift: float = 2.0  # a local model must reach this multiple of no-skill AUPRC elsewhere
     crossval_max_contradiction_auc: float = 0.5  # a holdout where every other model is below this is refused
     crossval_require_model: bool = False  # a bank that refuses to share its local model is excluded
+    # Cross-evaluation's histograms only as masked sums (aggregator/protocol/secure_crossval.py): each model pooled
+    # at every other bank. Off: clear per-bank reports (and the per-holdout contradiction rule).
+    crossval_masked: bool = True
     champion_gate: bool = True  # a first champion must beat the best single-bank local model (pooled)
     # Compaction (aggregator/compaction.py; bagging): each round the banks score the model without its
     # weakest earlier trees; the round keeps the largest drop whose pooled AUPRC loss, in every pool that
@@ -73,12 +76,12 @@ class FederationSettings:
         return asdict(self)
 
 
-SWITCHES = ("acceptance", "acceptance_masked", "crossval", "crossval_require_model", "champion_gate", "compaction",
-            "compaction_new_trees")
+SWITCHES = ("acceptance", "acceptance_masked", "crossval", "crossval_masked", "crossval_require_model",
+            "champion_gate", "compaction", "compaction_new_trees")
 # What one federation may choose (a service request, a DAG run); every other setting is the consortium's default.
-REQUEST_OPTIONS = ("crossval", "champion_gate", "acceptance", "acceptance_masked", "acceptance_delta", "acceptance_z",
-                   "acceptance_delta_floor", "compaction", "compaction_tolerance", "compaction_steps",
-                   "compaction_max_fraction", "compaction_new_trees")
+REQUEST_OPTIONS = ("crossval", "crossval_masked", "champion_gate", "acceptance", "acceptance_masked",
+                   "acceptance_delta", "acceptance_z", "acceptance_delta_floor", "compaction", "compaction_tolerance",
+                   "compaction_steps", "compaction_max_fraction", "compaction_new_trees")
 
 
 def requested_settings(trees_per_round: int, min_banks: int, options: dict[str, Any]) -> FederationSettings:

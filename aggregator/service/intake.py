@@ -71,8 +71,8 @@ def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
     if kind == TaskKind.BIN_COUNTS:  # masked words (the default); sparse clear counts from a bank that allows them
         masked = b'"words"' in body
         return (MaskedGridCounts if masked else BinCounts).from_bytes(body).bank, None
-    if kind in TaskKind.SCORES:  # acceptance is answered masked unless the federation chose it in the clear
-        masked = kind == TaskKind.ACCEPT and b'"words"' in body
+    if kind in TaskKind.SCORES:  # masked unless the federation chose the clear (acceptance, cross-evaluation)
+        masked = b'"words"' in body
         answer = (MaskedScoreAnswer if masked else ScoreAnswer).from_bytes(body)
         return answer.bank, answer.round_id
     if kind == TaskKind.SUMMARY:
