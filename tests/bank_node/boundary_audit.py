@@ -67,8 +67,8 @@ def masked_plaintext(node, masked_tasks: list[bytes]) -> list[tuple[str, np.ndar
     holdout: the plaintext it masked."""
     found = {}
     for task_bytes in masked_tasks:
-        if b'"masking"' in task_bytes:  # a masked acceptance question: every variant, as the bank scores them
-            question = ScoreQuestion.from_bytes(task_bytes)
+        if b'"masking"' in task_bytes:  # a masked acceptance or cross-evaluation question: every variant, as the
+            question = ScoreQuestion.from_bytes(task_bytes)  # bank scores them (its own model's too: never sent)
             for label, (_, scores) in variant_scores(node, question).items():
                 found[model_json.model_id(question.variant(label))] = score_histograms(scores, node.data.y_holdout)
             continue
@@ -114,11 +114,10 @@ def leaks(vector: np.ndarray, blobs: dict[str, bytes]) -> list[str]:
 
 
 def documented_in_clear(name: str) -> bool:
-    """Files of the aggregator holding what README lists as leaving in the clear: cross-evaluation and acceptance
-    answers (the workspace's ``crossval/answers``, ``acceptance/stage-N/answers``; the service's ``exchange``
-    copies of ``accept`` and ``crossval`` uploads)."""
-    return ("/crossval/answers/" in name or ("/acceptance/" in name and "/answers/" in name)
-            or "/exchange/accept-" in name or "/exchange/crossval-" in name)
+    """Files of the aggregator that may hold what README lists as leaving in the clear when a consortium chooses
+    it: acceptance answers with ``acceptance_masked: false`` (the workspace's ``acceptance/stage-N/answers``, the
+    service's ``exchange`` copies of ``accept`` uploads). Cross-evaluation's answers are masked: none is here."""
+    return ("/acceptance/" in name and "/answers/" in name) or "/exchange/accept-" in name
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -127,6 +126,6 @@ def files_of(root: Path) -> dict[str, bytes]:
 
 
 def report_histograms(answer: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The clear histograms in a cross-evaluation or acceptance answer (documented to leave in the clear)."""
+    """The clear histograms in a score answer (acceptance or cross-evaluation in the clear, a consortium's choice)."""
     reports = json.loads(answer)["reports"].values()
     return [(np.asarray(r["hist_pos"]), np.asarray(r["hist_neg"])) for r in reports]

@@ -3,8 +3,8 @@ and acceptance on) over real ``BankNode``s on toy rows. Everything a node's call
 bank; the histogram strategy's federated channel is recorded at the server by a relay. Every byte must be a
 kind declared in ``fedfraud.boundary`` with only allowed fields; masked words must look uniformly random (a
 plain histogram fails the same test); the aggregator's workspace, MLflow store and logs must hold no bank's
-plaintext score histogram (the same search finds the cross-evaluation's histograms, which leave in the clear
-by design)."""
+plaintext score histogram, the cross-evaluation's included (masked since issue 12: the same search found its
+clear reports before)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from boundary_audit import (RecordingNode, distinctive, documented_in_clear, files_of, leaks, randomness_problem,
-                            report_histograms)
+from boundary_audit import (RecordingNode, distinctive, documented_in_clear, files_of, leaks, randomness_problem)
 from conftest import TOY_FEATURES, four_toy_banks, with_toy_data
 from federated_recorder import Recorder, recording_server
 
@@ -26,7 +25,9 @@ from aggregator.strategies import histogram as histogram_module
 from aggregator.strategies.histogram import Histogram
 from aggregator.tracking import FederationTracker
 from bank_node.node import BankNode
+from fedfraud import model_json
 from fedfraud.boundary import federated_kind, federated_problem, masked_words, outgoing_problem
+from fedfraud.crosscheck import ScoreQuestion
 from fedfraud.secagg.masking import encode_counts
 
 # toy banks carry their signal on different features: every local model would fail cross-evaluation's
@@ -114,8 +115,10 @@ def test_every_message_a_bank_sends_is_declared_with_only_allowed_fields(run):
         assert outgoing_problem(kind, body) is None, (bank, outgoing_problem(kind, body))
     kinds = Counter(kind for _, kind, _ in run.sent)
     assert {"summary", "update", "key offer", "masked evaluation"} <= set(kinds), kinds
-    assert ("evaluation reports" in kinds) == (run.strategy == "bagging")  # cross-evaluation (on for bagging)
-    assert ("masked score answer" in kinds) == (run.strategy != "histogram")  # acceptance, masked
+    assert "evaluation reports" not in kinds  # no histogram leaves in the clear: acceptance and cross-evaluation
+    assert ("masked score answer" in kinds) == (run.strategy != "histogram")  # are masked
+    purposes = {json.loads(body)["purpose"] for _, kind, body in run.sent if kind == "masked score answer"}
+    assert ("crossval" in purposes) == (run.strategy == "bagging")  # cross-evaluation (on for bagging), masked
     assert ("masked grid counts" in kinds) == (run.strategy == "histogram")
 
 
@@ -193,10 +196,14 @@ def test_the_aggregators_files_and_logs_hold_no_banks_masked_plaintext(run):
     outside = {what: [p for p in places if not documented_in_clear(p)]
                for what, places in plaintext_leaks(run, blobs).items()}
     assert {what: places for what, places in outside.items() if places} == {}
-    # the same search finds what is meant to be there: cross-evaluation's reports, in the clear
-    clear_reports = [h for _, kind, body in run.sent if kind == "evaluation reports" for h in report_histograms(body)]
-    found = [leaks(neg, blobs) for _, neg in clear_reports if distinctive(neg)]
-    assert all(found) and (bool(found) == (run.strategy == "bagging"))
+    # cross-evaluation's histograms (bagging: each bank's of every other bank's local model) are among those
+    # searched and found nowhere, and no folder excuses them (its clear reports were found in crossval/answers)
+    crossval = {(node.bank, model_json.model_id(question.variant(label))) for node in run.nodes.values()
+                for question in [ScoreQuestion.from_bytes(t) for t in node.masked_tasks if b'"masking"' in t]
+                if question.purpose == "crossval" for label in question.variants if label != node.bank}
+    searched = {(bank, model_id) for bank, node in run.nodes.items() for model_id, _, _ in node.plaintext_histograms()}
+    assert bool(crossval) == (run.strategy == "bagging") and crossval <= searched
+    assert not documented_in_clear("federations/boundary-bagging/crossval/answers/alpha.json")
 
 
 @pytest.mark.parametrize("run", ["bagging", "cyclic"], indirect=True)  # histogram has no acceptance stage

@@ -48,6 +48,17 @@ def test_every_task_kind_has_a_declared_answer():
     assert set(ANSWERS) == set(TaskKind.ALL)
     assert {k for kind in TaskKind.ALL for k in answer_kinds(kind)} | {"failure"} == set(OUTGOING)
     assert answer_kind(TaskKind.ACCEPT) == "masked score answer"  # the default
+    assert answer_kind(TaskKind.CROSSVAL) == "masked score answer"  # the default since issue 12
+
+
+def test_a_masked_cross_evaluation_answer_fits_and_a_clear_histogram_in_it_is_named():
+    answer = {"bank": "alpha", "round_id": 0, "purpose": "crossval", "session": "f/crossval/pass-1/attempt-1/ab",
+              "question": "0" * 64, "words": {"alpha": "AAAA", "beta": "AAAA"}}
+    assert answer_kind(TaskKind.CROSSVAL, json.dumps(answer).encode()) == "masked score answer"
+    assert outgoing_problem("masked score answer", answer) is None
+    leaky = {**answer, "words": {**answer["words"], "beta": [0] * 999 + [3]}}
+    assert "masked score answer.words.beta: expected text matching" in outgoing_problem("masked score answer", leaky)
+    assert "field not allowed" in outgoing_problem("masked score answer", {**answer, "reports": {}})
 
 
 def test_the_wire_messages_a_bank_sends_fit_their_declaration():
