@@ -17,7 +17,7 @@ import threading
 
 import httpx
 
-MASKED_INPUT = ("evaluate", "evaluate_champion")
+MASKED_INPUT = ("evaluate", "evaluate_champion", "crossval")  # crossval: masked questions since issue 12
 
 
 def install(record_path: str) -> None:

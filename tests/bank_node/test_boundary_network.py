@@ -2,9 +2,9 @@
 (``tests/aggregator/test_service_network.py``'s stack), each agent run through ``recording_agent.py`` so every
 HTTP request it sends is recorded. One round each of bagging (cross-evaluation and acceptance on), cyclic and
 histogram. Every request must be a declared route with only allowed headers and query parameters, and carry
-only the declared answer to its task; masked evaluations must be random words; the aggregator's workspace,
-databases, MLflow store and log must hold no bank's masked plaintext outside the clear reports README lists
-(which do repeat it: see the strict xfail in ``test_boundary_embedded.py``).
+only the declared answer to its task (no score histogram in the clear: acceptance and cross-evaluation are
+masked); masked evaluations must be random words; the aggregator's workspace, databases, MLflow store and log
+must hold no bank's masked plaintext (its evaluations' and its cross-evaluation's).
 
 The histogram strategy's gRPC channel (sidecar -> the service's federated server, over TLS) is recorded by the
 bank itself: the agents run with ``FEDFRAUD_RECORD_EGRESS=1``, so each sidecar logs every request it sends
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from boundary_audit import (distinctive, documented_in_clear, files_of, leaks, masked_plaintext,
-                            randomness_problem, report_histograms)
+                            randomness_problem)
 
 from bank_node.histogram_worker import RECORD_EGRESS_ENV
 from fedfraud.boundary import answer_kind, federated_kind, federated_problem, http_problem, masked_words
@@ -123,7 +123,8 @@ def test_every_request_an_agent_sends_is_a_declared_route_carrying_a_declared_an
             if request["path"].endswith("/result"):
                 answered[answer_kind(kinds[task], body)] += 1
     assert set(answered) >= {"summary", "update", "key offer", "masked evaluation", "masked score answer",
-                             "evaluation reports", "masked grid counts"}, answered
+                             "masked grid counts"}, answered
+    assert "evaluation reports" not in answered, answered  # cross-evaluation and acceptance: masked
 
 
 def test_the_federated_channel_over_tls_carries_declared_calls_and_random_sums_only(stack):
@@ -141,9 +142,13 @@ def test_the_federated_channel_over_tls_carries_declared_calls_and_random_sums_o
     assert ranks == set(range(len(net.BANKS)))
 
 
-def bank_side_plaintext(stack, bank: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Each model this bank masked, scored again on its holdout here (the bank's side): its plain histograms."""
-    tasks = [base64.b64decode(entry["body"]) for entry in stack.sent(bank) if "input_of" in entry]
+def bank_side_plaintext(stack, bank: str, kinds=("evaluate", "evaluate_champion")
+                        ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Each model this bank masked in tasks of ``kinds``, scored again on its holdout here (the bank's side): its
+    plain histograms."""
+    entries = stack.sent(bank)
+    kind_of = {e["task"]: e["kind"] for e in entries if "task" in e}
+    tasks = [base64.b64decode(e["body"]) for e in entries if "input_of" in e and kind_of.get(e["input_of"]) in kinds]
     return masked_plaintext(stack.consortium.nodes[bank], tasks)
 
 
@@ -190,20 +195,17 @@ def test_grid_counts_over_the_network_are_random_words_and_their_plaintext_is_no
     assert searched >= 2 * len(net.BANKS)
 
 
-def test_the_services_files_and_log_hold_no_masked_plaintext_outside_the_documented_reports(stack):
+def test_the_services_files_and_log_hold_no_masked_plaintext(stack):
     blobs = service_blobs(stack)
-    searched, outside = 0, {}
+    searched, outside = Counter(), {}
     for bank in net.BANKS:
-        for model_id, pos, neg in bank_side_plaintext(stack, bank):
-            for name, vector in (("positives", pos), ("negatives", neg)):
-                if distinctive(vector):
-                    searched += 1
-                    places = leaks(vector, blobs)
-                    if rest := [p for p in places if not documented_in_clear(p)]:
-                        outside[f"{bank}'s {name} histogram of {model_id}"] = rest
-    assert searched >= len(net.BANKS) and outside == {}
-    # the search finds the clear reports that README lists (cross-evaluation answers)
-    clear = [neg for bank in net.BANKS for r in requests_of(stack.sent(bank)) if r["path"].endswith("/result")
-             and b'"reports"' in (body := base64.b64decode(r["body"])) for _, neg in report_histograms(body)]
-    found = [leaks(neg, blobs) for neg in clear if distinctive(neg)]
-    assert found and all(found)
+        for kinds in (("evaluate", "evaluate_champion"), ("crossval",)):
+            for model_id, pos, neg in bank_side_plaintext(stack, bank, kinds):
+                for name, vector in (("positives", pos), ("negatives", neg)):
+                    if distinctive(vector):
+                        searched[kinds[0]] += 1
+                        if rest := [p for p in leaks(vector, blobs) if not documented_in_clear(p)]:
+                            outside[f"{bank}'s {name} histogram of {model_id}"] = rest
+    # every bank's histograms of the others' local models are searched (bagging's cross-evaluation), found nowhere
+    assert searched["evaluate"] >= len(net.BANKS) and searched["crossval"] >= len(net.BANKS), searched
+    assert outside == {}
