@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 
 CROSSVAL_SLOTS = 1 << 32  # cross-evaluation's mask labels start here: never an evaluation's or acceptance's
-SENT_LOCAL_MODEL = "crossval/local_model.json"  # under the bank's work folder: the trees it sent, by digest
+SENT_LOCAL_MODEL = "crossval/local_models.json"  # under the bank's work folder: the trees it sent, by digest
+KEPT_LOCAL_MODELS = 16  # another of its own local models under its name is still its own: no differencing
 
 
 class LocalModelRefused(RuntimeError):
@@ -105,8 +106,8 @@ def _crossval_variants(node: "BankNode", question: ScoreQuestion, session: str, 
                                                             "session bank's whole local model, named by that bank")
     if node.bank in question.variants:
         sent = node.work_dir / SENT_LOCAL_MODEL
-        mine = json.loads(sent.read_text())["trees"] if sent.exists() else None
-        if trees_digest(node, question.models[node.bank]) != mine:
+        mine = json.loads(sent.read_text())["trees"] if sent.exists() else []
+        if trees_digest(node, question.models[node.bank]) not in mine:
             raise KeyAgreementRefused("crossval_not_my_model", f"the model named {node.bank} is not the local "
                                                                f"model {node.bank} sent")
     others = {label: spec for label, spec in question.variants.items() if label != node.bank}
@@ -128,7 +129,9 @@ def local_model(node: "BankNode", task_bytes: bytes) -> bytes:
     if task.round_id != 0 or task.base_model is not None:
         raise WireFormatError("a local-model task is round 0 and has no base model")
     body = node.train(task_bytes)
-    sent = node.work_dir / SENT_LOCAL_MODEL  # what a masked question must name as this bank's own model
+    sent = node.work_dir / SENT_LOCAL_MODEL  # what a masked question may name as this bank's own model: the last
+    earlier = json.loads(sent.read_text())["trees"] if sent.exists() else []  # few it sent (federations overlap)
+    digest = trees_digest(node, ModelUpdate.from_bytes(body, max_bytes=len(body)).model)
     sent.parent.mkdir(parents=True, exist_ok=True)
-    sent.write_text(json.dumps({"trees": trees_digest(node, ModelUpdate.from_bytes(body, max_bytes=len(body)).model)}))
+    sent.write_text(json.dumps({"trees": [*[d for d in earlier if d != digest], digest][-KEPT_LOCAL_MODELS:]}))
     return body

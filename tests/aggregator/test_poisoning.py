@@ -36,7 +36,9 @@ class LabelSwapped(BankNode):
 
 
 def swapped(node: BankNode) -> LabelSwapped:
-    return LabelSwapped(node.bank, node.raw_path, node.work_dir, node.config, node.holdout_fraction, node.alert_budget)
+    """The same bank (its consortium certificate too: it takes part in the masked cross-evaluation), labels swapped."""
+    return LabelSwapped(node.bank, node.raw_path, node.work_dir, node.config, node.holdout_fraction, node.alert_budget,
+                        secagg=node.secagg, share_metrics=node.share_metrics)
 
 
 def true_pooled_auprc(nodes: dict[str, BankNode], work_dir, model_name: str) -> float:
