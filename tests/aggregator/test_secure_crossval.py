@@ -252,3 +252,15 @@ def test_a_bank_refuses_a_question_whose_sums_could_be_differenced(tmp_path, dat
     with pytest.raises(KeyAgreementRefused) as refused:
         nodes["gamma"].score(question)
     assert refused.value.check == check
+
+
+def test_a_rerun_keeps_its_sessions_and_gets_the_same_answers(tmp_path, data):
+    """The service runs a cross-evaluation again after a restart, its answered tasks kept: an attempt's session is
+    used again for the same question and banks, so the answers already kept still add up."""
+    nodes = make_nodes(tmp_path, data)
+    ws, plan, _ = cross_evaluate(tmp_path, nodes)
+    attempt = ws.root / "crossval" / "secagg" / "pass-1" / "attempt-1"
+    before = [(attempt / name).read_bytes() for name in ("session.json", "answers/beta.json")]
+    again = crossval.run(ws, plan, nodes)
+    assert [(attempt / name).read_bytes() for name in ("session.json", "answers/beta.json")] == before
+    assert again.banks == BANKS and record(ws)["excluded"] == {}
