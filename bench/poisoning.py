@@ -42,9 +42,9 @@ ATTACKS = {
 MODES = ("undefended", "defended", "acceptance_only", "defended_clear", "acceptance_clear")
 # defended: default settings, except the gate's δ if --acceptance-delta says so; acceptance_only: the gate
 # alone, no cross-evaluation; *_clear: the same with acceptance in the clear (judged at the other banks)
-# instead of masked (judged on the pool of every bank).
+# instead of masked (judged on the pool of every bank), and the cross-evaluation's reports in the clear.
 MODE_SETTINGS = {"defended": {}, "acceptance_only": {"crossval": False},
-                 "defended_clear": {"acceptance_masked": False},
+                 "defended_clear": {"acceptance_masked": False, "crossval_masked": False},
                  "acceptance_clear": {"crossval": False, "acceptance_masked": False}}
 
 

@@ -187,6 +187,8 @@ def decide_masked(ws: Workspace, plan: Plan, summaries: dict[str, dict[str, Any]
                                f"other bank(s), no-skill {noskill:.4f} (needs {s.crossval_min_lift}x)")
         else:
             figures["models"][model]["pooled_auprc"] = auprc  # the champion gate's floor: the best of these
+    for fault in (f for p in figures["passes"] for f in p["faults"] if f["check"] == secure_crossval.INVALID):
+        excluded.setdefault(fault["bank"], f"crossval_answer_invalid: {fault['detail']}")
     unjudged = {m: "crossval_no_model: its model was not judged (the bank left the masked session)"
                 for m in plain.variants if m not in pools.reports and m not in excluded}
     excluded.update(_without_model(plan, unjudged))

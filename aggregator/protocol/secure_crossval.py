@@ -12,7 +12,8 @@ aggregation (``pooled``), like the round's evaluation and acceptance:
   session bank but its owner. Used only when every bank of the session answered, the counts are non-negative
   and their totals are exactly the pooled banks' planned holdout counts. A bank missing or malformed: a new
   attempt with the banks that answered, under a new session (at most ``MAX_ATTEMPTS``, never below the quorum);
-  else the cross-evaluation fails by name. Never a wrong sum.
+  else the cross-evaluation fails by name. Never a wrong sum. (A malformed answer also excludes its bank, as a
+  malformed clear answer does: ``crossval.decide_masked``.)
 
 No differencing: each sum is of a different model. The bank enforces that (``bank_node.acceptance``): every
 variant is one session bank's whole local model, named by that bank, which checks that the model under its
@@ -48,6 +49,7 @@ from fedfraud.wire import EvaluationReport, KeyRequest, WireFormatError
 from pipelines.io import write_bytes
 
 MAX_ATTEMPTS = 3
+INVALID = "masked_crossval_answer_invalid"  # an answer that arrived and cannot enter the sum: its bank is excluded
 POOL = "others"  # the evaluator of a masked cross-evaluation figure: every session bank but the model's owner
 
 
@@ -103,11 +105,16 @@ def pooled(ws: Workspace, plan: Plan, folder: Path, name: str, plain: ScoreQuest
              for b in masking])
         uploads, answered = [], []
         for bank in masking:
+            path = here / "answers" / f"{bank}.json"
+            if not path.exists():
+                faults.append({"bank": bank, "check": "masked_crossval_answer_missing", "detail": f"{name} attempt "
+                                                                                                  f"{attempt}"})
+                continue
             try:
-                uploads.append(_answer(here / "answers" / f"{bank}.json", bank, session, asked.digest(), labels))
+                uploads.append(_answer(path, bank, session, asked.digest(), labels))
                 answered.append(bank)
             except (WireFormatError, SecureAggregationError) as exc:
-                faults.append({"bank": bank, "check": "masked_crossval_answer_invalid", "detail": str(exc)[:300]})
+                faults.append({"bank": bank, "check": INVALID, "detail": str(exc)[:300]})
         history += faults
         if answered == masking:
             reports = {m: _decoded(plan, [u[m] for u in uploads], [b for b in answered if b != m], m)
@@ -136,8 +143,6 @@ def _session(ws: Workspace, plan: Plan, here: Path, name: str, attempt: int, dig
 
 
 def _answer(path: Path, bank: str, session: str, digest: str, labels: list[str]) -> dict[str, np.ndarray]:
-    if not path.exists():
-        raise WireFormatError("no masked cross-evaluation answer arrived")
     answer = MaskedScoreAnswer.from_bytes(path.read_bytes())
     expected = {"bank": bank, "round_id": 0, "purpose": "crossval", "session": session, "question": digest}
     for field, value in expected.items():

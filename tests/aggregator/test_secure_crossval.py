@@ -44,6 +44,20 @@ class Flaky:
         return self.node.score(question)
 
 
+class ClearAnswerer:
+    """A node that answers a masked cross-evaluation question with clear reports (forged or not)."""
+
+    def __init__(self, node: BankNode):
+        self.node, self.bank = node, node.bank
+
+    def __getattr__(self, name):
+        return getattr(self.node, name)
+
+    def score(self, question: bytes) -> bytes:
+        plain = ScoreQuestion.from_bytes(question)
+        return self.node.score(ScoreQuestion(0, "crossval", plain.variants, plain.models).to_bytes())
+
+
 class OwnSlotLiar:
     """A node that puts its holdout's histograms of its own model in its own slot (instead of zeros)."""
 
@@ -171,7 +185,7 @@ def test_a_bank_missing_reruns_the_pass_with_the_others_under_fresh_keys(tmp_pat
     kept = pools(ws)
     assert kept["banks"] == ["alpha", "beta", "gamma"]
     assert [f["bank"] for f in kept["faults"]] == ["delta"]
-    assert kept["faults"][0]["check"] == "masked_crossval_answer_invalid"
+    assert kept["faults"][0]["check"] == "masked_crossval_answer_missing"
     root = ws.root / "crossval" / "secagg" / "pass-1"
     sessions = [json.loads((root / f"attempt-{k}" / "session.json").read_text())["session"] for k in (1, 2)]
     assert sessions[0] != sessions[1] and all("/crossval/pass-1/" in s for s in sessions)
@@ -186,6 +200,14 @@ def test_a_bank_that_left_the_session_is_excluded_when_a_model_is_required(tmp_p
     ws, _, plan = cross_evaluate(tmp_path, nodes, crossval_require_model=True)
     assert plan.banks == ["alpha", "beta", "gamma"]
     assert record(ws)["excluded"]["delta"].startswith("crossval_no_model: its model was not judged")
+
+
+def test_a_bank_that_answers_in_the_clear_is_excluded_and_the_others_pooled_without_it(tmp_path, data):
+    nodes = {**make_nodes(tmp_path, data)}
+    nodes["beta"] = ClearAnswerer(nodes["beta"])
+    ws, _, plan = cross_evaluate(tmp_path, nodes)
+    assert record(ws)["excluded"]["beta"].startswith("crossval_answer_invalid") and "beta" not in plan.banks
+    assert pools(ws)["banks"] == ["alpha", "delta", "gamma"]
 
 
 def test_a_bank_missing_below_three_fails_by_name(tmp_path, data):
