@@ -20,6 +20,7 @@ from aggregator.protocol.workspace import Workspace
 from bank_node.node import BankNode
 from fedfraud.crosscheck import MaskedScoreAnswer, ScoreAnswer, ScoreQuestion
 from fedfraud.secagg.keys import KeyAgreementRefused
+from fedfraud.secagg.masking import TooFewParties
 from fedfraud.settings import FederationSettings
 
 BANKS = ["alpha", "beta", "delta", "gamma"]
@@ -286,3 +287,16 @@ def test_a_rerun_keeps_its_sessions_and_gets_the_same_answers(tmp_path, data):
     again = crossval.run(ws, plan, nodes)
     assert [(attempt / name).read_bytes() for name in ("session.json", "answers/beta.json")] == before
     assert again.banks == BANKS and record(ws)["excluded"] == {}
+
+
+def test_a_bank_refuses_to_mask_among_fewer_than_three(tmp_path, data):
+    nodes = make_nodes(tmp_path, data)
+    ws, _, _ = cross_evaluate(tmp_path, nodes)
+    question = ScoreQuestion.from_bytes(
+        (ws.root / "crossval" / "secagg" / "pass-1" / "attempt-1" / "question.json").read_bytes())
+    two = ["alpha", "beta"]
+    masking = {**question.masking, "banks": two, "offers": {b: question.masking["offers"][b] for b in two}}
+    smaller = ScoreQuestion(0, "crossval", {b: question.variants[b] for b in two},
+                            {b: question.models[b] for b in two}, masking)
+    with pytest.raises(TooFewParties):
+        nodes["alpha"].score(smaller.to_bytes())
