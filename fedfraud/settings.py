@@ -39,7 +39,9 @@ class FederationSettings:
     crossval: bool = True  # before round 1: every bank's local model scored at every other bank
     crossval_max_trees: int = 100  # local models: rounds x trees_per_round trees, at most this (bank policies)
     crossval_min_lift: float = 2.0  # a local model must reach this multiple of no-skill AUPRC elsewhere
-    crossval_max_contradiction_auc: float = 0.5  # a holdout where every other model is below this is refused
+    # masked: a model whose ROC-AUC at the others' pooled holdouts is below this is refused (the lowest first);
+    # in the clear: a holdout where every other model is below this
+    crossval_max_contradiction_auc: float = 0.5
     crossval_require_model: bool = False  # a bank that refuses to share its local model is excluded
     # Cross-evaluation's histograms only as masked sums (aggregator/protocol/secure_crossval.py): each model pooled
     # at every other bank. Off: clear per-bank reports (and the per-holdout contradiction rule).
