@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work-dir", type=Path, default=Path("work/bench/compaction"))
     parser.add_argument("--new-trees", action="store_true", help="compaction may drop a round's own trees too")
+    parser.add_argument("--per-round", action="store_true", help="judge each round against its own uncompacted "
+                        "model (compaction_anchor off: the losses add up over rounds), not the grown model")
     parser.add_argument("--report", action="store_true", help="print the table from both results files")
     parser.add_argument("--name", default="with", help="the compacted federation's name (bench-NAME)")
     parser.add_argument("--only", choices=("compacted", "without"),
@@ -198,9 +200,9 @@ def main() -> None:
     plain = FederationSettings()
     settings = {"without": plain, args.name: dataclasses.replace(plain, compaction=True,
                                                                    compaction_tolerance=args.tolerance,
-                                                                   compaction_new_trees=args.new_trees)}
-    same = {"rows": args.rows, "banks": args.banks, "rounds": args.rounds, "seed": args.seed,
-            "tolerance": args.tolerance}
+                                                                   compaction_new_trees=args.new_trees,
+                                                                   compaction_anchor=not args.per_round)}
+    same = {"rows": args.rows, "banks": args.banks, "rounds": args.rounds, "seed": args.seed}
     done = {name: args.work_dir / f"results-{name}.json" for name in settings}
     if not args.report:
         consortium = prepare_consortium(banks_for(args), args.work_dir, load_config(), FederationSettings(),
@@ -209,7 +211,7 @@ def main() -> None:
         for name in [{"compacted": args.name}.get(args.only, args.only)] if args.only else list(settings):
             row = run(consortium, settings[name], name, args, test)
             done[name].write_text(json.dumps({**same, "test_rows": len(test[1]), "test_frauds": int(test[1].sum()),
-                                              **row}, indent=2))
+                                              "settings": dataclasses.asdict(settings[name]), **row}, indent=2))
     results = {name: json.loads(path.read_text()) for name, path in done.items() if path.exists()}
     if len(results) < 2 or any({k: r[k] for k in same} != same for r in results.values()):
         print("waiting for both federations' results with these arguments", file=sys.stderr)

@@ -144,3 +144,27 @@ def test_dropping_trees_changes_scores_only_by_their_margins(toy_banks):
     only = model_json.to_booster(drop_trees(doc, [i for i in range(len(model_json.trees(doc))) if i not in (1, 2)]))
     base = model_json.to_booster(model_json.empty_like(doc)).predict(dm, output_margin=True)
     np.testing.assert_allclose(full - kept, only.predict(dm, output_margin=True) - base, atol=1e-4)
+
+
+def test_anchored_losses_are_judged_against_the_grown_model_and_a_drifted_model_gets_its_trees_back(toy_banks):
+    doc = bagged(toy_banks, 3)
+    count = len(model_json.trees(doc))
+    strongest = sorted(compaction.rank(doc, count)[-count // 2:])  # the stronger half: an earlier over-drop
+    candidate, archive = compaction.split_after(doc, strongest)
+    assert len(model_json.trees(archive)) == len(strongest) and len(model_json.trees(candidate)) == count - len(strongest)
+    expanded, labels = compaction.anchored(candidate, archive, len(model_json.trees(candidate)), 4, 0.9)
+    X = np.concatenate([x for x, _ in toy_banks.values()])
+    dm = xgb.DMatrix(X, feature_names=TOY_FEATURES)
+    margin = lambda d: model_json.to_booster(d).predict(dm, output_margin=True)  # noqa: E731
+    np.testing.assert_allclose(margin(drop_trees(expanded, labels[compaction.GROWN])), margin(doc), atol=1e-4)
+    assert drop_trees(expanded, labels[compaction.FULL]) == candidate
+    assert all(set(labels[compaction.FULL]) < set(drop) for label, drop in labels.items() if label.startswith("drop:"))
+    answers, sizes = reports(expanded, labels, toy_banks), compaction.sizes_of(expanded, labels)
+    assert compaction.worst_loss(answers, compaction.FULL, compaction.GROWN) > 0.01  # the drift the anchor sees
+    assert compaction.choose(answers, sizes, 0.01, compaction.GROWN).label == compaction.GROWN  # restored
+    smallest = min(sizes, key=sizes.get)
+    assert compaction.choose(answers, sizes, 1.0, compaction.GROWN).label == smallest
+    compacted, dropped = compaction.split_after(expanded, labels[smallest])
+    np.testing.assert_allclose(margin(model_json.append_trees(compacted, dropped)), margin(doc), atol=1e-4)
+    assert compaction.anchored(doc, None, count, 4, 0.9)[1][compaction.FULL] == []  # no archive: no GROWN
+    assert compaction.GROWN not in compaction.anchored(doc, None, count, 4, 0.9)[1]
