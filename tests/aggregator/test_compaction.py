@@ -129,7 +129,7 @@ def test_one_bank_cannot_push_a_drop_the_others_miss(toy_banks):
 
 @pytest.mark.parametrize("field, value", [("compaction", "yes"), ("compaction_tolerance", -0.1),
                                           ("compaction_steps", 0), ("compaction_max_fraction", 1.5),
-                                          ("compaction_new_trees", 1)])
+                                          ("compaction_new_trees", 1), ("compaction_anchor", "on")])
 def test_bad_compaction_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         FederationSettings(**{field: value})
@@ -151,7 +151,8 @@ def test_anchored_losses_are_judged_against_the_grown_model_and_a_drifted_model_
     count = len(model_json.trees(doc))
     strongest = sorted(compaction.rank(doc, count)[-count // 2:])  # the stronger half: an earlier over-drop
     candidate, archive = compaction.split_after(doc, strongest)
-    assert len(model_json.trees(archive)) == len(strongest) and len(model_json.trees(candidate)) == count - len(strongest)
+    assert len(model_json.trees(archive)) == len(strongest)
+    assert len(model_json.trees(candidate)) == count - len(strongest)
     expanded, labels = compaction.anchored(candidate, archive, len(model_json.trees(candidate)), 4, 0.9)
     X = np.concatenate([x for x, _ in toy_banks.values()])
     dm = xgb.DMatrix(X, feature_names=TOY_FEATURES)
