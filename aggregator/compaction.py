@@ -14,13 +14,12 @@ document goes to the banks:
   the originals of each round.
 * *weakest trees*: ``drop:n`` drops the n earlier trees of smallest mean |leaf value|.
 
-``choose`` keeps the candidate with the fewest trees whose pooled AUPRC loss against a reference
-stays within ``tolerance`` in *every* pool that leaves one bank out, so no single bank's answers (a
-liar's, or one noisy holdout) can push a drop that the others notice. The reference is, with
-``compaction_anchor`` (``anchored``), the *grown* model — the candidate plus every tree compaction
-dropped in earlier rounds (the archive) — so losses cannot add up over rounds: a model that drifted
-beyond the tolerance gets its archived trees back (``GROWN`` is a candidate too; thinning is not
-proposed then). Without the anchor it is the round's own uncompacted model (``FULL``).
+``choose`` keeps the candidate with the fewest trees whose pooled AUPRC loss against the
+uncompacted model stays within ``tolerance`` in *every* pool that leaves one bank out, so no
+single bank's answers (a liar's, or one noisy holdout) can push a drop that the others notice.
+With ``compaction_budget`` the tolerance is the whole federation's: a round may lose only what the
+earlier rounds' chosen losses (``spend``: the positive ones, summed) left of it, so small per-round
+losses cannot add up beyond it; a drop the banks measure as free stays allowed.
 The round's new trees are dropped only with ``compaction_new_trees``; the next round's trees grow on
 the compacted model.
 
@@ -35,12 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedfraud import crosscheck, model_json
-from fedfraud.crosscheck import drop_trees
 from fedfraud.model_json import Doc
 from fedfraud.wire import EvaluationReport
 
 FULL = "full"
-GROWN = "grown"  # the candidate with every archived (earlier dropped) tree back: the anchored reference
 Origin = list  # [round, bank, weight]: where a tree came from, the weight its leaves were scaled by
 
 
@@ -132,35 +129,6 @@ def variants(doc: Doc, origins: list[Origin] | None, droppable: int, steps: int,
     return expand(doc, thins), labels, thins
 
 
-def anchored(candidate: Doc, archive: Doc | None, weakest_of: int, steps: int,
-             max_fraction: float) -> tuple[Doc, dict[str, list[int]]]:
-    """(the candidate followed by the archive's trees, {label: tree indices of it to drop}): ``GROWN``
-    (with an archive) drops nothing, ``FULL`` the archive, ``drop:n`` the archive and the n weakest of
-    the candidate's first ``weakest_of`` trees."""
-    count = len(model_json.trees(candidate))
-    stored = model_json.trees(archive) if archive is not None else []
-    archived = list(range(count, count + len(stored)))
-    labels = {GROWN: []} if stored else {}
-    labels[FULL] = archived
-    order = rank(candidate, weakest_of)
-    for n in ladder(weakest_of, steps, max_fraction):
-        labels[f"drop:{n}"] = sorted(order[:n]) + archived
-    return (model_json.append_trees(candidate, archive) if stored else candidate), labels
-
-
-def split_after(doc: Doc, drop: list[int]) -> tuple[Doc, Doc]:
-    """(``doc`` without ``drop``, the dropped trees alone): the compacted model and the new archive."""
-    dropped = set(drop)
-    return drop_trees(doc, sorted(dropped)), drop_trees(doc, [i for i in range(len(model_json.trees(doc)))
-                                                           if i not in dropped])
-
-
-def origins_split(origins: list[Origin], drop: list[int]) -> tuple[list[Origin], list[Origin]]:
-    """The provenance of ``split_after``'s two models."""
-    dropped = set(drop)
-    return ([o for i, o in enumerate(origins) if i not in dropped], [o for i, o in enumerate(origins) if i in dropped])
-
-
 def origins_after(origins: list[Origin], thins: list[Thinning], drop: list[int]) -> list[Origin]:
     """The provenance of the expanded model without ``drop``: a kept copy carries its round's whole weight."""
     expanded = list(origins) + [[t.round_id, t.bank, t.weight] for t in thins for _ in t.kept]
@@ -177,29 +145,37 @@ class Verdict:
     pooled: dict[str, float]
 
 
-def worst_loss(reports: dict[str, dict[str, EvaluationReport]], label: str, reference: str = FULL) -> float:
-    """The largest pooled AUPRC loss of ``label`` against ``reference``, over every pool that leaves one
+def worst_loss(reports: dict[str, dict[str, EvaluationReport]], label: str) -> float:
+    """The largest pooled AUPRC loss of ``label`` against ``FULL``, over every pool that leaves one
     bank out (with a single bank: its own holdout)."""
     banks = sorted(reports)
     pools = [[b for b in banks if b != out] for out in banks] if len(banks) > 1 else [banks]
     losses = []
     for pool in pools:
-        full = crosscheck.auprc([reports[b][reference] for b in pool])
+        full = crosscheck.auprc([reports[b][FULL] for b in pool])
         dropped = crosscheck.auprc([reports[b][label] for b in pool])
         losses.append(full - dropped if math.isfinite(full) and math.isfinite(dropped) else math.inf)
     return max(losses) if losses else math.inf
 
 
-def choose(reports: dict[str, dict[str, EvaluationReport]], sizes: dict[str, int], tolerance: float,
-           reference: str = FULL) -> Verdict:
-    """The label of fewest trees (``sizes``) with every leave-one-out pooled loss against ``reference``
-    within ``tolerance`` (``reference`` itself when none is; without the anchor, a smaller one than ``FULL``)."""
-    losses = {label: worst_loss(reports, label, reference) for label in sizes if label != reference}
+def choose(reports: dict[str, dict[str, EvaluationReport]], sizes: dict[str, int], tolerance: float) -> Verdict:
+    """The label of fewest trees (``sizes``) with every leave-one-out pooled loss within ``tolerance``."""
+    losses = {label: worst_loss(reports, label) for label in sizes if label != FULL}
     pooled = {label: crosscheck.auprc([reports[b][label] for b in sorted(reports)]) for label in sizes}
-    limit = sizes[FULL] if reference == FULL else sizes[reference] + 1
-    fine = [label for label, loss in losses.items() if loss <= tolerance and sizes[label] < limit]
-    best = min(fine, key=lambda label: (sizes[label], label), default=reference)
+    fine = [label for label, loss in losses.items() if loss <= tolerance and sizes[label] < sizes[FULL]]
+    best = min(fine, key=lambda label: (sizes[label], label), default=FULL)
     return Verdict(best, losses, pooled)
+
+
+def allowance(tolerance: float, spent: float) -> float:
+    """What a round may lose when earlier rounds already spent ``spent`` of a federation's ``tolerance``."""
+    return max(0.0, tolerance - spent)
+
+
+def spend(spent: float, verdict: Verdict) -> float:
+    """The budget spent after ``verdict``: its chosen label's worst loss, when positive, added."""
+    loss = verdict.worst_loss.get(verdict.label, 0.0)
+    return spent + max(0.0, loss) if math.isfinite(loss) else spent
 
 
 def sizes_of(expanded: Doc, labels: dict[str, list[int]]) -> dict[str, int]:

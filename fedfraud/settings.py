@@ -55,9 +55,9 @@ class FederationSettings:
     compaction_steps: int = 8  # drop sizes scored per round (a geometric ladder)
     compaction_max_fraction: float = 0.9  # at most this share of the earlier rounds' trees dropped per round
     compaction_new_trees: bool = False  # the round's own trees may be dropped too (only earlier rounds' when off)
-    # judged against the grown model (every tree ever grown, dropped ones included), so losses cannot add up
-    # over rounds; off: against the round's uncompacted model (the per-round losses add up)
-    compaction_anchor: bool = True
+    # compaction_tolerance is a budget for the whole federation: a round may lose what earlier rounds left
+    # of it (their positive losses add up), so losses cannot accumulate beyond it; off: per round (they can)
+    compaction_budget: bool = True
 
     def __post_init__(self) -> None:
         for name in SWITCHES:
@@ -82,12 +82,12 @@ class FederationSettings:
 
 
 SWITCHES = ("acceptance", "acceptance_masked", "crossval", "crossval_masked", "crossval_require_model",
-            "champion_gate", "compaction", "compaction_new_trees", "compaction_anchor")
+            "champion_gate", "compaction", "compaction_new_trees", "compaction_budget")
 # What one federation may choose (a service request, a DAG run); every other setting is the consortium's default.
 REQUEST_OPTIONS = ("crossval", "crossval_masked", "champion_gate", "acceptance", "acceptance_masked",
                    "acceptance_delta", "acceptance_z", "acceptance_delta_floor", "compaction", "compaction_tolerance",
                    "compaction_steps", "compaction_max_fraction", "compaction_new_trees",
-                   "compaction_anchor")
+                   "compaction_budget")
 
 
 def requested_settings(trees_per_round: int, min_banks: int, options: dict[str, Any]) -> FederationSettings:

@@ -8,9 +8,8 @@
 * ``compact`` (aggregator, after ``aggregate``): the verdict (``aggregator.compaction.choose``) is
   applied to the working model and recorded in ``compaction.json`` and MLflow.
 
-With ``compaction_anchor`` the question also holds the archive (every tree compaction dropped in earlier
-rounds, ``round-N/compaction_archive.json``), so the banks score the grown model every loss is measured
-against; the archive is carried to the next round whatever the verdict (nothing is lost).
+With ``compaction_budget`` the tolerance is the federation's: each record carries what the rounds so far
+spent of it (``spent``), and a round may lose only the rest (``allowance``).
 
 A faulty answer is named and counts nowhere; with fewer answers than the quorum, or when the gate
 refused an update after the question was asked (the candidate changed), nothing is dropped.
@@ -73,25 +72,6 @@ def _origins(r: RoundState, updates: list[ModelUpdate]) -> list | None:
     return before + [[r.round_id, u.bank, w] for u, w in zip(updates, weights) for _ in model_json.trees(u.model)]
 
 
-ARCHIVE = "compaction_archive"
-
-
-def _archive(r: RoundState) -> tuple[dict | None, list | None]:
-    """The last round's archive (the trees compaction dropped so far) and their provenance; (None, None)
-    when there is none (round 1, the anchor off, nothing dropped yet)."""
-    path = r.ws.path(r.round_id - 1, ARCHIVE)
-    if not r.plan.settings.compaction_anchor or r.round_id == 1 or not path.exists():
-        return None, None
-    stored = r.ws.read_json(path)
-    return stored["model"], stored["origins"]
-
-
-def _keep_archive(r: RoundState, archive: dict | None, origins: list | None) -> None:
-    r.path(ARCHIVE).unlink(missing_ok=True)
-    if archive is not None and model_json.trees(archive):
-        r.ws.write_json({"model": archive, "origins": origins}, r.path(ARCHIVE))
-
-
 def propose(r: RoundState) -> None:
     """The stage's candidate and its smaller variants (one expanded model), for every bank to score."""
     question_path(r).unlink(missing_ok=True)
@@ -103,14 +83,8 @@ def propose(r: RoundState) -> None:
     updates = _accepted(r)
     candidate = r.strategy.aggregate(base, updates, r.plan.banks)
     weakest_of = len(model_json.trees(candidate)) if s.compaction_new_trees else droppable
-    if s.compaction_anchor:
-        archive, _ = _archive(r)
-        expanded, labels = compaction.anchored(candidate, archive, weakest_of, s.compaction_steps,
-                                               s.compaction_max_fraction)
-        thins = []
-    else:
-        expanded, labels, thins = compaction.variants(candidate, _origins(r, updates), droppable, s.compaction_steps,
-                                                      s.compaction_max_fraction, weakest_of)
+    expanded, labels, thins = compaction.variants(candidate, _origins(r, updates), droppable, s.compaction_steps,
+                                                  s.compaction_max_fraction, weakest_of)
     if len(labels) < 2:
         return
     r.ws.write_json({"thinnings": compaction.as_json(thins), "candidate_trees": len(model_json.trees(candidate))},
@@ -154,6 +128,15 @@ def _answers(r: RoundState, labels: list[str]) -> tuple[dict[str, dict[str, Eval
     return answers, faults
 
 
+def _spent(r: RoundState) -> float:
+    """What the earlier rounds spent of the federation's tolerance (0 without the budget or a record)."""
+    path = r.ws.path(r.round_id - 1, "compaction")
+    if not r.plan.settings.compaction_budget or r.round_id == 1 or not path.exists():
+        return 0.0
+    spent = r.ws.read_json(path).get("spent", 0.0)
+    return float(spent) if isinstance(spent, (int, float)) and spent >= 0 else 0.0
+
+
 def compact(r: RoundState) -> dict | None:
     """Apply what the banks' verdict allows to the working model; record why and the new provenance."""
     record_path = r.path("compaction")
@@ -164,12 +147,10 @@ def compact(r: RoundState) -> dict | None:
     working = r.ws.read_json(r.path("working"))
     before = len(model_json.trees(working))
     origins = _origins(r, _accepted(r))
-    anchor = r.plan.settings.compaction_anchor
-    archive, archive_origins = _archive(r)
-    record = {"trees_before": before, "trees_after": before, "chosen": compaction.FULL,
-              "tolerance": r.plan.settings.compaction_tolerance, "anchor": anchor}
-    if archive is not None:
-        record["archived_before"] = len(model_json.trees(archive))
+    tolerance, spent = r.plan.settings.compaction_tolerance, _spent(r)
+    allowed = compaction.allowance(tolerance, spent) if r.plan.settings.compaction_budget else tolerance
+    record = {"trees_before": before, "trees_after": before, "chosen": compaction.FULL, "tolerance": tolerance,
+              "budget": r.plan.settings.compaction_budget, "allowance": allowed, "spent": spent}
     if question_path(r).exists():
         question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
         proposal = r.ws.read_json(_folder(r) / "proposal.json")
@@ -182,22 +163,11 @@ def compact(r: RoundState) -> dict | None:
             record["skipped"] = f"{len(answers)} answer(s), quorum is {r.plan.settings.min_banks}"
         else:
             drops = {label: question.variants[label]["drop"] for label in labels}
-            reference = compaction.GROWN if compaction.GROWN in drops else compaction.FULL
-            verdict = compaction.choose(answers, compaction.sizes_of(question.models["candidate"], drops),
-                                        r.plan.settings.compaction_tolerance, reference)
+            verdict = compaction.choose(answers, compaction.sizes_of(question.models["candidate"], drops), allowed)
             record.update(chosen=verdict.label, worst_loss=verdict.worst_loss, pooled=verdict.pooled,
-                          reference=reference)
+                          spent=compaction.spend(spent, verdict) if r.plan.settings.compaction_budget else spent)
             thins = compaction.from_json(proposal["thinnings"])
-            if anchor:
-                if origins is not None and (archive_origins is not None or archive is None):
-                    origins, archive_origins = compaction.origins_split(origins + (archive_origins or []),
-                                                                        drops[verdict.label])
-                else:
-                    origins = archive_origins = None
-                grown = model_json.append_trees(working, archive) if archive is not None else working
-                working, archive = compaction.split_after(grown, drops[verdict.label])
-            else:
-                working = drop_trees(compaction.expand(working, thins), drops[verdict.label])
+            working = drop_trees(compaction.expand(working, thins), drops[verdict.label])
             try:
                 working = rebuild_model(working, r.plan.model_limits, r.plan.header)
             except ModelRefused as refused:
@@ -205,11 +175,7 @@ def compact(r: RoundState) -> dict | None:
                                   f"{refused.detail}") from None
             write_bytes(model_json.to_bytes(working), r.path("working"))
             record["trees_after"] = len(model_json.trees(working))
-            if not anchor:
-                origins = None if origins is None else compaction.origins_after(origins, thins, drops[verdict.label])
-    if anchor:
-        _keep_archive(r, archive, archive_origins)
-        record["archived_after"] = len(model_json.trees(archive)) if archive is not None else 0
+            origins = None if origins is None else compaction.origins_after(origins, thins, drops[verdict.label])
     if origins is not None:
         r.ws.write_json(origins, r.path("provenance"))
     r.ws.write_json(record, record_path)

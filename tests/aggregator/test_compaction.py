@@ -129,7 +129,7 @@ def test_one_bank_cannot_push_a_drop_the_others_miss(toy_banks):
 
 @pytest.mark.parametrize("field, value", [("compaction", "yes"), ("compaction_tolerance", -0.1),
                                           ("compaction_steps", 0), ("compaction_max_fraction", 1.5),
-                                          ("compaction_new_trees", 1), ("compaction_anchor", "on")])
+                                          ("compaction_new_trees", 1), ("compaction_budget", "on")])
 def test_bad_compaction_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         FederationSettings(**{field: value})
@@ -146,26 +146,15 @@ def test_dropping_trees_changes_scores_only_by_their_margins(toy_banks):
     np.testing.assert_allclose(full - kept, only.predict(dm, output_margin=True) - base, atol=1e-4)
 
 
-def test_anchored_losses_are_judged_against_the_grown_model_and_a_drifted_model_gets_its_trees_back(toy_banks):
+def test_the_budget_spends_only_positive_losses_and_a_spent_budget_still_allows_free_drops(toy_banks):
     doc = bagged(toy_banks, 3)
     count = len(model_json.trees(doc))
-    strongest = sorted(compaction.rank(doc, count)[-count // 2:])  # the stronger half: an earlier over-drop
-    candidate, archive = compaction.split_after(doc, strongest)
-    assert len(model_json.trees(archive)) == len(strongest)
-    assert len(model_json.trees(candidate)) == count - len(strongest)
-    expanded, labels = compaction.anchored(candidate, archive, len(model_json.trees(candidate)), 4, 0.9)
-    X = np.concatenate([x for x, _ in toy_banks.values()])
-    dm = xgb.DMatrix(X, feature_names=TOY_FEATURES)
-    margin = lambda d: model_json.to_booster(d).predict(dm, output_margin=True)  # noqa: E731
-    np.testing.assert_allclose(margin(drop_trees(expanded, labels[compaction.GROWN])), margin(doc), atol=1e-4)
-    assert drop_trees(expanded, labels[compaction.FULL]) == candidate
-    assert all(set(labels[compaction.FULL]) < set(drop) for label, drop in labels.items() if label.startswith("drop:"))
-    answers, sizes = reports(expanded, labels, toy_banks), compaction.sizes_of(expanded, labels)
-    assert compaction.worst_loss(answers, compaction.FULL, compaction.GROWN) > 0.01  # the drift the anchor sees
-    assert compaction.choose(answers, sizes, 0.01, compaction.GROWN).label == compaction.GROWN  # restored
-    smallest = min(sizes, key=sizes.get)
-    assert compaction.choose(answers, sizes, 1.0, compaction.GROWN).label == smallest
-    compacted, dropped = compaction.split_after(expanded, labels[smallest])
-    np.testing.assert_allclose(margin(model_json.append_trees(compacted, dropped)), margin(doc), atol=1e-4)
-    assert compaction.anchored(doc, None, count, 4, 0.9)[1][compaction.FULL] == []  # no archive: no GROWN
-    assert compaction.GROWN not in compaction.anchored(doc, None, count, 4, 0.9)[1]
+    expanded, drops, _ = compaction.variants(doc, None, count, 6, 1.0)
+    answers, sizes = reports(expanded, drops, toy_banks), compaction.sizes_of(expanded, drops)
+    assert compaction.allowance(0.01, 0.004) == pytest.approx(0.006) and compaction.allowance(0.01, 0.02) == 0.0
+    verdict = compaction.choose(answers, sizes, compaction.allowance(1.0, 0.0))
+    assert verdict.label == f"drop:{count}" and verdict.worst_loss[verdict.label] > 0.05
+    assert compaction.spend(0.001, verdict) == pytest.approx(0.001 + verdict.worst_loss[verdict.label])
+    spent = compaction.choose(answers, sizes, compaction.allowance(0.01, 0.01))  # nothing left: only free drops
+    assert spent.label == compaction.FULL or spent.worst_loss[spent.label] <= 0
+    assert compaction.spend(0.01, spent) == pytest.approx(0.01)  # a gain is not credited back
