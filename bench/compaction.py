@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work-dir", type=Path, default=Path("work/bench/compaction"))
     parser.add_argument("--new-trees", action="store_true", help="compaction may drop a round's own trees too")
+    parser.add_argument("--steps", type=int, default=FederationSettings.compaction_steps, help="drop sizes per round")
     parser.add_argument("--per-round", action="store_true", help="the tolerance bounds each round's loss "
                         "(compaction_budget off: the losses add up over rounds), not the federation's")
     parser.add_argument("--report", action="store_true", help="print the table from both results files")
@@ -201,7 +202,8 @@ def main() -> None:
     settings = {"without": plain, args.name: dataclasses.replace(plain, compaction=True,
                                                                    compaction_tolerance=args.tolerance,
                                                                    compaction_new_trees=args.new_trees,
-                                                                   compaction_budget=not args.per_round)}
+                                                                   compaction_budget=not args.per_round,
+                                                                   compaction_steps=args.steps)}
     same = {"rows": args.rows, "banks": args.banks, "rounds": args.rounds, "seed": args.seed}
     done = {name: args.work_dir / f"results-{name}.json" for name in settings}
     if not args.report:
