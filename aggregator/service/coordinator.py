@@ -45,6 +45,7 @@ class Coordinator(BankTasks):
         self.lock = threading.RLock()  # uploads and phase closings never interleave
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        self.background: list[threading.Thread] = []  # cross-evaluation threads: joined by stop()
         self._register_participants()
         self._recover()
 
@@ -79,6 +80,8 @@ class Coordinator(BankTasks):
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(timeout=10)
+        for thread in self.background:  # a stopped coordinator writes nothing more: a restart's tasks are its own
+            thread.join(timeout=30)
         self.engine.dispose()
 
     def workspace(self, federation: store.Federation) -> Workspace:
