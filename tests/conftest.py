@@ -96,14 +96,16 @@ def with_toy_data(node, X, y):
 
 
 def toy_counts(nodes, banks) -> dict:
-    """What each toy bank's summary would declare, as a plan records it."""
-    counts = {}
-    for b in banks:
-        d = nodes[b].data
-        pos = int(d.y_train.sum())
-        counts[b] = {"train_rows": len(d.y_train), "positives": pos, "negatives": len(d.y_train) - pos,
-                     "holdout_rows": len(d.y_holdout), "holdout_positives": int(d.y_holdout.sum())}
-    return counts
+    """What each toy bank's summary would declare (row counts only), as a plan records it."""
+    return {b: {"train_rows": len(nodes[b].data.y_train), "holdout_rows": len(nodes[b].data.y_holdout)}
+            for b in banks}
+
+
+def toy_label_sums(nodes, banks) -> dict:
+    """The banks' label counts as the masked planning counts would sum them, as a settled plan records them."""
+    return {"banks": sorted(banks), "sessions": ["fed0/plan/test"],
+            "positives": sum(int(nodes[b].data.y_train.sum()) for b in banks),
+            "holdout_positives": sum(int(nodes[b].data.y_holdout.sum()) for b in banks)}
 
 
 def _e2e_settings():
@@ -159,8 +161,7 @@ def bank_summary(bank: str, **overrides) -> bytes:
     from pipelines.feature_contract import feature_contract
 
     body = {"bank": bank, "contract_hash": feature_contract(load_config().features)["hash"],
-            "counts": {"positives": 40, "negatives": 6960, "train_rows": 7000, "holdout_rows": 2040,
-                       "holdout_positives": 12},
+            "counts": {"train_rows": 7000, "holdout_rows": 2040},
             "training_allowed": True, "decline_reasons": [], "data_window": ["2026-01-01", "2026-03-01"],
             "holdout_start": "2026-02-20", **overrides}
     return json.dumps(body).encode()
