@@ -103,7 +103,8 @@ def test_masked_evaluations_and_summaries_refuse_clear_histograms_and_extra_fact
         "summary.amount_mean: field not allowed to leave the bank")
     for label_count in ("positives", "negatives", "holdout_positives"):  # only masked ("masked counts")
         clear = {**summary, "counts": {**COUNTS, label_count: 1}}
-        assert outgoing_problem("summary", clear) == f"summary.counts.{label_count}: field not allowed to leave the bank"
+        assert outgoing_problem("summary", clear) == (
+            f"summary.counts.{label_count}: field not allowed to leave the bank")
     masked_counts = json.loads(MaskedCounts("alpha", "s", "AAAAAAAAAAAAAAAAAAAAAA==").to_bytes())
     assert outgoing_problem("masked counts", masked_counts) is None
     assert outgoing_problem("masked counts", {**masked_counts, "positives": 3}) == (
