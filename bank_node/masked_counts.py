@@ -29,12 +29,13 @@ COUNTS_SLOT = 2**32  # above any evaluation (0, 1) or acceptance (a variant's in
 PURPOSE = "planning-counts"
 
 
-def masked_counts(node: "BankNode", task_bytes: bytes) -> bytes:
-    """This bank's label counts as masked words for the task's session (the same answer if asked again)."""
+def masked_counts(node: "BankNode", task_bytes: bytes, counts: dict[str, int] | None = None) -> bytes:
+    """This bank's label counts (``counts``, default its data's) as masked words for the task's session (the
+    same answer if asked again)."""
     credentials_of(node)  # a bank without a consortium certificate says so before anything else
     task = MaskedCountsTask.from_bytes(task_bytes)
     session, masker = session_masker(node, task.session, task.banks, task.offers)
-    counts = node.data.counts()
+    counts = node.data.counts() if counts is None else counts
     values = [int(counts[key]) for key in MASKED_COUNTS]
     digest = hashlib.sha256(json.dumps(values).encode()).hexdigest()  # kept in the bank's own folder only
     if (earlier := earlier_answer(node, session, PURPOSE, digest)) is not None:

@@ -167,6 +167,55 @@ def bank_summary(bank: str, **overrides) -> bytes:
     return json.dumps(body).encode()
 
 
+class CountingBank:
+    """A fake bank of the service's tests that answers round 0's masked planning counts (key offers, masked
+    counts) with a consortium certificate, for the counts its ``bank_summary`` stands for."""
+
+    def __init__(self, bank: str, credentials, folder: Path, positives: int = 40, holdout_positives: int = 12):
+        from types import SimpleNamespace
+
+        from bank_node.masked_evaluation import SessionStore
+
+        self.bank, self.secagg, self.secagg_store = bank, credentials, SessionStore(folder, bank)
+        self.data = SimpleNamespace(counts=lambda: {"train_rows": 7000, "positives": positives,
+                                                    "negatives": 7000 - positives, "holdout_rows": 2040,
+                                                    "holdout_positives": holdout_positives})
+
+    def secagg_credentials(self):
+        return self.secagg
+
+    def offer(self, request_bytes: bytes) -> bytes:
+        from bank_node.masked_evaluation import make_offer
+
+        return make_offer(self, request_bytes)
+
+    def masked_counts(self, task_bytes: bytes) -> bytes:
+        from bank_node.masked_counts import masked_counts
+
+        return masked_counts(self, task_bytes)
+
+
+def settle_counts(c, key: str, tmp_path: Path, banks=SERVICE_BANKS, limit_s: float = 120) -> dict:
+    """Answer the service's round 0 (the masked planning counts) as ``CountingBank``s; the federation's status
+    once it is planned or failed."""
+    import time
+
+    from aggregator.drivers.embedded import embedded_credentials
+    from aggregator.protocol.state import node_call
+
+    credentials = embedded_credentials(tmp_path / "fake-pki", list(banks))
+    fakes = {b: CountingBank(b, credentials[b], tmp_path / "fake-banks" / b) for b in banks}
+    deadline = time.monotonic() + limit_s
+    while c.federation_status(key)["state"] in ("counting", "cross-evaluating"):
+        assert time.monotonic() < deadline, "round 0 did not finish"
+        for bank, fake in fakes.items():
+            while (task := c.next_task(bank)) is not None:
+                data = c.task_input(bank, task["id"]) if task["has_input"] else b""
+                c.accept_result(bank, task["id"], node_call(fake, task["kind"])(data))
+        time.sleep(0.05)
+    return c.federation_status(key)
+
+
 # ---- Airflow: its own AIRFLOW_HOME, a migrated sqlite metadata DB, short retries -------------
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"

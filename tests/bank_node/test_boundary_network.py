@@ -83,7 +83,7 @@ def federate(stack: RecordedStack, strategy: str) -> None:
     net.wait(lambda: (lambda s: len(s) == len(net.BANKS) and all(v["summary"] == "done" for v in s.values()))(
         operator.federation(key)["summaries"]), 90, f"{key}'s summaries")
     operator.plan(key)
-    plan = net.wait(lambda: (lambda s: s if s["state"] != "cross-evaluating" else None)(operator.federation(key)),
+    plan = net.wait(lambda: (lambda s: s if s["state"] in ("planned", "failed") else None)(operator.federation(key)),
                     240, f"{key}'s plan")
     assert plan["state"] == "planned", plan
     operator.open_round(key, 1)
