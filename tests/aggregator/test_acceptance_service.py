@@ -120,7 +120,9 @@ def test_a_federation_request_can_turn_compaction_on_and_the_service_runs_its_ph
             "compaction_tolerance": 0.05}
     c.start_federation("f", _federation_request(json.dumps(body).encode()))
     drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
-    assert c.plan_federation("f")["state"] == "planned"
+    assert c.plan_federation("f")["state"] == "counting"  # round 0: the masked planning counts
+    drive(c, nodes, lambda: c.federation_status("f")["state"] not in ("counting", "cross-evaluating"))
+    assert c.federation_status("f")["state"] == "planned"
     for round_id in (1, 2):
         c.open_round("f", round_id)
         drive(c, nodes, lambda n=round_id: _registered(c, n))
@@ -147,7 +149,9 @@ def test_after_a_refusal_the_service_asks_the_second_question_and_the_round_regi
             "trees_per_round": 5, "banks": sorted(nodes), "crossval": False, "acceptance_delta": 0.0}
     c.start_federation("f", _federation_request(json.dumps(body).encode()))  # δ 0: any drop is refused
     drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
-    assert c.plan_federation("f")["state"] == "planned"
+    assert c.plan_federation("f")["state"] == "counting"  # round 0: the masked planning counts
+    drive(c, nodes, lambda: c.federation_status("f")["state"] not in ("counting", "cross-evaluating"))
+    assert c.federation_status("f")["state"] == "planned"
     c.open_round("f", 1)
     drive(c, nodes, lambda: _registered(c, 1))
     with c.Session() as s:
