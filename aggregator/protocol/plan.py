@@ -107,8 +107,11 @@ class Plan:
         ``excluded``), with the consortium parameters of the decoded sums."""
         banks = [b for b in self.banks if b in banks]
         negatives = sum(self.counts[b]["train_rows"] for b in banks) - positives
+        # the sums join the id (as the clear counts did): relabelled rows are a new federation, not a retry
+        key = json.dumps([self.federation_id, sorted(banks), positives, holdout_positives])
         plan = dataclasses.replace(
             self, banks=banks, excluded={**self.excluded, **left_out},
+            federation_id=hashlib.sha256(key.encode()).hexdigest()[:16],
             counts={b: c for b, c in self.counts.items() if b in banks},
             data_windows={b: w for b, w in self.data_windows.items() if b in banks},
             consortium_params=consortium_params(self.settings, positives, negatives),

@@ -159,3 +159,14 @@ def test_the_bank_answers_the_same_words_again_and_never_other_counts_under_the_
     nodes["alpha"].__dict__["data"] = dataclasses.replace(data, y_train=1 - data.y_train)  # other counts
     with pytest.raises(Exception, match="mask_reuse"):
         nodes["alpha"].masked_counts(task)
+
+
+def test_the_federation_id_follows_the_sums_so_relabelled_rows_are_no_retry(tmp_path, nodes):
+    ws, plan = planned(tmp_path / "first", nodes, BANKS[:3])
+    first = secure_planning.run(ws, plan, nodes)
+    ws, plan = planned(tmp_path / "again", nodes, BANKS[:3])
+    assert secure_planning.run(ws, plan, nodes).federation_id == first.federation_id  # a retry is recognised
+    data = nodes["alpha"].data
+    nodes["alpha"].__dict__["data"] = dataclasses.replace(data, y_train=1 - data.y_train)  # same rows, new labels
+    ws, plan = planned(tmp_path / "relabelled", nodes, BANKS[:3])
+    assert secure_planning.run(ws, plan, nodes).federation_id != first.federation_id
