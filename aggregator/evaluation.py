@@ -98,12 +98,9 @@ def report_problem(sender: str, report: EvaluationReport, model_id: str,
     if sum(report.hist_pos) != report.positives or sum(report.hist_neg) != report.negatives:
         return "report_totals", (f"histograms hold {sum(report.hist_pos)}/{sum(report.hist_neg)} rows, the report "
                                  f"says {report.positives}/{report.negatives}")
-    expected = None
-    if holdout:
-        expected = (holdout["holdout_positives"], holdout["holdout_rows"] - holdout["holdout_positives"])
-    if expected is not None and (report.positives, report.negatives) != expected:
-        return "report_totals", (f"{report.positives} positives / {report.negatives} negatives, its summary's "
-                                 f"holdout has {expected[0]} / {expected[1]}")
+    if holdout and report.positives + report.negatives != holdout["holdout_rows"]:
+        return "report_totals", (f"{report.positives + report.negatives} rows, its summary's holdout has "
+                                 f"{holdout['holdout_rows']}")
     if metric_problem(report.metrics):
         return "report_metrics", "metrics must be numbers in [0, 1]"
     return None

@@ -211,6 +211,8 @@ class Agent:
             return node.train(data)
         if kind == TaskKind.KEYS:  # secure aggregation: a signed ephemeral key offer
             return node.offer(data)
+        if kind == TaskKind.COUNTS:  # planning: label counts as masked words
+            return node.masked_counts(data)
         if kind in TaskKind.EVALUATIONS:  # histograms masked, metrics only if shared
             return node.evaluate_masked(data)
         if kind in TaskKind.SCORES:  # cross-evaluation and acceptance: reports only

@@ -25,7 +25,7 @@ from bank_node.privacy import PrivacyPolicy, train_private
 from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
 from fedfraud import model_json
 from fedfraud.model_guard import ModelRefused, header_from_model, parse_received_model, rebuild_model
-from fedfraud.wire import TrainTask
+from fedfraud.wire import CLEAR_COUNTS, TrainTask
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR
 from pipelines.config import PipelineConfig
 from pipelines.feature_contract import load_contract
@@ -121,12 +121,14 @@ class BankNode:
         return load_dataset(self.work_dir / FEATURES_DIR, names, self.holdout_fraction)
 
     def summary(self) -> dict[str, Any]:
-        """What the bank tells the aggregator before a round: counts, contract, readiness."""
+        """What the bank tells the aggregator before a round: row counts, contract, readiness (its label
+        counts leave only masked: ``masked_counts``)."""
         report = self.report
+        counts = self.data.counts()
         return {
             "bank": self.bank,
             "contract_hash": self.contract["hash"],
-            "counts": self.data.counts(),
+            "counts": {key: counts[key] for key in CLEAR_COUNTS},
             "training_allowed": report["training_allowed"],
             "decline_reasons": report["decline_reasons"],
             "data_window": [report["event_time_min"], report["event_time_max"]],
@@ -180,6 +182,12 @@ class BankNode:
         from bank_node.masked_evaluation import make_offer
 
         return make_offer(self, request_bytes)
+
+    def masked_counts(self, task_bytes: bytes) -> bytes:
+        """Planning: this bank's label counts (positives, holdout positives) as masked words."""
+        from bank_node.masked_counts import masked_counts
+
+        return masked_counts(self, task_bytes)
 
     def evaluate_masked(self, task_bytes: bytes) -> bytes:
         """The round's evaluation: histograms as masked words, metrics only if ``share_metrics``."""

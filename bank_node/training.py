@@ -6,7 +6,7 @@ import numpy as np
 import xgboost as xgb
 
 from fedfraud import model_json
-from fedfraud.wire import ModelUpdate, TrainTask
+from fedfraud.wire import CLEAR_COUNTS, ModelUpdate, TrainTask
 
 BASE_PARAMS = {"objective": "binary:logistic", "tree_method": "hist", "eval_metric": "aucpr", "nthread": 2}
 
@@ -58,8 +58,8 @@ def build_update(
     task: TrainTask, booster: xgb.Booster, counts: dict[str, int], metrics: dict[str, float],
     privacy_epsilon: float | None = None,
 ) -> ModelUpdate:
-    """The update that leaves the bank: new trees only, training statistics scrubbed, metadata
-    (and, when the bank trains privately, the ε it has spent so far)."""
+    """The update that leaves the bank: new trees only, training statistics scrubbed, metadata: its row
+    counts (``CLEAR_COUNTS``; label counts never), and, when the bank trains privately, the ε it has spent."""
     base_rounds = model_json.to_booster(task.base_model).num_boosted_rounds() if task.base_model else 0
     trees = model_json.scrub_training_stats(model_json.new_trees_only(booster, base_rounds))
     return ModelUpdate(
@@ -68,7 +68,7 @@ def build_update(
         base_model_id=task.base_model_id,
         contract_hash=task.contract_hash,
         seed=int(task.params.get("seed", 0)),
-        counts=counts,
+        counts={key: counts[key] for key in CLEAR_COUNTS if key in counts},
         metrics=metrics,
         model=trees,
         privacy_epsilon=privacy_epsilon,

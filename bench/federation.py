@@ -54,7 +54,7 @@ def round_times(consortium, settings, seed, repeats) -> dict[str, float]:
     and of a centralized fit of the same number of trees on the pooled rows."""
     nodes, contract = consortium.nodes, consortium.contract
     banks = sorted(nodes)
-    counts = [nodes[b].summary()["counts"] for b in banks]
+    counts = [nodes[b].data.counts() for b in banks]  # in process: the plaintext reference
     params = consortium_params(settings, sum(c["positives"] for c in counts), sum(c["negatives"] for c in counts))
     timings: dict[str, list[float]] = {"bagging": [], "cyclic": [], "centralized": []}
     X = np.concatenate([nodes[b].data.X_train for b in banks])

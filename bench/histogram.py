@@ -125,7 +125,7 @@ def exactness(consortium: Consortium, result, uri: str, rounds: int, settings: F
     registered = mlflow.xgboost.load_model(result.model_uri)
     nodes, names = consortium.nodes, consortium.contract["names"]
     banks = sorted(nodes)
-    counts = [nodes[b].summary()["counts"] for b in banks]
+    counts = [nodes[b].data.counts() for b in banks]  # in process: the plaintext reference
     strategy = Histogram(settings, seed, consortium_params(settings, sum(c["positives"] for c in counts),
                                                            sum(c["negatives"] for c in counts)))
     bins = strategy.shared_bins(nodes, banks)
@@ -143,7 +143,7 @@ def pooled_rows(consortium: Consortium, settings: FederationSettings):
     """(nodes, contract, banks, consortium params, pooled X, pooled y): what a centralized fit of the banks needs."""
     nodes, contract = consortium.nodes, consortium.contract
     banks = sorted(nodes)
-    counts = [nodes[b].summary()["counts"] for b in banks]
+    counts = [nodes[b].data.counts() for b in banks]  # in process: the plaintext reference
     params = consortium_params(settings, sum(c["positives"] for c in counts), sum(c["negatives"] for c in counts))
     X = np.concatenate([nodes[b].data.X_train for b in banks])
     y = np.concatenate([nodes[b].data.y_train for b in banks])

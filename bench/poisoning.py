@@ -67,7 +67,8 @@ def mode_settings(args, mode: str) -> dict:
 def hostile_node_class():
     from bank_node.node import BankNode
     from fedfraud import model_json
-    from fedfraud.wire import EvaluationReport, ModelUpdate, TrainTask
+    from bank_node.masked_counts import masked_counts
+    from fedfraud.wire import CLEAR_COUNTS, EvaluationReport, ModelUpdate, TrainTask
 
     class Hostile(BankNode):
         attack = "clean"
@@ -83,17 +84,22 @@ def hostile_node_class():
             return self.honest
 
         def summary(self):
-            summary = {**super().summary(), "counts": self.honest.counts()}  # honest counts, except:
+            honest = self.honest.counts()
+            summary = {**super().summary(), "counts": {k: honest[k] for k in CLEAR_COUNTS}}  # honest counts, except:
             if self.attack == "negative_positives":
-                summary["counts"] = {**summary["counts"], "positives": -10 ** 6}
+                summary["counts"] = {**summary["counts"], "positives": -10 ** 6}  # in the clear: refused by name
             elif self.attack == "absent":
                 summary.update(training_allowed=False, decline_reasons=["the bench: sits this federation out"])
             return summary
 
+        def masked_counts(self, task_bytes: bytes) -> bytes:
+            return masked_counts(self, task_bytes, self.honest.counts())  # honest label counts, masked
+
         def train(self, task_bytes: bytes) -> bytes:
             update = ModelUpdate.from_bytes(super().train(task_bytes))
             task = TrainTask.from_bytes(task_bytes)
-            doc, counts = update.model, {**update.counts, **self.honest.counts()}  # it claims its true counts
+            honest = self.honest.counts()
+            doc, counts = update.model, {**update.counts, **{k: honest[k] for k in CLEAR_COUNTS}}  # its true rows
             trees = model_json.trees(doc)
             if self.attack in ("flipped_leaves_x100", "forged_evaluation"):
                 doc = model_json.scale_leaves(doc, 100.0)

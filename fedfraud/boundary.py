@@ -61,8 +61,7 @@ class Zeros:
 
 BASE64 = Text(r"[A-Za-z0-9+/]*={0,2}")
 METRICS = MapOf(float, frozenset({"auprc", "roc_auc", "recall_at_1pct_fpr", "precision_at_budget"}))
-COUNTS = Fields({"train_rows": int, "positives": int, "negatives": int, "holdout_rows": int,
-                 "holdout_positives": int})
+COUNTS = Fields({"train_rows": int, "holdout_rows": int})  # row counts only: label counts leave masked
 TREE = Fields({
     "id": int, "left_children": ListOf(int), "right_children": ListOf(int), "parents": ListOf(int),
     "split_indices": ListOf(int), "split_conditions": ListOf(float), "split_type": ListOf(int),
@@ -97,6 +96,8 @@ OUTGOING: dict[str, Fields] = {
                       "counts": COUNTS, "metrics": METRICS, "model": MODEL,
                       "privacy_epsilon": float}),  # only from a bank that trains privately (bank_node/privacy.py)
     "key offer": Fields({"bank": str, "session": str, "public_key": BASE64, "certificate": str, "signature": BASE64}),
+    # planning: the bank's label counts (positives, holdout positives) as pairwise-masked words
+    "masked counts": Fields({"bank": str, "session": str, "words": BASE64}),
     "masked evaluation": Fields({"bank": str, "model_id": str, "session": str, "purpose": str, "words": BASE64,
                                  "metrics": METRICS}),
     # acceptance and cross-evaluation (masked, the defaults): per variant scored, its histograms as pairwise-masked
@@ -113,6 +114,7 @@ OUTGOING: dict[str, Fields] = {
 }
 # How README's section lists each kind (a phrase that must appear there).
 README_NAMES = {"summary": "counts", "update": "an update", "key offer": "key offer",
+                "masked counts": "masked planning counts",
                 "masked evaluation": "masked evaluation", "masked score answer": "masked acceptance answer",
                 "evaluation reports": "evaluation reports",
                 "masked grid counts": "masked grid counts", "failure": "failure"}
@@ -121,6 +123,7 @@ ANSWERS = {
     TaskKind.LOCAL_MODEL: "update", TaskKind.KEYS: "key offer", TaskKind.EVALUATE: "masked evaluation",
     TaskKind.EVALUATE_CHAMPION: "masked evaluation", TaskKind.CROSSVAL: ("masked score answer", "evaluation reports"),
     TaskKind.ACCEPT: ("masked score answer", "evaluation reports"), TaskKind.BIN_COUNTS: "masked grid counts",
+    TaskKind.COUNTS: "masked counts",
 }
 
 

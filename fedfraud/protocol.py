@@ -20,7 +20,9 @@ class TaskKind:
     CROSSVAL = "crossval"  # cross-evaluation: score every bank's local model on this bank's holdout
     ACCEPT = "accept"  # acceptance: score a stage's candidate with and without each bank's update
     KEYS = "keys"  # secure aggregation: a signed ephemeral key offer for one session (``fedfraud.secagg.keys``)
-    ALL = (SUMMARY, TRAIN, EVALUATE, EVALUATE_CHAMPION, BIN_COUNTS, HISTOGRAM, LOCAL_MODEL, CROSSVAL, ACCEPT, KEYS)
+    COUNTS = "counts"  # planning: the bank's label counts as pairwise-masked words (``wire.MaskedCounts``)
+    ALL = (SUMMARY, TRAIN, EVALUATE, EVALUATE_CHAMPION, BIN_COUNTS, HISTOGRAM, LOCAL_MODEL, CROSSVAL, ACCEPT, KEYS,
+           COUNTS)
     UPDATES = (TRAIN, HISTOGRAM, LOCAL_MODEL)  # answered with a model update
     EVALUATIONS = (EVALUATE, EVALUATE_CHAMPION)  # answered with a masked evaluation (``wire.MaskedEvaluation``)
     SCORES = (CROSSVAL, ACCEPT)  # answered with a score answer (``fedfraud.crosscheck``)

@@ -2,8 +2,9 @@
 
 Every message is JSON: an update carries the bank's new trees (XGBoost JSON, training
 statistics scrubbed) and metadata — bank, round, the global model it was trained on, the
-feature-contract hash, row counts and local metrics. Parsing never unpickles and refuses
-oversized, malformed or incomplete bytes with a ``WireFormatError`` that says which.
+feature-contract hash, row counts (``CLEAR_COUNTS``; label counts leave only masked) and local
+metrics. Parsing never unpickles and refuses oversized, malformed or incomplete bytes with a
+``WireFormatError`` that says which.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, ClassVar, TypeVar
 from fedfraud.model_json import Doc
 
 DEFAULT_MAX_UPDATE_BYTES = 32 * 1024 * 1024
+CLEAR_COUNTS = ("train_rows", "holdout_rows")  # the counts a summary or an update carries in the clear
+MASKED_COUNTS = ("positives", "holdout_positives")  # leave only as pairwise-masked words (``MaskedCounts``)
 Message = TypeVar("Message", bound="WireMessage")
 
 
@@ -189,3 +192,28 @@ class MaskedEvaluation(WireMessage):
     purpose: str
     words: str = field(repr=False)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MaskedCountsTask(WireMessage):
+    """Planning: mask this bank's label counts (``MASKED_COUNTS``) for ``session``: its banks, their relayed offers."""
+
+    KIND: ClassVar[str] = "masked counts task"
+    MAX_BYTES: ClassVar[int] = 2 * 1024 * 1024
+
+    session: str
+    banks: list[str]
+    offers: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MaskedCounts(WireMessage):
+    """A bank's label counts (``MASKED_COUNTS``, in that order) as pairwise-masked uint64 words (base64,
+    little-endian): uniformly random alone, only the sum over the session's banks decodes."""
+
+    KIND: ClassVar[str] = "masked counts"
+    MAX_BYTES: ClassVar[int] = 4 * 1024
+
+    bank: str
+    session: str
+    words: str = field(repr=False)

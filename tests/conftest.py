@@ -96,14 +96,16 @@ def with_toy_data(node, X, y):
 
 
 def toy_counts(nodes, banks) -> dict:
-    """What each toy bank's summary would declare, as a plan records it."""
-    counts = {}
-    for b in banks:
-        d = nodes[b].data
-        pos = int(d.y_train.sum())
-        counts[b] = {"train_rows": len(d.y_train), "positives": pos, "negatives": len(d.y_train) - pos,
-                     "holdout_rows": len(d.y_holdout), "holdout_positives": int(d.y_holdout.sum())}
-    return counts
+    """What each toy bank's summary would declare (row counts only), as a plan records it."""
+    return {b: {"train_rows": len(nodes[b].data.y_train), "holdout_rows": len(nodes[b].data.y_holdout)}
+            for b in banks}
+
+
+def toy_label_sums(nodes, banks) -> dict:
+    """The banks' label counts as the masked planning counts would sum them, as a settled plan records them."""
+    return {"banks": sorted(banks), "sessions": ["fed0/plan/test"],
+            "positives": sum(int(nodes[b].data.y_train.sum()) for b in banks),
+            "holdout_positives": sum(int(nodes[b].data.y_holdout.sum()) for b in banks)}
 
 
 def _e2e_settings():
@@ -159,11 +161,59 @@ def bank_summary(bank: str, **overrides) -> bytes:
     from pipelines.feature_contract import feature_contract
 
     body = {"bank": bank, "contract_hash": feature_contract(load_config().features)["hash"],
-            "counts": {"positives": 40, "negatives": 6960, "train_rows": 7000, "holdout_rows": 2040,
-                       "holdout_positives": 12},
+            "counts": {"train_rows": 7000, "holdout_rows": 2040},
             "training_allowed": True, "decline_reasons": [], "data_window": ["2026-01-01", "2026-03-01"],
             "holdout_start": "2026-02-20", **overrides}
     return json.dumps(body).encode()
+
+
+class CountingBank:
+    """A fake bank of the service's tests that answers round 0's masked planning counts (key offers, masked
+    counts) with a consortium certificate, for the counts its ``bank_summary`` stands for."""
+
+    def __init__(self, bank: str, credentials, folder: Path, positives: int = 40, holdout_positives: int = 12):
+        from types import SimpleNamespace
+
+        from bank_node.masked_evaluation import SessionStore
+
+        self.bank, self.secagg, self.secagg_store = bank, credentials, SessionStore(folder, bank)
+        self.data = SimpleNamespace(counts=lambda: {"train_rows": 7000, "positives": positives,
+                                                    "negatives": 7000 - positives, "holdout_rows": 2040,
+                                                    "holdout_positives": holdout_positives})
+
+    def secagg_credentials(self):
+        return self.secagg
+
+    def offer(self, request_bytes: bytes) -> bytes:
+        from bank_node.masked_evaluation import make_offer
+
+        return make_offer(self, request_bytes)
+
+    def masked_counts(self, task_bytes: bytes) -> bytes:
+        from bank_node.masked_counts import masked_counts
+
+        return masked_counts(self, task_bytes)
+
+
+def settle_counts(c, key: str, tmp_path: Path, banks=SERVICE_BANKS, limit_s: float = 120) -> dict:
+    """Answer the service's round 0 (the masked planning counts) as ``CountingBank``s; the federation's status
+    once it is planned or failed."""
+    import time
+
+    from aggregator.drivers.embedded import embedded_credentials
+    from aggregator.protocol.state import node_call
+
+    credentials = embedded_credentials(tmp_path / "fake-pki", list(banks))
+    fakes = {b: CountingBank(b, credentials[b], tmp_path / "fake-banks" / b) for b in banks}
+    deadline = time.monotonic() + limit_s
+    while c.federation_status(key)["state"] in ("counting", "cross-evaluating"):
+        assert time.monotonic() < deadline, "round 0 did not finish"
+        for bank, fake in fakes.items():
+            while (task := c.next_task(bank)) is not None:
+                data = c.task_input(bank, task["id"]) if task["has_input"] else b""
+                c.accept_result(bank, task["id"], node_call(fake, task["kind"])(data))
+        time.sleep(0.05)
+    return c.federation_status(key)
 
 
 # ---- Airflow: its own AIRFLOW_HOME, a migrated sqlite metadata DB, short retries -------------

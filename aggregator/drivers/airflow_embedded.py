@@ -16,7 +16,7 @@ from typing import Any
 
 from aggregator.drivers.airflow_spec import RunSpec
 from aggregator.drivers.embedded import embedded_credentials
-from aggregator.protocol import crossval, phases
+from aggregator.protocol import crossval, phases, secure_planning
 from aggregator.protocol.errors import PhaseRerun, RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
@@ -53,7 +53,10 @@ class EmbeddedTasks:
                                       feature_contract(load_config().features), sorted(spec.banks),
                                       run_id=spec.run_id)
         embedded_credentials(Path(spec.work_dir) / "pki", plan.banks)  # each bank signs its key offers
-        plan = crossval.run(self.ws, plan, {b: self.node(b) for b in plan.banks})  # may exclude banks, by name
+        nodes = {b: self.node(b) for b in plan.banks}
+        plan = secure_planning.run(self.ws, plan, nodes)  # the banks' label counts, summed masked
+        plan = crossval.run(self.ws, plan, nodes)  # may exclude banks, by name
+        plan = secure_planning.run(self.ws, plan, nodes)  # the kept banks' sums (none excluded: as is)
         return plan.banks
 
     def open_round(self, round_id: int) -> list[str]:

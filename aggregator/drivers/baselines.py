@@ -45,7 +45,7 @@ def run_local(nodes: dict[str, BankNode], rounds: int, tracking_uri: str, model_
     banks, excluded = select_banks(summaries, contract["hash"])
     results = {}
     for index, bank in enumerate(banks):
-        counts = summaries[bank]["counts"]
+        counts = nodes[bank].data.counts()  # the bank's own counts, inside the bank: nothing leaves
         params = {**consortium_params(settings, counts["positives"], counts["negatives"]), "seed": seed + index}
         booster = nodes[bank].fit_local(params, rounds * settings.trees_per_round)
         evaluation = _evaluate(nodes, [bank], booster, settings.alert_budget)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from aggregator.checks import Rejection
 from aggregator.drivers.baselines import run_centralized, run_local
 from aggregator.drivers.result import FederationResult
-from aggregator.protocol import crossval, phases
+from aggregator.protocol import crossval, phases, secure_planning
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import Node, RoundState, strategy_for
 from aggregator.protocol.training import checks
@@ -117,7 +117,9 @@ def run_federation(nodes: dict[str, Node], strategy_name: str, rounds: int, trac
             phases.summarize(ws, node.summary())
         plan = phases.plan_federation(ws, tracker.model_name, strategy_name, rounds, seed, settings, contract,
                                       sorted(nodes))
+        plan = secure_planning.run(ws, plan, nodes, on_progress)  # the label counts, summed masked
         plan = crossval.run(ws, plan, nodes, on_progress)  # before round 1: banks that poison are excluded
+        plan = secure_planning.run(ws, plan, nodes, on_progress)  # the kept banks' sums (none excluded: as is)
         for bank, reason in plan.excluded.items():
             log.warning("bank %s excluded: %s", bank, reason)
         strategy = strategy_for(plan)  # one instance per federation (histogram keeps its bins)

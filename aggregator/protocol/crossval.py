@@ -21,9 +21,10 @@ vector, zeros in its own model's slot).
 judges holdouts: a bank whose holdout contradicts every other model (each of at least two other models has a
 ROC-AUC below ``crossval_max_contradiction_auc`` there); rule 2 on the remaining holdouts.
 
-Excluded banks leave the plan by name (``plan.excluded``) and the consortium parameters are
-recomputed without them; the best remaining local model's pooled AUPRC is the champion gate's
-floor (``registry.best_local``; masked: at the other banks). Everything is written to ``crossval/crossval.json``.
+Excluded banks leave the plan by name (``plan.excluded``); the plan returned is then unsettled, and
+the drivers sum the kept banks' label counts again (``secure_planning``) for the consortium parameters;
+the best remaining local model's pooled AUPRC is the champion gate's floor (``registry.best_local``;
+masked: at the other banks). Everything is written to ``crossval/crossval.json``.
 """
 
 from __future__ import annotations
@@ -101,10 +102,8 @@ def _answers(ws: Workspace, plan: Plan, labels: list[str]) -> tuple[dict[str, di
             reports = answer.parsed(labels)
             declared = getattr(plan, "counts", {}).get(bank, {})
             first = next(iter(reports.values()), None)
-            if first and declared and (first.positives, first.positives + first.negatives) != (
-                    declared.get("holdout_positives"), declared.get("holdout_rows")):
-                raise WireFormatError(f"scored {first.positives} positives in {first.positives + first.negatives} "
-                                      f"rows, planned {declared.get('holdout_positives')} in "
+            if first and declared and first.positives + first.negatives != declared.get("holdout_rows"):
+                raise WireFormatError(f"scored {first.positives + first.negatives} rows, planned "
                                       f"{declared.get('holdout_rows')}")
             answers[bank] = reports
         except (WireFormatError, ValueError, TypeError) as exc:

@@ -14,6 +14,7 @@ and one line below; drivers walk this declaration:
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import Any
 
 from aggregator.protocol import acceptance, registry, training
@@ -67,6 +68,7 @@ def plan_federation(ws: Workspace, model_name: str, strategy: str, rounds: int, 
                     run_id: str | None = None) -> Plan:
     """Plan from the summaries of the banks that prepared; check the quorum."""
     ws.plan_path.unlink(missing_ok=True)
+    shutil.rmtree(ws.root / "planning", ignore_errors=True)  # a new plan sums its banks' label counts afresh
     summaries = {b: ws.read_json(ws.summary_path(b)) for b in banks if ws.summary_path(b).exists()}
     missing = sorted(set(banks) - set(summaries))
     plan = make_plan(summaries, missing, model_name, strategy, rounds, seed, settings, contract, run_id)

@@ -1,12 +1,17 @@
 """The federation's plan: decided once from the banks' summaries, parsed and validated once.
 
 On disk (``plan.json``) and in the service's database it is the same JSON object as before
-(plus ``counts``, each bank's counts as recorded at planning); everywhere in code it is a ``Plan``.
-The consortium header and the model limits of every check follow from the plan alone.
+(plus ``counts``, each bank's row counts as recorded at planning, and ``label_sums``, the planned banks'
+label counts summed under masking); everywhere in code it is a ``Plan``. The consortium header and the
+model limits of every check follow from the plan alone.
+
+A plan is *settled* once its banks' label counts are summed (``aggregator.protocol.secure_planning``):
+``make_plan`` leaves ``consortium_params`` empty, and ``settled`` fills them from the decoded sums.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -16,10 +21,11 @@ from aggregator.protocol.errors import RoundFailed
 from fedfraud.model_guard import MAX_MODEL_BYTES, MAX_MODEL_TREES, ConsortiumHeader, ModelLimits, consortium_header
 from fedfraud.protocol import StrategyName
 from fedfraud.settings import FederationSettings, consortium_params
+from fedfraud.wire import CLEAR_COUNTS, MASKED_COUNTS
 
-COUNT_KEYS = ("train_rows", "positives", "negatives", "holdout_rows", "holdout_positives")
+COUNT_KEYS = CLEAR_COUNTS  # what a summary carries in the clear; label counts are summed masked
 MAX_COUNT = 10 ** 12  # rows a bank may claim (far above any bank; keeps the sums exact)
-OPTIONAL_FIELDS = ("data_windows", "run_id", "counts")  # absent in plans written before they existed
+OPTIONAL_FIELDS = ("data_windows", "run_id", "counts", "label_sums")  # absent in plans written before they existed
 
 
 def summary_problem(summary: Any) -> tuple[str, str] | None:
@@ -39,18 +45,35 @@ def summary_problem(summary: Any) -> tuple[str, str] | None:
 
 
 def counts_problem(counts: Any) -> str | None:
-    """Why a summary's counts are unusable (None: non-negative integers that add up)."""
+    """Why a summary's counts are unusable (None: exactly ``COUNT_KEYS``, non-negative integers). A label
+    count in the clear is refused by name: it leaves a bank only masked."""
     if not isinstance(counts, dict):
         return f"counts must be an object, not {type(counts).__name__}"
+    if extra := sorted(set(counts) - set(COUNT_KEYS)):
+        clear = [k for k in extra if k in (*MASKED_COUNTS, "negatives")]
+        return (f"counts.{str(extra[0])[:40]} is not a count a summary carries (only {list(COUNT_KEYS)})"
+                + (f"; {clear} leave a bank only masked" if clear else ""))
     for key in COUNT_KEYS:
         value = counts.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
             return f"counts.{key} = {str(value)[:24]!r} is not an integer in 0..{MAX_COUNT}"
-    if counts["positives"] + counts["negatives"] != counts["train_rows"]:
-        return (f"positives {counts['positives']} + negatives {counts['negatives']} != "
-                f"train_rows {counts['train_rows']}")
-    if counts["holdout_positives"] > counts["holdout_rows"]:
-        return f"holdout_positives {counts['holdout_positives']} > holdout_rows {counts['holdout_rows']}"
+    return None
+
+
+def label_sums_problem(sums: Any, banks: list[str], counts: dict[str, dict[str, int]]) -> str | None:
+    """Why a plan's ``label_sums`` are unusable (None: the banks' decoded sums, within their rows)."""
+    if not isinstance(sums, dict) or set(sums) != {"banks", "sessions", *MASKED_COUNTS}:
+        return "label_sums must hold banks, sessions, positives and holdout_positives"
+    if sums["banks"] != sorted(banks):
+        return f"label_sums are of {sums['banks']!r}, the plan's banks are {sorted(banks)}"
+    if not all(b in counts for b in banks):
+        return "label_sums without every bank's row counts"
+    rows = {"positives": sum(counts[b]["train_rows"] for b in banks),
+            "holdout_positives": sum(counts[b]["holdout_rows"] for b in banks)}
+    for key in MASKED_COUNTS:
+        value = sums[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= rows[key]:
+            return f"label_sums.{key} = {str(value)[:24]!r} is not an integer in 0..{rows[key]} (the banks' rows)"
     return None
 
 
@@ -69,7 +92,33 @@ class Plan:
     federation_id: str
     data_windows: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per bank, recorded at planning
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per bank, row counts recorded at planning
+    # the banks' label counts, summed under masking: banks, sessions, positives, holdout_positives
+    label_sums: dict[str, Any] | None = None
+
+    @property
+    def is_settled(self) -> bool:
+        """True once the banks' label counts are summed and the consortium parameters follow from them."""
+        return self.label_sums is not None and self.label_sums["banks"] == sorted(self.banks)
+
+    def settled(self, banks: list[str], positives: int, holdout_positives: int, sessions: list[str],
+                left_out: dict[str, str]) -> "Plan":
+        """This plan over ``banks`` (the banks whose masked counts were summed; ``left_out`` are named in
+        ``excluded``), with the consortium parameters of the decoded sums."""
+        banks = [b for b in self.banks if b in banks]
+        negatives = sum(self.counts[b]["train_rows"] for b in banks) - positives
+        # the sums join the id (as the clear counts did): relabelled rows are a new federation, not a retry
+        key = json.dumps([self.federation_id, sorted(banks), positives, holdout_positives])
+        plan = dataclasses.replace(
+            self, banks=banks, excluded={**self.excluded, **left_out},
+            federation_id=hashlib.sha256(key.encode()).hexdigest()[:16],
+            counts={b: c for b, c in self.counts.items() if b in banks},
+            data_windows={b: w for b, w in self.data_windows.items() if b in banks},
+            consortium_params=consortium_params(self.settings, positives, negatives),
+            label_sums={"banks": sorted(banks), "sessions": list(sessions), "positives": positives,
+                        "holdout_positives": holdout_positives})
+        plan.validate()
+        return plan
 
     @property
     def header(self) -> ConsortiumHeader:
@@ -130,6 +179,8 @@ class Plan:
         for bank, counts in self.counts.items():
             if bank not in self.banks or (problem := counts_problem(counts)):
                 raise ValueError(f"plan counts of {bank}: {problem or 'not a planned bank'}")
+        if self.label_sums is not None and (problem := label_sums_problem(self.label_sums, self.banks, self.counts)):
+            raise ValueError(f"plan label sums: {problem}")
 
     def bank_index(self, bank: str) -> int:
         return self.banks.index(bank)
@@ -161,7 +212,8 @@ def federation_id(model_name: str, strategy: str, rounds: int, seed: int, settin
 
 def make_plan(summaries: dict[str, dict[str, Any]], missing: list[str], model_name: str, strategy: str, rounds: int,
               seed: int, settings: FederationSettings, contract: dict[str, Any], run_id: str | None) -> Plan:
-    """The plan from the summaries of the banks that prepared; below quorum the federation fails."""
+    """The plan from the summaries of the banks that prepared; below quorum the federation fails. It is not
+    settled: its consortium parameters follow from the masked label sums (``secure_planning``)."""
     ready, excluded = select_banks(summaries, contract["hash"])
     excluded.update({b: "did not prepare (its task failed or timed out)" for b in missing})
     if len(ready) < settings.min_banks:
@@ -170,11 +222,9 @@ def make_plan(summaries: dict[str, dict[str, Any]], missing: list[str], model_na
     if trees > MAX_MODEL_TREES:
         raise RoundFailed(f"model_too_large: {rounds} rounds x {len(ready)} banks x {settings.trees_per_round} trees "
                           f"= {trees} trees, banks accept at most {MAX_MODEL_TREES}")
-    positives = sum(summaries[b]["counts"]["positives"] for b in ready)
-    negatives = sum(summaries[b]["counts"]["negatives"] for b in ready)
     plan = Plan(model_name=model_name, strategy=strategy, rounds=rounds, seed=seed, settings=settings,
                 contract_hash=contract["hash"], feature_names=list(contract["names"]), banks=ready, excluded=excluded,
-                consortium_params=consortium_params(settings, positives, negatives),
+                consortium_params={},
                 federation_id=federation_id(model_name, strategy, rounds, seed, settings, summaries),
                 data_windows={b: summaries[b]["data_window"] for b in ready}, run_id=run_id,
                 counts={b: {k: summaries[b]["counts"][k] for k in COUNT_KEYS} for b in ready})

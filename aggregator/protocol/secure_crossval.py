@@ -10,7 +10,7 @@ aggregation (``pooled``), like the round's evaluation and acceptance:
   histograms on its holdout as pairwise-masked words, **zeros in its own model's slot**;
 * per model, the wrapping sum of every session bank's words, decoded: that model's histograms pooled at every
   session bank but its owner. Used only when every bank of the session answered, the counts are non-negative
-  and their totals are exactly the pooled banks' planned holdout counts. A bank missing or malformed: a new
+  and their total is exactly the pooled banks' planned holdout rows. A bank missing or malformed: a new
   attempt with the banks that answered, under a new session (at most ``MAX_ATTEMPTS``, never below the quorum);
   else the cross-evaluation fails by name. Never a wrong sum. (A malformed answer also excludes its bank, as a
   malformed clear answer does: ``crossval.decide_masked``.)
@@ -154,7 +154,8 @@ def _answer(path: Path, bank: str, session: str, digest: str, labels: list[str])
 
 
 def _decoded(plan: Plan, uploads: list[np.ndarray], pooled_at: list[str], model: str) -> EvaluationReport:
-    """``model``'s pooled histograms, if the sum is counts of exactly ``pooled_at``'s planned holdouts; else
+    """``model``'s pooled histograms, if the sum is counts of exactly ``pooled_at``'s planned holdouts (their rows;
+    their positives when they are the plan's banks, from the masked planning counts); else
     ``RoundFailed`` (``masked_sum_invalid``: a bank masked with other keys, or lied)."""
     try:
         counts = decode_counts(unmasked_sum(uploads))
@@ -165,10 +166,12 @@ def _decoded(plan: Plan, uploads: list[np.ndarray], pooled_at: list[str], model:
     if any(c is None for c in planned):
         raise RoundFailed(f"cross-evaluation: masked_sum_unverifiable: the plan holds no holdout counts of "
                           f"{[b for b, c in zip(pooled_at, planned) if c is None]}")
-    expected = (sum(c["holdout_positives"] for c in planned),
-                sum(c["holdout_rows"] - c["holdout_positives"] for c in planned))
-    if (int(pos.sum()), int(neg.sum())) != expected:
-        raise RoundFailed(f"cross-evaluation: masked_sum_invalid: {model}'s sum holds {int(pos.sum())} / "
-                          f"{int(neg.sum())} positives / negatives, the holdouts of {pooled_at} {expected[0]} / "
-                          f"{expected[1]}")
+    rows = sum(c["holdout_rows"] for c in planned)  # no bank's positives are known: they are summed masked
+    if int(pos.sum()) + int(neg.sum()) != rows:
+        raise RoundFailed(f"cross-evaluation: masked_sum_invalid: {model}'s sum holds {int(pos.sum() + neg.sum())} "
+                          f"rows, the holdouts of {pooled_at} {rows}")
+    sums = plan.label_sums
+    if sums is not None and sorted(pooled_at) == sums["banks"] and int(pos.sum()) != sums["holdout_positives"]:
+        raise RoundFailed(f"cross-evaluation: masked_sum_invalid: {model}'s sum holds {int(pos.sum())} positives, "
+                          f"the masked planning counts of {pooled_at} {sums['holdout_positives']}")
     return EvaluationReport(POOL, model, int(pos.sum()), int(neg.sum()), {}, pos.tolist(), neg.tolist())

@@ -12,7 +12,8 @@ Phases (declared in ``phases.ROUND`` after ``candidate``):
 * ``evaluate`` (bank): each bank answers its score histograms as pairwise-masked words;
 * ``tally`` (``registry.register_and_promote`` calls it): the wrapping sum of every answer, decoded.
   It is used only when every bank of the session answered, the decoded counts are non-negative and
-  their totals equal the banks' planned holdout counts. A bank missing or malformed: the phase is
+  their totals equal the banks' planned holdout rows (and, over the plan's banks, the holdout positives
+  the masked planning counts summed). A bank missing or malformed: the phase is
   re-run from ``keys`` with the banks that answered, under a new session (``PhaseRerun``), at most
   ``MAX_ATTEMPTS`` times and never below ``max(3, min_banks)``; otherwise the round fails by name.
   Never a wrong sum.
@@ -232,7 +233,9 @@ def _named_faults(state: dict) -> list[dict[str, str]]:
 def decoded(r: RoundState, uploads: list[np.ndarray], banks: list[str], purpose: str
             ) -> tuple[np.ndarray, np.ndarray]:
     """The sum's counts (positives', negatives' histograms) if they are counts of exactly the banks' planned
-    holdouts; else the round fails by name (masked evaluation and masked acceptance alike)."""
+    holdouts — their rows as the summaries declared them, and, when the session's banks are the plan's, their
+    positives as the masked planning counts summed them; else the round fails by name (masked evaluation and
+    masked acceptance alike)."""
     try:
         counts = decode_counts(unmasked_sum(uploads))
     except SecureAggregationError as exc:
@@ -243,12 +246,16 @@ def decoded(r: RoundState, uploads: list[np.ndarray], banks: list[str], purpose:
     if any(c is None for c in planned):
         raise RoundFailed(f"round {r.round_id}: masked_sum_unverifiable: the plan holds no holdout counts of "
                           f"{[b for b, c in zip(banks, planned) if c is None]}")
-    expected = (sum(c["holdout_positives"] for c in planned),
-                sum(c["holdout_rows"] - c["holdout_positives"] for c in planned))
-    if (int(pos.sum()), int(neg.sum())) != expected:
-        raise RoundFailed(f"round {r.round_id}: masked_sum_invalid: the {purpose} sum holds {int(pos.sum())} / "
-                          f"{int(neg.sum())} positives / negatives, the banks' planned holdouts {expected[0]} / "
-                          f"{expected[1]}; nothing registered")
+    rows = sum(c["holdout_rows"] for c in planned)
+    if int(pos.sum()) + int(neg.sum()) != rows:
+        raise RoundFailed(f"round {r.round_id}: masked_sum_invalid: the {purpose} sum holds "
+                          f"{int(pos.sum()) + int(neg.sum())} rows, the banks' planned holdouts {rows}; "
+                          "nothing registered")
+    sums = r.plan.label_sums
+    if sums is not None and sorted(banks) == sums["banks"] and int(pos.sum()) != sums["holdout_positives"]:
+        raise RoundFailed(f"round {r.round_id}: masked_sum_invalid: the {purpose} sum holds {int(pos.sum())} "
+                          f"positives, the planned banks' masked planning counts {sums['holdout_positives']}; "
+                          "nothing registered")
     return pos, neg
 
 

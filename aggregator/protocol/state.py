@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol import traffic
 from aggregator.protocol.workspace import Workspace
@@ -31,6 +32,7 @@ class Node(Protocol):
     def train(self, task_bytes: bytes) -> bytes: ...
     def evaluate(self, model_bytes: bytes) -> bytes: ...
     def offer(self, request_bytes: bytes) -> bytes: ...
+    def masked_counts(self, task_bytes: bytes) -> bytes: ...
     def evaluate_masked(self, task_bytes: bytes) -> bytes: ...
     def score(self, question_bytes: bytes) -> bytes: ...
 
@@ -54,6 +56,9 @@ class RoundState:
 
     def __post_init__(self) -> None:
         self.plan = Plan.from_dict(self.plan)
+        if not self.plan.consortium_params:
+            raise RoundFailed(f"round {self.round_id}: plan_unsettled: the banks' label counts were never summed "
+                              "(aggregator.protocol.secure_planning), so the plan has no consortium parameters")
         self.strategy = self.strategy or strategy_for(self.plan)
         self.stage = self.stage if self.stage is not None else self.stages()[0]
 
@@ -96,7 +101,7 @@ class Phase:
 def node_call(node: Node, kind: str) -> Callable[[bytes], bytes]:
     """The node method that answers a task ``kind`` (a driver's bank task, or in process)."""
     calls = {TaskKind.TRAIN: "train", TaskKind.EVALUATE: "evaluate_masked", TaskKind.EVALUATE_CHAMPION:
-             "evaluate_masked", TaskKind.ACCEPT: "score", TaskKind.KEYS: "offer",
+             "evaluate_masked", TaskKind.ACCEPT: "score", TaskKind.KEYS: "offer", TaskKind.COUNTS: "masked_counts",
              TaskKind.LOCAL_MODEL: "local_model", TaskKind.CROSSVAL: "score"}
     return getattr(node, calls[kind])
 

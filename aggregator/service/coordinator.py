@@ -69,9 +69,9 @@ class Coordinator(BankTasks):
     def start(self) -> "Coordinator":
         self._ticker = threading.Thread(target=self._tick_forever, name="fedfraud-ticker", daemon=True)
         self._ticker.start()
-        with self.Session() as s:  # a cross-evaluation cut short by a restart runs again
+        with self.Session() as s:  # a round 0 (masked counts, cross-evaluation) cut short by a restart runs again
             unfinished = list(s.scalars(select(store.Federation.key).where(
-                store.Federation.state == cross_evaluation.CROSS_EVALUATING)))
+                store.Federation.state.in_(cross_evaluation.PREPARING))))
         for key in unfinished:
             cross_evaluation.start(self, key)
         return self
@@ -124,7 +124,8 @@ class Coordinator(BankTasks):
         return self.federation_status(key)
 
     def plan_federation(self, key: str) -> dict[str, Any]:
-        """Plan from the summaries that arrived; a summary arriving later is refused as late."""
+        """Plan from the summaries that arrived (a summary arriving later is refused as late); round 0 (the
+        masked planning counts, cross-evaluation) then runs in a thread."""
         from pipelines.config import load_config
         from pipelines.feature_contract import feature_contract
 
@@ -141,10 +142,10 @@ class Coordinator(BankTasks):
                         self.workspace(federation), r["model_name"], r["strategy"], r["rounds"], r["seed"],
                         settings, feature_contract(load_config().features), sorted(r["banks"]), run_id=key)
                     federation.plan = plan.to_dict()
-                    federation.state = cross_evaluation.CROSS_EVALUATING if plan.settings.crossval else "planned"
+                    federation.state = cross_evaluation.COUNTING  # round 0: masked counts, cross-evaluation
                 except RoundFailed as exc:
                     federation.state, federation.error = "failed", str(exc)
-                cross_evaluate = federation.state == cross_evaluation.CROSS_EVALUATING
+                cross_evaluate = federation.state == cross_evaluation.COUNTING
         if cross_evaluate:  # started once the plan is committed; rounds wait for it
             cross_evaluation.start(self, key)
         return self.federation_status(key)

@@ -3,7 +3,8 @@
 Each refusal is a ``Refused`` with an HTTP status and a named check, recorded in the
 rejections table and returned to the caller. Nothing received is unpickled: every body is
 bounded, then parsed as strict JSON (no NaN/Infinity, bounded nesting) into the wire message its
-task expects; a summary's counts must be non-negative integers that add up (``invalid_counts``).
+task expects; a summary's counts must be row counts, non-negative integers (``invalid_counts``: a label
+count in the clear is refused; it leaves a bank only masked).
 Whatever the bytes, the answer is a named refusal, never a server error.
 """
 
@@ -14,7 +15,7 @@ from fedfraud.binning import BinCounts
 from fedfraud.grid_counts import MaskedGridCounts
 from fedfraud.crosscheck import MaskedScoreAnswer, ScoreAnswer
 from fedfraud.protocol import TaskKind
-from fedfraud.wire import MaskedEvaluation, ModelUpdate, SessionOffer, WireFormatError, loads_strict
+from fedfraud.wire import MaskedCounts, MaskedEvaluation, ModelUpdate, SessionOffer, WireFormatError, loads_strict
 
 MAX_SUMMARY_BYTES = 64 * 1024
 MAX_FAILURE_BYTES = 16 * 1024
@@ -37,7 +38,7 @@ def limit_for(kind: str, max_update_bytes: int) -> int:
               TaskKind.EVALUATE_CHAMPION: MaskedEvaluation.MAX_BYTES,
               TaskKind.BIN_COUNTS: max(BinCounts.MAX_BYTES, MaskedGridCounts.MAX_BYTES),
               TaskKind.ACCEPT: ScoreAnswer.MAX_BYTES, TaskKind.CROSSVAL: ScoreAnswer.MAX_BYTES,
-              TaskKind.KEYS: SessionOffer.MAX_BYTES}
+              TaskKind.KEYS: SessionOffer.MAX_BYTES, TaskKind.COUNTS: MaskedCounts.MAX_BYTES}
     return limits.get(kind, max_update_bytes)
 
 
@@ -68,6 +69,8 @@ def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
         return MaskedEvaluation.from_bytes(body).bank, None
     if kind == TaskKind.KEYS:  # a signed key offer: the banks verify it, the service only relays it
         return SessionOffer.from_bytes(body).bank, None
+    if kind == TaskKind.COUNTS:  # planning: masked words; the tally checks session and words
+        return MaskedCounts.from_bytes(body).bank, None
     if kind == TaskKind.BIN_COUNTS:  # masked words (the default); sparse clear counts from a bank that allows them
         masked = b'"words"' in body
         return (MaskedGridCounts if masked else BinCounts).from_bytes(body).bank, None

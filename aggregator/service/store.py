@@ -35,7 +35,7 @@ class Federation(Base):
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(128))
     request: Mapped[dict[str, Any]] = mapped_column(JSON)  # strategy, rounds, seed, settings, banks
-    # preparing | cross-evaluating | planned | failed
+    # preparing | counting | cross-evaluating | planned | failed
     state: Mapped[str] = mapped_column(String(16), default="preparing")
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -68,12 +68,13 @@ def wrong_model(r):
     r["model_id"] = "f" * 16
 
 
-def negative_positives(s):
-    s["counts"]["positives"] = -s["counts"]["positives"]
+def clear_positives(s):
+    """A label count in the clear (it leaves a bank only masked): the intake refuses it (``invalid_counts``)."""
+    s["counts"]["positives"] = 40
 
 
 ATTACKS = {f.__name__: f for f in (split_index, cycle, leaf_1e39, foreign_header, huge, claimed_rows, forged_report,
-                                   wrong_model, negative_positives)}
+                                   wrong_model, clear_positives)}
 INTAKE_PROBES = (b'{"bank": "%s", "round_id": 1, "metrics": {"auprc": NaN}}', b"[" * 100_000)
 
 
@@ -85,7 +86,7 @@ class HostileAgent(Agent):
 
     def handle(self, task: dict) -> None:
         self._attack = self.attacks.get(f"{task['kind']}:{task['round']}")
-        if self._attack == "negative_positives" and not self.ledger.closed(task["id"]):
+        if self._attack == "clear_positives" and not self.ledger.closed(task["id"]):
             self._try(task["id"], self.compute(task["kind"], b""))  # the lie first; the truth follows
             self._attack = None
         if self._attack and task["kind"] == "train" and not self.probed:

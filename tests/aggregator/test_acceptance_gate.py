@@ -38,8 +38,7 @@ def report(bank: str, top: float) -> EvaluationReport:
 
 
 def round_state(tmp_path, settings: FederationSettings) -> RoundState:
-    counts = {b: {"train_rows": 10_000, "positives": 90, "negatives": 9_910, "holdout_rows": FRAUDS + LEGIT,
-                  "holdout_positives": FRAUDS} for b in BANKS}
+    counts = {b: {"train_rows": 10_000, "holdout_rows": FRAUDS + LEGIT} for b in BANKS}
     settings = dataclasses.replace(settings, acceptance_masked=False)  # clear reports (masked: test_acceptance_round)
     plan = Plan(model_name="m", strategy="bagging", rounds=1, seed=1, settings=settings, contract_hash="h",
                 feature_names=TOY_FEATURES, banks=list(BANKS), excluded={}, consortium_params=PARAMS,

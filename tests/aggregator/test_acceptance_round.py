@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import TOY_FEATURES, four_toy_banks, toy_counts, with_toy_data
+from conftest import TOY_FEATURES, four_toy_banks, toy_counts, toy_label_sums, with_toy_data
 
 from aggregator.protocol import acceptance, phases, records, training
 from aggregator.protocol import secure_acceptance as secure
@@ -52,7 +52,7 @@ def round_state(tmp_path, nodes, settings: FederationSettings) -> RoundState:
     counts = toy_counts(nodes, BANKS)
     plan = Plan(model_name="m", strategy="bagging", rounds=1, seed=1, settings=settings, contract_hash="h",
                 feature_names=TOY_FEATURES, banks=BANKS, excluded={}, consortium_params=PARAMS,
-                federation_id="fed0", counts=counts)
+                federation_id="fed0", counts=counts, label_sums=toy_label_sums(nodes, BANKS))
     r = RoundState(Workspace(tmp_path / "aggregator", "m"), plan, 1)
     for bank, node in nodes.items():
         task = TrainTask(bank=bank, round_id=1, base_model_id="none", contract_hash="h",

@@ -57,9 +57,9 @@ def test_a_bagging_round_through_the_service_scores_each_update_before_it_joins(
                "trees_per_round": 5, "banks": sorted(nodes)}
     c.start_federation("f", request)
     drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
-    assert c.plan_federation("f")["state"] == "cross-evaluating"
+    assert c.plan_federation("f")["state"] == "counting"
     assert refused_open(c)  # rounds wait for the cross-evaluation
-    drive(c, nodes, lambda: c.federation_status("f")["state"] != "cross-evaluating")
+    drive(c, nodes, lambda: c.federation_status("f")["state"] not in ("counting", "cross-evaluating"))
     status = c.federation_status("f")
     assert status["state"] == "planned" and status["banks"] == sorted(nodes) and not status["excluded"], status
     with c.Session() as s:
@@ -97,11 +97,11 @@ def test_the_service_cross_evaluation_survives_a_restart_and_excludes_a_label_sw
     c.start_federation("f", {"model_name": "svc-x", "strategy": "bagging", "rounds": 1, "seed": 0, "min_banks": 2,
                              "trees_per_round": 5, "banks": sorted(nodes)})
     drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
-    assert c.plan_federation("f")["state"] == "cross-evaluating"
+    assert c.plan_federation("f")["state"] == "counting"
     c.stop()  # the aggregator restarts before any bank answered: the cross-evaluation runs again
     c = Coordinator(c.config).start()
     try:
-        drive(c, nodes, lambda: c.federation_status("f")["state"] != "cross-evaluating")
+        drive(c, nodes, lambda: c.federation_status("f")["state"] not in ("counting", "cross-evaluating"))
         status = c.federation_status("f")
         assert status["state"] == "planned", status
         assert status["banks"] == sorted(b for b in nodes if b != liar)
@@ -120,7 +120,9 @@ def test_a_federation_request_can_turn_compaction_on_and_the_service_runs_its_ph
             "compaction_tolerance": 0.05}
     c.start_federation("f", _federation_request(json.dumps(body).encode()))
     drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
-    assert c.plan_federation("f")["state"] == "planned"
+    assert c.plan_federation("f")["state"] == "counting"  # round 0: the masked planning counts
+    drive(c, nodes, lambda: c.federation_status("f")["state"] not in ("counting", "cross-evaluating"))
+    assert c.federation_status("f")["state"] == "planned"
     for round_id in (1, 2):
         c.open_round("f", round_id)
         drive(c, nodes, lambda n=round_id: _registered(c, n))
@@ -147,7 +149,9 @@ def test_after_a_refusal_the_service_asks_the_second_question_and_the_round_regi
             "trees_per_round": 5, "banks": sorted(nodes), "crossval": False, "acceptance_delta": 0.0}
     c.start_federation("f", _federation_request(json.dumps(body).encode()))  # δ 0: any drop is refused
     drive(c, nodes, lambda: all(t.get("summary") == "done" for t in c.federation_status("f")["summaries"].values()))
-    assert c.plan_federation("f")["state"] == "planned"
+    assert c.plan_federation("f")["state"] == "counting"  # round 0: the masked planning counts
+    drive(c, nodes, lambda: c.federation_status("f")["state"] not in ("counting", "cross-evaluating"))
+    assert c.federation_status("f")["state"] == "planned"
     c.open_round("f", 1)
     drive(c, nodes, lambda: _registered(c, 1))
     with c.Session() as s:

@@ -64,19 +64,17 @@ def test_retrying_registers_no_second_version(consortium, uri, local_and_bagging
 
 
 class FailingNode:
-    """A bank whose training call fails (a dead node, seen from the aggregator)."""
+    """A bank whose training call fails (a node dead by round 1, seen from the aggregator); it answered round 0
+    (its summary, the masked planning counts, cross-evaluation) and answers everything else."""
 
     def __init__(self, node):
         self.node, self.bank = node, node.bank
 
-    def summary(self):
-        return self.node.summary()
+    def __getattr__(self, name):
+        return getattr(self.node, name)
 
     def train(self, task_bytes):
         raise ConnectionError(f"{self.bank} is unreachable")
-
-    def evaluate(self, model_bytes):
-        return self.node.evaluate(model_bytes)
 
 
 def test_quorum_holds_without_a_failed_bank(consortium, uri):

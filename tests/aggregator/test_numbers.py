@@ -16,7 +16,7 @@ from fedfraud.scores import BINS
 from fedfraud.settings import FederationSettings
 from fedfraud.wire import EvaluationReport
 
-COUNTS = {"train_rows": 7000, "positives": 40, "negatives": 6960, "holdout_rows": 2040, "holdout_positives": 12}
+COUNTS = {"train_rows": 7000, "holdout_rows": 2040}  # row counts only: label counts are summed masked
 
 
 def summary(bank="alpha", **counts):
@@ -24,11 +24,12 @@ def summary(bank="alpha", **counts):
 
 
 @pytest.mark.parametrize("counts, check", [
-    ({"positives": -5}, "invalid_counts"),
-    ({"positives": 40.0}, "invalid_counts"),
-    ({"positives": True}, "invalid_counts"),
-    ({"train_rows": 7000 * 10 ** 6}, "invalid_counts"),  # claimed rows x 10^6: no longer adds up
-    ({"holdout_positives": 3000}, "invalid_counts"),
+    ({"train_rows": -5}, "invalid_counts"),
+    ({"holdout_rows": 40.0}, "invalid_counts"),
+    ({"train_rows": True}, "invalid_counts"),
+    ({"train_rows": 7000 * 10 ** 12}, "invalid_counts"),  # beyond any bank
+    ({"positives": 40}, "invalid_counts"),  # a label count in the clear: it leaves a bank only masked
+    ({"holdout_positives": 12}, "invalid_counts"),
 ])
 def test_bad_counts_are_refused_by_name_at_intake_and_at_planning(counts, check):
     bad = summary(**counts)
@@ -69,17 +70,21 @@ def report(bank="alpha", model_id="m1", pos=12, neg=2028, **changes):
 @pytest.mark.parametrize("data, check", [
     (report(model_id="other"), "wrong_model"),
     (report(bank="beta"), "wrong_sender"),
-    (report(pos=12_000), "report_totals"),  # a forged report: more positives than its holdout has
+    (report(pos=12_000), "report_totals"),  # a forged report: more rows than its holdout has
     (report(hist_pos=[1] * 10), "report_shape"),
     (report(hist_neg=[-1] + [0] * (BINS - 1)), "report_shape"),
     (report(hist_neg=[0.5] * BINS), "report_shape"),
     (report(positives=-12), "report_counts"),
     (report(positives=13), "report_totals"),
+    (report(pos=13, neg=2027), "passes"),  # rows as planned: its positives are not in the clear to compare
     (report(metrics={"auprc": 7.0}), "report_metrics"),
     (b'{"bank": "alpha"', "malformed_report"),
 ])
 def test_each_bad_evaluation_report_is_excluded_by_name(data, check):
     good, rejections = screen_reports({"alpha": data, "beta": report("beta")}, "m1", {"alpha": COUNTS, "beta": COUNTS})
+    if check == "passes":
+        assert [r.bank for r in good] == ["alpha", "beta"] and rejections == []
+        return
     assert [r.bank for r in good] == ["beta"]
     assert [(x["bank"], x["check"]) for x in rejections] == [("alpha", check)]
 

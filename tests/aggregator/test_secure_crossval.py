@@ -14,7 +14,7 @@ import pytest
 from conftest import TOY_FEATURES, four_toy_banks, with_toy_data
 
 from aggregator.drivers.embedded import embedded_credentials
-from aggregator.protocol import crossval, phases
+from aggregator.protocol import crossval, phases, secure_planning
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.workspace import Workspace
 from bank_node.node import BankNode
@@ -117,6 +117,7 @@ def cross_evaluate(root, nodes, **settings):
         phases.summarize(ws, node.summary())
     plan = phases.plan_federation(ws, "m", "bagging", 1, 3, FederationSettings(**{**OPEN, **settings}),
                                   {"hash": "h", "names": TOY_FEATURES}, sorted(nodes))
+    plan = secure_planning.run(ws, plan, nodes)  # round 0 opens with the masked planning counts
     return ws, plan, crossval.run(ws, plan, nodes)
 
 

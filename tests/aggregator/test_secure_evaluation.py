@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TOY_FEATURES, four_toy_banks, toy_counts, with_toy_data
+from conftest import TOY_FEATURES, four_toy_banks, toy_counts, toy_label_sums, with_toy_data
 
 from aggregator.drivers.embedded import embedded_credentials
 from aggregator.protocol import secure_evaluation as secure
@@ -54,7 +54,8 @@ def round_state(tmp_path, nodes, banks=BANKS, min_banks=1) -> RoundState:
     counts = toy_counts(nodes, banks)
     plan = Plan(model_name="m", strategy="bagging", rounds=1, seed=1, settings=FederationSettings(min_banks=min_banks),
                 contract_hash="h", feature_names=TOY_FEATURES, banks=list(banks), excluded={},
-                consortium_params=PARAMS, federation_id="fed0", counts=counts)
+                consortium_params=PARAMS, federation_id="fed0", counts=counts,
+                label_sums=toy_label_sums(nodes, banks))
     r = RoundState(Workspace(tmp_path / "aggregator", "m"), plan, 1)
     r.ws.write_json(model(nodes["alpha"]), r.path("model"))
     return r
@@ -138,7 +139,27 @@ def test_a_lying_bank_fails_the_round_never_a_wrong_sum(tmp_path, nodes):
     words = words_from_text(answer.words, 2000)
     words[990] += np.uint64(25)  # 25 extra positives claimed at the top scores
     path.write_bytes(dataclasses.replace(answer, words=words_to_text(words)).to_bytes())
-    with pytest.raises(RoundFailed, match="masked_sum_invalid"):
+    with pytest.raises(RoundFailed, match="masked_sum_invalid.*rows"):
+        secure.tally(r)
+
+
+def test_a_bank_relabelling_its_holdout_fails_against_the_masked_planning_sums(tmp_path, nodes):
+    """Rows unchanged, 5 negatives claimed as positives: only the planned banks' masked positives can tell."""
+    r = round_state(tmp_path, nodes, banks=BANKS[:3])
+    secure.open_session(r)
+    secure.keys(r, nodes)
+    secure.relay(r)
+    secure.evaluate(r, nodes)
+    path = r.ws.round_dir(1) / "secagg" / "attempt-1" / "evaluations" / "beta.json"
+    answer = MaskedEvaluation.from_bytes(path.read_bytes())
+    words = words_from_text(answer.words, 2000)
+    reports = [EvaluationReport.from_bytes(nodes[b].evaluate(json.dumps(r.ws.read_json(r.path("model"))).encode()))
+               for b in BANKS[:3]]
+    fullest = int(np.argmax(np.sum([report.hist_neg for report in reports], axis=0)))
+    words[990] += np.uint64(5)
+    words[1000 + fullest] -= np.uint64(5)  # the negatives' fullest bin: the sum stays counts
+    path.write_bytes(dataclasses.replace(answer, words=words_to_text(words)).to_bytes())
+    with pytest.raises(RoundFailed, match="masked_sum_invalid.*masked planning counts"):
         secure.tally(r)
 
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from conftest import SERVICE_BANKS as BANKS, bank_summary as summary, federation_request as request, make_coordinator
+from conftest import settle_counts
 
 from aggregator.service import store
 from aggregator.service.intake import Refused
@@ -57,7 +58,9 @@ def test_a_planned_bagging_round_hands_out_training_tasks_in_order(tmp_path):
     c.start_federation("f1", request(crossval=False))
     for bank in BANKS:
         c.accept_result(bank, c.next_task(bank)["id"], summary(bank))
-    assert c.plan_federation("f1")["banks"] == list(BANKS)
+    assert c.plan_federation("f1")["state"] == "counting"  # round 0: the masked planning counts
+    assert refused(c.open_round, "f1", 1) == (409, "not_planned")
+    assert settle_counts(c, "f1", tmp_path)["banks"] == list(BANKS)
     assert refused(c.open_round, "f1", 2) == (409, "previous_round")
     status = c.open_round("f1", 1)
     assert status["state"] == "training" and {b: t["train"] for b, t in status["tasks"].items()} == dict.fromkeys(

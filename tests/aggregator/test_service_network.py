@@ -128,7 +128,7 @@ def start(stack: Stack, key: str, strategy: str, rounds: int, min_banks: int = 2
         operator.federation(key)["summaries"]), 90, "every bank's summary")
     assert set(summaries) == set(BANKS)
     operator.plan(key)  # then the cross-evaluation: every bank's local model scored at every bank
-    plan = wait(lambda: (lambda s: s if s["state"] != "cross-evaluating" else None)(operator.federation(key)), 240,
+    plan = wait(lambda: (lambda s: s if s["state"] in ("planned", "failed") else None)(operator.federation(key)), 240,
                 "the cross-evaluation")
     assert plan["state"] == "planned" and plan["banks"] == BANKS, plan
     return operator

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import SERVICE_BANKS as BANKS, bank_summary as summary, federation_request as request, make_coordinator
+from conftest import settle_counts
 
 from aggregator.protocol.plan import Plan
 from aggregator.service.app import _federation_request
@@ -52,7 +53,8 @@ def test_the_requested_acceptance_and_compaction_reach_the_plan(tmp_path):
     tasks = {bank: c.next_task(bank)["id"] for bank in BANKS}
     for bank in BANKS:
         c.accept_result(bank, tasks[bank], summary(bank))
-    assert c.plan_federation("f1")["state"] == "planned"
+    assert c.plan_federation("f1")["state"] == "counting"
+    assert settle_counts(c, "f1", tmp_path)["state"] == "planned"
     with c.Session() as s:
         settings = Plan.from_dict(c._federation(s, "f1").plan).settings
     assert (settings.acceptance_delta, settings.acceptance_z, settings.compaction, settings.crossval) == (

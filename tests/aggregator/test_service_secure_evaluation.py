@@ -4,6 +4,8 @@ the others under a fresh session, and the round registers from their masked sum.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow import MlflowClient
 from test_acceptance_service import answer
@@ -50,16 +52,20 @@ def test_a_bank_dropping_out_of_the_masked_evaluation_reruns_it_with_the_others(
         return status["state"] == "registered"
 
     drive(registered)
-    # one key offer for the (masked) acceptance, then one per attempt of the evaluation
-    assert kinds.count((dropout, TaskKind.KEYS)) == 2 and kinds.count((dropout, TaskKind.EVALUATE)) == 1
+    # one key offer for the masked planning counts, one for the (masked) acceptance, then one per attempt of the
+    # evaluation; one masked counts answer each
+    assert kinds.count((dropout, TaskKind.KEYS)) == 3 and kinds.count((dropout, TaskKind.EVALUATE)) == 1
     others = sorted(set(nodes) - {dropout})
-    assert all(kinds.count((b, TaskKind.KEYS)) == 3 and kinds.count((b, TaskKind.EVALUATE)) == 2 for b in others)
+    assert all(kinds.count((b, TaskKind.KEYS)) == 4 and kinds.count((b, TaskKind.EVALUATE)) == 2 for b in others)
+    assert all(kinds.count((b, TaskKind.COUNTS)) == 1 for b in nodes)
     with c.Session() as s:
         ws = c.workspace(c._federation(s, "f"))
     report = ws.read_json(ws.path(1, "registered"))
     assert report["evaluated_by"] == others and [a["attempt"] for a in report["secure_aggregation"]] == [1, 2]
-    assert report["pooled"]["positives"] == sum(ws.read_json(ws.plan_path)["counts"][b]["holdout_positives"]
-                                                for b in others)
+    assert report["pooled"]["positives"] == sum(int(nodes[b].data.y_holdout.sum()) for b in others)
+    plan = ws.read_json(ws.plan_path)
+    assert plan["label_sums"]["holdout_positives"] == sum(int(nodes[b].data.y_holdout.sum()) for b in nodes)
+    assert "holdout_positives" not in json.dumps(plan["counts"])
     assert (dropout, "masked_evaluation_missing") in {(x["bank"], x["check"]) for x in report["rejections"]}
     assert set(report["metrics_shared_by"]) == set(others)  # prepare_consortium's nodes share (in process)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

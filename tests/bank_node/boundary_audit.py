@@ -27,7 +27,8 @@ from fedfraud.wire import EvaluationReport, MaskedEvaluationTask
 # node method -> the outgoing kind its result is (``fedfraud.boundary.OUTGOING``); ``evaluate`` is none:
 # a plain evaluation report must never leave on its own in a federation
 METHODS = {"summary": "summary", "train": "update", "train_histogram": "update", "local_model": "update",
-           "offer": "key offer", "evaluate_masked": "masked evaluation", "score": "evaluation reports",
+           "offer": "key offer", "masked_counts": "masked counts",
+           "evaluate_masked": "masked evaluation", "score": "evaluation reports",
            "bin_counts": "masked grid counts", "evaluate": "plain evaluation report"}
 CHI2_LIMIT = 420.0  # 255 degrees of freedom: P(chi2 > 420) ~ 1e-9 for uniform bytes
 BIT_SIGMAS = 6.0

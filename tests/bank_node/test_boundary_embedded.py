@@ -114,7 +114,8 @@ def test_every_message_a_bank_sends_is_declared_with_only_allowed_fields(run):
     for bank, kind, body in run.sent:
         assert outgoing_problem(kind, body) is None, (bank, outgoing_problem(kind, body))
     kinds = Counter(kind for _, kind, _ in run.sent)
-    assert {"summary", "update", "key offer", "masked evaluation"} <= set(kinds), kinds
+    assert {"summary", "update", "key offer", "masked counts", "masked evaluation"} <= set(kinds), kinds
+    assert kinds["masked counts"] == len(run.nodes)  # one masked vector of label counts per bank, at planning
     assert "evaluation reports" not in kinds  # no histogram leaves in the clear: acceptance and cross-evaluation
     assert ("masked score answer" in kinds) == (run.strategy != "histogram")  # are masked
     purposes = {json.loads(body)["purpose"] for _, kind, body in run.sent if kind == "masked score answer"}

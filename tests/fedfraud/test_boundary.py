@@ -17,10 +17,10 @@ from fedfraud.boundary import (ANSWERS, OUTGOING, README_NAMES, answer_kind, ans
                                outgoing_problem)
 from fedfraud.protocol import TaskKind
 from fedfraud.secagg import federated_wire as fw
-from fedfraud.wire import EvaluationReport, MaskedEvaluation, ModelUpdate, SessionOffer
+from fedfraud.wire import EvaluationReport, MaskedCounts, MaskedEvaluation, ModelUpdate, SessionOffer
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-COUNTS = {"train_rows": 10, "positives": 1, "negatives": 9, "holdout_rows": 4, "holdout_positives": 1}
+COUNTS = {"train_rows": 10, "holdout_rows": 4}  # label counts leave only masked ("masked counts")
 
 
 def boundary_section() -> str:
@@ -82,6 +82,7 @@ def test_the_wire_messages_a_bank_sends_fit_their_declaration():
     ("update", lambda d: d["model"]["learner"]["gradient_booster"]["model"]["trees"][0]["base_weights"].__setitem__(
         0, 0.7), "base_weights[0]: an inner node's weight must be zeroed"),
     ("update", lambda d: d["counts"].update(train_rows="10"), "update.counts.train_rows: expected an integer"),
+    ("update", lambda d: d["counts"].update(positives=1), "update.counts.positives: field not allowed"),
 ])
 def test_a_field_not_allowed_is_named(kind, mutate, named):
     body = json.loads(update().to_bytes())
@@ -100,6 +101,15 @@ def test_masked_evaluations_and_summaries_refuse_clear_histograms_and_extra_fact
     assert outgoing_problem("summary", summary) is None
     assert outgoing_problem("summary", {**summary, "amount_mean": 12.5}) == (
         "summary.amount_mean: field not allowed to leave the bank")
+    for label_count in ("positives", "negatives", "holdout_positives"):  # only masked ("masked counts")
+        clear = {**summary, "counts": {**COUNTS, label_count: 1}}
+        assert outgoing_problem("summary", clear) == (
+            f"summary.counts.{label_count}: field not allowed to leave the bank")
+    masked_counts = json.loads(MaskedCounts("alpha", "s", "AAAAAAAAAAAAAAAAAAAAAA==").to_bytes())
+    assert outgoing_problem("masked counts", masked_counts) is None
+    assert outgoing_problem("masked counts", {**masked_counts, "positives": 3}) == (
+        "masked counts.positives: field not allowed to leave the bank")
+    assert "expected text matching" in outgoing_problem("masked counts", {**masked_counts, "words": "[3, 1]"})
     assert outgoing_problem("plain evaluation report", {}) == (
         "plain evaluation report: not a kind of message a bank sends")
     assert outgoing_problem("summary", b"\xff").startswith("summary: not JSON")
