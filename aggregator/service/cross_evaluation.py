@@ -45,7 +45,7 @@ def run(coordinator, key: str) -> None:
     def ask(exchanges: list[Exchange]) -> None:
         with c.lock, c.Session.begin() as s:
             if c._stop.is_set():  # a stopping service posts no more tasks: its restart posts them
-                raise RoundFailed("the service stopped during the cross-evaluation")
+                raise RoundFailed("the service stopped during round 0")
             ids = [c._add_task(s, federation, 0, x.kind, x.bank, x.question, x.answer, x.part).id for x in exchanges]
         c.wait_for_tasks(ids, "no answer before the cross-evaluation deadline", min(1.0, c.config.tick_seconds))
 
