@@ -39,7 +39,7 @@ from aggregator.checks import RoundContext, screen
 from aggregator.protocol import records, secure_crossval
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan, make_plan
-from aggregator.protocol.state import Exchange, Node, node_call, strategy_for
+from aggregator.protocol.state import Exchange, Node, asking, strategy_for
 from aggregator.protocol.workspace import Workspace
 from fedfraud import crosscheck
 from fedfraud.crosscheck import ScoreAnswer, ScoreQuestion
@@ -257,11 +257,4 @@ def run_with(ws: Workspace, plan: Plan, ask: Callable[[list[Exchange]], None],
 def run(ws: Workspace, plan: Plan, nodes: dict[str, Node], on_progress: Callable[[str], None] = lambda m: None
         ) -> Plan:
     """The whole cross-evaluation with the nodes at hand (embedded federations)."""
-    def ask(exchanges: list[Exchange]) -> None:
-        for x in exchanges:
-            try:
-                write_bytes(node_call(nodes[x.bank], x.kind)(x.question.read_bytes()), x.answer)
-            except Exception as exc:  # refused or failed: named in propose / decide
-                log.warning("cross-evaluation: %s did not answer %s: %s", x.bank, x.kind, exc)
-
-    return run_with(ws, plan, ask, on_progress)
+    return run_with(ws, plan, asking(nodes, "cross-evaluation", log), on_progress)

@@ -39,7 +39,7 @@ import numpy as np
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.secure_evaluation import relayed_offers
-from aggregator.protocol.state import Exchange, Node, node_call
+from aggregator.protocol.state import Exchange, Node, asking
 from aggregator.protocol.workspace import Workspace
 from fedfraud.protocol import TaskKind
 from fedfraud.secagg.masking import MIN_PARTIES, SecureAggregationError, decode_counts, unmasked_sum, words_from_text
@@ -191,11 +191,4 @@ def _tally(x: _Exchange, s: dict) -> dict:
 def run(ws: Workspace, plan: Plan, nodes: dict[str, Node], on_progress: Callable[[str], None] = lambda m: None
         ) -> Plan:
     """``run_with`` with the nodes at hand (embedded federations, the Airflow embedded driver)."""
-    def ask(exchanges: list[Exchange]) -> None:
-        for x in exchanges:
-            try:
-                write_bytes(node_call(nodes[x.bank], x.kind)(x.question.read_bytes()), x.answer)
-            except Exception as exc:  # refused or failed: named in the tally
-                log.warning("planning: %s did not answer %s: %s", x.bank, x.kind, exc)
-
-    return run_with(ws, plan, ask, on_progress)
+    return run_with(ws, plan, asking(nodes, "planning", log), on_progress)

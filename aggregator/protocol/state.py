@@ -106,6 +106,18 @@ def node_call(node: Node, kind: str) -> Callable[[bytes], bytes]:
     return getattr(node, calls[kind])
 
 
+def asking(nodes: dict[str, Node], phase: str, phase_log: logging.Logger) -> Callable[[list[Exchange]], None]:
+    """A round-0 phase's ``ask`` with the nodes at hand (embedded drivers): each bank answers in turn; one that
+    refuses or fails is logged here and named by the phase, which finds no answer."""
+    def ask(exchanges: list[Exchange]) -> None:
+        for x in exchanges:
+            try:
+                write_bytes(node_call(nodes[x.bank], x.kind)(x.question.read_bytes()), x.answer)
+            except Exception as exc:
+                phase_log.warning("%s: %s did not answer %s: %s", phase, x.bank, x.kind, exc)
+    return ask
+
+
 def answer(node: Node, exchanges: list[Exchange]) -> None:
     """The bank answers each question; its answers land where the exchanges say."""
     for ask in exchanges:
