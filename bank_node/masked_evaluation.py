@@ -90,6 +90,16 @@ class SessionStore:
                 removed.append(folder.name)
         return removed
 
+    def bind_phase(self, session: str, phase: str) -> None:
+        """A session serves one phase: its first answer fixes which. Phases number their mask slots on their own
+        (evaluation 0-1, acceptance 0-63, grid 2, cross-evaluation and counts from 2**32), so two phases under
+        one session's keys could mask two vectors with one keystream (``mask_reuse``)."""
+        path = self._dir(session) / "phase"
+        if path.exists() and path.read_text() != phase:
+            raise MaskReuse(f"mask_reuse: session {session} already serves {path.read_text()[:40]}, not {phase}")
+        if not path.exists():
+            _write_private(path, phase.encode())
+
     def answered(self, session: str, purpose: str) -> dict | None:
         path = self._dir(session) / f"{purpose}.json"
         return json.loads(path.read_bytes()) if path.exists() else None
@@ -156,7 +166,9 @@ def session_masker(node: "BankNode", session: object, banks: object, offers: obj
 
 def earlier_answer(node: "BankNode", session: str, purpose: str, answered: str) -> bytes | None:
     """The answer already sent in this session and slot for the same ``answered`` (model or question id), sent
-    again; None if there is none. Another vector under the same masks is refused (``mask_reuse``)."""
+    again; None if there is none. Another vector under the same masks is refused (``mask_reuse``), and so is
+    another phase under the same session (``SessionStore.bind_phase``)."""
+    node.secagg_store.bind_phase(session, "evaluation" if purpose in SLOTS else purpose)
     earlier = node.secagg_store.answered(session, purpose)
     if earlier is None:
         return None

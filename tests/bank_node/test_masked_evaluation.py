@@ -88,3 +88,20 @@ def test_a_new_offer_deletes_sessions_unused_for_a_week(tmp_path):
     assert old.name not in kept and len(kept) == 1  # the week-old session's private key is gone, the new one kept
     node.offer(KeyRequest(recent, BANKS).to_bytes())  # a session in use is kept (same key if asked again)
     assert [p.name for p in (tmp_path / "alpha" / "secagg").iterdir()] == kept
+
+
+def test_a_session_serves_one_phase_so_no_two_phases_share_a_keystream(tmp_path):
+    """Phases number their mask slots on their own (planning counts and cross-evaluation both start at 2**32):
+    a session reused by the aggregator for a second phase is refused before anything is masked."""
+    from bank_node.masked_evaluation import earlier_answer
+    from fedfraud.secagg.masking import MaskReuse
+
+    node = BankNode("alpha", tmp_path, tmp_path / "alpha", None)
+    assert earlier_answer(node, SESSION, "planning-counts", "d1") is None
+    node.secagg_store.keep(SESSION, "planning-counts", "d1", b"{}")
+    assert earlier_answer(node, SESSION, "planning-counts", "d1") == b"{}"  # the same answer again
+    for other in ("crossval", "grid", "accept", "candidate"):
+        with pytest.raises(MaskReuse, match="already serves planning-counts"):
+            earlier_answer(node, SESSION, other, "d2")
+    assert earlier_answer(node, SESSION.replace("attempt-1", "attempt-2"), "candidate", "m") is None
+    assert earlier_answer(node, SESSION.replace("attempt-1", "attempt-2"), "champion", "m") is None  # one phase
