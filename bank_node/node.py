@@ -29,7 +29,7 @@ from fedfraud.wire import CLEAR_COUNTS, TrainTask
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR
 from pipelines.config import PipelineConfig
 from pipelines.feature_contract import load_contract
-from pipelines.validation import REPORT_FILE
+from pipelines.validation import REPORT_FILE, shareable_reasons
 
 FINGERPRINT_FILE = "input_fingerprint.json"
 
@@ -130,7 +130,7 @@ class BankNode:
             "contract_hash": self.contract["hash"],
             "counts": {key: counts[key] for key in CLEAR_COUNTS},
             "training_allowed": report["training_allowed"],
-            "decline_reasons": report["decline_reasons"],
+            "decline_reasons": shareable_reasons(report["decline_reasons"]),  # the rule, not the bank's figure
             "data_window": [report["event_time_min"], report["event_time_max"]],
             "holdout_start": self.data.holdout_start,
         }

@@ -15,6 +15,7 @@ valid rows.
 
 from __future__ import annotations
 
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,6 +90,26 @@ def training_decision(labelled: int, fraud: int, rules: ValidationConfig) -> lis
                 f"labelled fraud rate {rate:.5f} outside [{rules.fraud_rate_min}, {rules.fraud_rate_max}]"
             )
     return reasons
+
+
+_SHAREABLE = (  # (what the gate wrote, what may leave the bank): the rule, never the bank's own figure
+    (re.compile(r"too few labelled rows: \d+ < (\d+)"), "too few labelled rows (fewer than {0})"),
+    (re.compile(r"labelled fraud rate \S+ outside (\[[^\]]*\])"), "labelled fraud rate outside {0}"),
+)
+
+
+def shareable_reasons(reasons: list[str]) -> list[str]:
+    """The gate's decline reasons as a bank's summary may carry them: the rule that failed with the
+    consortium's bound, not the bank's labelled row count or fraud rate (those stay in its report)."""
+    shared = []
+    for reason in reasons:
+        for pattern, text in _SHAREABLE:
+            if match := pattern.fullmatch(reason):
+                shared.append(text.format(*match.groups()))
+                break
+        else:
+            shared.append("declined by the validation gate")
+    return shared
 
 
 def validate(

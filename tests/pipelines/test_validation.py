@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 from pipelines.config import ValidationConfig
 from pipelines.conform import ContractError, conform
 from pipelines.contract import COLUMN_NAMES
-from pipelines.validation import training_decision, validate
+from pipelines.validation import shareable_reasons, training_decision, validate
 
 AS_OF = datetime(2026, 6, 1)
 GOOD = [txn(f"ok{i}", f"2026-01-05 10:{i:02d}:00", amount=5.0 + i) for i in range(6)]
@@ -130,6 +130,16 @@ def test_training_decision(labelled, fraud, expected):
     rules = ValidationConfig(fraud_rate_min=0.0002, fraud_rate_max=0.05, min_labelled_rows=1000)
     got = training_decision(labelled, fraud, rules)
     assert len(got) == len(expected) and all(e in g for e, g in zip(expected, got))
+
+
+def test_a_summary_shares_the_failed_rule_never_the_banks_figures():
+    rules = ValidationConfig(fraud_rate_min=0.0002, fraud_rate_max=0.05, min_labelled_rows=1000)
+    reasons = training_decision(537, 61, rules)  # both rules fail: 537 rows, a rate of 0.11359
+    assert any("537" in r for r in reasons) and any("0.11359" in r for r in reasons)  # the bank's own report
+    shared = shareable_reasons(reasons)
+    assert shared == ["too few labelled rows (fewer than 1000)", "labelled fraud rate outside [0.0002, 0.05]"]
+    assert not any(figure in " ".join(shared) for figure in ("537", "61", "0.113"))
+    assert shareable_reasons(["a reason the gate never writes: 42 rows"]) == ["declined by the validation gate"]
 
 
 def test_missing_and_mistyped_columns_refuse_the_input(spark, make_raw):
