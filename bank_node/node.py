@@ -175,7 +175,8 @@ class BankNode:
     def _require_training_allowed(self) -> None:
         report = self.report
         if not report["training_allowed"]:
-            raise BankDeclined(f"{self.bank} declines to train: {'; '.join(report['decline_reasons'])}")
+            reasons = shareable_reasons(report["decline_reasons"])  # the failure leaves the bank too
+            raise BankDeclined(f"{self.bank} declines to train: {'; '.join(reasons)}")
 
     def offer(self, request_bytes: bytes) -> bytes:
         """Secure aggregation: this bank's signed ephemeral key offer for a session."""

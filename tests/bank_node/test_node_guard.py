@@ -90,3 +90,25 @@ def test_undefined_metrics_leave_as_absent_not_nan(node):
     node.__dict__["data"] = dataclasses.replace(node.data, y_holdout=np.zeros_like(node.data.y_holdout))
     report = EvaluationReport.from_bytes(node.evaluate(model_json.to_bytes(global_model(node))))
     assert "auprc" not in report.metrics and report.positives == 0
+
+
+def test_a_declining_banks_summary_and_failure_name_the_rule_never_its_figures(toy_banks, tmp_path):
+    from bank_node.node import BankDeclined
+    from pipelines.build import VALIDATION_DIR
+    from pipelines.validation import REPORT_FILE
+
+    X, y = toy_banks["alpha"]
+    bank = BankNode("alpha", tmp_path / "raw", tmp_path / "work", config=None)
+    bank.__dict__["data"] = BankDataset(TOY_FEATURES, X[:300], y[:300], X[300:], y[300:], None)
+    bank.__dict__["contract"] = {"hash": "h", "names": TOY_FEATURES}
+    (tmp_path / "work" / VALIDATION_DIR).mkdir(parents=True)
+    (tmp_path / "work" / VALIDATION_DIR / REPORT_FILE).write_text(json.dumps({
+        "training_allowed": False, "event_time_min": "a", "event_time_max": "b",
+        "decline_reasons": ["too few labelled rows: 537 < 1000", "labelled fraud rate 0.11359 outside [0.0002, 0.05]"]}))
+    summary = bank.summary()
+    assert summary["decline_reasons"] == ["too few labelled rows (fewer than 1000)",
+                                          "labelled fraud rate outside [0.0002, 0.05]"]
+    with pytest.raises(BankDeclined) as declined:
+        bank.train(task().to_bytes())
+    assert "fewer than 1000" in str(declined.value)
+    assert not any(figure in json.dumps(summary) + str(declined.value) for figure in ("537", "0.113"))
