@@ -104,7 +104,8 @@ def test_a_declining_banks_summary_and_failure_name_the_rule_never_its_figures(t
     (tmp_path / "work" / VALIDATION_DIR).mkdir(parents=True)
     (tmp_path / "work" / VALIDATION_DIR / REPORT_FILE).write_text(json.dumps({
         "training_allowed": False, "event_time_min": "a", "event_time_max": "b",
-        "decline_reasons": ["too few labelled rows: 537 < 1000", "labelled fraud rate 0.11359 outside [0.0002, 0.05]"]}))
+        "decline_reasons": ["too few labelled rows: 537 < 1000",
+                            "labelled fraud rate 0.11359 outside [0.0002, 0.05]"]}))
     summary = bank.summary()
     assert summary["decline_reasons"] == ["too few labelled rows (fewer than 1000)",
                                           "labelled fraud rate outside [0.0002, 0.05]"]
