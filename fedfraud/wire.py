@@ -162,6 +162,14 @@ class SessionOffer(WireMessage):
     certificate: str
     signature: str
 
+    @classmethod
+    def relayable(cls, data: bytes, bank: str, session: str) -> dict[str, str]:
+        """``bank``'s offer for ``session`` as the aggregator relays it (its fields, unchanged); else refused."""
+        offer = cls.from_bytes(data)
+        if offer.bank != bank or offer.session != session:
+            raise WireFormatError(f"offer names {str(offer.bank)[:40]} / session {str(offer.session)[:80]}")
+        return {f.name: getattr(offer, f.name) for f in dataclasses.fields(cls)}
+
 
 @dataclass(frozen=True)
 class MaskedEvaluationTask(WireMessage):

@@ -20,6 +20,7 @@ from typing import Any
 from aggregator.protocol.errors import RoundFailed
 from fedfraud.model_guard import MAX_MODEL_BYTES, MAX_MODEL_TREES, ConsortiumHeader, ModelLimits, consortium_header
 from fedfraud.protocol import StrategyName
+from fedfraud.secagg.masking import MIN_PARTIES
 from fedfraud.settings import FederationSettings, consortium_params
 from fedfraud.wire import CLEAR_COUNTS, MASKED_COUNTS
 
@@ -124,6 +125,11 @@ class Plan:
     def header(self) -> ConsortiumHeader:
         """The header every model of this federation carries, decided here (never a bank's)."""
         return consortium_header(self.feature_names, self.consortium_params)
+
+    @property
+    def masking_quorum(self) -> int:
+        """Banks every masked phase needs: ``MIN_PARTIES`` for masking, and the federation's ``min_banks``."""
+        return max(MIN_PARTIES, self.settings.min_banks)
 
     @property
     def update_limits(self) -> ModelLimits:

@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.protocol.errors import PhaseRerun, RoundFailed
-from aggregator.protocol.secure_evaluation import decoded, relayed_offers
+from aggregator.protocol.secure_evaluation import decoded, offer_faults, relayed_offers
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
 from fedfraud.crosscheck import MaskedScoreAnswer, ScoreQuestion
 from fedfraud.protocol import StrategyName, TaskKind
 from fedfraud.scores import BINS
-from fedfraud.secagg.masking import MIN_PARTIES, SecureAggregationError, words_from_text
+from fedfraud.secagg.masking import SecureAggregationError, words_from_text
 from fedfraud.wire import EvaluationReport, KeyRequest, WireFormatError
 from pipelines.io import write_bytes
 
@@ -68,10 +68,6 @@ def _attempt_folder(r: RoundState, s: dict) -> Path:
     return stage_folder(r) / "secagg" / s["question"] / f"attempt-{s['attempt']}"
 
 
-def quorum(r: RoundState) -> int:
-    return max(MIN_PARTIES, r.plan.settings.min_banks)
-
-
 def reset(r: RoundState) -> None:
     """Forget the stage's sessions and sums (a new proposal)."""
     shutil.rmtree(stage_folder(r) / "secagg", ignore_errors=True)
@@ -99,9 +95,9 @@ def open_session(r: RoundState, question: str, plain: Path, banks: list[str], hi
     """A new attempt for ``question`` (first attempt when ``history`` is None) with ``banks``."""
     earlier = state(r)
     attempt = 1 if history is None else earlier["attempt"] + 1
-    if len(banks) < quorum(r):
+    if len(banks) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(banks)} bank(s) for a masked acceptance, "
-                          f"at least {quorum(r)} needed")
+                          f"at least {r.plan.masking_quorum} needed")
     stage = r.stages().index(r.stage)
     session = (f"{r.plan.federation_id}/round-{r.round_id}/accept/stage-{stage}/{question}/attempt-{attempt}/"
                f"{secrets.token_hex(8)}")
@@ -137,14 +133,12 @@ def relay(r: RoundState) -> None:
         return
     folder = _attempt_folder(r, s)
     offers, invalid = relayed_offers(folder, s["banks"], s["session"])
-    invalid_by_bank = {f["bank"]: f for f in invalid}  # in bank order: malformed, or no offer at all
-    missing = {"check": "key_offer_missing", "detail": f"attempt {s['attempt']}"}
-    faults = [invalid_by_bank.get(bank, {"bank": bank, **missing}) for bank in s["banks"] if bank not in offers]
+    faults = offer_faults(s["banks"], offers, invalid, f"attempt {s['attempt']}")
     s["masking"], s["offer_faults"] = sorted(offers), faults
     r.ws.write_json(s, _state_path(r))
-    if len(offers) < quorum(r):
+    if len(offers) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(offers)} acceptance key offer(s) of "
-                          f"{len(s['banks'])} banks, at least {quorum(r)} needed; faults: {faults}")
+                          f"{len(s['banks'])} banks, at least {r.plan.masking_quorum} needed; faults: {faults}")
     plain = ScoreQuestion.from_bytes(Path(s["plain"]).read_bytes())
     masking = {"session": s["session"], "banks": sorted(offers), "offers": offers}
     question = ScoreQuestion(plain.round_id, plain.purpose, plain.variants, plain.models, masking)
@@ -203,10 +197,10 @@ def _answer(path: Path, bank: str, session: str, digest: str, labels: list[str])
 
 def _rerun_or_fail(r: RoundState, s: dict, answered: list[str], faults: list[dict]) -> None:
     missing = sorted(set(s["masking"]) - set(answered))
-    if s["attempt"] >= MAX_ATTEMPTS or len(answered) < quorum(r):
+    if s["attempt"] >= MAX_ATTEMPTS or len(answered) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: masked_acceptance_incomplete: {missing} did not answer attempt "
                           f"{s['attempt']} of the {s['question']} question; {len(answered)} left (at least "
-                          f"{quorum(r)} needed, {MAX_ATTEMPTS} attempts at most)")
+                          f"{r.plan.masking_quorum} needed, {MAX_ATTEMPTS} attempts at most)")
     history = [*s["history"], {"attempt": s["attempt"], "session": s["session"], "banks": s["banks"],
                                "masking": s["masking"], "answered": answered, "faults": faults}]
     open_session(r, s["question"], Path(s["plain"]), answered, history)

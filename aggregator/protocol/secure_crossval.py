@@ -36,14 +36,14 @@ import numpy as np
 
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan
-from aggregator.protocol.secure_evaluation import relayed_offers
+from aggregator.protocol.secure_evaluation import offer_faults, relayed_offers
 from aggregator.protocol.state import Exchange
 from aggregator.protocol.workspace import Workspace
 from fedfraud.crosscheck import MaskedScoreAnswer, ScoreQuestion
 from fedfraud.protocol import TaskKind
 from fedfraud.scores import BINS
 from fedfraud.secagg.masking import (
-    MIN_PARTIES, SecureAggregationError, decode_counts, unmasked_sum, words_from_text,
+    SecureAggregationError, decode_counts, unmasked_sum, words_from_text,
 )
 from fedfraud.wire import EvaluationReport, KeyRequest, WireFormatError
 from pipelines.io import write_bytes
@@ -71,10 +71,6 @@ def only(question: ScoreQuestion, models: list[str]) -> ScoreQuestion:
                          {m: question.models[m] for m in models})
 
 
-def quorum(plan: Plan) -> int:
-    return max(MIN_PARTIES, plan.settings.min_banks)
-
-
 def pooled(ws: Workspace, plan: Plan, folder: Path, name: str, plain: ScoreQuestion, banks: list[str],
            ask: Callable[[list[Exchange]], None]) -> Pools:
     """``plain`` asked masked of ``banks``, attempt after attempt until every masking bank answered; the
@@ -82,21 +78,19 @@ def pooled(ws: Workspace, plan: Plan, folder: Path, name: str, plain: ScoreQuest
     root, history = folder / name, []
     banks = sorted(banks)
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        if len(banks) < quorum(plan):
+        if len(banks) < plan.masking_quorum:
             raise RoundFailed(f"cross-evaluation: too_few_parties: {len(banks)} bank(s) for a masked "
-                              f"cross-evaluation ({name}, attempt {attempt}), at least {quorum(plan)} needed; "
+                              f"cross-evaluation ({name}, attempt {attempt}), at least {plan.masking_quorum} needed; "
                               f"left out: {history}")
         here, part = root / f"attempt-{attempt}", f"crossval-{name}-{attempt}"
         session = _session(ws, plan, here, name, attempt, plain.digest(), banks)
         ask([Exchange(TaskKind.KEYS, b, here / "request.json", here / "offers" / f"{b}.json", part) for b in banks])
-        offers, faults = relayed_offers(here, banks, session)
-        named = {f["bank"] for f in faults}
-        faults += [{"bank": b, "check": "key_offer_missing", "detail": f"{name} attempt {attempt}"}
-                   for b in banks if b not in offers and b not in named]
+        offers, invalid = relayed_offers(here, banks, session)
+        faults = offer_faults(banks, offers, invalid, f"{name} attempt {attempt}")
         masking = sorted(offers)
-        if len(masking) < quorum(plan):
+        if len(masking) < plan.masking_quorum:
             raise RoundFailed(f"cross-evaluation: too_few_parties: {len(masking)} key offer(s) of {len(banks)} "
-                              f"banks, at least {quorum(plan)} needed; faults: {faults}")
+                              f"banks, at least {plan.masking_quorum} needed; faults: {faults}")
         labels = [m for m in sorted(plain.variants) if m in masking]  # a model is asked only with its bank
         asked = only(plain, labels)
         question = dataclasses.replace(asked, masking={"session": session, "banks": masking, "offers": offers})

@@ -58,15 +58,11 @@ def _folder(r: RoundState) -> Path:
     return _root(r) / f"attempt-{record(r)['attempt']}"
 
 
-def quorum(r: RoundState) -> int:
-    return max(MIN_PARTIES, r.plan.settings.min_banks)
-
-
 def _open_attempt(r: RoundState, banks: list[str], history: list[dict]) -> None:
     attempt = record(r)["attempt"] + 1
-    if len(banks) < quorum(r):
+    if len(banks) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(banks)} bank(s) for a masked evaluation, "
-                          f"at least {quorum(r)} needed ({MIN_PARTIES} for masking, min_banks "
+                          f"at least {r.plan.masking_quorum} needed ({MIN_PARTIES} for masking, min_banks "
                           f"{r.plan.settings.min_banks})")
     session = f"{r.plan.federation_id}/round-{r.round_id}/evaluate/attempt-{attempt}/{secrets.token_hex(8)}"
     state = {"attempt": attempt, "session": session, "banks": sorted(banks), "history": history}
@@ -108,14 +104,19 @@ def relayed_offers(folder: Path, banks: list[str], session: str) -> tuple[dict[s
         if not path.exists():
             continue
         try:
-            offer = SessionOffer.from_bytes(path.read_bytes())
-            if offer.bank != bank or offer.session != session:
-                raise WireFormatError(f"offer names {str(offer.bank)[:40]} / session {str(offer.session)[:80]}")
-            offers[bank] = {k: getattr(offer, k) for k in ("bank", "session", "public_key", "certificate",
-                                                           "signature")}
+            offers[bank] = SessionOffer.relayable(path.read_bytes(), bank, session)
         except WireFormatError as exc:
             faults.append({"bank": bank, "check": "key_offer_invalid", "detail": str(exc)[:300]})
     return offers, faults
+
+
+def offer_faults(banks: list[str], offers: dict[str, dict], invalid: list[dict[str, str]], detail: str
+                 ) -> list[dict[str, str]]:
+    """Each bank of ``banks`` without a relayed offer, in bank order: its malformed offer's fault (``invalid``,
+    from ``relayed_offers``), else ``key_offer_missing`` with ``detail``."""
+    by_bank = {f["bank"]: f for f in invalid}
+    missing = {"check": "key_offer_missing", "detail": detail}
+    return [by_bank.get(b, {"bank": b, **missing}) for b in banks if b not in offers]
 
 
 def relay(r: RoundState) -> None:
@@ -124,9 +125,9 @@ def relay(r: RoundState) -> None:
     offers, faults = relayed_offers(folder, state["banks"], state["session"])
     state["masking"], state["offer_faults"] = sorted(offers), faults
     r.ws.write_json(state, _root(r) / "attempts.json")
-    if len(offers) < quorum(r):
+    if len(offers) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(offers)} key offer(s) of "
-                          f"{len(state['banks'])} banks, at least {quorum(r)} needed; faults: {faults}")
+                          f"{len(state['banks'])} banks, at least {r.plan.masking_quorum} needed; faults: {faults}")
     for purpose, (source, _, _) in PURPOSES.items():
         task_path = folder / f"{purpose}.json"
         task_path.unlink(missing_ok=True)
@@ -264,9 +265,9 @@ def _rerun_or_fail(r: RoundState, state: dict, answered: list[str], faults: list
                                    "banks": state["banks"], "masking": state["masking"], "answered": answered,
                                    "faults": state.get("offer_faults", []) + faults}]
     missing = sorted(set(state["masking"]) - set(answered))
-    if state["attempt"] >= MAX_ATTEMPTS or len(answered) < quorum(r):
+    if state["attempt"] >= MAX_ATTEMPTS or len(answered) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: masked_evaluation_incomplete: {missing} did not answer attempt "
-                          f"{state['attempt']}; {len(answered)} left (at least {quorum(r)} needed, "
+                          f"{state['attempt']}; {len(answered)} left (at least {r.plan.masking_quorum} needed, "
                           f"{MAX_ATTEMPTS} attempts at most); nothing registered")
     _open_attempt(r, answered, history)
     raise PhaseRerun("keys", f"{missing} did not answer attempt {state['attempt']}; attempt "

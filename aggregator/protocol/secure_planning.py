@@ -38,7 +38,7 @@ import numpy as np
 
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan
-from aggregator.protocol.secure_evaluation import relayed_offers
+from aggregator.protocol.secure_evaluation import offer_faults, relayed_offers
 from aggregator.protocol.state import Exchange, Node, asking
 from aggregator.protocol.workspace import Workspace
 from fedfraud.protocol import TaskKind
@@ -54,10 +54,6 @@ Ask = Callable[[list[Exchange]], None]  # the banks answer these exchanges; one 
 def exchange_name(banks: list[str]) -> str:
     """One exchange per bank set (the planned banks; after cross-evaluation, the kept ones)."""
     return hashlib.sha256("\n".join(sorted(banks)).encode()).hexdigest()[:12]
-
-
-def quorum(plan: Plan) -> int:
-    return max(MIN_PARTIES, plan.settings.min_banks)
 
 
 class _Exchange:
@@ -79,9 +75,9 @@ class _Exchange:
 
     def open(self, banks: list[str], history: list[dict]) -> dict:
         attempt = len(history) + 1
-        if len(banks) < quorum(self.plan):
+        if len(banks) < self.plan.masking_quorum:
             raise RoundFailed(f"planning: too_few_parties: {len(banks)} bank(s) to sum the label counts masked, at "
-                              f"least {quorum(self.plan)} needed ({MIN_PARTIES} for masking, min_banks "
+                              f"least {self.plan.masking_quorum} needed ({MIN_PARTIES} for masking, min_banks "
                               f"{self.plan.settings.min_banks})")
         session = f"{self.plan.federation_id}/plan/{self.name}/attempt-{attempt}/{secrets.token_hex(8)}"
         s = {"attempt": attempt, "session": session, "banks": sorted(banks), "history": history}
@@ -101,14 +97,12 @@ class _Exchange:
         """The well-formed offers, as sent, in the counts task; a bank without one is left out, by name."""
         folder = self.folder(s)
         offers, invalid = relayed_offers(folder, s["banks"], s["session"])
-        named = {f["bank"]: f for f in invalid}
-        missing = {"check": "key_offer_missing", "detail": f"planning attempt {s['attempt']}"}
         s["masking"] = sorted(offers)
-        s["offer_faults"] = [named.get(b, {"bank": b, **missing}) for b in s["banks"] if b not in offers]
+        s["offer_faults"] = offer_faults(s["banks"], offers, invalid, f"planning attempt {s['attempt']}")
         self.ws.write_json(s, self.path)
-        if len(offers) < quorum(self.plan):
+        if len(offers) < self.plan.masking_quorum:
             raise RoundFailed(f"planning: too_few_parties: {len(offers)} key offer(s) of {len(s['banks'])} banks, "
-                              f"at least {quorum(self.plan)} needed; faults: {s['offer_faults']}")
+                              f"at least {self.plan.masking_quorum} needed; faults: {s['offer_faults']}")
         write_bytes(MaskedCountsTask(s["session"], sorted(offers), offers).to_bytes(), folder / "task.json")
         return s
 
@@ -166,10 +160,10 @@ def _tally(x: _Exchange, s: dict) -> dict:
     s = {**s, "answered": answered, "faults": faults}
     if answered != s["masking"]:
         missing = sorted(set(s["masking"]) - set(answered))
-        if s["attempt"] >= MAX_ATTEMPTS or len(answered) < quorum(x.plan):
+        if s["attempt"] >= MAX_ATTEMPTS or len(answered) < x.plan.masking_quorum:
             raise RoundFailed(f"planning: masked_counts_incomplete: {missing} did not answer attempt {s['attempt']}; "
-                              f"{len(answered)} left (at least {quorum(x.plan)} needed, {MAX_ATTEMPTS} attempts at "
-                              f"most); faults: {faults}")
+                              f"{len(answered)} left (at least {x.plan.masking_quorum} needed, {MAX_ATTEMPTS} "
+                              f"attempts at most); faults: {faults}")
         log.warning("planning: %s did not answer attempt %s; attempt %s with %s under fresh keys", missing,
                     s["attempt"], s["attempt"] + 1, answered)
         return x.open(answered, [*s["history"], s])

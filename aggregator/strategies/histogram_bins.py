@@ -32,7 +32,6 @@ from fedfraud.secagg.masking import MIN_PARTIES, SecureAggregationError, decode_
 from fedfraud.wire import KeyRequest, SessionOffer, WireFormatError
 
 MAX_ATTEMPTS = 3
-OFFER_FIELDS = ("bank", "session", "public_key", "certificate", "signature")
 log = logging.getLogger("fedfraud.histogram")
 
 
@@ -54,10 +53,7 @@ def _offers(nodes, banks: list[str], session: str) -> tuple[dict[str, dict], lis
         try:
             if isinstance(answer, Exception):
                 raise answer
-            offer = SessionOffer.from_bytes(answer)
-            if offer.bank != bank or offer.session != session:
-                raise WireFormatError(f"offer names {str(offer.bank)[:40]} / session {str(offer.session)[:80]}")
-            offers[bank] = {k: getattr(offer, k) for k in OFFER_FIELDS}
+            offers[bank] = SessionOffer.relayable(answer, bank, session)
         except Exception as exc:
             faults.append(_fault(bank, "grid_key_offer_missing", f"{exc.__class__.__name__}: {exc}"))
     return offers, faults
