@@ -71,6 +71,9 @@ def _fail_cleanly(call):
                                   description="the acceptance gate's allowed drop: auto, a number in [0, 1), "
                                               "or null (measure contributions only)"),
         "compaction": Param(False, type="boolean", description="bagging: drop trees the banks' holdouts do not need"),
+        "options": Param({}, type="object",
+                         description="any other federation option by name (README 'Federation options'), e.g. "
+                                     "{\"acceptance_masked\": false, \"compaction_tolerance\": 0.004}"),
         "work_dir": Param("", type="string", description="empty: $FEDFRAUD_WORK_DIR or work/airflow"),
     },
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +35,7 @@ class RunSpec:
     champion_gate: bool = True  # a first champion must beat the best single-bank local model
     acceptance_delta: float | str | None = "auto"  # the acceptance gate's allowed drop (README "Poisoning defence")
     compaction: bool = False  # bagging: the banks judge smaller models every round (README "Compaction")
+    options: dict[str, Any] = field(default_factory=dict)  # any other request option (crossval_masked, …)
     run_id: str | None = None  # the scheduler's run: steps refuse state another run left behind
 
     @classmethod
@@ -52,9 +53,12 @@ class RunSpec:
 
     @property
     def settings(self) -> FederationSettings:
-        return requested_settings(self.trees_per_round, self.min_banks, {
-            "crossval": self.crossval, "champion_gate": self.champion_gate,
-            "acceptance_delta": self.acceptance_delta, "compaction": self.compaction})
+        named = {"crossval": self.crossval, "champion_gate": self.champion_gate,
+                 "acceptance_delta": self.acceptance_delta, "compaction": self.compaction}
+        twice = sorted(set(self.options) & set(named))
+        if twice:
+            raise ValueError(f"options {twice} are DAG params of their own: set them there, not in 'options'")
+        return requested_settings(self.trees_per_round, self.min_banks, {**named, **self.options})
 
     @property
     def workspace(self) -> Workspace:

@@ -68,3 +68,17 @@ def test_a_dag_run_passes_its_options_and_a_bad_one_fails_before_any_task():
     assert (spec.settings.acceptance_delta, spec.settings.compaction) == (0.04, True)
     with pytest.raises(ValueError, match="acceptance_delta"):
         RunSpec.from_params({"banks": {"a": "x"}, "model_name": "m", "acceptance_delta": "0.04"})
+
+
+def test_a_dag_run_reaches_every_other_option_through_options_and_each_is_checked_by_name():
+    from aggregator.drivers.airflow_spec import RunSpec
+
+    spec = RunSpec.from_params({"banks": {"a": "x"}, "model_name": "m", "compaction": True,
+                                "options": {"crossval_masked": False, "acceptance_masked": False,
+                                            "compaction_tolerance": 0.004}})
+    settings = spec.settings
+    assert (settings.crossval_masked, settings.acceptance_masked, settings.compaction_tolerance) == (False, False, 0.004)
+    with pytest.raises(ValueError, match="no_such_option"):
+        RunSpec.from_params({"banks": {"a": "x"}, "model_name": "m", "options": {"no_such_option": 1}})
+    with pytest.raises(ValueError, match="compaction"):
+        RunSpec.from_params({"banks": {"a": "x"}, "model_name": "m", "options": {"compaction": True}})
