@@ -42,6 +42,29 @@ def strategy_for(plan: Plan) -> Strategy:
                                      train_rows=plan.train_rows)
 
 
+def carried_path(ws: Workspace) -> Path:
+    """What the federation's strategy carries from round to round (``Strategy.carried``)."""
+    return ws.root / "strategy.json"
+
+
+def strategy_carried(ws: Workspace, plan: Plan) -> Strategy:
+    """The plan's strategy with what an earlier round of this federation carried (none: as built)."""
+    strategy = strategy_for(plan)
+    path = carried_path(ws)
+    if path.exists():
+        record = ws.read_json(path)
+        if record.get("federation_id") == plan.federation_id and record.get("strategy") == plan.strategy:
+            strategy.carry(record.get("state") or {})
+    return strategy
+
+
+def store_carried(ws: Workspace, plan: Plan, strategy: Strategy) -> None:
+    state = strategy.carried()
+    if state:
+        ws.write_json({"federation_id": plan.federation_id, "strategy": plan.strategy, "state": state},
+                      carried_path(ws))
+
+
 @dataclass
 class RoundState:
     """One round: its workspace, plan and strategy; ``stage`` is the banks training now."""
@@ -59,7 +82,7 @@ class RoundState:
         if not self.plan.consortium_params:
             raise RoundFailed(f"round {self.round_id}: plan_unsettled: the banks' label counts were never summed "
                               "(aggregator.protocol.secure_planning), so the plan has no consortium parameters")
-        self.strategy = self.strategy or strategy_for(self.plan)
+        self.strategy = self.strategy or strategy_carried(self.ws, self.plan)
         self.stage = self.stage if self.stage is not None else self.stages()[0]
 
     def stages(self) -> list[list[str]]:

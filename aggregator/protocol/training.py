@@ -15,7 +15,7 @@ from aggregator.checks import Rejection, RoundContext, screen
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.registry import tracked_round
 from aggregator.protocol import traffic
-from aggregator.protocol.state import Exchange, Node, RoundState
+from aggregator.protocol.state import Exchange, Node, RoundState, store_carried
 from fedfraud import model_json
 from fedfraud.model_guard import ModelLimits, ModelRefused, rebuild_model
 from fedfraud.protocol import TaskKind, Tag
@@ -51,6 +51,9 @@ def train(r: RoundState, nodes: dict[str, Node]) -> None:
             write_bytes(data, r.path("updates", bank))
         for rejection in left_out:
             r.ws.write_json(rejection.as_dict(), r.path("failures", rejection.bank))
+        if getattr(r.strategy, "last_timings", None):  # where the stage's time went; a kept or a new world
+            r.ws.write_json(r.strategy.last_timings, r.path("collective"))
+        store_carried(r.ws, r.plan, r.strategy)  # a strategy built per round (Airflow) bins as this one did
         return
     for bank, task in tasks.items():
         r.on_progress(f"round {r.round_id}: {bank} trains {task.num_trees} trees")

@@ -6,6 +6,8 @@ then evaluation) becomes one task per bank and question, and closes when every b
 answered or at its deadline; the aggregator phases after it then run (check, aggregate,
 candidate: the round fails below quorum; register, promote). Cyclic and histogram rounds
 train in one call here, through ``RemoteNode``s that turn each bank call into a task.
+A histogram federation keeps its world (server, banks' workers, shared bins) across rounds
+(``aggregator.service.kept``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from aggregator.protocol import phases
 from aggregator.protocol.errors import PhaseRerun, RoundFailed
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import Phase, RoundState
+from aggregator.service.kept import KeptStrategies
+from aggregator.strategies.base import Strategy
 from aggregator.protocol.training import checks
 from aggregator.protocol.workspace import Workspace
 from aggregator.service import cross_evaluation, store
@@ -46,6 +50,7 @@ class Coordinator(BankTasks):
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self.background: list[threading.Thread] = []  # cross-evaluation threads: joined by stop()
+        self.kept = KeptStrategies()  # each federation's collective strategy (histogram: its world), for its rounds
         self._register_participants()
         self._recover()
 
@@ -82,14 +87,15 @@ class Coordinator(BankTasks):
             self._ticker.join(timeout=10)
         for thread in self.background:  # a stopped coordinator writes nothing more: a restart's tasks are its own
             thread.join(timeout=30)
+        self.kept.release_all()
         self.engine.dispose()
 
     def workspace(self, federation: store.Federation) -> Workspace:
         return Workspace(self.config.work_dir / "runs" / federation.key, federation.model_name)
 
-    def round_state(self, federation: store.Federation, round_id: int) -> RoundState:
+    def round_state(self, federation: store.Federation, round_id: int, strategy: Strategy | None = None) -> RoundState:
         return RoundState(self.workspace(federation), Plan.from_dict(federation.plan), round_id,
-                          self.tracker(federation.model_name))
+                          self.tracker(federation.model_name), strategy)
 
     def tracker(self, model_name: str):
         from aggregator.tracking import FederationTracker, default_tracking_uri
@@ -248,6 +254,7 @@ class Coordinator(BankTasks):
                 reason = str(exc) if isinstance(exc, RoundFailed) else f"{exc.__class__.__name__}: {exc}"
                 row.state, row.error = "failed", reason
                 self._expire(s, key, round_id, None, "the round failed")
+            self.kept.release(key)  # a failed round ends the federation's rounds: its kept world too
 
     def _ask_banks(self, s, federation: store.Federation, r: RoundState, phase: Phase) -> None:
         """Open a bank phase: one task per bank and question, the round in that phase's state."""
@@ -268,7 +275,7 @@ class Coordinator(BankTasks):
         def train(federation: store.Federation, r: int) -> None:
             from aggregator.service.remote import RemoteNode
 
-            state = self.round_state(federation, r)
+            state = self.round_state(federation, r, self.kept.for_federation(federation.key, federation.plan))
             phases.train_in_process(state, {b: RemoteNode(self, federation, r, b) for b in state.plan.banks})
             self._record_check_rejections(federation.key, r, checks(state)["rejections"])
             self._open_next(federation, state, LAST_STAGE_PHASE)
@@ -298,6 +305,8 @@ class Coordinator(BankTasks):
             else:
                 row = s.get(store.Round, (federation.key, r.round_id))
                 row.state, row.version = "registered", r.ws.read_json(r.path("registered"))["version"]
+        if not following and r.round_id == r.plan.rounds:
+            self.kept.release(federation.key)  # the federation's last round: its kept world ends
 
     def _record_check_rejections(self, key: str, round_id: int, rejections: list[dict[str, str]]) -> None:
         with self.Session.begin() as s:

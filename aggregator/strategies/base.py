@@ -62,6 +62,15 @@ class Strategy(ABC):
         """A collective strategy's stage: (update bytes per bank, rejections of banks left out)."""
         raise NotImplementedError(f"{self.name} does not train collectively")
 
+    def carried(self) -> dict[str, Any]:
+        """What later rounds of the federation reuse (histogram: the shared bins); a driver that builds a
+        strategy per round (Airflow tasks, a restarted service) stores it and hands it to ``carry``."""
+        return {}
+
+    def carry(self, state: dict[str, Any]) -> None:
+        """Take back what an earlier round's strategy ``carried`` (the aggregator's own workspace)."""
+        return None
+
     def start_from(self, global_model: Doc | None, updates: list[ModelUpdate]) -> Doc:
         """The model to append to: the global one, or the consortium header's empty model (never
         built from a bank's update; without a header, e.g. a bench's strategy, the first update's)."""

@@ -151,6 +151,15 @@ class Histogram(Strategy):
         on_progress(f"round {round_id}: {len(world)} banks grow {tasks[world[0]].num_trees} trees together")
         return self._run(nodes, {b: tasks[b] for b in world}, round_id), left_out
 
+    def carried(self) -> dict[str, Any]:
+        """The shared bins and the banks they pool: later rounds bin with the same edges, counted once."""
+        return {"bins": self.bins.to_dict(), "grid_banks": list(self.grid_banks)} if self.bins is not None else {}
+
+    def carry(self, state: dict[str, Any]) -> None:
+        if state.get("bins") is not None:
+            self.bins = GlobalBins.from_dict(state["bins"])
+            self.grid_banks = [str(bank) for bank in state.get("grid_banks", [])]
+
     @staticmethod
     def _not_ready(node) -> str | None:
         try:

@@ -678,3 +678,28 @@ def test_the_server_sees_only_masked_sums_and_the_model_stays_the_pooled_fit(toy
     assert np.mean(masked_all == plain_all) < 0.001
     assert abs(np.corrcoef(masked_all.astype(np.float64), plain_all.view(np.int64).astype(np.float64))[0, 1]) < 0.05
     assert our_children() == []
+
+
+def test_a_strategy_built_per_round_bins_with_the_edges_an_earlier_round_of_its_federation_carried(tmp_path):
+    """Airflow builds a strategy per round: round 2 must reuse round 1's shared bins (not count the grid
+    again, nor bin differently), and only within the same federation."""
+    from aggregator.protocol.plan import Plan
+    from aggregator.protocol.state import store_carried, strategy_carried
+    from aggregator.protocol.workspace import Workspace
+
+    def plan(federation_id: str, strategy: str = "histogram") -> Plan:
+        return Plan(model_name="m", strategy=strategy, rounds=3, seed=5, settings=SETTINGS, contract_hash="c" * 64,
+                    feature_names=FEATURES, banks=["alpha", "beta", "gamma"], excluded={},
+                    consortium_params=consortium_params(SETTINGS, 10, 990), federation_id=federation_id)
+
+    ws = Workspace(tmp_path, "m")
+    first = strategy_carried(ws, plan("f1"))
+    assert first.bins is None
+    first.bins = GlobalBins(tuple(np.array([0.5 * i, 1.0 + i], np.float32) for i in range(len(FEATURES))), 32)
+    first.grid_banks = ["alpha", "beta", "gamma"]
+    store_carried(ws, plan("f1"), first)
+    later = strategy_carried(ws, plan("f1"))
+    assert later.bins.digest == first.bins.digest and later.grid_banks == first.grid_banks
+    assert strategy_carried(ws, plan("f2")).bins is None, "another federation's bins are not this one's"
+    bagging = strategy_carried(ws, plan("f1", "bagging"))
+    assert bagging.carried() == {} and not hasattr(bagging, "bins")

@@ -3,6 +3,7 @@ processes on 127.0.0.1, every connection mutual TLS with certificates from ``fed
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -145,14 +146,32 @@ def registered_version(stack: Stack, model_name: str, version: int):
     return MlflowClient(tracking_uri=stack.tracking_uri).get_model_version(model_name, str(version))
 
 
-def test_a_histogram_round_over_the_network_joins_the_aggregators_federated_server(stack):
-    operator = start(stack, "hist-1", "histogram", rounds=1, min_banks=3)
-    operator.open_round("hist-1", 1)
-    status = finished(operator, "hist-1", 1)
-    assert status["state"] == "registered", (status, stack.log("aggregator"))
+def federated_servers_of(process: subprocess.Popen) -> list[int]:
+    """Pids of the federated servers ``process`` launched that still run (they carry its pid)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"--parent-pid\0{process.pid}\0" in (entry / "cmdline").read_text():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def test_histogram_rounds_over_the_network_keep_one_federated_server_for_the_federation(stack):
+    operator = start(stack, "hist-1", "histogram", rounds=2, min_banks=3)
+    workspace = stack.root / "aggregator" / "runs" / "hist-1" / "federations" / "net-histogram"
+    for round_id in (1, 2):
+        operator.open_round("hist-1", round_id)
+        status = finished(operator, "hist-1", round_id)
+        assert status["state"] == "registered", (status, stack.log("aggregator"))
+        world = json.loads((workspace / f"round-{round_id}" / "collective.json").read_text())["world"]
+        assert world == ("new" if round_id == 1 else "kept"), (round_id, world)  # one server, one worker per bank
     version = registered_version(stack, "net-histogram", status["version"])
     assert version.tags["fedfraud.participating_banks"] == ",".join(BANKS)
     assert {kind for kinds in status["tasks"].values() for kind in kinds} >= {"evaluate"}
+    # the last round ends the federation's world: its server stops (the banks' kept workers follow it)
+    wait(lambda: not federated_servers_of(stack.processes["aggregator"]), 30, "the federated server to stop")
 
 
 def test_a_cyclic_round_passes_the_model_from_bank_to_bank_through_the_service(stack):

@@ -77,7 +77,8 @@ def test_a_dag_run_reaches_every_other_option_through_options_and_each_is_checke
                                 "options": {"crossval_masked": False, "acceptance_masked": False,
                                             "compaction_tolerance": 0.004}})
     settings = spec.settings
-    assert (settings.crossval_masked, settings.acceptance_masked, settings.compaction_tolerance) == (False, False, 0.004)
+    chosen = (settings.crossval_masked, settings.acceptance_masked, settings.compaction_tolerance)
+    assert chosen == (False, False, 0.004)
     with pytest.raises(ValueError, match="no_such_option"):
         RunSpec.from_params({"banks": {"a": "x"}, "model_name": "m", "options": {"no_such_option": 1}})
     with pytest.raises(ValueError, match="compaction"):
