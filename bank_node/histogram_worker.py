@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 
 from bank_node.child_process import server_watch, watchdog
+from bank_node.policy import ALLOW_UNMASKED_ENV
 from bank_node.kept_worker import persistent_round, stop_live_workers  # noqa: F401
 from bank_node.worker_process import LAUNCH, SIDECAR_LAUNCH, WorkerFailed, WorkerProcess, _launch  # noqa: F401
 from fedfraud.histogram_session import HistogramSession, loopback
 
-ALLOW_UNMASKED_ENV = "FEDFRAUD_SECAGG_ALLOW_UNMASKED"  # "1": this bank joins unmasked sessions (benches)
 RECORD_EGRESS_ENV = "FEDFRAUD_RECORD_EGRESS"  # "1": the sidecar logs each request it sends to histogram/egress.jsonl
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # one collective call on the federated channel
 STARTED = time.monotonic()

@@ -18,14 +18,13 @@ import os
 from typing import TYPE_CHECKING
 
 from bank_node.masked_evaluation import credentials_of, earlier_answer, session_masker
-from bank_node.policy import TaskRefused
+from bank_node.policy import ALLOW_UNMASKED_ENV, TaskRefused
 from fedfraud.grid_counts import GridCountTask, GridLayout, MaskedGridCounts
 from fedfraud.secagg.masking import encode_counts, words_to_text
 
 if TYPE_CHECKING:
     from bank_node.node import BankNode
 
-ALLOW_UNMASKED_ENV = "FEDFRAUD_SECAGG_ALLOW_UNMASKED"  # "1": this bank answers clear grid counts (benches)
 PURPOSE = "grid"
 SLOT = 2  # the mask label of grid counts (evaluation uses 0 and 1; every session has its own keys anyway)
 

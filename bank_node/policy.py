@@ -16,6 +16,9 @@ from typing import Any
 from fedfraud.model_guard import MAX_MODEL_BYTES, MAX_MODEL_DEPTH, MAX_MODEL_TREES, ModelLimits
 from fedfraud.wire import TrainTask
 
+# "1": this bank joins unmasked histogram sessions and answers grid counts in the clear (benches only)
+ALLOW_UNMASKED_ENV = "FEDFRAUD_SECAGG_ALLOW_UNMASKED"
+
 # Every parameter a task may set; anything else (objective, updater, process_type, …) is refused.
 KNOWN_PARAMS = frozenset({"max_depth", "eta", "learning_rate", "min_child_weight", "lambda", "reg_lambda", "alpha",
                           "gamma", "subsample", "colsample_bytree", "max_bin", "scale_pos_weight", "base_score",
