@@ -53,8 +53,9 @@ class RemoteNode:
         return self._ask(TaskKind.BIN_COUNTS, task_bytes, part=hashlib.sha256(task_bytes).hexdigest()[:16])
 
     def train_histogram(self, task_bytes: bytes, session_bytes: bytes) -> bytes:
-        envelope = {"task": json.loads(task_bytes), "session": json.loads(session_bytes)}
-        return self._ask(TaskKind.HISTOGRAM, json.dumps(envelope).encode())
+        """Each attempt (a new world after a bank lost its kept worker, a new key session) is another task."""
+        envelope = json.dumps({"task": json.loads(task_bytes), "session": json.loads(session_bytes)}).encode()
+        return self._ask(TaskKind.HISTOGRAM, envelope, part=hashlib.sha256(envelope).hexdigest()[:16])
 
     def abort_histogram(self) -> None:
         """Cancel the bank's histogram task; its worker ends when the server stops (or at its watchdog)."""
