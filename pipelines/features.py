@@ -4,49 +4,31 @@ Every feature of a transaction uses only the same account's earlier events and t
 transaction itself. Events are ordered by ``event_time``, ties broken by ``transaction_id``,
 so the order (and every feature) is deterministic and never looks ahead.
 
-Every window is per account and ordered by (event time, id), or by a prefix of that order, so
-Spark sorts each account's rows once; the window operators stacked on that sort need no other.
-A trailing sum over ``[t - w, t]`` is split into the account's events at earlier instants,
-``[t - w, t)`` (a range frame), plus the events at the same instant up to this one in id order:
-later same-instant events never count. Trailing counts are the running count up to this row
-minus the count before ``t - w`` (exact for integers). First uses are flagged against the set of
-earlier values; the new merchants/devices in 24 h are running counts of those flags.
+The definitions, in Spark window terms (``pipelines.history_kernels`` computes them so):
+prior count, mean, max and sample std over the account's earlier rows; the first country is the
+account's first row's. A trailing sum over ``[t - w, t]`` is the account's events at earlier
+instants, ``[t - w, t)``, plus the events at the same instant up to this one in id order: later
+same-instant events never count. Trailing counts are the running count up to this row minus the
+count before ``t - w`` (exact integers). A first use is a value absent from the account's earlier
+rows; the new merchants/devices in 24 h are running counts of those flags over ``[t - 24h, t]``.
+
+Shape: one shuffle by account and one sort by (account, time, id); the history features are
+then computed on each partition's sorted Arrow batches by numpy (``mapInArrow``), not by window
+operators. The row features stay Spark expressions.
 """
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from pipelines.config import FeatureConfig
 from pipelines.contract import CHANNELS, LABEL
+from pipelines.history_pass import history_pass
 
-MICROS = "_event_micros"  # event time in microseconds: the numeric order key of range frames
+MICROS = "_event_micros"  # event time in microseconds: the order and the trailing windows' key
 KEYS = ("transaction_id", "account_id", "event_time")
 FIRST_USE_COLUMNS = {"device": "device_id", "merchant": "merchant_id", "country": "country", "channel": "channel"}
-
-
-def _history() -> Window:
-    """The account's events in point-in-time order."""
-    return Window.partitionBy("account_id").orderBy(MICROS, "transaction_id")
-
-
-def _before(lag_micros: int) -> Window:
-    """The account's events at least ``lag_micros`` before this one's instant: ``(-inf, t - lag]``."""
-    return Window.partitionBy("account_id").orderBy(MICROS).rangeBetween(Window.unboundedPreceding, -lag_micros)
-
-
-def _trailing(column: str, seconds: int, agg) -> Column:
-    """``agg`` (count or sum) of ``column`` over the account's events in ``[t - seconds, t]`` up to this one."""
-    earlier = Window.partitionBy("account_id").orderBy(MICROS).rangeBetween(-seconds * 1_000_000, -1)
-    same_instant = Window.partitionBy("account_id", MICROS).orderBy("transaction_id").rowsBetween(
-        Window.unboundedPreceding, 0
-    )
-    return F.coalesce(agg(column).over(earlier), F.lit(0)) + agg(column).over(same_instant)
-
-
-def _safe_ratio(numerator: Column, denominator: Column) -> Column:
-    return F.when(denominator > 0, numerator / denominator)
 
 
 def with_event_order(df: DataFrame) -> DataFrame:
@@ -81,66 +63,6 @@ def row_features(cfg: FeatureConfig) -> dict[str, Column]:
     return features
 
 
-def history_features(cfg: FeatureConfig) -> dict[str, Column]:
-    """How this amount and timing compare with the account's prior transactions, and trailing
-    counts and sums (windows and card-testing bursts); none depends on another window."""
-    ordered = _history()
-    micros = F.col(MICROS)
-    prior = ordered.rowsBetween(Window.unboundedPreceding, -1)
-    prior_mean = F.avg("amount_base").over(prior)
-    prior_std = F.stddev_samp("amount_base").over(prior)
-    home = F.first("country").over(ordered.rowsBetween(Window.unboundedPreceding, 0))
-    features = {
-        "prior_txn_count": F.row_number().over(ordered) - 1,
-        "seconds_since_prev_txn": (micros - F.lag(micros).over(ordered)) / 1e6,
-        "amount_to_prior_mean": _safe_ratio(F.col("amount_base"), prior_mean),
-        "amount_to_prior_max": _safe_ratio(F.col("amount_base"), F.max("amount_base").over(prior)),
-        "amount_zscore": _safe_ratio(F.col("amount_base") - prior_mean, prior_std),
-        "away_from_first_country": (F.col("country") != home).cast("int"),
-    }
-    for name, seconds in cfg.windows_seconds.items():
-        features[f"txn_count_{name}"] = _trailing_count("amount_base", seconds, F.count)
-        features[f"amount_sum_{name}"] = _trailing("amount_base", seconds, F.sum)
-    features["small_count_burst"] = _trailing_count("is_small_amount", cfg.burst_window_seconds, F.sum)
-    return features
-
-
-def _trailing_count(column: str, seconds: int, agg) -> Column:
-    """Like ``_trailing`` for an integer ``agg`` (count, or sum of a 0/1 flag): the running total up to
-    this row minus the total before ``t - seconds``. Both frames grow by one row at a time, so no
-    frame is re-aggregated and integer totals make the difference exact."""
-    upto = _history().rowsBetween(Window.unboundedPreceding, 0)
-    before = agg(column).over(_before(seconds * 1_000_000 + 1))
-    return agg(column).over(upto) - F.coalesce(before, F.lit(0))
-
-
-def first_use_features() -> dict[str, Column]:
-    """First use of a device, merchant/payee, country or channel: a value absent from the set of
-    values in the account's earlier rows (the history's ordering)."""
-    earlier = _history().rowsBetween(Window.unboundedPreceding, -1)
-    features: dict[str, Column] = {}
-    for name, column in FIRST_USE_COLUMNS.items():
-        seen = F.collect_set(column).over(earlier)
-        first = F.col(column).isNotNull() & ~F.coalesce(F.array_contains(seen, F.col(column)), F.lit(False))
-        features[f"first_{name}"] = first.cast("int")
-    return features
-
-
-def new_in_24h_features() -> dict[str, Column]:
-    """New merchants/devices in ``[t - 24h, t]`` up to this row, over the ``first_*`` flags: the
-    running count of first uses minus the count before ``t - 24h`` (exact integers). A second
-    window operator over the same sort; set sizes over a range frame cost more."""
-    upto = _history().rowsBetween(Window.unboundedPreceding, 0)
-    features: dict[str, Column] = {}
-    for name, feature in NEW_IN_24H.items():
-        before_day = F.sum(f"first_{name}").over(_before(86_400 * 1_000_000 + 1))
-        features[feature] = F.sum(f"first_{name}").over(upto) - F.coalesce(before_day, F.lit(0))
-    return features
-
-
-NEW_IN_24H = {"merchant": "new_merchants_24h", "device": "new_devices_24h"}
-
-
 CONTINUOUS = "float"  # the model reads float32: storing more precision buys nothing
 COUNT = "int"
 SMALL = "tinyint"  # flags (0/1), one-hot columns, hour and weekday
@@ -169,21 +91,27 @@ def feature_names(cfg: FeatureConfig) -> list[str]:
     return names
 
 
+
+
+# Carried through the per-partition pass: the keys, the label and what the row features read.
+CARRIED = (*KEYS, LABEL, "amount_base", "log_amount_base", "is_small_amount", "channel", "merchant_category",
+           "device_id")
+
+
 def build_features(validated: DataFrame, cfg: FeatureConfig) -> DataFrame:
     """Validated transactions -> keys, label and the ordered feature columns (types: ``feature_types``).
 
-    The window expressions sit in two ``select``s (the 24 h counts read the first-use flags), so
-    Spark evaluates them in window operators stacked over one sort per account.
+    One shuffle by account and one sort by (account, time, id); the history features come from
+    ``history_pass`` on each sorted partition, the row features from Spark expressions after it.
     """
-    prepared = (
-        validated.repartition("account_id")  # every window below is per account: one shuffle
-        .transform(with_base_amount, cfg)
-        .transform(with_event_order)
-    )
-    features = {**row_features(cfg), **history_features(cfg), **first_use_features()}
-    windowed = prepared.select("*", *[c.alias(n) for n, c in features.items()])
-    windowed = windowed.select("*", *[c.alias(n) for n, c in new_in_24h_features().items()])
+    types = feature_types(cfg)
+    inputs = validated.transform(with_base_amount, cfg).transform(with_event_order)
+    inputs = inputs.select(*CARRIED, MICROS, "merchant_id", "country")
+    ordered = inputs.repartition("account_id").sortWithinPartitions("account_id", MICROS, "transaction_id")
+    windowed = history_pass(ordered, CARRIED, MICROS, FIRST_USE_COLUMNS, cfg.windows_seconds,
+                            cfg.burst_window_seconds, types)
     windowed = windowed.withColumn("small_burst", F.col("small_count_burst") >= cfg.burst_min_count)
+    features = row_features(cfg)
     columns = [F.col(k) for k in KEYS] + [F.col(LABEL)]
-    columns += [F.col(name).cast(dtype).alias(name) for name, dtype in feature_types(cfg).items()]
+    columns += [(features.get(name, F.col(name))).cast(dtype).alias(name) for name, dtype in types.items()]
     return windowed.select(*columns)
