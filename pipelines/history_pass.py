@@ -80,7 +80,10 @@ def history_batches(
 
 def _last_account_start(accounts: pa.Array) -> int:
     """Index of the first row of the last account (rows are grouped by account)."""
-    other = np.flatnonzero(~pc.equal(accounts, accounts[-1]).to_numpy(zero_copy_only=False))
+    if not accounts[-1].is_valid:  # nulls sort first: every row has a null account (one run)
+        return 0
+    same = pc.fill_null(pc.equal(accounts, accounts[-1]), False)
+    other = np.flatnonzero(~same.to_numpy(zero_copy_only=False))
     return int(other[-1]) + 1 if len(other) else 0
 
 
@@ -107,10 +110,10 @@ def _numbers(array: pa.Array) -> Column:
 
 
 def _codes(array: pa.Array) -> Column:
-    """Dictionary codes of a string column: equal strings, equal codes; nulls masked."""
+    """Dictionary codes of a string column: equal strings, equal codes; nulls are -1 and masked."""
     indices = pc.dictionary_encode(array).indices
     valid = indices.is_valid().to_numpy(zero_copy_only=False) if indices.null_count else None
-    return pc.fill_null(indices, 0).to_numpy(zero_copy_only=False).astype(np.int64), valid
+    return pc.fill_null(indices, -1).to_numpy(zero_copy_only=False).astype(np.int64), valid
 
 
 def _to_arrow(column: Column, dtype: str) -> pa.Array:

@@ -89,7 +89,8 @@ def test_spark_nan_ordering():
 
 @pytest.fixture(scope="module")
 def edge_cases(make_raw):
-    """Ties (ids out of numeric order), window boundaries, NaN/inf/null amounts, null values, single rows."""
+    """Ties (ids out of numeric order), window boundaries, NaN/inf/null amounts, null values and accounts,
+    single rows."""
     t = datetime(2026, 1, 5, 10)
     rows = [
         txn("x10", t, amount=3.0), txn("x9", t, amount=1e16, device="d2"), txn("x2", t, amount=-1e16 + 1),
@@ -104,6 +105,7 @@ def edge_cases(make_raw):
         txn("n5", t + timedelta(minutes=3), account="a3", amount=1.0),
         txn("c1", t, account="a4", country=None, device=None), txn("c2", t, account="a4", country="DE"),
         txn("c3", t + timedelta(seconds=5), account="a4", country="DE", merchant="m9"),
+        txn("z1", t, account=None), txn("z2", t + timedelta(minutes=5), account=None, amount=2.0),  # a null account
     ]
     rows += [txn(f"s{i}", t + timedelta(minutes=i // 2), account="a5", amount=1.0) for i in range(7)]
     return make_raw(rows)
