@@ -22,7 +22,7 @@ from bank_node.dataset import BankDataset, load_dataset, spark_training_rows
 from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, finite, holdout_metrics
 from bank_node.policy import TaskRefused, TrainingPolicy
 from bank_node.privacy import PrivacyPolicy, train_private
-from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
+from bank_node.training import build_update, predict_rows, train_trees, train_trees_spark
 from fedfraud import model_json
 from fedfraud.model_guard import ModelRefused, header_from_model, parse_received_model, rebuild_model
 from fedfraud.wire import CLEAR_COUNTS, TrainTask
@@ -32,6 +32,7 @@ from pipelines.feature_contract import load_contract
 from pipelines.validation import REPORT_FILE, shareable_reasons
 
 FINGERPRINT_FILE = "input_fingerprint.json"
+SPILL_DIR = "spill"  # the training and holdout matrices, in unnamed files (``dataset.load_dataset``)
 
 
 class BankDeclined(RuntimeError):
@@ -118,7 +119,7 @@ class BankNode:
     @cached_property
     def data(self) -> BankDataset:
         names = self.contract["names"]
-        return load_dataset(self.work_dir / FEATURES_DIR, names, self.holdout_fraction)
+        return load_dataset(self.work_dir / FEATURES_DIR, names, self.holdout_fraction, self.work_dir / SPILL_DIR)
 
     def summary(self) -> dict[str, Any]:
         """What the bank tells the aggregator before a round: row counts, contract, readiness (its label
@@ -152,7 +153,7 @@ class BankNode:
             booster = train_trees(task, data.X_train, data.y_train, data.feature_names)
         metrics = {}
         if self.share_metrics:  # the new trees' holdout metrics are per-bank figures: they leave only if shared
-            scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
+            scores = predict_rows(booster, data.X_holdout, data.feature_names)
             metrics = finite(holdout_metrics(scores, data.y_holdout, self.alert_budget))
         return build_update(task, booster, data.counts(), metrics, epsilon).to_bytes()
 
@@ -202,7 +203,7 @@ class BankNode:
         data = self.data
         doc = parse_received_model(model_bytes, self.policy.received_limits(), data.feature_names)
         booster = model_json.to_booster(doc)
-        scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
+        scores = predict_rows(booster, data.X_holdout, data.feature_names)
         report = evaluation_report(self.bank, model_json.model_id(doc), scores, data.y_holdout, self.alert_budget)
         return dataclasses.replace(report, metrics=finite(report.metrics)).to_bytes()
 
