@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bank_training.py BANK_DIR                       # this checkout
     .venv/bin/python bench/bank_training.py BANK_DIR --repo /work/old      # another checkout (e.g. before)
-    .venv/bin/python bench/bank_training.py BANK_DIR --external            # + ExtMemQuantileDMatrix
+    .venv/bin/python bench/bank_training.py BANK_DIR --matrix external     # always ExtMemQuantileDMatrix
 
 ``BANK_DIR`` is a prepared bank's work dir (``features/``, ``feature_contract.json``, the validation report),
 e.g. the scale bench's ``work/bench/scale/bank-1000000``. What a bank runs in a round, through ``BankNode``:
@@ -31,22 +31,18 @@ def peak():
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024)
 
-bank_dir, trees, external = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
-import bank_node.training as training
+bank_dir, trees, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 from bank_node.node import BankNode
 from fedfraud import model_json
 from fedfraud.settings import FederationSettings, consortium_params
 from fedfraud.wire import ModelUpdate, TrainTask
 from pipelines.config import load_config
 
-if external:  # every training matrix in pages on disk, under the bank's workspace
-    train_trees = training.train_trees
-    training.train_trees = lambda *a, **k: train_trees(*a, **k, cache_dir=bank_dir / "xgb-cache")
-    import bank_node.node as node_module
-    node_module.train_trees = training.train_trees
 settings = FederationSettings(trees_per_round=trees)
 node = BankNode("alpine", bank_dir / "none", bank_dir, load_config(), settings.holdout_fraction,
                 settings.alert_budget, share_metrics=True)
+if hasattr(node, "external_memory_rows") and mode != "default":  # the node's own choice unless told
+    node.external_memory_rows = 0 if mode == "external" else None
 out, began = {"baseline_rss_mib": peak()}, time.perf_counter()
 data = node.data
 counts = data.counts()
@@ -77,15 +73,15 @@ def main() -> None:
     parser.add_argument("bank_dir", type=Path)
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--trees", type=int, default=10)
-    parser.add_argument("--external", action="store_true", help="ExtMemQuantileDMatrix (pages on disk)")
+    parser.add_argument("--matrix", choices=("default", "external", "memory"), default="default",
+                        help="the node's choice (external_memory_rows), or always pages on disk, or always in memory")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(args.repo.resolve())}
-    external = "1" if args.external else "0"
-    command = [sys.executable, "-c", CHILD, str(args.bank_dir.resolve()), str(args.trees), external]
+    command = [sys.executable, "-c", CHILD, str(args.bank_dir.resolve()), str(args.trees), args.matrix]
     result = subprocess.run(command, cwd=args.repo, env=env, check=True, capture_output=True, text=True)
     line = json.loads(result.stdout.strip().splitlines()[-1])
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True)
-    print(json.dumps({"repo": str(args.repo), "commit": rev.stdout.strip(), "external": args.external,
+    print(json.dumps({"repo": str(args.repo), "commit": rev.stdout.strip(), "matrix": args.matrix,
                       "load_average": os.getloadavg(), **line}))
 
 

@@ -118,3 +118,23 @@ def test_spilled_dataset_trains_the_same_model(tmp_path):
     t = task(base=foreign_model(X, y))
     assert model_json.to_doc(train_trees(t, on_disk.X_train, on_disk.y_train, NAMES)) == model_json.to_doc(
         dmatrix_model(t, in_memory.X_train, in_memory.y_train))
+
+
+def test_node_pages_large_banks_on_disk_with_the_same_model(tmp_path, toy_banks):
+    from conftest import with_toy_data
+
+    from bank_node.node import XGB_CACHE_DIR, BankNode
+    from pipelines.config import load_config
+
+    X, y = toy_banks["alpha"]
+    models = {}
+    for threshold in (None, 299, 300):  # 300 training rows: in memory, on disk, in memory
+        node = with_toy_data(BankNode("alpha", tmp_path / "raw", tmp_path / "node", load_config(),
+                                      external_memory_rows=threshold), X, y)
+        on_disk = node.training_cache(node.data) is not None
+        assert on_disk == (threshold == 299)
+        models[threshold] = model_json.to_doc(node.fit_local(task().params, 4))
+        if on_disk:
+            assert (tmp_path / "node" / XGB_CACHE_DIR).is_dir()
+            assert list((tmp_path / "node" / XGB_CACHE_DIR).iterdir()) == []  # XGBoost removed its pages
+    assert models[None] == models[299] == models[300]
