@@ -44,6 +44,31 @@ def _ordered(source: ds.Dataset) -> tuple[pa.Table, pa.Array]:
     return keys, pc.sort_indices(keys, sort_keys=[("event_time", "ascending"), ("transaction_id", "ascending")])
 
 
+def _time_order(source: ds.Dataset) -> np.ndarray | None:
+    """Row positions by event time, then transaction id, reading the ids only of rows that tie in time
+    (a few in a million): the ids of every row took more memory than the bank's training (issue 14).
+    None if an event time is null (``_ordered`` sorts those)."""
+    times = source.to_table(columns=["event_time"]).column(0)
+    if times.null_count:
+        return None
+    times = times.cast(pa.int64()).to_numpy()
+    order = np.argsort(times, kind="stable")
+    ordered_times = times[order]
+    del times
+    same = ordered_times[1:] == ordered_times[:-1]
+    tied = np.zeros(len(order), dtype=bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    if not tied.any():
+        return order
+    slots = np.flatnonzero(tied)
+    rows = order[slots]
+    ids = source.take(pa.array(rows), columns=["transaction_id"]).column(0)
+    ties = pa.table({"t": ordered_times[slots], "id": ids})
+    order[slots] = rows[pc.sort_indices(ties, sort_keys=[("t", "ascending"), ("id", "ascending")]).to_numpy()]
+    return order
+
+
 BATCH_ROWS = 131_072  # rows per batch (training matrices, predictions): ~23 MB of float32 at 44 features
 
 
@@ -129,19 +154,22 @@ def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fra
     matrices are written there and mapped, not held: ``row_batches`` reads them a batch at a time.
     """
     source = ds.dataset(str(features_dir), format="parquet")
-    keys, order = _ordered(source)
-    labelled = pc.filter(order, pc.is_valid(keys.column(LABEL).take(order)))
-    del order
+    order = _time_order(source)
+    if order is None:
+        order = _ordered(source)[1].to_numpy()
+    label = source.to_table(columns=[LABEL]).column(0).to_numpy(zero_copy_only=False)[order]
+    labelled = order[~np.isnan(label)] if label.dtype.kind == "f" else order
+    y = label[~np.isnan(label)] if label.dtype.kind == "f" else label
+    del order, label
     cut = int(round(len(labelled) * (1.0 - holdout_fraction)))
-    parts = {"train": labelled.slice(0, cut).to_numpy(), "holdout": labelled.slice(cut).to_numpy()}
+    parts = {"train": labelled[:cut], "holdout": labelled[cut:]}
+    y = {"train": y[:cut].astype(np.int32), "holdout": y[cut:].astype(np.int32)}
     del labelled
-    label = keys.column(LABEL).to_numpy(zero_copy_only=False)
-    y = {part: label[rows].astype(np.int32) for part, rows in parts.items()}
-    del label
-    first = int(parts["holdout"][0]) if len(parts["holdout"]) else None
-    holdout_start = pd.Timestamp(keys.column("event_time")[first].as_py()).isoformat() if first is not None else None
-    holdout_first_id = str(keys.column("transaction_id")[first].as_py()) if first is not None else None
-    del keys  # the ids and times of every row: not kept while the features are read
+    holdout_start = holdout_first_id = None
+    if len(parts["holdout"]):
+        first = source.take(pa.array(parts["holdout"][:1]), columns=["event_time", "transaction_id"])
+        holdout_start = pd.Timestamp(first.column("event_time")[0].as_py()).isoformat()
+        holdout_first_id = str(first.column("transaction_id")[0].as_py())
     matrices = _float32_rows(source, feature_names, parts, None if spill_dir is None else Path(spill_dir))
     return BankDataset(
         feature_names=list(feature_names),
