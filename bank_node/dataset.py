@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +44,97 @@ def _ordered(source: ds.Dataset) -> tuple[pa.Table, pa.Array]:
     return keys, pc.sort_indices(keys, sort_keys=[("event_time", "ascending"), ("transaction_id", "ascending")])
 
 
-def _float32_rows(source: ds.Dataset, feature_names: list[str], parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _time_order(source: ds.Dataset) -> np.ndarray | None:
+    """Row positions by event time, then transaction id, reading the ids only of rows that tie in time
+    (a few in a million): the ids of every row took more memory than the bank's training (issue 14).
+    None if an event time is null (``_ordered`` sorts those)."""
+    times = source.to_table(columns=["event_time"]).column(0)
+    if times.null_count:
+        return None
+    times = times.cast(pa.int64()).to_numpy()
+    order = np.argsort(times, kind="stable")
+    ordered_times = times[order]
+    del times
+    same = ordered_times[1:] == ordered_times[:-1]
+    tied = np.zeros(len(order), dtype=bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    if not tied.any():
+        return order
+    slots = np.flatnonzero(tied)
+    rows = order[slots]
+    ids = source.take(pa.array(rows), columns=["transaction_id"]).column(0)
+    ties = pa.table({"t": ordered_times[slots], "id": ids})
+    order[slots] = rows[pc.sort_indices(ties, sort_keys=[("t", "ascending"), ("id", "ascending")]).to_numpy()]
+    return order
+
+
+BATCH_ROWS = 131_072  # rows per batch (training matrices, predictions): ~23 MB of float32 at 44 features
+
+
+def _float32_rows(source: ds.Dataset, feature_names: list[str], parts: dict[str, np.ndarray],
+                  spill_dir: Path | None = None) -> dict[str, np.ndarray]:
     """One float32 matrix per part (its rows' positions in the table), filled one feature column at a time:
-    memory is the matrices plus one column, never the whole table. Nulls become NaN."""
-    matrices = {part: np.empty((len(rows), len(feature_names)), dtype=np.float32) for part, rows in parts.items()}
+    memory is the matrices plus one column, never the whole table. Nulls become NaN.
+
+    With ``spill_dir`` each matrix is written there instead, column after column, to an unnamed file (gone
+    when the matrix is) and mapped read-only (``spilled``): memory is one column.
+    """
+    shapes = {part: (len(rows), len(feature_names)) for part, rows in parts.items()}
+    if spill_dir is None:
+        matrices = {part: np.empty(shape, dtype=np.float32) for part, shape in shapes.items()}
+    else:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        files = {part: tempfile.TemporaryFile(dir=spill_dir, prefix=f"{part}-") for part in parts}
     for j, name in enumerate(feature_names):
         values = pc.cast(source.to_table(columns=[name]).column(0), pa.float64()).to_numpy(zero_copy_only=False)
         for part, rows in parts.items():
-            matrices[part][:, j] = values[rows]
-    return matrices
+            if spill_dir is None:
+                matrices[part][:, j] = values[rows]
+            else:
+                files[part].write(values[rows].astype(np.float32).tobytes())
+    if spill_dir is None:
+        return matrices
+    return {part: _mapped(files[part], shapes[part]) for part in parts}
+
+
+def _mapped(handle, shape: tuple[int, int]) -> np.ndarray:
+    """The column-major float32 matrix in ``handle``, mapped read-only; the file stays open with it."""
+    handle.flush()
+    if shape[0] * shape[1] == 0:
+        handle.close()
+        return np.empty(shape, dtype=np.float32)
+    matrix = np.memmap(handle, dtype=np.float32, mode="r", shape=shape, order="F")
+    matrix.spill_file = handle  # read by ``row_batches``; closed (and so removed) with the matrix
+    return matrix
+
+
+def spilled(X: np.ndarray) -> bool:
+    """True for a matrix ``load_dataset`` mapped from a spill file (not a view of one)."""
+    return getattr(X, "spill_file", None) is not None
+
+
+def row_batches(X: np.ndarray, batch_rows: int = BATCH_ROWS) -> Iterator[np.ndarray]:
+    """``X`` in consecutive batches of ``batch_rows`` rows, every row once and in order, as C-ordered float32.
+
+    A spilled matrix is read from its file (``pread``, a column at a time), not through its mapping, so the
+    rows never stay resident in this process: memory is one batch.
+    """
+    if not spilled(X):
+        for start in range(0, len(X), batch_rows):
+            yield np.ascontiguousarray(X[start:start + batch_rows], dtype=np.float32)
+        return
+    rows, columns = X.shape
+    fd = X.spill_file.fileno()
+    for start in range(0, rows, batch_rows):
+        count = min(batch_rows, rows - start)
+        batch, column = np.empty((count, columns), dtype=np.float32), np.empty(count, dtype=np.float32)
+        for j in range(columns):
+            offset = (j * rows + start) * 4
+            if os.preadv(fd, [memoryview(column).cast("B")], offset) != count * 4:
+                raise OSError(f"spill file of {rows} rows ended early at column {j}, row {start}")
+            batch[:, j] = column
+        yield batch
 
 
 def feature_rows(features_dir: str | Path, feature_names: list[str]) -> tuple[pa.Array, np.ndarray]:
@@ -60,28 +145,40 @@ def feature_rows(features_dir: str | Path, feature_names: list[str]) -> tuple[pa
     return keys.column("transaction_id").take(order), _float32_rows(source, feature_names, {"all": rows})["all"]
 
 
-def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fraction: float) -> BankDataset:
+def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fraction: float,
+                 spill_dir: str | Path | None = None) -> BankDataset:
     """Labelled rows only, ordered by time then id; the latest ``holdout_fraction`` of them is the holdout.
 
     Read column by column (``_float32_rows``): at 10M rows the two float32 matrices take ~1.8 GB, where
-    a pandas table of the features took several times that.
+    a pandas table of the features took several times that. With ``spill_dir`` (a bank's workspace) the
+    matrices are written there and mapped, not held: ``row_batches`` reads them a batch at a time.
     """
     source = ds.dataset(str(features_dir), format="parquet")
-    keys, order = _ordered(source)
-    labelled = pc.filter(order, pc.is_valid(keys.column(LABEL).take(order)))
+    order = _time_order(source)
+    if order is None:
+        order = _ordered(source)[1].to_numpy()
+    label = source.to_table(columns=[LABEL]).column(0).to_numpy(zero_copy_only=False)[order]
+    labelled = order[~np.isnan(label)] if label.dtype.kind == "f" else order
+    y = label[~np.isnan(label)] if label.dtype.kind == "f" else label
+    del order, label
     cut = int(round(len(labelled) * (1.0 - holdout_fraction)))
-    parts = {"train": labelled.slice(0, cut).to_numpy(), "holdout": labelled.slice(cut).to_numpy()}
-    matrices = _float32_rows(source, feature_names, parts)
-    label = keys.column(LABEL).to_numpy(zero_copy_only=False)
-    first = int(parts["holdout"][0]) if len(parts["holdout"]) else None
+    parts = {"train": labelled[:cut], "holdout": labelled[cut:]}
+    y = {"train": y[:cut].astype(np.int32), "holdout": y[cut:].astype(np.int32)}
+    del labelled
+    holdout_start = holdout_first_id = None
+    if len(parts["holdout"]):
+        first = source.take(pa.array(parts["holdout"][:1]), columns=["event_time", "transaction_id"])
+        holdout_start = pd.Timestamp(first.column("event_time")[0].as_py()).isoformat()
+        holdout_first_id = str(first.column("transaction_id")[0].as_py())
+    matrices = _float32_rows(source, feature_names, parts, None if spill_dir is None else Path(spill_dir))
     return BankDataset(
         feature_names=list(feature_names),
         X_train=matrices["train"],
-        y_train=label[parts["train"]].astype(np.int32),
+        y_train=y["train"],
         X_holdout=matrices["holdout"],
-        y_holdout=label[parts["holdout"]].astype(np.int32),
-        holdout_start=pd.Timestamp(keys.column("event_time")[first].as_py()).isoformat() if first is not None else None,
-        holdout_first_id=str(keys.column("transaction_id")[first].as_py()) if first is not None else None,
+        y_holdout=y["holdout"],
+        holdout_start=holdout_start,
+        holdout_first_id=holdout_first_id,
     )
 
 

@@ -22,7 +22,7 @@ from bank_node.dataset import BankDataset, load_dataset, spark_training_rows
 from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, finite, holdout_metrics
 from bank_node.policy import TaskRefused, TrainingPolicy
 from bank_node.privacy import PrivacyPolicy, train_private
-from bank_node.training import build_update, dmatrix, train_trees, train_trees_spark
+from bank_node.training import EXTERNAL_MEMORY_ROWS, build_update, predict_rows, train_trees, train_trees_spark
 from fedfraud import model_json
 from fedfraud.model_guard import ModelRefused, header_from_model, parse_received_model, rebuild_model
 from fedfraud.wire import CLEAR_COUNTS, TrainTask
@@ -32,6 +32,8 @@ from pipelines.feature_contract import load_contract
 from pipelines.validation import REPORT_FILE, shareable_reasons
 
 FINGERPRINT_FILE = "input_fingerprint.json"
+SPILL_DIR = "spill"  # the training and holdout matrices, in unnamed files (``dataset.load_dataset``)
+XGB_CACHE_DIR = "xgb-cache"  # XGBoost's pages of the quantized training rows, above ``external_memory_rows``
 
 
 class BankDeclined(RuntimeError):
@@ -50,7 +52,8 @@ class BankNode:
     def __init__(self, bank: str, raw_path: str | Path, work_dir: str | Path, config: PipelineConfig,
                  holdout_fraction: float = 0.2, alert_budget: float = DEFAULT_ALERT_BUDGET, engine: str = "local",
                  histogram_tls=None, policy: TrainingPolicy | None = None, secagg=None, share_metrics: bool = False,
-                 share_local_model: bool = True, privacy: PrivacyPolicy | None = None):
+                 share_local_model: bool = True, privacy: PrivacyPolicy | None = None,
+                 external_memory_rows: int | None = EXTERNAL_MEMORY_ROWS):
         self.bank = bank
         self.raw_path = Path(raw_path)
         self.work_dir = Path(work_dir)
@@ -65,6 +68,7 @@ class BankNode:
         self.share_metrics = share_metrics  # per-bank metrics leave only if the bank says so
         self.share_local_model = share_local_model  # cross-evaluation: may its local model be scored at the others?
         self.privacy = privacy or PrivacyPolicy()  # DP: leaf values; histogram: gradient sums; off by default
+        self.external_memory_rows = external_memory_rows  # more training rows: XGBoost pages them on disk (None: never)
         if self.privacy.enabled and engine != "local":
             raise ValueError(f"{bank}: privacy needs engine 'local' (the Spark engine grows trees without it)")
 
@@ -118,7 +122,7 @@ class BankNode:
     @cached_property
     def data(self) -> BankDataset:
         names = self.contract["names"]
-        return load_dataset(self.work_dir / FEATURES_DIR, names, self.holdout_fraction)
+        return load_dataset(self.work_dir / FEATURES_DIR, names, self.holdout_fraction, self.work_dir / SPILL_DIR)
 
     def summary(self) -> dict[str, Any]:
         """What the bank tells the aggregator before a round: row counts, contract, readiness (its label
@@ -149,10 +153,11 @@ class BankNode:
             rows = spark_training_rows(get_spark("fedfraud-bank"), self.work_dir / FEATURES_DIR, data)
             booster = train_trees_spark(task, rows, data.feature_names)
         else:
-            booster = train_trees(task, data.X_train, data.y_train, data.feature_names)
+            booster = train_trees(task, data.X_train, data.y_train, data.feature_names,
+                                  cache_dir=self.training_cache(data))
         metrics = {}
         if self.share_metrics:  # the new trees' holdout metrics are per-bank figures: they leave only if shared
-            scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
+            scores = predict_rows(booster, data.X_holdout, data.feature_names)
             metrics = finite(holdout_metrics(scores, data.y_holdout, self.alert_budget))
         return build_update(task, booster, data.counts(), metrics, epsilon).to_bytes()
 
@@ -202,7 +207,7 @@ class BankNode:
         data = self.data
         doc = parse_received_model(model_bytes, self.policy.received_limits(), data.feature_names)
         booster = model_json.to_booster(doc)
-        scores = booster.predict(dmatrix(data.X_holdout, None, data.feature_names))
+        scores = predict_rows(booster, data.X_holdout, data.feature_names)
         report = evaluation_report(self.bank, model_json.model_id(doc), scores, data.y_holdout, self.alert_budget)
         return dataclasses.replace(report, metrics=finite(report.metrics)).to_bytes()
 
@@ -223,7 +228,14 @@ class BankNode:
         data = self.data
         task = TrainTask(bank=self.bank, round_id=0, base_model_id="none", contract_hash=self.contract["hash"],
                          num_trees=num_trees, params=params)
-        return train_trees(task, data.X_train, data.y_train, data.feature_names)
+        return train_trees(task, data.X_train, data.y_train, data.feature_names, cache_dir=self.training_cache(data))
+
+    def training_cache(self, data: BankDataset) -> Path | None:
+        """Where XGBoost pages the quantized training rows (``training.training_matrix``): on disk in this
+        bank's workspace above ``external_memory_rows`` rows, else None (in memory). Same model either way."""
+        if self.external_memory_rows is None or len(data.y_train) <= self.external_memory_rows:
+            return None
+        return self.work_dir / XGB_CACHE_DIR
 
     # Histogram federation (aggregator/strategies/histogram.py): banks grow each tree together.
 

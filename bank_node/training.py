@@ -1,13 +1,25 @@
-"""Local training: K new XGBoost trees on the bank's rows, warm-started from the global model."""
+"""Local training: K new XGBoost trees on the bank's rows, warm-started from the global model.
+
+The rows reach XGBoost in batches (``RowBatches``, from ``dataset.row_batches``) as a ``QuantileDMatrix``:
+quantized, no float copy of the matrix; the model is the one a ``DMatrix`` of the same rows gives
+(same cuts, same trees: tests/bank_node/test_training_batches.py). A warm start passes the global
+model's margin on the raw rows as ``base_margin`` (predicting it on the quantized matrix would not).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import xgboost as xgb
 
+from bank_node.dataset import BATCH_ROWS, row_batches
 from fedfraud import model_json
 from fedfraud.wire import CLEAR_COUNTS, ModelUpdate, TrainTask
 
+# Above this many training rows a bank's node trains from pages on disk (``ExtMemQuantileDMatrix``): the
+# in-memory QuantileDMatrix of rows with missing values keeps 4 bytes a value (~1.4 GB at 8M rows x 44).
+EXTERNAL_MEMORY_ROWS = 2_000_000
 BASE_PARAMS = {"objective": "binary:logistic", "tree_method": "hist", "eval_metric": "aucpr", "nthread": 2}
 
 
@@ -15,13 +27,74 @@ def dmatrix(X: np.ndarray, y: np.ndarray | None, feature_names: list[str]) -> xg
     return xgb.DMatrix(X, label=y, feature_names=feature_names, missing=np.nan)
 
 
-def train_trees(task: TrainTask, X: np.ndarray, y: np.ndarray, feature_names: list[str], obj=None) -> xgb.Booster:
-    """The global model (if any) plus ``task.num_trees`` trees fitted on (X, y); ``obj``: a custom objective."""
-    base = model_json.to_booster(task.base_model) if task.base_model else None
+class RowBatches(xgb.DataIter):
+    """(X, y, margin) for XGBoost in consecutive row batches (``row_batches``): every row once, in order."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, feature_names: list[str], margin: np.ndarray | None = None,
+                 batch_rows: int = BATCH_ROWS, cache_prefix: str | None = None):
+        if len(y) != len(X) or (margin is not None and len(margin) != len(X)):
+            raise ValueError(f"{len(X)} rows but {len(y)} labels and {None if margin is None else len(margin)} margins")
+        self._X, self._y, self._names, self._margin, self._batch_rows = X, y, feature_names, margin, batch_rows
+        self.reset()
+        super().__init__(cache_prefix=cache_prefix)
+
+    def reset(self) -> None:
+        self._batches, self._start = row_batches(self._X, self._batch_rows), 0
+
+    def next(self, input_data) -> bool:
+        batch = next(self._batches, None)
+        if batch is None:
+            return False
+        rows = slice(self._start, self._start + len(batch))
+        input_data(data=batch, label=self._y[rows], feature_names=self._names,
+                   base_margin=None if self._margin is None else self._margin[rows])
+        self._start = rows.stop
+        return True
+
+
+def training_matrix(X: np.ndarray, y: np.ndarray, feature_names: list[str], max_bin: int,
+                    margin: np.ndarray | None = None, cache_dir: str | Path | None = None) -> xgb.DMatrix:
+    """(X, y) quantized for ``hist`` from row batches, ``margin`` as ``base_margin``. In memory
+    (``QuantileDMatrix``), or with ``cache_dir`` in pages on disk there (``ExtMemQuantileDMatrix``)."""
+    if cache_dir is None:
+        return xgb.QuantileDMatrix(RowBatches(X, y, feature_names, margin), max_bin=max_bin, missing=np.nan)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    batches = RowBatches(X, y, feature_names, margin, cache_prefix=str(Path(cache_dir) / "train"))
+    return xgb.ExtMemQuantileDMatrix(batches, max_bin=max_bin, missing=np.nan)
+
+
+def predict_rows(booster: xgb.Booster, X: np.ndarray, feature_names: list[str], output_margin: bool = False
+                 ) -> np.ndarray:
+    """``booster.predict`` over ``X`` a batch at a time (the same float32 scores, never a copy of all rows)."""
+    scores = np.empty(len(X), dtype=np.float32)
+    start = 0
+    for batch in row_batches(X):
+        scores[start:start + len(batch)] = booster.predict(dmatrix(batch, None, feature_names),
+                                                           output_margin=output_margin)
+        start += len(batch)
+    return scores
+
+
+def train_trees(task: TrainTask, X: np.ndarray, y: np.ndarray, feature_names: list[str], obj=None,
+                cache_dir: str | Path | None = None) -> xgb.Booster:
+    """The global model (if any) plus ``task.num_trees`` trees fitted on (X, y); ``obj``: a custom objective;
+    ``cache_dir``: the quantized rows in pages on disk there (``training_matrix``).
+
+    A warm start trains from the global model's empty copy (its base score, objective; XGBoost then
+    draws the same subsamples as continuing the model itself) on the global model's margin, then
+    appends the new trees to it: the same model as ``xgb.train(..., xgb_model=global)`` on a ``DMatrix``.
+    """
     params = {**BASE_PARAMS, **task.params}
-    if base is not None:
-        params.pop("base_score", None)  # the global model fixes it for every bank
-    return xgb.train(params, dmatrix(X, y, feature_names), num_boost_round=task.num_trees, xgb_model=base, obj=obj)
+    max_bin = int(params.get("max_bin", 256))
+    if not task.base_model:
+        matrix = training_matrix(X, y, feature_names, max_bin, cache_dir=cache_dir)
+        return xgb.train(params, matrix, num_boost_round=task.num_trees, obj=obj)
+    params.pop("base_score", None)  # the global model fixes it for every bank
+    margin = predict_rows(model_json.to_booster(task.base_model), X, feature_names, output_margin=True)
+    matrix = training_matrix(X, y, feature_names, max_bin, margin, cache_dir)
+    start = model_json.to_booster(model_json.empty_like(task.base_model))
+    new = xgb.train(params, matrix, num_boost_round=task.num_trees, xgb_model=start, obj=obj)
+    return model_json.to_booster(model_json.append_trees(task.base_model, model_json.to_doc(new)))
 
 
 _SKLEARN_NAMES = {"eta": "learning_rate", "seed": "random_state"}

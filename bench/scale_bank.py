@@ -33,7 +33,7 @@ def bank_input(work_dir: Path, rows: int, seed: int) -> Path:
     if not path.exists():
         began = time.perf_counter()
         code = "import sys; from scale_bank import write_input; write_input(*sys.argv[1:])"
-        subprocess.run([sys.executable, "-c", code, str(path), str(rows), str(seed)], check=True,
+        subprocess.run([sys.executable, "-c", code, str(path.resolve()), str(rows), str(seed)], check=True,
                        cwd=Path(__file__).parent)
         log(f"{rows:,} rows generated in {time.perf_counter() - began:.0f}s")
     return path
