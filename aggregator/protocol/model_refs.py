@@ -20,6 +20,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from fedfraud import model_json, model_refs
@@ -29,8 +30,10 @@ from pipelines.io import write_bytes
 
 if TYPE_CHECKING:
     from aggregator.protocol.state import RoundState
+    from aggregator.protocol.workspace import Workspace
 
 log = logging.getLogger("fedfraud.rounds")
+ENABLED = True  # False: every message in full (the tests' baseline)
 KINDS = (TaskKind.TRAIN, TaskKind.ACCEPT)
 HELD_PER_BANK = 3  # fewer than a bank keeps (``bank_node.model_cache.KEPT_MODELS``)
 MAX_ENVELOPE_BYTES = 4 * 32 * 1024 * 1024  # a task's or question's bound (``TrainTask.MAX_BYTES``)
@@ -57,7 +60,7 @@ _questions: OrderedDict[str, _Question] = OrderedDict()  # the last few question
 
 
 def applies(r: "RoundState | None", kind: str) -> bool:
-    return r is not None and r.plan.strategy == StrategyName.CYCLIC and kind in KINDS
+    return ENABLED and r is not None and r.plan.strategy == StrategyName.CYCLIC and kind in KINDS
 
 
 def _question(question: bytes) -> _Question:
@@ -76,28 +79,28 @@ def _question(question: bytes) -> _Question:
     return parsed
 
 
-def _ledger(r: "RoundState", bank: str):
-    return r.ws.root / "model-refs" / f"{bank}.json"
+def _ledger(ws: "Workspace", bank: str) -> Path:
+    return ws.root / "model-refs" / f"{bank}.json"
 
 
-def held(r: "RoundState", bank: str) -> list[list]:
-    """[[sha256, trees], …] of the models ``bank`` acknowledged lately, the latest last."""
-    path = _ledger(r, bank)
+def held(ws: "Workspace", bank: str) -> list[list]:
+    """[[sha256, trees], …] of the models ``bank`` acknowledged lately in this federation, the latest last."""
+    path = _ledger(ws, bank)
     return json.loads(path.read_bytes())["held"] if path.exists() else []
 
 
-def _acknowledge(r: "RoundState", bank: str, q: _Question) -> None:
+def _acknowledge(ws: "Workspace", bank: str, q: _Question) -> None:
     entries = [[sha, len(model_json.trees(doc))] for sha, doc in zip(q.shas, q.docs)]
     with _lock:
-        kept = [e for e in held(r, bank) if e not in entries] + entries
-        write_bytes(json.dumps({"held": kept[-HELD_PER_BANK:]}).encode(), _ledger(r, bank))
+        kept = [e for e in held(ws, bank) if e not in entries] + entries
+        write_bytes(json.dumps({"held": kept[-HELD_PER_BANK:]}).encode(), _ledger(ws, bank))
 
 
 def envelope(r: "RoundState", bank: str, question: bytes) -> bytes | None:
     """``question`` as an envelope for ``bank`` (its models by reference to models it holds), or None to send
     it in full (no model it holds starts a model sent, or the envelope would not be smaller)."""
     q = _question(question)
-    bases = held(r, bank)
+    bases = held(r.ws, bank)
     choice = []
     for slot, doc in enumerate(q.docs):
         trees = len(model_json.trees(doc))
@@ -148,7 +151,7 @@ def ask(r: "RoundState | None", kind: str, bank: str, question: bytes, call: Cal
             log.warning("round %s: %s does not hold the base of its %s (%s); sending the full model",
                         r.round_id, bank, kind, base_unknown(exc))
             reply, received = call(question), len(body) + len(question)
-    _acknowledge(r, bank, _question(question))
+    _acknowledge(r.ws, bank, _question(question))
     return reply, received
 
 
