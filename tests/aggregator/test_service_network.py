@@ -91,6 +91,13 @@ class Stack:
         service.wait(30)
         self.start_service()
 
+    def restart_agent(self, bank: str) -> None:
+        """Stop a bank's agent (SIGTERM) and start it again: its node's memory (the model cache) is lost."""
+        agent = self.processes.pop(bank)
+        agent.terminate()
+        agent.wait(30)
+        self.start_agent(bank)
+
     def client(self, name: str, attempts: int = 3, folder: Path | None = None) -> AggregatorClient:
         return AggregatorClient(self.url, TLSFiles.from_folder(folder or self.certs / name), Retry(attempts, 0.2, 1))
 
@@ -190,13 +197,27 @@ def test_histogram_rounds_over_the_network_keep_one_federated_server_for_the_fed
 
 
 def test_a_cyclic_round_passes_the_model_from_bank_to_bank_through_the_service(stack):
-    operator = start(stack, "cyc-1", "cyclic", rounds=1)
+    """Two rounds, by reference after each bank's first turn; an agent restarted between them (its model cache
+    lost) refuses its first model by reference (``model_base_unknown``) and is sent the full model once."""
+    operator = start(stack, "cyc-1", "cyclic", rounds=2)
     assert operator.open_round("cyc-1", 1)["collective"]
     status = finished(operator, "cyc-1", 1)
     assert status["state"] == "registered", (status, stack.log("aggregator"))
     assert {bank: kinds["train"] for bank, kinds in status["tasks"].items()} == dict.fromkeys(BANKS, "done")
     tags = registered_version(stack, "net-cyclic", status["version"]).tags
     assert tags["fedfraud.participating_banks"] == ",".join(BANKS)
+    stack.restart_agent("celtic")
+    operator.open_round("cyc-1", 2)
+    status = finished(operator, "cyc-1", 2)
+    assert status["state"] == "registered", (status, stack.log("aggregator"))
+    assert registered_version(stack, "net-cyclic", status["version"]).tags["fedfraud.participating_banks"] == \
+        ",".join(BANKS)
+    service_log = (stack.root / "aggregator.log").read_text(errors="replace")
+    assert "celtic does not hold the base" in service_log and "model_base_unknown" in service_log
+    assert "refused by model_base_unknown" in (stack.root / "celtic.log").read_text(errors="replace")
+    assert "alpine does not hold" not in service_log and "baltic does not hold" not in service_log
+    ledger = stack.root / "aggregator" / "federations" / "net-cyclic" / "model-refs"
+    assert sorted(p.stem for p in ledger.glob("*.json")) == BANKS
 
 
 def test_airflow_runs_the_federation_through_the_service_in_networked_mode(stack, dagbag, monkeypatch):
