@@ -47,12 +47,14 @@ class _Question:
     message: dict
     docs: list[dict]
     shas: list[str]
-    prefixes: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    prefixes: dict[tuple[int, int], tuple[bytes, str]] = field(default_factory=dict)
     envelopes: dict[tuple, bytes | None] = field(default_factory=dict)
 
-    def prefix(self, slot: int, k: int) -> bytes:
+    def prefix(self, slot: int, k: int) -> tuple[bytes, str]:
+        """The canonical bytes of the slot's model cut to ``k`` trees, and their hash (once per question)."""
         if (slot, k) not in self.prefixes:
-            self.prefixes[(slot, k)] = model_json.to_bytes(model_refs.prefix(self.docs[slot], k))
+            raw = model_json.to_bytes(model_refs.prefix(self.docs[slot], k))
+            self.prefixes[(slot, k)] = raw, content_hash(raw)
         return self.prefixes[(slot, k)]
 
 
@@ -105,7 +107,7 @@ def envelope(r: "RoundState", bank: str, question: bytes) -> bytes | None:
     for slot, doc in enumerate(q.docs):
         trees = len(model_json.trees(doc))
         found = next(((sha, k) for sha, k in reversed(bases)
-                      if 0 < k <= trees and content_hash(q.prefix(slot, k)) == sha), None)
+                      if 0 < k <= trees and q.prefix(slot, k)[1] == sha), None)
         choice.append(found)
     key = tuple(choice)
     if key not in q.envelopes:
@@ -121,7 +123,7 @@ def _build(q: _Question, choice: list, question: bytes) -> bytes | None:
         if found is not None:
             sha, k = found
             holder[name] = model_refs.reference(q.docs[slot], k, sha)
-            known[sha] = q.prefix(slot, k)
+            known[sha] = q.prefix(slot, k)[0]
     body = canonical({"by_reference": 1, "message": message})
     if len(body) >= len(question):
         return None

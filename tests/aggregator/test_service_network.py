@@ -216,8 +216,8 @@ def test_a_cyclic_round_passes_the_model_from_bank_to_bank_through_the_service(s
     assert "celtic does not hold the base" in service_log and "model_base_unknown" in service_log
     assert "refused by model_base_unknown" in (stack.root / "celtic.log").read_text(errors="replace")
     assert "alpine does not hold" not in service_log and "baltic does not hold" not in service_log
-    ledger = stack.root / "aggregator" / "federations" / "net-cyclic" / "model-refs"
-    assert sorted(p.stem for p in ledger.glob("*.json")) == BANKS
+    ledger = stack.root / "aggregator" / "runs" / "cyc-1" / "federations" / "net-cyclic" / "model-refs"
+    assert sorted(p.stem for p in ledger.glob("*.json")) == BANKS  # what each bank acknowledged
 
 
 def test_airflow_runs_the_federation_through_the_service_in_networked_mode(stack, dagbag, monkeypatch):
