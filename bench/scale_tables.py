@@ -45,7 +45,8 @@ def print_banks(rows: list[dict]) -> None:
     print("\nGrowth from the fewest banks (x; linear growth = the banks' ratio):")
     for name, key in (("round", lambda r: r["round_seconds_mean"]), ("federation", lambda r: r["federation_seconds"]),
                       ("memory above banks loaded", lambda r: max(r["memory"]["federation_increment_mib"], 1.0)),
-                      ("bytes a bank received", lambda r: sum(b["received"] for b in r["wire_bytes"].values()))):
+                      ("bytes a bank received", lambda r: sum(b["received"] for b in r["wire_bytes"].values())
+                       / len(r["wire_bytes"]))):  # the mean over banks
         for strategy, ratios in growth(ran, key).items():
             base = min(ratios)
             verdict = all(ratio <= 1.1 * n / base for n, ratio in ratios.items())

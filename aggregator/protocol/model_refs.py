@@ -106,7 +106,7 @@ def envelope(r: "RoundState", bank: str, question: bytes) -> bytes | None:
     choice = []
     for slot, doc in enumerate(q.docs):
         trees = len(model_json.trees(doc))
-        found = next(((sha, k) for sha, k in reversed(bases)
+        found = next(((sha, k) for sha, k in sorted(bases, key=lambda e: -e[1])  # the longest first
                       if 0 < k <= trees and q.prefix(slot, k)[1] == sha), None)
         choice.append(found)
     key = tuple(choice)
