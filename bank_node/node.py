@@ -20,10 +20,12 @@ from typing import Any
 
 from bank_node.dataset import BankDataset, load_dataset, spark_training_rows
 from bank_node.evaluation import DEFAULT_ALERT_BUDGET, evaluation_report, finite, holdout_metrics
+from bank_node.model_cache import expand, model_cache
 from bank_node.policy import TaskRefused, TrainingPolicy
 from bank_node.privacy import PrivacyPolicy, train_private
 from bank_node.training import EXTERNAL_MEMORY_ROWS, build_update, predict_rows, train_trees, train_trees_spark
 from fedfraud import model_json
+from fedfraud.crosscheck import ScoreQuestion
 from fedfraud.model_guard import ModelRefused, header_from_model, parse_received_model, rebuild_model
 from fedfraud.wire import CLEAR_COUNTS, TrainTask
 from pipelines.build import CONTRACT_FILE, FEATURES_DIR, VALIDATION_DIR
@@ -140,7 +142,9 @@ class BankNode:
         }
 
     def train(self, task_bytes: bytes) -> bytes:
-        """Run one training task (within the bank's policy, base model validated); return the update's bytes."""
+        """Run one training task (within the bank's policy, base model validated; sent by reference: rebuilt
+        from a model this bank holds first, ``bank_node.model_cache``); return the update's bytes."""
+        task_bytes = expand(self, task_bytes, TrainTask.MAX_BYTES, "training task")
         task = self.accepted_task(task_bytes)
         self._require_training_allowed()
         data = self.data
@@ -175,6 +179,7 @@ class BankNode:
             base = rebuild_model(task.base_model, self.policy.received_limits(), header)
         except ModelRefused as refused:
             raise TaskRefused(f"base_model_{refused.check}", refused.detail) from None
+        model_cache(self).keep(model_json.to_bytes(task.base_model))  # validated: a later task may refer to it
         return dataclasses.replace(task, base_model=base)
 
     def _require_training_allowed(self) -> None:
@@ -212,10 +217,11 @@ class BankNode:
         return dataclasses.replace(report, metrics=finite(report.metrics)).to_bytes()
 
     def score(self, question_bytes: bytes) -> bytes:
-        """Score a cross-evaluation or acceptance question's models on the holdout (reports only)."""
+        """Score a cross-evaluation or acceptance question's models on the holdout (reports only); models sent
+        by reference are rebuilt from models this bank holds first (``bank_node.model_cache``)."""
         from bank_node.acceptance import score_question
 
-        return score_question(self, question_bytes)
+        return score_question(self, expand(self, question_bytes, ScoreQuestion.MAX_BYTES, "score question"))
 
     def local_model(self, task_bytes: bytes) -> bytes:
         """This bank's model from its rows alone, for cross-evaluation (refused unless shared)."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bank_node.model_cache import model_cache
 from bank_node.training import dmatrix
 from fedfraud import model_json
 from fedfraud.crosscheck import ScoreQuestion
@@ -77,7 +78,9 @@ def variant_scores(node: "BankNode", question: ScoreQuestion) -> dict[str, tuple
     out = {}
     for label, (name, drop) in specs.items():
         if name not in models:
-            doc = parse_received_model(model_json.to_bytes(question.models[name]), limits, data.feature_names)
+            raw = model_json.to_bytes(question.models[name])
+            doc = parse_received_model(raw, limits, data.feature_names)
+            model_cache(node).keep(raw)  # validated: a later question may send it by reference
             if holdout is None:
                 holdout = dmatrix(data.X_holdout, None, data.feature_names)
             drops = [d for n, d in specs.values() if n == name]

@@ -142,6 +142,7 @@ def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int
     from aggregator.drivers.embedded import Consortium, federate
     from aggregator.protocol import crossval, phases, traffic
     from aggregator.tracking import default_tracking_uri
+    from fedfraud import model_json
     from fedfraud.settings import FederationSettings
 
     paths = generate(work_dir / "raw", n_banks, rows, seed)
@@ -181,6 +182,7 @@ def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int
     total = time.perf_counter() - started
     peak_mib = own_mib("VmHWM")
     wire = traffic.over_rounds(case_dir / "federations" / model_name, rounds)
+    final = case_dir / "federations" / model_name / f"round-{rounds}" / "model.json"  # the last round's model
     per_round = [{**r, **s} for r, s in zip(rounds_log, stages_log[-len(rounds_log):])]
     return {
         "strategy": strategy, "banks": n_banks, "rows_per_bank": rows, "rounds": rounds, "trees_per_round": trees,
@@ -192,6 +194,8 @@ def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int
                    "federation_increment_mib": round(peak_mib - loaded_mib, 1), **sampler.as_dict()},
         "wire_bytes": wire, "excluded": dict(result.excluded),
         "rejections": len(result.rejections), "pooled_auprc": result.evaluation.pooled.get("auprc"),
-        "model_uri": result.model_uri, "tracking_uri": default_tracking_uri(case_dir),
+        "model_uri": result.model_uri,
+        "model_id": model_json.model_id(json.loads(final.read_bytes())) if final.exists() else None,
+        "tracking_uri": default_tracking_uri(case_dir),
         "load_average_after": os.getloadavg(),
     }

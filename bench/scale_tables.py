@@ -23,11 +23,11 @@ def print_banks(rows: list[dict]) -> None:
     print("\nBank sweep (one case per process; times in s, memory in MiB, traffic in MB per bank per round, "
           "mean over banks (max)):")
     print("| strategy | banks | federation | crossval | round | of which training | busiest bank | process peak RSS | "
-          "above banks loaded | children peak RSS (n) | bank sent | bank received | pooled AUPRC |")
-    print("|---" * 13 + "|")
+          "above banks loaded | children peak RSS (n) | bank sent | bank received | pooled AUPRC | model id |")
+    print("|---" * 14 + "|")
     for r in sorted(rows, key=lambda r: (r.get("strategy", ""), r.get("banks", r.get("n_banks", 0)))):
         if _failed(r):
-            print(f"| {r.get('strategy')} | {r.get('n_banks')} | did not run: {_failed(r)} |" + " |" * 10)
+            print(f"| {r.get('strategy')} | {r.get('n_banks')} | did not run: {_failed(r)} |" + " |" * 11)
             continue
         m, rounds = r["memory"], r["rounds"]
         training = sum(x["training_seconds"] for x in r["rounds_detail"]) / len(r["rounds_detail"])
@@ -38,13 +38,15 @@ def print_banks(rows: list[dict]) -> None:
         print(f"| {r['strategy']} | {r['banks']} | {r['federation_seconds']:.1f} | {r['crossval_seconds'] or 0:.1f} | "
               f"{r['round_seconds_mean']:.1f} | {training:.1f} | {busiest_cell} | {m['process_peak_rss_mib']:.0f} | "
               f"{m['federation_increment_mib']:.0f} | {m['children_peak_rss_mib']:.0f} ({m['children_peak_count']}) | "
-              f"{cells['sent']} | {cells['received']} | {r['pooled_auprc']:.3f} |")
+              f"{cells['sent']} | {cells['received']} | {r['pooled_auprc']:.3f} | {r.get('model_id') or '-'} |")
     ran = [r for r in rows if not _failed(r)]
     if not ran:
         return
     print("\nGrowth from the fewest banks (x; linear growth = the banks' ratio):")
     for name, key in (("round", lambda r: r["round_seconds_mean"]), ("federation", lambda r: r["federation_seconds"]),
-                      ("memory above banks loaded", lambda r: max(r["memory"]["federation_increment_mib"], 1.0))):
+                      ("memory above banks loaded", lambda r: max(r["memory"]["federation_increment_mib"], 1.0)),
+                      ("bytes a bank received", lambda r: sum(b["received"] for b in r["wire_bytes"].values())
+                       / len(r["wire_bytes"]))):  # the mean over banks
         for strategy, ratios in growth(ran, key).items():
             base = min(ratios)
             verdict = all(ratio <= 1.1 * n / base for n, ratio in ratios.items())

@@ -104,7 +104,7 @@ def run_aggregator_phases(r: RoundState, after: str | None) -> Any:
 
 def answer_at(r: RoundState, phase: Phase, node: Node) -> None:
     """One bank answers every question a bank phase asks it (a driver's mapped bank task)."""
-    answer(node, phase.exchanges(r, node.bank))
+    answer(node, phase.exchanges(r, node.bank), r)
 
 
 def run_phase(r: RoundState, phase: Phase, nodes: dict[str, Node]) -> Any:

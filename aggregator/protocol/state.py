@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.plan import Plan
-from aggregator.protocol import traffic
+from aggregator.protocol import model_refs, traffic
 from aggregator.protocol.workspace import Workspace
 from aggregator.strategies import STRATEGIES, Strategy
 from fedfraud.protocol import TaskKind
@@ -141,13 +141,14 @@ def asking(nodes: dict[str, Node], phase: str, phase_log: logging.Logger) -> Cal
     return ask
 
 
-def answer(node: Node, exchanges: list[Exchange]) -> None:
-    """The bank answers each question; its answers land where the exchanges say."""
+def answer(node: Node, exchanges: list[Exchange], r: RoundState | None = None) -> None:
+    """The bank answers each question (a cyclic round's models by reference: ``model_refs``); its answers
+    land where the exchanges say."""
     for ask in exchanges:
         question = ask.question.read_bytes()
-        reply = node_call(node, ask.kind)(question)
+        reply, received = model_refs.ask(r, ask.kind, ask.bank, question, node_call(node, ask.kind))
         if traffic.in_process(node):  # the in-process boundary
-            traffic.record(ask.answer, ask.bank, received=len(question), sent=len(reply))
+            traffic.record(ask.answer, ask.bank, received=received, sent=len(reply))
         write_bytes(reply, ask.answer)
 
 
@@ -156,6 +157,6 @@ def answer_tolerantly(r: RoundState, nodes: dict[str, Node], phase_banks: Callab
     """Every bank of a bank phase answers in process; one that cannot is logged and left out."""
     for bank in phase_banks(r):
         try:
-            answer(nodes[bank], exchanges(r, bank))
+            answer(nodes[bank], exchanges(r, bank), r)
         except Exception as exc:
             log.warning("bank %s could not %s in round %s: %s", bank, what, r.round_id, exc)

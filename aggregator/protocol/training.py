@@ -14,7 +14,7 @@ import logging
 from aggregator.checks import Rejection, RoundContext, screen
 from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.registry import tracked_round
-from aggregator.protocol import traffic
+from aggregator.protocol import model_refs, traffic
 from aggregator.protocol.state import Exchange, Node, RoundState, store_carried
 from fedfraud import model_json
 from fedfraud.model_guard import ModelLimits, ModelRefused, rebuild_model
@@ -58,10 +58,9 @@ def train(r: RoundState, nodes: dict[str, Node]) -> None:
     for bank, task in tasks.items():
         r.on_progress(f"round {r.round_id}: {bank} trains {task.num_trees} trees")
         try:
-            question = task.to_bytes()
-            update = nodes[bank].train(question)
+            update, received = model_refs.ask(r, TaskKind.TRAIN, bank, task.to_bytes(), nodes[bank].train)
             if traffic.in_process(nodes[bank]):
-                traffic.record(r.path("updates", bank), bank, received=len(question), sent=len(update))
+                traffic.record(r.path("updates", bank), bank, received=received, sent=len(update))
             write_bytes(update, r.path("updates", bank))
         except Exception as exc:  # a bank failing must not sink the round while quorum holds
             log.warning("bank %s failed in round %s: %s", bank, r.round_id, exc)

@@ -210,7 +210,8 @@ class Coordinator(BankTasks):
     @staticmethod
     def _task_states(s, key: str, round_id: int) -> dict[str, dict[str, str]]:
         states: dict[str, dict[str, str]] = {}
-        for t in s.scalars(select(store.Task).where(store.Task.federation == key, store.Task.round_id == round_id)):
+        for t in s.scalars(select(store.Task).where(store.Task.federation == key, store.Task.round_id == round_id)
+                           .order_by(store.Task.created_at)):  # the latest of a kind (a resend after a refusal)
             states.setdefault(t.bank, {})[t.kind] = t.state
         return states
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.service import store
+from fedfraud.model_refs import is_envelope
 from fedfraud.protocol import TaskKind
 from pipelines.io import write_bytes
 
@@ -38,7 +39,8 @@ class RemoteNode:
         return json.loads(c.workspace(self.federation).summary_path(self.bank).read_bytes())
 
     def train(self, task_bytes: bytes) -> bytes:
-        return self._ask(TaskKind.TRAIN, task_bytes)
+        """A training task (a cyclic turn's: by reference, then in full once if the bank lacks the base)."""
+        return self._ask(TaskKind.TRAIN, task_bytes, part="by-reference" if is_envelope(task_bytes) else "")
 
     def score(self, question_bytes: bytes) -> bytes:
         """Acceptance in a cyclic round: one task per turn (each turn's question is another)."""

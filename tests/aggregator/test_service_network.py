@@ -190,13 +190,31 @@ def test_histogram_rounds_over_the_network_keep_one_federated_server_for_the_fed
 
 
 def test_a_cyclic_round_passes_the_model_from_bank_to_bank_through_the_service(stack):
-    operator = start(stack, "cyc-1", "cyclic", rounds=1)
+    """Two rounds, by reference after each bank's first turn; agents restarted between them (their model caches
+    lost) refuse their first model by reference (``model_base_unknown``) and are sent the full model once: baltic
+    a training task (round 2's first turn), celtic the first turn's acceptance question."""
+    operator = start(stack, "cyc-1", "cyclic", rounds=2)
     assert operator.open_round("cyc-1", 1)["collective"]
     status = finished(operator, "cyc-1", 1)
     assert status["state"] == "registered", (status, stack.log("aggregator"))
     assert {bank: kinds["train"] for bank, kinds in status["tasks"].items()} == dict.fromkeys(BANKS, "done")
     tags = registered_version(stack, "net-cyclic", status["version"]).tags
     assert tags["fedfraud.participating_banks"] == ",".join(BANKS)
+    restart_agent(stack, "baltic")  # their nodes' memory (the model cache) is lost; each polls before round 2 opens
+    restart_agent(stack, "celtic")
+    operator.open_round("cyc-1", 2)
+    status = finished(operator, "cyc-1", 2)
+    assert status["state"] == "registered", (status, stack.log("aggregator"))
+    assert registered_version(stack, "net-cyclic", status["version"]).tags["fedfraud.participating_banks"] == \
+        ",".join(BANKS)
+    service_log = (stack.root / "aggregator.log").read_text(errors="replace")
+    assert "baltic does not hold the base of its train" in service_log, stack.log("aggregator")
+    assert "celtic does not hold the base of its accept" in service_log and "model_base_unknown" in service_log
+    for bank, what in (("baltic", "training task"), ("celtic", "score question")):
+        assert f"{what} by reference refused by model_base_unknown" in (stack.root / f"{bank}.log").read_text()
+    assert "alpine does not hold" not in service_log
+    ledger = stack.root / "aggregator" / "runs" / "cyc-1" / "federations" / "net-cyclic" / "model-refs"
+    assert sorted(p.stem for p in ledger.glob("*.json")) == BANKS  # what each bank acknowledged
 
 
 def test_airflow_runs_the_federation_through_the_service_in_networked_mode(stack, dagbag, monkeypatch):

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from bank_node.model_cache import model_cache
 from bank_node.variant_scoring import variant_scores
-from fedfraud import model_json
+from fedfraud import model_json, model_refs
 from fedfraud.boundary import answer_kind
 from fedfraud.scores import score_histograms
 from fedfraud.crosscheck import ScoreQuestion
@@ -52,8 +53,9 @@ class RecordingNode:
             result = attribute(*args)
             body = json.dumps(result).encode() if isinstance(result, dict) else bytes(result)
             kind = answer_kind(TaskKind.ACCEPT, body) if name == "score" else METHODS[name]  # masked or clear
-            if kind in ("masked evaluation", "masked score answer"):
-                self.masked_tasks.append(args[0])
+            if kind in ("masked evaluation", "masked score answer"):  # a model sent by reference: the whole question
+                held = model_cache(self.node).get
+                self.masked_tasks.append(model_refs.expand(args[0], held, ScoreQuestion.MAX_BYTES))
             self.sent.append((self.bank, kind, body))
             return result
         return recorded
