@@ -77,16 +77,52 @@ def sums(flat: np.ndarray, grad: np.ndarray, hess: np.ndarray, leaves: int) -> t
     return G, H
 
 
-def leaf_sums(doc: Doc, X: np.ndarray, y: np.ndarray, feature_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A bank's per-leaf (gradient, hessian) sums of the model's loss on its rows ``X``, ``y``."""
+def loss_sum(margin: np.ndarray, y: np.ndarray, weight: float) -> float:
+    """The weighted logistic loss summed over rows (positives weigh ``weight``)."""
+    w = np.where(y > 0, weight, 1.0)
+    return float(np.sum(w * (np.logaddexp(0.0, margin) - y * margin)))
+
+
+def leaf_sums(doc: Doc, X: np.ndarray, y: np.ndarray, feature_names: list[str]
+              ) -> tuple[np.ndarray, np.ndarray, float]:
+    """A bank's per-leaf (gradient, hessian) sums of the model's loss on its rows ``X``, ``y``, and the loss summed."""
     from bank_node.training import dmatrix  # the bank's own matrix builder (feature names checked there)
 
     booster = model_json.to_booster(doc)
     matrix = dmatrix(X, None, feature_names)
     margin = booster.predict(matrix, output_margin=True).astype(np.float64)
     flat = flat_leaves(doc, booster.predict(matrix, pred_leaf=True).reshape(len(X), -1))
-    grad, hess = gradients(margin, np.asarray(y, dtype=np.float64), pos_weight(doc))
-    return sums(flat, grad, hess, leaf_count(doc))
+    labels, weight = np.asarray(y, dtype=np.float64), pos_weight(doc)
+    grad, hess = gradients(margin, labels, weight)
+    return (*sums(flat, grad, hess, leaf_count(doc)), loss_sum(margin, labels, weight))
+
+
+def check_sums(doc: Doc, G: np.ndarray, H: np.ndarray, rows: int) -> None:
+    """Refuse decoded sums no honest banks' rows can give (``RefitError`` naming the check): not finite, a
+    negative hessian, per-tree totals that differ (every row lies in one leaf of every tree, so each tree's
+    leaves sum to the same totals), totals beyond ``rows`` rows' bounds (|gradient| <= weight, hessian <= weight/4)."""
+    nodes = leaf_nodes(doc)
+    if len(G) != leaf_count(doc) or len(H) != len(G):
+        raise RefitError(f"refit_sums_shape: {len(G)} gradient and {len(H)} hessian sums for {leaf_count(doc)} leaves")
+    if not (np.all(np.isfinite(G)) and np.all(np.isfinite(H))):
+        raise RefitError("refit_sums_not_finite: a decoded sum is NaN or infinite")
+    if len(G) == 0:
+        return
+    slack = 1e-4 * max(len(nodes[0]), 1)  # fixed-point rounding of each bank's words
+    if float(H.min()) < -slack:
+        raise RefitError(f"refit_sums_negative_hessian: a leaf's hessian sum is {float(H.min()):.6g}")
+    bounds = np.cumsum([0] + [len(n) for n in nodes])
+    for name, values in (("gradient", G), ("hessian", H)):
+        totals = np.add.reduceat(values, bounds[:-1])
+        spread = float(totals.max() - totals.min())
+        if spread > slack * 10 + 1e-9 * float(np.abs(totals).max()):
+            raise RefitError(f"refit_sums_inconsistent: the trees' {name} totals differ by {spread:.6g} "
+                             "(every row lies in one leaf of every tree)")
+    weight = pos_weight(doc)
+    total_g, total_h = float(G[:len(nodes[0])].sum()), float(H[:len(nodes[0])].sum())
+    if abs(total_g) > weight * rows + 1 or total_h > weight * rows / 4 + 1:
+        raise RefitError(f"refit_sums_out_of_range: totals (gradient {total_g:.6g}, hessian {total_h:.6g}) beyond "
+                         f"what {rows} rows can give")
 
 
 def newton_step(doc: Doc, G: np.ndarray, H: np.ndarray, lam: float, eta: float) -> Doc:
