@@ -2,7 +2,7 @@
 
 The aggregator relays the session's key offers with the model to refit in a ``RefitTask``; the bank
 validates the model (its received-model limits, its feature contract), computes on its **training rows**
-the gradient and hessian sums of the model's own loss per leaf (``fedfraud.leaf_refit.leaf_sums``) and the
+the gradient and hessian sums of the model's own loss per leaf (``leaf_sums``) and the
 loss summed over those rows, and answers them as masked fixed-point words at slot ``REFIT_SLOT + step``:
 no per-bank sum leaves in the clear, only the sum over the session's banks decodes. The holdout is never
 used (it judges the result).
@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bank_node.masked_evaluation import credentials_of, session_masker
+from bank_node.training import dmatrix
 from fedfraud import leaf_refit, model_json
+from fedfraud.model_json import Doc
 from fedfraud.model_guard import parse_received_model
 from fedfraud.secagg.keys import KeyAgreementRefused
 from fedfraud.secagg.masking import MaskReuse, encode, words_to_text
@@ -31,10 +33,21 @@ from fedfraud.wire import MaskedRefitSums, RefitTask
 if TYPE_CHECKING:
     from bank_node.node import BankNode
 
-REFIT_SLOT = 2**33  # + the step: above every evaluation, acceptance, grid, counts or cross-evaluation slot
 MAX_STEPS = 256
-FRAC_BITS = 24  # sums up to 2**33 in magnitude; a per-leaf sum is exact to ~6e-8
 PHASE = "refit"
+
+
+def leaf_sums(doc: Doc, X: np.ndarray, y: np.ndarray, feature_names: list[str]
+              ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-leaf (gradient, hessian) sums of the model's loss on rows ``X``, ``y`` (flat leaf order), and the
+    loss summed."""
+    booster = model_json.to_booster(doc)
+    matrix = dmatrix(X, None, feature_names)
+    margin = booster.predict(matrix, output_margin=True).astype(np.float64)
+    flat = leaf_refit.flat_leaves(doc, booster.predict(matrix, pred_leaf=True).reshape(len(X), -1))
+    labels, weight = np.asarray(y, dtype=np.float64), leaf_refit.pos_weight(doc)
+    grad, hess = leaf_refit.gradients(margin, labels, weight)
+    return (*leaf_refit.sums(flat, grad, hess, leaf_refit.leaf_count(doc)), leaf_refit.loss_sum(margin, labels, weight))
 
 
 def masked_refit_sums(node: "BankNode", task_bytes: bytes) -> bytes:
@@ -58,8 +71,9 @@ def masked_refit_sums(node: "BankNode", task_bytes: bytes) -> bytes:
             raise MaskReuse(f"mask_reuse: {node.bank} already masked other refit sums at step {task.step} "
                             f"in session {session}")
         return earlier["body"].encode()
-    G, H, loss = leaf_refit.leaf_sums(doc, data.X_train, data.y_train, data.feature_names)
-    words = masker.mask(encode(np.concatenate([G, H, [loss]]), FRAC_BITS), REFIT_SLOT + task.step)
+    G, H, loss = leaf_sums(doc, data.X_train, data.y_train, data.feature_names)
+    words = masker.mask(encode(np.concatenate([G, H, [loss]]), leaf_refit.FRAC_BITS),
+                        leaf_refit.REFIT_SLOT + task.step)
     body = MaskedRefitSums(node.bank, session, words_to_text(words)).to_bytes()
     store.keep(session, purpose, digest, body)
     return body

@@ -36,7 +36,8 @@ def cached_rows(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, l
     if not ((cache / "fresh-X.npy").exists() and (cache / "train-X.npy").exists()):
         cache.mkdir(parents=True, exist_ok=True)
         fraction = FederationSettings().holdout_fraction
-        for root, out in ((args.work_dir / "banks", "train"), (args.work_dir / f"fresh-{args.fresh_rows}-1007/banks", "fresh")):
+        fresh = args.work_dir / f"fresh-{args.fresh_rows}-1007" / "banks"
+        for root, out in ((args.work_dir / "banks", "train"), (fresh, "fresh")):
             X, y = [], []
             for bank in BANKS:
                 names = json.loads((root / bank / "feature_contract.json").read_text())["names"]
@@ -57,7 +58,8 @@ def origins(count: int, rounds: int, weights: dict[str, float]) -> list[tuple[in
     return [(r, b, k) for r in range(1, rounds + 1) for b in BANKS for k in range(per_block)]
 
 
-def selection(spec: str, origin: list, weights: dict[str, float], strength: list[float]) -> tuple[list[int], dict[int, float]]:
+def selection(spec: str, origin: list, weights: dict[str, float], strength: list[float]
+              ) -> tuple[list[int], dict[int, float]]:
     """Kept tree indices and per-tree leaf scale for a ``--keep`` spec."""
     kind, _, arg = spec.partition(":")
     if kind == "all":
@@ -172,7 +174,7 @@ def main() -> None:
                     g, h = leaf_refit.gradients(base + C @ a, y, weight)
                     a -= np.linalg.solve((C * h[:, None]).T @ C + args.lam * np.eye(len(a)), C.T @ g)
                     trace.append(loss(base + C @ a))
-                for j, i in enumerate(kept):
+                for i in kept:
                     values[tree_of_leaf == i] *= a[blocks.index(key(i))]
             elif kind != "none":
                 raise SystemExit(f"unknown --refit {refit!r}")
@@ -190,7 +192,8 @@ def main() -> None:
                   f"train loss {trace[0]:.5f} -> {trace[-1]:.5f} (full {results['all']['train_loss']:.5f})",
                   file=sys.stderr, flush=True)
     speeds = interleaved_speeds(docs, Xf[:args.score_rows], names, args.repeats)
-    print("| model | trees | fresh AUPRC | vs all | training loss | scoring rows per CPU s | speed-up |\n|---|---|---|---|---|---|---|")
+    print("| model | trees | fresh AUPRC | vs all | training loss | scoring rows per CPU s | speed-up |\n"
+          "|---|---|---|---|---|---|---|")
     for label, row in results.items():
         row["rows_per_cpu_second"] = speeds[label]
         print(f"| {label} | {row['trees']} | {row['fresh_auprc']:.4f} | {row['fresh_auprc'] - full_auprc:+.4f} | "

@@ -3,10 +3,11 @@
 A model's leaves are numbered in one flat order (tree by tree, node id ascending within a tree), so a
 bank's sums and the aggregator's step agree on which leaf a number belongs to. A bank computes, on its
 own training rows, the gradient and hessian of the model's own objective (``binary:logistic`` with its
-``scale_pos_weight``) at the model's margin, summed per leaf (``leaf_sums``); the aggregator adds the
-banks' sums (masked: it sees the total only) and moves every leaf by ``-eta * G / (H + lambda)``
-(``newton_step``). Each row lies in one leaf of every tree, so a simultaneous step on all trees
-overshoots by up to the number of trees: ``eta`` is a fraction of ``1 / trees``.
+``scale_pos_weight``) at the model's margin, summed per leaf (``bank_node.masked_refit.leaf_sums``); the
+aggregator adds the banks' sums (masked: it sees the total only), checks them (``check_sums``) and moves
+every leaf by ``-eta * G / (H + lambda)`` (``newton_step``). Each row lies in one leaf of every tree, so
+a simultaneous step on all trees overshoots by up to the number of trees: ``eta`` is a fraction of
+``1 / trees``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import numpy as np
 
 from fedfraud import model_json
 from fedfraud.model_json import Doc
+
+
+REFIT_SLOT = 2**33  # + the step: a bank's mask label, above every evaluation, acceptance, grid, counts or
+# cross-evaluation slot
+FRAC_BITS = 24  # masked sums up to 2**33 in magnitude; a per-leaf sum is exact to ~6e-8
 
 
 class RefitError(ValueError):
@@ -81,20 +87,6 @@ def loss_sum(margin: np.ndarray, y: np.ndarray, weight: float) -> float:
     """The weighted logistic loss summed over rows (positives weigh ``weight``)."""
     w = np.where(y > 0, weight, 1.0)
     return float(np.sum(w * (np.logaddexp(0.0, margin) - y * margin)))
-
-
-def leaf_sums(doc: Doc, X: np.ndarray, y: np.ndarray, feature_names: list[str]
-              ) -> tuple[np.ndarray, np.ndarray, float]:
-    """A bank's per-leaf (gradient, hessian) sums of the model's loss on its rows ``X``, ``y``, and the loss summed."""
-    from bank_node.training import dmatrix  # the bank's own matrix builder (feature names checked there)
-
-    booster = model_json.to_booster(doc)
-    matrix = dmatrix(X, None, feature_names)
-    margin = booster.predict(matrix, output_margin=True).astype(np.float64)
-    flat = flat_leaves(doc, booster.predict(matrix, pred_leaf=True).reshape(len(X), -1))
-    labels, weight = np.asarray(y, dtype=np.float64), pos_weight(doc)
-    grad, hess = gradients(margin, labels, weight)
-    return (*sums(flat, grad, hess, leaf_count(doc)), loss_sum(margin, labels, weight))
 
 
 def check_sums(doc: Doc, G: np.ndarray, H: np.ndarray, rows: int) -> None:

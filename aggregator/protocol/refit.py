@@ -32,7 +32,6 @@ from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.registry import tracked_round
 from aggregator.protocol.secure_evaluation import relayed_offers
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
-from bank_node.masked_refit import FRAC_BITS
 from fedfraud import leaf_refit, model_json
 from fedfraud.model_guard import ModelRefused, rebuild_model
 from fedfraud.model_json import Doc
@@ -187,7 +186,7 @@ def decoded_sums(r: RoundState, state: dict, leaves: int) -> tuple[np.ndarray, n
             uploads.append(words_from_text(answer.words, 2 * leaves + 1))
         except SecureAggregationError as exc:
             raise WireFormatError(f"{bank}'s refit sums: {exc}") from None
-    values = decode(unmasked_sum(uploads), FRAC_BITS)
+    values = decode(unmasked_sum(uploads), leaf_refit.FRAC_BITS)
     return values[:leaves], values[leaves:2 * leaves], float(values[-1])
 
 

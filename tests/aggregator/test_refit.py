@@ -109,7 +109,7 @@ def test_the_refit_cuts_each_block_and_lowers_the_pooled_training_loss(tmp_path,
     # the aggregator never holds one bank's sums: each answer is uniformly random words
     stored = b"".join(p.read_bytes() for p in (tmp_path / "aggregator").rglob("*") if p.is_file())
     for bank in BANKS:
-        G, H, _ = leaf_refit.leaf_sums(cut, nodes[bank].data.X_train, nodes[bank].data.y_train, TOY_FEATURES)
+        G, H, _ = masked_refit.leaf_sums(cut, nodes[bank].data.X_train, nodes[bank].data.y_train, TOY_FEATURES)
         answer = MaskedRefitSums.from_bytes(
             (r.ws.round_dir(1) / "refit" / "step-0" / f"{bank}.answer.json").read_bytes())
         words = words_from_text(answer.words, 2 * len(G) + 1)
@@ -138,12 +138,12 @@ class Lying:
         return getattr(self.node, name)
 
     def refit_sums(self, task_bytes: bytes) -> bytes:
-        honest = leaf_refit.leaf_sums
-        leaf_refit.leaf_sums = lambda *a: self.tamper(*honest(*a))
+        honest = masked_refit.leaf_sums
+        masked_refit.leaf_sums = lambda *a: self.tamper(*honest(*a))
         try:
             return masked_refit.masked_refit_sums(self.node, task_bytes)
         finally:
-            leaf_refit.leaf_sums = honest
+            masked_refit.leaf_sums = honest
 
 
 def negative_hessian(G, H, loss):
