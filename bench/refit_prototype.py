@@ -30,6 +30,36 @@ from fedfraud.settings import FederationSettings
 BANKS = ["alpine", "baltic", "celtic", "danube", "elbe"]
 
 
+def holdout_halves(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """bench/compaction.py's split of every bank's holdout, pooled: the first halves (the holdout the phases
+    use) and the second halves (its test rows), cached."""
+    cache = args.cache
+    if not (cache / "test-X.npy").exists():
+        fraction, parts = FederationSettings().holdout_fraction, {"hold": ([], []), "test": ([], [])}
+        for bank in BANKS:
+            root = args.work_dir / "banks" / bank
+            names = json.loads((root / "feature_contract.json").read_text())["names"]
+            data = load_dataset(root / "features", names, fraction)
+            half = len(data.y_holdout) // 2
+            for part, rows in (("hold", slice(None, half)), ("test", slice(half, None))):
+                parts[part][0].append(data.X_holdout[rows])
+                parts[part][1].append(data.y_holdout[rows])
+        for part, (X, y) in parts.items():
+            np.save(cache / f"{part}-X.npy", np.concatenate(X))
+            np.save(cache / f"{part}-y.npy", np.concatenate(y))
+    return {part: (np.load(cache / f"{part}-X.npy"), np.load(cache / f"{part}-y.npy")) for part in ("hold", "test")}
+
+
+def paired_bootstrap(y: np.ndarray, scores: np.ndarray, reference: np.ndarray, draws: int) -> tuple[float, float]:
+    """Standard deviation and 2.5th percentile of AUPRC(scores) - AUPRC(reference) over resampled rows (seed 0)."""
+    rng, deltas = np.random.default_rng(0), []
+    for _ in range(draws):
+        rows = rng.integers(0, len(y), len(y))
+        ours, theirs = average_precision_score(y[rows], scores[rows]), average_precision_score(y[rows], reference[rows])
+        deltas.append(ours - theirs)
+    return float(np.std(deltas)), float(np.percentile(deltas, 2.5))
+
+
 def cached_rows(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Pooled training rows of the federation's banks and the fresh rows (bench/compaction_fresh.py's), cached."""
     cache = args.cache
@@ -93,8 +123,11 @@ def main() -> None:
     parser.add_argument("--score-rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--bootstrap", type=int, default=0, help="paired bootstrap draws on the fresh rows")
+    parser.add_argument("--models", default="", help="also score these federations' round-N models (bench-NAME)")
     args = parser.parse_args()
     X, y, Xf, yf, names = cached_rows(args)
+    halves = holdout_halves(args)
     fed = args.work_dir / "federations" / f"bench-{args.name}"
     doc = json.loads((fed / f"round-{args.round}" / "model.json").read_bytes())
     plan = json.loads((fed / "plan.json").read_text())
@@ -120,8 +153,26 @@ def main() -> None:
         return float(np.mean(-w * (y * np.log(p + 1e-15) + (1 - y) * np.log(1 - p + 1e-15))))
 
     results, docs = {}, {"all": doc}
-    full_auprc = float(average_precision_score(yf, booster.predict(dmatrix(Xf, None, names))))
+    full_scores = booster.predict(dmatrix(Xf, None, names))
+    full_auprc = float(average_precision_score(yf, full_scores))
     results["all"] = {"trees": len(forest), "fresh_auprc": full_auprc, "train_loss": loss(base + values0[flat].sum(1))}
+
+    def small_sets(model):
+        scored = model_json.to_booster(model)
+        return {part: float(average_precision_score(yy, scored.predict(dmatrix(XX, None, names))))
+                for part, (XX, yy) in halves.items()}
+
+    results["all"].update(small_sets(doc))
+    for name in filter(None, args.models.split(",")):
+        other = json.loads((args.work_dir / "federations" / f"bench-{name}" / f"round-{args.round}" / "model.json")
+                           .read_bytes())
+        scores = model_json.to_booster(other).predict(dmatrix(Xf, None, names))
+        docs[f"federation:{name}"] = other
+        results[f"federation:{name}"] = {"trees": len(model_json.trees(other)), "train_loss": float("nan"),
+                                         "fresh_auprc": float(average_precision_score(yf, scores)), **small_sets(other)}
+        if args.bootstrap:
+            sd, low = paired_bootstrap(yf, scores, full_scores, args.bootstrap)
+            results[f"federation:{name}"].update(bootstrap_sd=sd, bootstrap_p025=low)
     print(f"all: {len(forest)} trees, fresh AUPRC {full_auprc:.4f}", file=sys.stderr, flush=True)
     for keep in args.keep.split(","):
         kept, scales = selection(keep, origin, weights, strengths)
@@ -184,20 +235,26 @@ def main() -> None:
             kept_values = np.concatenate([values[offsets[i]:offsets[i + 1]] for i in kept])
             small = leaf_refit.newton_step(small, -kept_values + np.array(list(model_json.leaf_values(small))),
                                            np.zeros(len(kept_values)), 1.0, 1.0)
-            auprc = float(average_precision_score(yf, model_json.to_booster(small).predict(dmatrix(Xf, None, names))))
+            scores = model_json.to_booster(small).predict(dmatrix(Xf, None, names))
+            auprc = float(average_precision_score(yf, scores))
             docs[label] = small
             results[label] = {"trees": len(kept), "fresh_auprc": auprc, "train_loss": trace[-1],
-                              "loss_trace": trace, "refit_cpu_seconds": seconds}
+                              "loss_trace": trace, "refit_cpu_seconds": seconds, **small_sets(small)}
+            if args.bootstrap:
+                sd, low = paired_bootstrap(yf, scores, full_scores, args.bootstrap)
+                results[label].update(bootstrap_sd=sd, bootstrap_p025=low)
             print(f"{label}: {len(kept)} trees, fresh AUPRC {auprc:.4f} ({auprc - full_auprc:+.4f}), "
                   f"train loss {trace[0]:.5f} -> {trace[-1]:.5f} (full {results['all']['train_loss']:.5f})",
                   file=sys.stderr, flush=True)
     speeds = interleaved_speeds(docs, Xf[:args.score_rows], names, args.repeats)
-    print("| model | trees | fresh AUPRC | vs all | training loss | scoring rows per CPU s | speed-up |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| model | trees | fresh AUPRC | vs all (bootstrap sd) | holdout AUPRC | test AUPRC | training loss | "
+          "scoring rows per CPU s | speed-up |\n|---|---|---|---|---|---|---|---|---|")
     for label, row in results.items():
         row["rows_per_cpu_second"] = speeds[label]
-        print(f"| {label} | {row['trees']} | {row['fresh_auprc']:.4f} | {row['fresh_auprc'] - full_auprc:+.4f} | "
-              f"{row['train_loss']:.5f} | {speeds[label]:,.0f} | {speeds[label] / speeds['all']:.2f}x |")
+        sd = f" ({row['bootstrap_sd']:.4f})" if "bootstrap_sd" in row else ""
+        print(f"| {label} | {row['trees']} | {row['fresh_auprc']:.4f} | {row['fresh_auprc'] - full_auprc:+.4f}{sd} | "
+              f"{row['hold']:.4f} | {row['test']:.4f} | {row['train_loss']:.5f} | {speeds[label]:,.0f} | "
+              f"{speeds[label] / speeds['all']:.2f}x |")
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
 
