@@ -213,6 +213,8 @@ class Agent:
             return node.offer(data)
         if kind == TaskKind.COUNTS:  # planning: label counts as masked words
             return node.masked_counts(data)
+        if kind == TaskKind.REFIT:  # compaction's leaf refit: per-leaf loss sums as masked words
+            return node.refit_sums(data)
         if kind in TaskKind.EVALUATIONS:  # histograms masked, metrics only if shared
             return node.evaluate_masked(data)
         if kind in TaskKind.SCORES:  # cross-evaluation and acceptance: reports only

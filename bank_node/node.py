@@ -200,6 +200,12 @@ class BankNode:
 
         return masked_counts(self, task_bytes)
 
+    def refit_sums(self, task_bytes: bytes) -> bytes:
+        """Compaction's leaf refit: the task model's per-leaf loss sums on the training rows, as masked words."""
+        from bank_node.masked_refit import masked_refit_sums
+
+        return masked_refit_sums(self, task_bytes)
+
     def evaluate_masked(self, task_bytes: bytes) -> bytes:
         """The round's evaluation: histograms as masked words, metrics only if ``share_metrics``."""
         from bank_node.masked_evaluation import evaluate_masked

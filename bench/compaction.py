@@ -187,6 +187,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=FederationSettings.compaction_steps, help="drop sizes per round")
     parser.add_argument("--per-round", action="store_true", help="the tolerance bounds each round's loss "
                         "(compaction_budget off: the losses add up over rounds), not the federation's")
+    parser.add_argument("--refit", action="store_true", help="leaf refit (compaction_refit) in the last round "
+                        "(or every --refit-every rounds): each bank block keeps --refit-keep of its trees")
+    parser.add_argument("--no-drop", action="store_true", help="no drop ladder (compaction off): the refit alone")
+    parser.add_argument("--refit-every", type=int, help="default: --rounds")
+    parser.add_argument("--refit-keep", type=float, default=FederationSettings.compaction_refit_keep)
+    parser.add_argument("--refit-steps", type=int, default=FederationSettings.compaction_refit_steps)
+    parser.add_argument("--refit-eta", type=float, default=FederationSettings.compaction_refit_eta)
     parser.add_argument("--report", action="store_true", help="print the table from both results files")
     parser.add_argument("--name", default="with", help="the compacted federation's name (bench-NAME)")
     parser.add_argument("--only", choices=("compacted", "without"),
@@ -199,11 +206,17 @@ def main() -> None:
         report_at_round(args, args.at_round)
         return
     plain = FederationSettings()
-    settings = {"without": plain, args.name: dataclasses.replace(plain, compaction=True,
+    settings = {"without": plain, args.name: dataclasses.replace(plain, compaction=not args.no_drop,
                                                                    compaction_tolerance=args.tolerance,
                                                                    compaction_new_trees=args.new_trees,
                                                                    compaction_budget=not args.per_round,
-                                                                   compaction_steps=args.steps)}
+                                                                   compaction_steps=args.steps,
+                                                                   compaction_refit=args.refit,
+                                                                   compaction_refit_every=args.refit_every
+                                                                   or args.rounds,
+                                                                   compaction_refit_keep=args.refit_keep,
+                                                                   compaction_refit_steps=args.refit_steps,
+                                                                   compaction_refit_eta=args.refit_eta)}
     same = {"rows": args.rows, "banks": args.banks, "rounds": args.rounds, "seed": args.seed}
     done = {name: args.work_dir / f"results-{name}.json" for name in settings}
     if not args.report:

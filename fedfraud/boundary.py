@@ -123,7 +123,7 @@ ANSWERS = {
     TaskKind.LOCAL_MODEL: "update", TaskKind.KEYS: "key offer", TaskKind.EVALUATE: "masked evaluation",
     TaskKind.EVALUATE_CHAMPION: "masked evaluation", TaskKind.CROSSVAL: ("masked score answer", "evaluation reports"),
     TaskKind.ACCEPT: ("masked score answer", "evaluation reports"), TaskKind.BIN_COUNTS: "masked grid counts",
-    TaskKind.COUNTS: "masked counts",
+    TaskKind.COUNTS: "masked counts", TaskKind.REFIT: "masked counts",  # refit: the same fields, longer words
 }
 
 

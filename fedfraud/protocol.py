@@ -21,8 +21,9 @@ class TaskKind:
     ACCEPT = "accept"  # acceptance: score a stage's candidate with and without each bank's update
     KEYS = "keys"  # secure aggregation: a signed ephemeral key offer for one session (``fedfraud.secagg.keys``)
     COUNTS = "counts"  # planning: the bank's label counts as pairwise-masked words (``wire.MaskedCounts``)
+    REFIT = "refit"  # compaction's leaf refit: per-leaf loss sums as pairwise-masked words (``wire.MaskedRefitSums``)
     ALL = (SUMMARY, TRAIN, EVALUATE, EVALUATE_CHAMPION, BIN_COUNTS, HISTOGRAM, LOCAL_MODEL, CROSSVAL, ACCEPT, KEYS,
-           COUNTS)
+           COUNTS, REFIT)
     UPDATES = (TRAIN, HISTOGRAM, LOCAL_MODEL)  # answered with a model update
     EVALUATIONS = (EVALUATE, EVALUATE_CHAMPION)  # answered with a masked evaluation (``wire.MaskedEvaluation``)
     SCORES = (CROSSVAL, ACCEPT)  # answered with a score answer (``fedfraud.crosscheck``)

@@ -58,6 +58,16 @@ class FederationSettings:
     # compaction_tolerance is a budget for the whole federation: a round may lose what earlier rounds left
     # of it (their positive losses add up), so losses cannot accumulate beyond it; off: per round (they can)
     compaction_budget: bool = True
+    # Leaf refit (aggregator/protocol/refit.py; bagging): in every round that is a multiple of
+    # compaction_refit_every, each bank's block of trees keeps its first compaction_refit_keep share and every
+    # kept leaf is refitted by compaction_refit_steps damped Newton steps (-eta/trees * G / (H + lambda)) on the
+    # banks' per-leaf loss sums, masked (README "Compaction"). Off unless chosen; independent of ``compaction``.
+    compaction_refit: bool = False
+    compaction_refit_every: int = 10
+    compaction_refit_keep: float = 0.5
+    compaction_refit_steps: int = 16
+    compaction_refit_eta: float = 1.0
+    compaction_refit_lambda: float = 1.0
 
     def __post_init__(self) -> None:
         for name in SWITCHES:
@@ -76,18 +86,29 @@ class FederationSettings:
             raise ValueError(f"compaction_steps must be an integer in 1..32, not {self.compaction_steps!r}")
         if not (_number_in(self.compaction_max_fraction, 0, 2) and 0 < self.compaction_max_fraction <= 1):
             raise ValueError(f"compaction_max_fraction must be in (0, 1], not {self.compaction_max_fraction!r}")
+        for name, low, high in (("compaction_refit_every", 1, 10_001), ("compaction_refit_steps", 1, 257)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and _number_in(value, low, high)):
+                raise ValueError(f"{name} must be an integer in {low}..{high - 1}, not {value!r}")
+        if not (_number_in(self.compaction_refit_keep, 0, 2) and 0 < self.compaction_refit_keep <= 1):
+            raise ValueError(f"compaction_refit_keep must be in (0, 1], not {self.compaction_refit_keep!r}")
+        if not (_number_in(self.compaction_refit_eta, 0, 11) and self.compaction_refit_eta > 0):
+            raise ValueError(f"compaction_refit_eta must be in (0, 10], not {self.compaction_refit_eta!r}")
+        if not (_number_in(self.compaction_refit_lambda, 0, 1e6) and self.compaction_refit_lambda > 0):
+            raise ValueError(f"compaction_refit_lambda must be in (0, 1e6), not {self.compaction_refit_lambda!r}")
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)
 
 
 SWITCHES = ("acceptance", "acceptance_masked", "crossval", "crossval_masked", "crossval_require_model",
-            "champion_gate", "compaction", "compaction_new_trees", "compaction_budget")
+            "champion_gate", "compaction", "compaction_new_trees", "compaction_budget", "compaction_refit")
 # What one federation may choose (a service request, a DAG run); every other setting is the consortium's default.
 REQUEST_OPTIONS = ("crossval", "crossval_masked", "champion_gate", "acceptance", "acceptance_masked",
                    "acceptance_delta", "acceptance_z", "acceptance_delta_floor", "compaction", "compaction_tolerance",
                    "compaction_steps", "compaction_max_fraction", "compaction_new_trees",
-                   "compaction_budget")
+                   "compaction_budget", "compaction_refit", "compaction_refit_every", "compaction_refit_keep",
+                   "compaction_refit_steps", "compaction_refit_eta", "compaction_refit_lambda")
 
 
 def requested_settings(trees_per_round: int, min_banks: int, options: dict[str, Any]) -> FederationSettings:

@@ -215,6 +215,36 @@ class MaskedCountsTask(WireMessage):
 
 
 @dataclass(frozen=True)
+class RefitTask(WireMessage):
+    """Leaf refit (bagging compaction): this bank's per-leaf gradient and hessian sums of ``model`` on its
+    training rows (``fedfraud.leaf_refit``), masked for ``session`` at step ``step`` of the refit."""
+
+    KIND: ClassVar[str] = "refit task"
+    MAX_BYTES: ClassVar[int] = 4 * DEFAULT_MAX_UPDATE_BYTES
+
+    round_id: int
+    step: int
+    session: str
+    banks: list[str]
+    offers: dict[str, Any] = field(repr=False)
+    model: Doc = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MaskedRefitSums(WireMessage):
+    """A bank's per-leaf gradient sums, hessian sums (flat leaf order), then its training loss summed, as
+    pairwise-masked uint64 words (base64): uniformly random alone, only the sum over the session's banks
+    decodes. Same fields as ``MaskedCounts`` (the boundary declares both as ``masked counts``)."""
+
+    KIND: ClassVar[str] = "masked refit sums"
+    MAX_BYTES: ClassVar[int] = 16 * 1024 * 1024
+
+    bank: str
+    session: str
+    words: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class MaskedCounts(WireMessage):
     """A bank's label counts (``MASKED_COUNTS``, in that order) as pairwise-masked uint64 words (base64,
     little-endian): uniformly random alone, only the sum over the session's banks decodes."""

@@ -104,6 +104,8 @@ class EmbeddedTasks:
                 except PhaseRerun as rerun:  # the gate's second question: the nodes are in this worker
                     phases.finish_stage(r, {b: self.node(b) for b in r.plan.banks}, rerun.phase)
                     stage_done = True
+        phases.run_refit(r, {b: self.node(b) for b in r.plan.banks})  # nothing outside a refit round
+        phases.run_aggregator_phases(r, after="refit")  # the masked evaluation's session
         keys = phases.bank_phase("keys")
         keys.run(r, {b: self.node(b) for b in keys.banks(r)})
         phases.run_aggregator_phases(r, after="keys")

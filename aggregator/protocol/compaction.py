@@ -49,7 +49,9 @@ def answer_path(r: RoundState, bank: str) -> Path:
 
 
 def applies(r: RoundState) -> bool:
-    return r.plan.settings.compaction and r.plan.strategy == StrategyName.BAGGING
+    """Compaction's record and provenance are kept (the leaf refit cuts blocks by provenance)."""
+    s = r.plan.settings
+    return (s.compaction or s.compaction_refit) and r.plan.strategy == StrategyName.BAGGING
 
 
 def _accepted(r: RoundState) -> list[ModelUpdate]:
@@ -78,7 +80,8 @@ def propose(r: RoundState) -> None:
     base = r.ws.working_model(r.round_id)
     droppable = len(model_json.trees(base)) if base is not None else 0
     s = r.plan.settings
-    if not applies(r) or droppable == 0 and not s.compaction_new_trees or not training.checks(r)["stage_accepted"]:
+    if (not applies(r) or not s.compaction or droppable == 0 and not s.compaction_new_trees
+            or not training.checks(r)["stage_accepted"]):
         return
     updates = _accepted(r)
     candidate = r.strategy.aggregate(base, updates, r.plan.banks)

@@ -18,7 +18,7 @@ import shutil
 from typing import Any
 
 from aggregator.protocol import acceptance, registry, training
-from aggregator.protocol import compaction, secure_acceptance
+from aggregator.protocol import compaction, refit, secure_acceptance
 from aggregator.protocol import secure_evaluation as secure
 from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.plan import Plan, make_plan
@@ -43,6 +43,12 @@ ROUND: tuple[Phase, ...] = (
     Phase("aggregate", AGGREGATOR, training.aggregate, per_stage=True),
     Phase("compact", AGGREGATOR, compaction.compact),
     Phase("candidate", AGGREGATOR, training.publish_candidate),
+    Phase("refit_session", AGGREGATOR, refit.open_session),
+    Phase("refit_keys", BANK, refit.keys, banks=refit.keys_banks, exchanges=refit.keys_exchanges,
+          state="refit_keys"),
+    Phase("refit_relay", AGGREGATOR, refit.relay),
+    Phase("refit", BANK, refit.refit, banks=refit.refit_banks, exchanges=refit.refit_exchanges, state="refitting"),
+    Phase("refit_step", AGGREGATOR, refit.step),
     Phase("session", AGGREGATOR, secure.open_session),
     Phase("keys", BANK, secure.keys, banks=secure.keys_banks, exchanges=secure.keys_exchanges, state="exchanging_keys"),
     Phase("relay", AGGREGATOR, secure.relay),
@@ -140,6 +146,13 @@ def train_in_process(r: RoundState, nodes: dict[str, Node]) -> Any:
             break
         result = phase.run(r)
     return result
+
+
+def run_refit(r: RoundState, nodes: dict[str, Node]) -> None:
+    """The leaf refit's phases after ``refit_session`` (keys, relay, its steps), in process (a driver whose
+    every bank node is at hand: Airflow's embedded aggregate task)."""
+    names = [p.name for p in ROUND]
+    _run_with_reruns(r, nodes, ROUND[names.index("refit_keys"):names.index("session")], 0)
 
 
 def run_round(r: RoundState, nodes: dict[str, Node]) -> Any:

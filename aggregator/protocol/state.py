@@ -125,6 +125,7 @@ def node_call(node: Node, kind: str) -> Callable[[bytes], bytes]:
     """The node method that answers a task ``kind`` (a driver's bank task, or in process)."""
     calls = {TaskKind.TRAIN: "train", TaskKind.EVALUATE: "evaluate_masked", TaskKind.EVALUATE_CHAMPION:
              "evaluate_masked", TaskKind.ACCEPT: "score", TaskKind.KEYS: "offer", TaskKind.COUNTS: "masked_counts",
+             TaskKind.REFIT: "refit_sums",
              TaskKind.LOCAL_MODEL: "local_model", TaskKind.CROSSVAL: "score"}
     return getattr(node, calls[kind])
 

@@ -15,7 +15,9 @@ from fedfraud.binning import BinCounts
 from fedfraud.grid_counts import MaskedGridCounts
 from fedfraud.crosscheck import MaskedScoreAnswer, ScoreAnswer
 from fedfraud.protocol import TaskKind
-from fedfraud.wire import MaskedCounts, MaskedEvaluation, ModelUpdate, SessionOffer, WireFormatError, loads_strict
+from fedfraud.wire import (
+    MaskedCounts, MaskedEvaluation, MaskedRefitSums, ModelUpdate, SessionOffer, WireFormatError, loads_strict,
+)
 
 MAX_SUMMARY_BYTES = 64 * 1024
 MAX_FAILURE_BYTES = 16 * 1024
@@ -38,7 +40,8 @@ def limit_for(kind: str, max_update_bytes: int) -> int:
               TaskKind.EVALUATE_CHAMPION: MaskedEvaluation.MAX_BYTES,
               TaskKind.BIN_COUNTS: max(BinCounts.MAX_BYTES, MaskedGridCounts.MAX_BYTES),
               TaskKind.ACCEPT: ScoreAnswer.MAX_BYTES, TaskKind.CROSSVAL: ScoreAnswer.MAX_BYTES,
-              TaskKind.KEYS: SessionOffer.MAX_BYTES, TaskKind.COUNTS: MaskedCounts.MAX_BYTES}
+              TaskKind.KEYS: SessionOffer.MAX_BYTES, TaskKind.COUNTS: MaskedCounts.MAX_BYTES,
+              TaskKind.REFIT: MaskedRefitSums.MAX_BYTES}
     return limits.get(kind, max_update_bytes)
 
 
@@ -71,6 +74,8 @@ def _parse(kind: str, body: bytes) -> tuple[str, int | None]:
         return SessionOffer.from_bytes(body).bank, None
     if kind == TaskKind.COUNTS:  # planning: masked words; the tally checks session and words
         return MaskedCounts.from_bytes(body).bank, None
+    if kind == TaskKind.REFIT:  # leaf refit: masked words; the step checks session, words and the decoded sums
+        return MaskedRefitSums.from_bytes(body).bank, None
     if kind == TaskKind.BIN_COUNTS:  # masked words (the default); sparse clear counts from a bank that allows them
         masked = b'"words"' in body
         return (MaskedGridCounts if masked else BinCounts).from_bytes(body).bank, None
