@@ -73,9 +73,10 @@ class NetworkedTasks:
         return self._bank_answer(round_id, bank, TaskKind.ACCEPT)
 
     def aggregate_round(self, round_id: int) -> list[str]:
-        """The service gates and aggregates when every bank has scored the candidate or at the deadline, then
-        relays the banks' key offers; the banks asked for a masked evaluation."""
-        waiting = (bank_phase("train").state, bank_phase("accept").state, bank_phase("keys").state)
+        """The service gates and aggregates when every bank has scored the candidate or at the deadline (then the
+        leaf refit's steps, when it is on), then relays the banks' key offers; the banks asked for a masked
+        evaluation."""
+        waiting = tuple(bank_phase(name).state for name in ("train", "accept", "refit_keys", "refit", "keys"))
         status = self._round_state(round_id, lambda s: s["state"] not in waiting, f"round {round_id}'s aggregation")
         return sorted(b for b, kinds in status["tasks"].items() if TaskKind.EVALUATE in kinds)
 
