@@ -95,6 +95,19 @@ def with_toy_data(node, X, y):
     return node
 
 
+def masked_toy_nodes(data: dict, root, banks: list[str], **node_options) -> dict:
+    """A ``BankNode`` per bank on its toy rows, each with the consortium's masking credentials (issued under
+    ``root/pki``); ``node_options(bank)`` values that are callables are asked per bank."""
+    from aggregator.drivers.embedded import embedded_credentials
+    from bank_node.node import BankNode
+
+    credentials = embedded_credentials(root / "pki", banks)
+    return {bank: with_toy_data(BankNode(bank, root / bank, root / "banks" / bank, config=None,
+                                         secagg=credentials[bank],
+                                         **{k: v(bank) if callable(v) else v for k, v in node_options.items()}),
+                                *data[bank]) for bank in banks}
+
+
 def toy_counts(nodes, banks) -> dict:
     """What each toy bank's summary would declare (row counts only), as a plan records it."""
     return {b: {"train_rows": len(nodes[b].data.y_train), "holdout_rows": len(nodes[b].data.y_holdout)}

@@ -10,16 +10,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TOY_FEATURES, four_toy_banks, toy_counts, toy_label_sums, with_toy_data
+from conftest import TOY_FEATURES, four_toy_banks, masked_toy_nodes, toy_counts, toy_label_sums
 
-from aggregator.drivers.embedded import embedded_credentials
 from aggregator.protocol import refit
 from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
 from aggregator.protocol.workspace import Workspace
 from bank_node import masked_refit
-from bank_node.node import BankNode
 from bank_node.training import dmatrix
 from fedfraud import leaf_refit, model_json
 from fedfraud.model_guard import ModelLimits, consortium_header, rebuild_model
@@ -41,9 +39,7 @@ def data(toy_banks):
 
 @pytest.fixture
 def nodes(data, tmp_path):
-    credentials = embedded_credentials(tmp_path / "pki", BANKS)
-    return {bank: with_toy_data(BankNode(bank, tmp_path / bank, tmp_path / "banks" / bank, config=None,
-                                         secagg=credentials[bank]), *data[bank]) for bank in BANKS}
+    return masked_toy_nodes(data, tmp_path, BANKS)
 
 
 def bagged(nodes) -> tuple[dict, list]:

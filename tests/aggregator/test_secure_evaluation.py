@@ -10,9 +10,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TOY_FEATURES, four_toy_banks, toy_counts, toy_label_sums, with_toy_data
+from conftest import TOY_FEATURES, four_toy_banks, masked_toy_nodes, toy_counts, toy_label_sums
 
-from aggregator.drivers.embedded import embedded_credentials
 from aggregator.protocol import secure_evaluation as secure
 from aggregator.protocol.errors import PhaseRerun, RoundFailed
 from aggregator.protocol.plan import Plan
@@ -38,10 +37,7 @@ def data(toy_banks):
 
 @pytest.fixture
 def nodes(data, tmp_path):
-    credentials = embedded_credentials(tmp_path / "pki", BANKS)
-    return {bank: with_toy_data(BankNode(bank, tmp_path / bank, tmp_path / "banks" / bank, config=None,
-                                         secagg=credentials[bank], share_metrics=bank == "alpha"), *data[bank])
-            for bank in BANKS}
+    return masked_toy_nodes(data, tmp_path, BANKS, share_metrics=lambda bank: bank == "alpha")
 
 
 def model(node: BankNode) -> dict:
