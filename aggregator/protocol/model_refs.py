@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Callable
 
 from fedfraud import model_json, model_refs
 from fedfraud.model_refs import BASE_UNKNOWN, ModelReferenceRefused, canonical, content_hash
+from fedfraud.crosscheck import ScoreQuestion
 from fedfraud.protocol import StrategyName, TaskKind
+from fedfraud.wire import TrainTask
 from pipelines.io import write_bytes
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ log = logging.getLogger("fedfraud.rounds")
 ENABLED = True  # False: every message in full (the tests' baseline)
 KINDS = (TaskKind.TRAIN, TaskKind.ACCEPT)
 HELD_PER_BANK = 3  # fewer than a bank keeps (``bank_node.model_cache.KEPT_MODELS``)
-MAX_ENVELOPE_BYTES = 4 * 32 * 1024 * 1024  # a task's or question's bound (``TrainTask.MAX_BYTES``)
+MAX_ENVELOPE_BYTES = max(TrainTask.MAX_BYTES, ScoreQuestion.MAX_BYTES)  # what the bank rebuilds is bound so
 _lock = threading.Lock()
 
 
