@@ -49,7 +49,3 @@ class KeptStrategies:
             keys = list(self._kept)
         for key in keys:
             self.release(key)
-
-    def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self._kept
