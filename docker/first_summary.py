@@ -1,5 +1,6 @@
 """A bank node's first summary, timed inside its container: Spark start, the validation gate (and the
-GX suite within it), the feature build, as the agent runs them for its first `summary` task.
+GX suite within it), the feature build, as the agent runs them for its first `summary` task
+(``pipelines.build``: one job writes the valid rows with their features).
 
     docker run --rm --read-only --tmpfs /tmp:exec -v RAW:/data/raw:ro -v WORK:/var/lib/fedfraud \\
         -v "$PWD/docker/first_summary.py:/opt/first_summary.py:ro" fedfraud-bank-node:local \\
@@ -56,11 +57,12 @@ def main(raw: str, out: str) -> None:
     validation.run_suite = lambda *a, **k: clock.stage("  GX contract suite", lambda: suite(*a, **k))
     config = load_config()
     spark = clock.stage("spark session", lambda: get_spark("fedfraud-first-summary"))
-    report = clock.stage("validation gate (incl. GX)", lambda: validation.validate(
-        spark, raw, Path(out) / VALIDATION_DIR, config))
-    valid = spark.read.parquet(str(Path(out) / VALIDATION_DIR / validation.VALID_DIR))
-    clock.stage("features (build + write)", lambda: write_parquet(build_features(valid, config.features),
-                                                                  Path(out) / FEATURES_DIR))
+    features = Path(out) / FEATURES_DIR  # what build_bank_features runs, one stage at a time
+    with clock.stage("gate plan (ids, footers)", lambda: validation.Gate(
+            spark, raw, Path(out) / VALIDATION_DIR, config)) as gate:
+        clock.stage("valid rows + features (1 job)", lambda: write_parquet(
+            build_features(gate.valid, config.features, keep=tuple(gate.valid.columns)), features))
+        report = clock.stage("quarantine, counts, GX", lambda: gate.finish(features))
     total = (time.monotonic() - start_wall, cpu_seconds() - start_cpu)
     print(f"{'total (gate + features)':28} wall {total[0]:7.1f}s  cpu {total[1]:7.1f}s")
     conf = {k: spark.conf.get(k) for k in ("spark.master", "spark.driver.memory", "spark.sql.shuffle.partitions")}

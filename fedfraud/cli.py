@@ -74,10 +74,10 @@ def validate(
 @app.command()
 def features(
     input_path: Path = typer.Option(..., "--input", help="Parquet file or directory, or CSV with a header."),
-    out_dir: Path = typer.Option(..., "--out", help="Writes validation/, features/, feature_contract.json here."),
+    out_dir: Path = typer.Option(..., "--out", help="Writes validation/, features/, feature_contract.json."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Validate, then build point-in-time features and the feature contract."""
+    """Validate and build point-in-time features in one job (features/ holds the valid rows too); the contract."""
     from pipelines.build import build_bank_features
     from pipelines.config import load_config
     from pipelines.spark import get_spark

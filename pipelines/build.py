@@ -1,4 +1,11 @@
-"""The bank-side data path as one call: raw input -> validation gate -> features + contract."""
+"""The bank-side data path as one call: raw input -> validation gate -> features + contract.
+
+One Spark job reads the input, splits it (the gate's rules) and writes the valid rows with their
+features as one dataset, ``features/``: the keys and label, every valid column as the gate let it
+through, then the contract's feature columns. There is no separate ``valid/`` copy to write and
+read back: the gate reconciles its row counts against ``features/`` and runs the GX suite on the
+valid columns as written there. ``fedfraud validate`` (the gate alone) still writes ``valid/``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from pipelines.config import PipelineConfig
 from pipelines.feature_contract import feature_contract
 from pipelines.features import build_features
 from pipelines.io import write_json, write_parquet
-from pipelines.validation import VALID_DIR, validate
+from pipelines.validation import Gate
 
 VALIDATION_DIR, FEATURES_DIR, CONTRACT_FILE = "validation", "features", "feature_contract.json"
 
@@ -24,14 +31,15 @@ def build_bank_features(
     config: PipelineConfig,
     as_of: datetime | None = None,
 ) -> dict[str, Any]:
-    """Validate ``input_path`` into ``out_dir/validation`` then write ``out_dir/features`` and the contract.
+    """Gate ``input_path`` (quarantine, report and Data Docs in ``out_dir/validation``) and write its valid
+    rows with their features to ``out_dir/features`` in one job, then the contract.
 
     Returns the validation report with the feature contract and features path added.
     """
     out = Path(out_dir)
-    report = validate(spark, input_path, out / VALIDATION_DIR, config, as_of=as_of)
-    valid = spark.read.parquet(str(out / VALIDATION_DIR / VALID_DIR))
-    write_parquet(build_features(valid, config.features), out / FEATURES_DIR)
+    with Gate(spark, input_path, out / VALIDATION_DIR, config, as_of) as gate:
+        write_parquet(build_features(gate.valid, config.features, keep=tuple(gate.valid.columns)), out / FEATURES_DIR)
+        report = gate.finish(out / FEATURES_DIR)
     contract = feature_contract(config.features)
     write_json(contract, out / CONTRACT_FILE)
     return {**report, "features_path": str(out / FEATURES_DIR), "feature_contract_hash": contract["hash"]}

@@ -98,20 +98,23 @@ CARRIED = (*KEYS, LABEL, "amount_base", "log_amount_base", "is_small_amount", "c
            "device_id")
 
 
-def build_features(validated: DataFrame, cfg: FeatureConfig) -> DataFrame:
-    """Validated transactions -> keys, label and the ordered feature columns (types: ``feature_types``).
+def build_features(validated: DataFrame, cfg: FeatureConfig, keep: tuple[str, ...] = ()) -> DataFrame:
+    """Validated transactions -> keys, label, the ``keep`` columns as they are, then the ordered feature
+    columns (types: ``feature_types``).
 
     One shuffle by account and one sort by (account, time, id); the history features come from
     ``history_pass`` on each sorted partition, the row features from Spark expressions after it.
     """
     types = feature_types(cfg)
+    kept = tuple(c for c in keep if c not in (*KEYS, LABEL))
+    carried = (*CARRIED, *(c for c in kept if c not in CARRIED))
     inputs = validated.transform(with_base_amount, cfg).transform(with_event_order)
-    inputs = inputs.select(*CARRIED, MICROS, "merchant_id", "country")
+    inputs = inputs.select(*carried, MICROS, *(c for c in ("merchant_id", "country") if c not in carried))
     ordered = inputs.repartition("account_id").sortWithinPartitions("account_id", MICROS, "transaction_id")
-    windowed = history_pass(ordered, CARRIED, MICROS, FIRST_USE_COLUMNS, cfg.windows_seconds,
+    windowed = history_pass(ordered, carried, MICROS, FIRST_USE_COLUMNS, cfg.windows_seconds,
                             cfg.burst_window_seconds, types)
     windowed = windowed.withColumn("small_burst", F.col("small_count_burst") >= cfg.burst_min_count)
     features = row_features(cfg)
-    columns = [F.col(k) for k in KEYS] + [F.col(LABEL)]
+    columns = [F.col(k) for k in (*KEYS, LABEL, *kept)]
     columns += [(features.get(name, F.col(name))).cast(dtype).alias(name) for name, dtype in types.items()]
     return windowed.select(*columns)

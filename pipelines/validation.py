@@ -113,6 +113,104 @@ def shareable_reasons(reasons: list[str]) -> list[str]:
     return shared
 
 
+class Gate:
+    """One gate run in two steps, so that its valid rows can be written alone or inside a wider dataset.
+
+    Building it plans the split (lazy ``valid`` rows, observed while written); the caller writes
+    ``valid`` (or a DataFrame built from it, one job) to a directory, then ``finish(valid_at)``
+    writes the quarantine, reconciles every row, runs the GX suite on the written valid rows and
+    writes the report. Use it as a context manager: it releases the repeated ids it holds.
+    """
+
+    def __init__(self, spark: SparkSession, input_path: str | Path, out_dir: str | Path, config: PipelineConfig,
+                 as_of: datetime | None = None):
+        self.spark, self.input_path, self.out, self.config = spark, input_path, Path(out_dir), config
+        self.as_of = _utc_naive(as_of)
+        known = sorted(config.features.rates_to_base)
+        raw, self.fmt = read_input(spark, input_path)
+        conformed = conform(raw, self.fmt)
+        self.checks = contract_checks(known, self.as_of)
+        self.reasons = all_reasons(conformed, known, self.as_of)
+        self.input_rows = raw.count()  # Parquet: read from the footers
+        self._repeated = repeated_ids(conformed).persist()  # a pass over the id column alone; small
+        try:
+            repeated_count, self.repeated_rows = self._repeated.agg(
+                F.count(F.lit(1)), F.coalesce(F.sum("copies"), F.lit(0))).first()
+        except BaseException:
+            self._repeated.unpersist()
+            raise
+        ruled = rule_reasons(conformed, known, self.as_of)
+        tagged = mark_duplicates(ruled, self._repeated) if repeated_count else ruled
+        self.seen = {"valid": Observation("valid"), "quarantine": Observation("quarantine")}
+        self.valid, self._quarantine = split_rows(tagged, self.seen, self.reasons, self.checks)
+
+    def __enter__(self) -> "Gate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._repeated.unpersist()
+
+    def finish(self, valid_at: str | Path) -> dict[str, Any]:
+        """After ``valid`` was written at ``valid_at`` (its columns, perhaps among others): the quarantine,
+        the row reconciliation, the GX suite on the written valid rows, ``report.json``. On any
+        inconsistency every output is removed and ``GateError`` names the problem."""
+        out, valid_at = self.out, Path(valid_at)
+        stats = self.seen["valid"].get
+        counted = [check_key(e) for e, c in self.checks if c is not None]
+        if stats["rows"] == self.input_rows:  # every row is valid: no second pass for an empty quarantine
+            write_parquet(self._quarantine.limit(0), out / QUARANTINE_DIR)
+            quarantined = {"rows": 0} | {k: 0 for k in counted} | {f"reason:{r}": 0 for r in self.reasons}
+        else:
+            write_parquet(self._quarantine, out / QUARANTINE_DIR)
+            quarantined = self.seen["quarantine"].get
+
+        def discard(problem: str) -> GateError:
+            shutil.rmtree(valid_at, ignore_errors=True)
+            shutil.rmtree(out / QUARANTINE_DIR, ignore_errors=True)
+            return GateError(problem)
+
+        per_reason = {r: quarantined[f"reason:{r}"] for r in self.reasons}
+        # Reconcile what was written (the Parquet footers' row counts) with the input, per side.
+        valid_rows, quarantined_rows = parquet_rows(valid_at), parquet_rows(out / QUARANTINE_DIR)
+        if valid_rows != stats["rows"] or quarantined_rows != quarantined["rows"] or (
+            valid_rows + quarantined_rows != self.input_rows or sum(per_reason.values()) != quarantined_rows
+        ):
+            raise discard(f"rows lost: input {self.input_rows} != valid {valid_rows} + quarantined {quarantined_rows}")
+        written_valid = self.spark.read.parquet(str(valid_at)).select(*COLUMN_NAMES)
+        on_valid = run_suite(written_valid, [e for e, _ in self.checks], out, "valid")
+        if not on_valid.success:
+            raise discard(f"rows the gate let through break the contract suite: {on_valid.failures}")
+
+        # The suite passed on every valid row, so what the input broke is what the quarantine holds.
+        input_failures = {key: quarantined[key] for key in counted}
+        input_failures[UNIQUE_ID] = int(self.repeated_rows)
+        decline = training_decision(stats["labelled"], stats["fraud"], self.config.validation)
+        report = {
+            "input": str(self.input_path),
+            "input_format": self.fmt,
+            "as_of": self.as_of.isoformat() + "Z",
+            "input_rows": self.input_rows,
+            "valid_rows": valid_rows,
+            "valid_path": str(valid_at),
+            "quarantined_rows": quarantined_rows,
+            "quarantine_reasons": per_reason,
+            "labelled_rows": stats["labelled"],
+            "fraud_rows": int(stats["fraud"]),
+            "fraud_rate": (stats["fraud"] / stats["labelled"]) if stats["labelled"] else None,
+            "event_time_min": stats["first"].isoformat() + "Z" if stats["first"] else None,
+            "event_time_max": stats["last"].isoformat() + "Z" if stats["last"] else None,
+            "training_allowed": not decline,
+            "decline_reasons": decline,
+            "expectations": {
+                "input_failures": {k: v for k, v in sorted(input_failures.items()) if v},
+                "valid_passed": on_valid.success,
+            },
+            "data_docs": on_valid.data_docs,
+        }
+        write_json(report, out / REPORT_FILE)
+        return report
+
+
 def validate(
     spark: SparkSession,
     input_path: str | Path,
@@ -124,74 +222,6 @@ def validate(
 
     Raises ``ContractError`` (nothing written) when the input's columns break the contract.
     """
-    out = Path(out_dir)
-    as_of = _utc_naive(as_of)
-    known = sorted(config.features.rates_to_base)
-    raw, fmt = read_input(spark, input_path)
-    conformed = conform(raw, fmt)
-    checks = contract_checks(known, as_of)
-    reasons = all_reasons(conformed, known, as_of)
-    input_rows = raw.count()  # Parquet: read from the footers
-    repeated = repeated_ids(conformed).persist()  # a pass over the id column alone; small
-    try:
-        repeated_count, repeated_rows = repeated.agg(F.count(F.lit(1)), F.coalesce(F.sum("copies"), F.lit(0))).first()
-        ruled = rule_reasons(conformed, known, as_of)
-        tagged = mark_duplicates(ruled, repeated) if repeated_count else ruled
-        seen = {"valid": Observation("valid"), "quarantine": Observation("quarantine")}
-        counted = [check_key(e) for e, c in checks if c is not None]
-        valid, quarantine = split_rows(tagged, seen, reasons, checks)
-        write_parquet(valid, out / VALID_DIR)
-        stats = seen["valid"].get
-        if stats["rows"] == input_rows:  # every row is valid: no second pass for an empty quarantine
-            write_parquet(quarantine.limit(0), out / QUARANTINE_DIR)
-            quarantined = {"rows": 0} | {k: 0 for k in counted} | {f"reason:{r}": 0 for r in reasons}
-        else:
-            write_parquet(quarantine, out / QUARANTINE_DIR)
-            quarantined = seen["quarantine"].get
-    finally:
-        repeated.unpersist()
-
-    def discard(problem: str) -> GateError:
-        shutil.rmtree(out / VALID_DIR, ignore_errors=True)
-        shutil.rmtree(out / QUARANTINE_DIR, ignore_errors=True)
-        return GateError(problem)
-
-    per_reason = {r: quarantined[f"reason:{r}"] for r in reasons}
-    # Reconcile what was written (the Parquet footers' row counts) with the input, per side.
-    valid_rows, quarantined_rows = parquet_rows(out / VALID_DIR), parquet_rows(out / QUARANTINE_DIR)
-    if valid_rows != stats["rows"] or quarantined_rows != quarantined["rows"] or (
-        valid_rows + quarantined_rows != input_rows or sum(per_reason.values()) != quarantined_rows
-    ):
-        raise discard(f"rows lost: input {input_rows} != valid {valid_rows} + quarantined {quarantined_rows}")
-    written_valid = spark.read.parquet(str(out / VALID_DIR)).select(*COLUMN_NAMES)
-    on_valid = run_suite(written_valid, [e for e, _ in checks], out, "valid")
-    if not on_valid.success:
-        raise discard(f"rows the gate let through break the contract suite: {on_valid.failures}")
-
-    # The suite passed on every valid row, so what the input broke is what the quarantine holds.
-    input_failures = {key: quarantined[key] for key in counted}
-    input_failures[UNIQUE_ID] = int(repeated_rows)
-    decline = training_decision(stats["labelled"], stats["fraud"], config.validation)
-    report = {
-        "input": str(input_path),
-        "input_format": fmt,
-        "as_of": as_of.isoformat() + "Z",
-        "input_rows": input_rows,
-        "valid_rows": valid_rows,
-        "quarantined_rows": quarantined_rows,
-        "quarantine_reasons": per_reason,
-        "labelled_rows": stats["labelled"],
-        "fraud_rows": int(stats["fraud"]),
-        "fraud_rate": (stats["fraud"] / stats["labelled"]) if stats["labelled"] else None,
-        "event_time_min": stats["first"].isoformat() + "Z" if stats["first"] else None,
-        "event_time_max": stats["last"].isoformat() + "Z" if stats["last"] else None,
-        "training_allowed": not decline,
-        "decline_reasons": decline,
-        "expectations": {
-            "input_failures": {k: v for k, v in sorted(input_failures.items()) if v},
-            "valid_passed": on_valid.success,
-        },
-        "data_docs": on_valid.data_docs,
-    }
-    write_json(report, out / REPORT_FILE)
-    return report
+    with Gate(spark, input_path, out_dir, config, as_of) as gate:
+        write_parquet(gate.valid, Path(out_dir) / VALID_DIR)
+        return gate.finish(Path(out_dir) / VALID_DIR)
