@@ -17,11 +17,18 @@ from pyspark.sql import SparkSession
 
 from pipelines.config import PipelineConfig
 from pipelines.feature_contract import feature_contract
-from pipelines.features import build_features
+from pipelines.features import build_features, feature_types
 from pipelines.io import write_json, write_parquet
 from pipelines.validation import Gate
 
 VALIDATION_DIR, FEATURES_DIR, CONTRACT_FILE = "validation", "features", "feature_contract.json"
+
+
+def feature_write_options(config: PipelineConfig) -> dict[str, str]:
+    """Parquet writer options for ``features/``: no dictionary pages for the continuous columns, whose
+    values rarely repeat (the writer would build a dictionary, then fall back to plain pages)."""
+    continuous = [name for name, dtype in feature_types(config.features).items() if dtype == "float"]
+    return {f"parquet.enable.dictionary#{name}": "false" for name in continuous}
 
 
 def build_bank_features(
@@ -38,7 +45,8 @@ def build_bank_features(
     """
     out = Path(out_dir)
     with Gate(spark, input_path, out / VALIDATION_DIR, config, as_of) as gate:
-        write_parquet(build_features(gate.valid, config.features, keep=tuple(gate.valid.columns)), out / FEATURES_DIR)
+        features = build_features(gate.valid, config.features, keep=tuple(gate.valid.columns))
+        write_parquet(features, out / FEATURES_DIR, feature_write_options(config))
         report = gate.finish(out / FEATURES_DIR)
     contract = feature_contract(config.features)
     write_json(contract, out / CONTRACT_FILE)

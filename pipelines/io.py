@@ -59,10 +59,10 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def write_parquet(df: DataFrame, final: str | Path) -> None:
-    """Write ``df`` as Parquet at ``final`` atomically (stage, then rename)."""
+def write_parquet(df: DataFrame, final: str | Path, options: dict[str, str] | None = None) -> None:
+    """Write ``df`` as Parquet at ``final`` atomically (stage, then rename), with writer ``options``."""
     with staged_dir(final) as stage:
-        df.write.mode("overwrite").parquet(str(stage))
+        df.write.mode("overwrite").options(**(options or {})).parquet(str(stage))
 
 
 def parquet_rows(path: str | Path) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 from test_validation import AS_OF, BAD_PARQUET, GOOD
 
 from pipelines.build import FEATURES_DIR, VALIDATION_DIR, build_bank_features
 from pipelines.contract import COLUMN_NAMES
-from pipelines.features import build_features, feature_names
+from pipelines.features import build_features, feature_names, feature_types
 from pipelines.validation import Gate, GateError, validate
 
 SAME = ("input_rows", "valid_rows", "quarantined_rows", "quarantine_reasons", "labelled_rows", "fraud_rows",
@@ -42,6 +43,17 @@ def test_one_job_gives_the_gates_rows_and_the_features_of_the_gate_then_features
     assert expected.exceptAll(written.select(*expected.columns)).count() == 0
     quarantine = spark.read.parquet(str(tmp_path / "bank" / VALIDATION_DIR / "quarantine"))
     assert quarantine.count() == len(BAD_PARQUET)
+
+
+def test_continuous_features_are_written_without_dictionary_pages(spark, config, mixed_input, tmp_path):
+    build_bank_features(spark, mixed_input, tmp_path / "bank", config, as_of=AS_OF)
+    part = next((tmp_path / "bank" / FEATURES_DIR).glob("*.parquet"))
+    group = pq.ParquetFile(part).metadata.row_group(0)
+    encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+    dictionary = {name for name, used in encodings.items() if any("DICTIONARY" in e for e in used)}
+    continuous = {name for name, dtype in feature_types(config.features).items() if dtype == "float"}
+    assert continuous and not continuous & dictionary
+    assert {"hour", "mcc_other", "account_id"} <= dictionary  # the rest keep the writer's default
 
 
 def test_rows_written_beside_the_gates_count_discard_every_output(spark, config, mixed_input, tmp_path):
