@@ -10,7 +10,9 @@ in its agent config).
 A question with ``masking`` (acceptance and cross-evaluation, the defaults) is answered masked: the bank
 verifies the relayed key offers of the session's banks (at least three), derives the pairwise keys and
 sends each variant's histograms as masked words at its own slot (the variant's place in the sorted labels),
-never metrics. One answer per session: a different question under the same session is refused
+never metrics. Cross-evaluation: one answer per session, a different question under the same session is
+refused (``mask_reuse``). Acceptance: one key session per round, one answer per label of it (its turn,
+question and attempt; ``bank_node.acceptance_keys``), another question or bank list under a label refused
 (``mask_reuse``). A masked cross-evaluation question (``_crossval_variants``) names each variant by the
 session bank whose local model it is: the bank sends **zeros** in its own model's slot (so each model is
 pooled at the other banks only) after checking that the model named for it is the one it sent, and refuses
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bank_node import acceptance_keys
 from bank_node.evaluation import evaluation_report, finite, score_histograms
 from bank_node.masked_evaluation import earlier_answer, session_masker
 from bank_node.variant_scoring import variant_scores
@@ -75,6 +78,10 @@ def _score_masked(node: "BankNode", question: ScoreQuestion) -> bytes:
     if question.purpose not in ("accept", "crossval") or not isinstance(masking, dict):
         raise KeyAgreementRefused("masking_malformed", "only acceptance and cross-evaluation questions are masked, "
                                                        "with an object")
+    if question.purpose == "accept":
+        return _score_labelled(node, question)
+    if "label" in masking:
+        raise KeyAgreementRefused("masking_malformed", "a masked cross-evaluation has a session of its own, no label")
     session, masker = session_masker(node, masking.get("session"), masking.get("banks"), masking.get("offers"))
     digest, purpose, labels = question.digest(), question.purpose, sorted(question.variants)
     first_slot, scored = 0, question
@@ -90,6 +97,21 @@ def _score_masked(node: "BankNode", question: ScoreQuestion) -> bytes:
         words[label] = words_to_text(masker.mask(encode_counts(counts), slot))
     body = MaskedScoreAnswer(node.bank, question.round_id, purpose, session, digest, words).to_bytes()
     node.secagg_store.keep(session, purpose, digest, body)
+    return body
+
+
+def _score_labelled(node: "BankNode", question: ScoreQuestion) -> bytes:
+    """An acceptance question under the round's key session: masked at its label (``acceptance_keys``)."""
+    session, label, banks, masker = acceptance_keys.label_masker(node, question)
+    digest = question.digest()
+    if (earlier := acceptance_keys.earlier_label_answer(node, session, label, digest, banks)) is not None:
+        return earlier  # the same answer again is harmless
+    scored, words = variant_scores(node, question), {}
+    for slot, variant in enumerate(sorted(question.variants)):  # its place in the sorted variants
+        counts = np.concatenate(score_histograms(scored[variant][1], node.data.y_holdout)).astype(np.int64)
+        words[variant] = words_to_text(masker.mask(encode_counts(counts), slot))
+    body = MaskedScoreAnswer(node.bank, question.round_id, "accept", session, digest, words, label).to_bytes()
+    acceptance_keys.keep_label_answer(node, session, label, digest, banks, body)
     return body
 
 

@@ -100,6 +100,17 @@ class SessionStore:
         if not path.exists():
             _write_private(path, phase.encode())
 
+    def peers(self, session: str) -> dict[str, bytes] | None:
+        """The peers' X25519 public keys this bank verified for ``session`` (``keep_peers``), or None."""
+        path = self._dir(session) / "peers.json"
+        if not path.exists():
+            return None
+        return {bank: bytes.fromhex(key) for bank, key in json.loads(path.read_bytes()).items()}
+
+    def keep_peers(self, session: str, peers: dict[str, bytes]) -> None:
+        _write_private(self._dir(session) / "peers.json",
+                       json.dumps({bank: key.hex() for bank, key in sorted(peers.items())}).encode())
+
     def answered(self, session: str, purpose: str) -> dict | None:
         path = self._dir(session) / f"{purpose}.json"
         return json.loads(path.read_bytes()) if path.exists() else None

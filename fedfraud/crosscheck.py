@@ -41,7 +41,7 @@ class ScoreQuestion(WireMessage):
     purpose: str  # "crossval" | "accept"
     variants: dict[str, dict[str, Any]]
     models: dict[str, Doc] = field(repr=False)
-    masking: dict[str, Any] | None = field(default=None, repr=False)  # {"session", "banks", "offers"}
+    masking: dict[str, Any] | None = field(default=None, repr=False)  # {"session", "banks", "offers"[, "label"]}
 
     def digest(self) -> str:
         """What a masked answer is bound to: the round, purpose, variants and models (not the masking)."""
@@ -114,6 +114,7 @@ class MaskedScoreAnswer(WireMessage):
     session: str
     question: str  # the question's digest
     words: dict[str, str] = field(repr=False)
+    label: str | None = None  # acceptance: the label of the round's key session the words are masked under
 
 
 def histogram(values: Any) -> np.ndarray | None:

@@ -1,19 +1,27 @@
 """Masked acceptance: a stage's acceptance scores reach the aggregator only as sums over the session's banks.
 
 With ``acceptance_masked`` on (the default), each acceptance question (``acceptance.propose``'s, and
-the second question after a first-pass refusal) is asked under secure aggregation, per stage:
+the second question after a first-pass refusal) is asked under secure aggregation, with **one key
+agreement per round** (a cyclic round's n turns share it):
 
-* ``open_session`` (from ``propose`` / the gate): a session naming federation, round, stage,
-  question and attempt plus a random nonce, and a key request for the round's banks;
-* ``accept_keys`` (bank): each bank answers a signed ephemeral key offer (``fedfraud.secagg.keys``);
-* ``relay_accept`` (aggregator): the plain question plus the session's well-formed offers (fewer than
-  ``max(3, min_banks)`` offering banks fail the round by name);
-* ``accept`` (bank): every variant's histograms as pairwise-masked words (``MaskedScoreAnswer``);
-* ``tally`` (the gate): per variant, the wrapping sum of every session bank's words, decoded; used only
+* ``open_session`` (from ``propose`` / the gate): the round's key session (``<federation>/round-<r>/
+  accept/<nonce>``, opened by the round's first proposal, a new one each time its first stage is proposed)
+  and, per question and attempt, a *label* ``stage-<turn>/<question>/attempt-<n>/<nonce>``;
+* ``accept_keys`` (bank): once per round, each bank answers a signed ephemeral key offer
+  (``fedfraud.secagg.keys``); later turns and re-runs ask nothing here;
+* ``relay_accept`` (aggregator): the plain question with the session, the label and its banks; a bank gets
+  the round's well-formed offers with it until it has answered a question that carried them (then it holds
+  them: each offer reaches each bank once per round). Fewer than ``max(3, min_banks)`` offering banks
+  fail the round by name;
+* ``accept`` (bank, ``bank_node.acceptance_keys``): every variant's histograms as words masked under keys
+  of the label (``MaskedScoreAnswer``); the bank refuses another question or bank list under a label it
+  answered (``mask_reuse``);
+* ``tally`` (the gate): per variant, the wrapping sum of every label bank's words, decoded; used only
   when every bank answered, the counts are non-negative and their totals are the banks' planned
   holdout counts. A bank missing or malformed: a new attempt with the banks that answered, under a new
-  session (``PhaseRerun("accept_keys")``), at most ``MAX_ATTEMPTS``, never below the quorum; else the
-  round fails by name. Never a wrong sum.
+  label (``PhaseRerun("accept_keys")``, which asks no key again), at most ``MAX_ATTEMPTS``, never below
+  the quorum; else the round fails by name. Never a wrong sum. Why a re-run's masks cancel and cannot
+  be combined with the aborted attempt's: ``bank_node.acceptance_keys``.
 
 The gate then judges each update on the variants' histograms pooled at *every* session bank, the
 judged bank's own holdout included. Leave-one-out pools ("at the others") cannot be masked: the sums
@@ -58,8 +66,9 @@ def _state_path(r: RoundState) -> Path:
 
 
 def state(r: RoundState) -> dict | None:
-    """The live session: ``question`` (its name and ``plain`` path), ``attempt``, ``session``, ``banks``
-    asked for keys, ``masking`` (who offered), ``history`` of earlier attempts; None when none is open."""
+    """The live attempt: ``question`` (its name and ``plain`` path), ``attempt``, ``session`` (the round's key
+    session), ``label``, ``banks`` asked, ``masking`` (those with a key of the round), ``sent_offers`` (who gets
+    the offers with it), ``history`` of earlier attempts; None when none is open."""
     path = _state_path(r)
     return r.ws.read_json(path) if masked(r) and path.exists() else None
 
@@ -69,8 +78,33 @@ def _attempt_folder(r: RoundState, s: dict) -> Path:
 
 
 def reset(r: RoundState) -> None:
-    """Forget the stage's sessions and sums (a new proposal)."""
+    """Forget the stage's labels and sums (a new proposal); the round's first stage: its key session too."""
     shutil.rmtree(stage_folder(r) / "secagg", ignore_errors=True)
+    if r.stages().index(r.stage) == 0:
+        shutil.rmtree(_keys_folder(r), ignore_errors=True)
+
+
+def _keys_folder(r: RoundState) -> Path:
+    return r.ws.round_dir(r.round_id) / "acceptance" / "keys"
+
+
+def round_keys(r: RoundState) -> dict | None:
+    """The round's key session: ``session``, ``banks`` asked, ``masking`` (who offered, after the relay),
+    ``offer_faults`` and ``holding`` (the banks that answered a question carrying the offers); None before."""
+    path = _keys_folder(r) / "session.json"
+    return r.ws.read_json(path) if path.exists() else None
+
+
+def _write_round_keys(r: RoundState, k: dict) -> None:
+    r.ws.write_json(k, _keys_folder(r) / "session.json")
+
+
+def _open_round_keys(r: RoundState) -> dict:
+    k = {"session": f"{r.plan.federation_id}/round-{r.round_id}/accept/{secrets.token_hex(8)}",
+         "banks": sorted(r.plan.banks), "holding": []}
+    write_bytes(KeyRequest(k["session"], k["banks"]).to_bytes(), _keys_folder(r) / "request.json")
+    _write_round_keys(r, k)
+    return k
 
 
 def pooled(r: RoundState, question: str, labels: list[str]
@@ -92,18 +126,18 @@ def pooled(r: RoundState, question: str, labels: list[str]
 
 def open_session(r: RoundState, question: str, plain: Path, banks: list[str], history: list[dict] | None = None
                  ) -> None:
-    """A new attempt for ``question`` (first attempt when ``history`` is None) with ``banks``."""
+    """A new attempt for ``question`` (first attempt when ``history`` is None) with ``banks``, under a new label
+    of the round's key session (opened here by the round's first question)."""
     earlier = state(r)
     attempt = 1 if history is None else earlier["attempt"] + 1
     if len(banks) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(banks)} bank(s) for a masked acceptance, "
                           f"at least {r.plan.masking_quorum} needed")
-    stage = r.stages().index(r.stage)
-    session = (f"{r.plan.federation_id}/round-{r.round_id}/accept/stage-{stage}/{question}/attempt-{attempt}/"
-               f"{secrets.token_hex(8)}")
-    s = {"question": question, "plain": str(plain), "attempt": attempt, "session": session,
+    k = round_keys(r) or _open_round_keys(r)
+    label = f"stage-{r.stages().index(r.stage)}/{question}/attempt-{attempt}/{secrets.token_hex(8)}"
+    s = {"question": question, "plain": str(plain), "attempt": attempt, "session": k["session"], "label": label,
          "banks": sorted(banks), "history": history or []}
-    write_bytes(KeyRequest(session, sorted(banks)).to_bytes(), _attempt_folder(r, s) / "request.json")
+    _attempt_folder(r, s).mkdir(parents=True, exist_ok=True)
     r.ws.write_json(s, _state_path(r))
 
 
@@ -112,37 +146,57 @@ def _part(s: dict, r: RoundState) -> str:
 
 
 def keys_banks(r: RoundState) -> list[str]:
-    s = state(r)
-    return list(s["banks"]) if s else []
+    """The round's banks, asked for a key once per round: none once the round's offers are relayed."""
+    s, k = state(r), round_keys(r)
+    return list(k["banks"]) if s and k and "masking" not in k else []
 
 
 def keys_exchanges(r: RoundState, bank: str) -> list[Exchange]:
-    s = state(r)
-    folder = _attempt_folder(r, s)
-    return [Exchange(TaskKind.KEYS, bank, folder / "request.json", folder / "offers" / f"{bank}.json", _part(s, r))]
+    k, folder = round_keys(r), _keys_folder(r)
+    return [Exchange(TaskKind.KEYS, bank, folder / "request.json", folder / "offers" / f"{bank}.json",
+                     f"accept-keys-{k['session'].rsplit('/', 1)[-1]}")]
 
 
 def keys(r: RoundState, nodes: dict[str, Node]) -> None:
     answer_tolerantly(r, nodes, keys_banks, keys_exchanges, "offer a key for acceptance")
 
 
+def _round_offers(r: RoundState, k: dict) -> dict[str, dict]:
+    offers, invalid = relayed_offers(_keys_folder(r), k["banks"], k["session"])
+    if "masking" not in k:
+        k["masking"], k["offer_faults"] = sorted(offers), offer_faults(k["banks"], offers, invalid, "round keys")
+        _write_round_keys(r, k)
+    return {b: offers[b] for b in k["masking"] if b in offers}
+
+
 def relay(r: RoundState) -> None:
-    """The plain question with the well-formed offers of the session's banks, for each of them to answer."""
+    """The plain question with the session, the label and its banks (those of the attempt that offered a key
+    this round); with the round's offers for the banks that do not hold them yet."""
     s = state(r)
     if s is None:
         return
-    folder = _attempt_folder(r, s)
-    offers, invalid = relayed_offers(folder, s["banks"], s["session"])
-    faults = offer_faults(s["banks"], offers, invalid, f"attempt {s['attempt']}")
-    s["masking"], s["offer_faults"] = sorted(offers), faults
-    r.ws.write_json(s, _state_path(r))
+    k = round_keys(r)
+    offers = _round_offers(r, k)
     if len(offers) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(offers)} acceptance key offer(s) of "
-                          f"{len(s['banks'])} banks, at least {r.plan.masking_quorum} needed; faults: {faults}")
+                          f"{len(k['banks'])} banks, at least {r.plan.masking_quorum} needed; "
+                          f"faults: {k['offer_faults']}")
+    banks = [b for b in s["banks"] if b in offers]
+    s["masking"] = banks
+    s["offer_faults"] = [f for f in k["offer_faults"] if f["bank"] in s["banks"]]
+    s["sent_offers"] = [b for b in banks if b not in k["holding"]]
+    r.ws.write_json(s, _state_path(r))
+    if len(banks) < r.plan.masking_quorum:
+        raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(banks)} bank(s) with a key of the round "
+                          f"for attempt {s['attempt']}, at least {r.plan.masking_quorum} needed")
     plain = ScoreQuestion.from_bytes(Path(s["plain"]).read_bytes())
-    masking = {"session": s["session"], "banks": sorted(offers), "offers": offers}
-    question = ScoreQuestion(plain.round_id, plain.purpose, plain.variants, plain.models, masking)
-    write_bytes(question.to_bytes(), folder / "question.json")
+    masking = {"session": s["session"], "label": s["label"], "banks": banks}
+    folder = _attempt_folder(r, s)
+    for name, with_offers in (("question.json", True), ("question-by-reference.json", False)):
+        if any((b in s["sent_offers"]) == with_offers for b in banks):
+            body = {**masking, "offers": offers} if with_offers else masking
+            write_bytes(ScoreQuestion(plain.round_id, plain.purpose, plain.variants, plain.models, body).to_bytes(),
+                        folder / name)
 
 
 def asked(r: RoundState) -> list[str]:
@@ -151,9 +205,11 @@ def asked(r: RoundState) -> list[str]:
 
 
 def question_exchange(r: RoundState, bank: str) -> Exchange:
+    """The attempt's question for ``bank``: with the round's offers until it holds them, else by reference."""
     s = state(r)
     folder = _attempt_folder(r, s)
-    return Exchange(TaskKind.ACCEPT, bank, folder / "question.json", folder / "answers" / f"{bank}.json",
+    name = "question.json" if bank in s.get("sent_offers", [bank]) else "question-by-reference.json"
+    return Exchange(TaskKind.ACCEPT, bank, folder / name, folder / "answers" / f"{bank}.json",
                     _part(s, r) + "-masked")
 
 
@@ -166,13 +222,16 @@ def tally(r: RoundState, labels: list[str]) -> tuple[dict[str, EvaluationReport]
     answered, faults = [], list(s.get("offer_faults", []))
     for bank in s["masking"]:
         try:
-            words = _answer(folder / "answers" / f"{bank}.json", bank, s["session"], digest, labels)
+            words = _answer(folder / "answers" / f"{bank}.json", bank, s, digest, labels)
         except (WireFormatError, SecureAggregationError) as exc:
             faults.append({"bank": bank, "check": "masked_acceptance_answer_invalid", "detail": str(exc)[:300]})
             continue
         answered.append(bank)
         for label in labels:
             uploads[label].append(words[label])
+    k = round_keys(r)  # a bank whose masked answer is valid derived the round's keys: it holds the offers
+    k["holding"] = sorted(set(k["holding"]) | set(answered))
+    _write_round_keys(r, k)
     if answered != s["masking"]:
         _rerun_or_fail(r, s, answered, faults)
     reports = {}
@@ -182,11 +241,11 @@ def tally(r: RoundState, labels: list[str]) -> tuple[dict[str, EvaluationReport]
     return reports, [f for h in [*s["history"], {"faults": faults}] for f in h.get("faults", [])]
 
 
-def _answer(path: Path, bank: str, session: str, digest: str, labels: list[str]) -> dict[str, np.ndarray]:
+def _answer(path: Path, bank: str, s: dict, digest: str, labels: list[str]) -> dict[str, np.ndarray]:
     if not path.exists():
         raise WireFormatError("no masked acceptance answer arrived")
     answer = MaskedScoreAnswer.from_bytes(path.read_bytes())
-    expected = {"bank": bank, "session": session, "question": digest, "purpose": "accept"}
+    expected = {"bank": bank, "session": s["session"], "label": s["label"], "question": digest, "purpose": "accept"}
     for name, value in expected.items():
         if getattr(answer, name) != value:
             raise WireFormatError(f"the answer's {name} is {str(getattr(answer, name))[:80]!r}, expected {value!r}")
@@ -201,8 +260,8 @@ def _rerun_or_fail(r: RoundState, s: dict, answered: list[str], faults: list[dic
         raise RoundFailed(f"round {r.round_id}: masked_acceptance_incomplete: {missing} did not answer attempt "
                           f"{s['attempt']} of the {s['question']} question; {len(answered)} left (at least "
                           f"{r.plan.masking_quorum} needed, {MAX_ATTEMPTS} attempts at most)")
-    history = [*s["history"], {"attempt": s["attempt"], "session": s["session"], "banks": s["banks"],
-                               "masking": s["masking"], "answered": answered, "faults": faults}]
+    history = [*s["history"], {"attempt": s["attempt"], "session": s["session"], "label": s["label"],
+                               "banks": s["banks"], "masking": s["masking"], "answered": answered, "faults": faults}]
     open_session(r, s["question"], Path(s["plain"]), answered, history)
     raise PhaseRerun("accept_keys", f"{missing} did not answer acceptance attempt {s['attempt']}; attempt "
-                                    f"{s['attempt'] + 1} with {answered} under fresh keys")
+                                    f"{s['attempt'] + 1} with {answered} under a fresh label")

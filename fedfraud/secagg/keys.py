@@ -10,6 +10,12 @@ session's bank list, the signature — and derives one 32-byte key per peer with
 the X25519 secret, salted with both public keys, with the session and the sorted pair in ``info``.
 The aggregator holds every offer but no X25519 private key, so it cannot derive any key.
 
+One session may serve several masked vectors (a cyclic round's acceptance: one key agreement per round):
+``label_keys`` derives, per pair, a key for one *label* (a slot of the session the bank records, e.g. a
+turn's question and attempt) with HKDF-SHA256 over the pair key, the session, the label, the label's sorted
+bank list and what the vector answers (a question's digest): two labels, two bank lists or two questions
+never share a keystream, whatever names the aggregator picks.
+
 Every refusal is a ``KeyAgreementRefused`` whose ``check`` names the rule.
 """
 
@@ -43,6 +49,8 @@ MAX_SIGNATURE_CHARS = 200  # base64 of a DER ECDSA P-256 signature (<= 72 bytes)
 PUBLIC_KEY_CHARS = 44  # base64 of 32 bytes
 DOMAIN = b"fedfraud-secagg-offer-v1"
 KDF_DOMAIN = b"fedfraud-secagg-pair-v1"
+LABEL_DOMAIN = b"fedfraud-secagg-label-v1"
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9_.:/=-]{1,120}$")
 
 
 class KeyAgreementRefused(SecureAggregationError):
@@ -157,6 +165,16 @@ class SessionKeys:
 
         ``banks``: the session's bank list; each must have offered, and no one else may. Without
         it, the offering banks form the session. Fewer than ``MIN_PARTIES`` banks are refused."""
+        peers = self.verified_peers(offers, trust, banks)
+        if len(peers) + 1 < MIN_PARTIES:
+            raise KeyAgreementRefused("too_few_parties", f"{len(peers) + 1} < {MIN_PARTIES} banks; with two, "
+                                                         "the sum minus one's own reveals the other's vector")
+        return self.keys_with(peers)
+
+    def verified_peers(self, offers: Mapping[str, Any] | Iterable[Any], trust: Trust,
+                       banks: Iterable[str] | None = None) -> dict[str, bytes]:
+        """{peer: X25519 public key} of the session's offers, each verified (``pair_keys``'s rules but the
+        party count): what a bank keeps to derive keys again later in the same session."""
         listed = list(offers.values()) if isinstance(offers, Mapping) else list(offers)
         if len(listed) > MAX_PARTIES:
             raise KeyAgreementRefused("too_many_parties", f"{len(listed)} offers > {MAX_PARTIES}")
@@ -176,9 +194,10 @@ class SessionKeys:
         missing = sorted(set(expected or []) - set(peers) - {self.bank})
         if missing:
             raise KeyAgreementRefused("offer_missing", f"no offer from {', '.join(missing)}")
-        if len(peers) + 1 < MIN_PARTIES:
-            raise KeyAgreementRefused("too_few_parties", f"{len(peers) + 1} < {MIN_PARTIES} banks; with two, "
-                                                         "the sum minus one's own reveals the other's vector")
+        return peers
+
+    def keys_with(self, peers: Mapping[str, bytes]) -> dict[str, bytes]:
+        """{peer: 32-byte key} with peers whose public keys were verified (``verified_peers``)."""
         return {peer: self._derive(peer, public_key) for peer, public_key in sorted(peers.items())}
 
     def _derive(self, peer: str, peer_public: bytes) -> bytes:
@@ -195,6 +214,34 @@ def derive_pair_key(secret: bytes, session: str, one: tuple[str, bytes], other: 
     salt = hashlib.sha256(a_pub + b_pub).digest()
     info = b"\x00".join([KDF_DOMAIN, session.encode(), a.encode(), b.encode()])
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=info).derive(secret)
+
+
+def check_label(label: Any) -> str:
+    if not isinstance(label, str) or not LABEL_PATTERN.match(label):
+        raise KeyAgreementRefused("label_malformed", f"label {str(label)[:60]!r} is not 1-120 of "
+                                                     "A-Z a-z 0-9 _ . : / = -")
+    return label
+
+
+def label_keys(pair_keys: Mapping[str, bytes], own: str, session: str, label: str, banks: Iterable[str],
+               bound: str) -> dict[str, bytes]:
+    """{peer: 32-byte key} for one label of a session, for the peers in ``banks`` (the label's bank list, this
+    bank among them): HKDF-SHA256 over the session's pair key, info = the session, the label, the sorted bank
+    list, ``bound`` (what the masked vector answers) and the sorted pair; both banks of a pair derive it alike."""
+    listed = sorted(set(banks))
+    if own not in listed:
+        raise KeyAgreementRefused("session_without_me", f"{own} is not in label {label!r}'s banks")
+    unknown = [b for b in listed if b != own and b not in pair_keys]
+    if unknown:
+        raise KeyAgreementRefused("session_bank_unknown", f"no agreed key with {', '.join(unknown)} in this session")
+    out = {}
+    for peer in (b for b in listed if b != own):
+        a, b = sorted([own, peer])
+        parts = [LABEL_DOMAIN, check_session(session).encode(), check_label(label).encode(),
+                 "\n".join(listed).encode(), bound.encode(), a.encode(), b.encode()]
+        info = b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+        out[peer] = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(pair_keys[peer])
+    return out
 
 
 def verify_offer(raw: Any, session: str, trust: Trust, banks: list[str] | None) -> tuple[str, bytes]:

@@ -180,7 +180,9 @@ def test_a_bank_that_drops_after_offering_reruns_the_masked_question_with_the_ot
     phases.finish_stage(r, nodes, "accept_keys")  # keys, relay, accept, gate: a re-run from keys, then aggregate
     s = secure.state(r)
     assert s["attempt"] == 2 and s["banks"] == ["alpha", "beta", "delta"]
-    assert s["history"][0]["answered"] == ["alpha", "beta", "delta"] and s["session"] != s["history"][0]["session"]
+    assert s["history"][0]["answered"] == ["alpha", "beta", "delta"] and s["session"] == s["history"][0]["session"]
+    assert s["label"] != s["history"][0]["label"] and s["sent_offers"] == []  # a new label, the keys already held
+    assert len(list((r.ws.round_dir(1) / "acceptance" / "keys" / "offers").glob("*.json"))) == len(BANKS)  # once
     stage = records.read_acceptance(r.ws, 1)["stages"][0]
     assert all(row["evaluators"] == ["alpha", "beta", "delta"] for row in stage["banks"].values())
     assert {f["bank"] for f in stage["faults"]} == {"gamma"}

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedfraud.pki import issue, provision
-from fedfraud.secagg.keys import Identity, KeyAgreementRefused, SessionKeys, Trust, derive_pair_key
+from fedfraud.secagg.keys import Identity, KeyAgreementRefused, SessionKeys, Trust, derive_pair_key, label_keys
 from fedfraud.secagg.masking import PairwiseMasker, decode_counts, encode_counts, unmasked_sum
 
 BANKS = ["bankA", "bankB", "bankC", "bankD"]
@@ -161,3 +161,50 @@ def test_the_aggregator_with_every_offer_cannot_derive_a_key(pki):
     assert derive_pair_key(secret, SESSION, ("bankA", pub["bankA"]), ("bankB", pub["bankB"])) == real
     assert set(offers["bankA"]) == {"bank", "session", "public_key", "certificate", "signature"}
     assert "PRIVATE" not in json.dumps(offers)
+
+
+# ---- one session, many labels (a cyclic round's acceptance: one key agreement per round) ----------------------
+
+LABEL = "stage-0/first/attempt-1/0123456789abcdef"
+
+
+def _label_uploads(pairs, banks, counts, label, bound="q1"):
+    return {b: PairwiseMasker(b, label_keys(pairs[b], b, SESSION, label, banks, bound)).mask(
+        encode_counts(counts[b]), label=0) for b in banks}
+
+
+def test_label_keys_cancel_and_differ_per_label_bank_list_and_question(pki):
+    keys, offers = session_of(pki, BANKS)
+    pairs = {b: keys[b].pair_keys(offers, trust(pki), BANKS) for b in BANKS}
+    counts = {b: np.arange(40) * (i + 2) for i, b in enumerate(BANKS)}
+    first = _label_uploads(pairs, BANKS, counts, LABEL)
+    assert np.array_equal(decode_counts(unmasked_sum(list(first.values()))), sum(counts.values()))
+    turn = _label_uploads(pairs, BANKS, counts, LABEL.replace("stage-0", "stage-1"))  # the next turn, same vector
+    assert np.array_equal(decode_counts(unmasked_sum(list(turn.values()))), sum(counts.values()))
+    for b in BANKS:  # the same vector under another label: other masks (never one keystream twice)
+        assert not np.array_equal(first[b], turn[b])
+        assert len(set((first[b] - turn[b]).tolist())) > 35  # the difference of two uploads is noise, not 0
+    three = BANKS[:3]  # a re-run without bankD: a new label, its bank list; the remaining masks cancel
+    rerun = _label_uploads(pairs, three, counts, LABEL.replace("attempt-1", "attempt-2"))
+    assert np.array_equal(decode_counts(unmasked_sum(list(rerun.values()))), sum(counts[b] for b in three))
+    aborted = unmasked_sum([first[b] for b in three])  # attempt 1 without bankD's words: masks left, no counts
+    assert len(set(aborted.tolist())) > 35
+    ab = label_keys(pairs["bankA"], "bankA", SESSION, LABEL, BANKS, "q1")["bankB"]
+    assert ab == label_keys(pairs["bankB"], "bankB", SESSION, LABEL, BANKS, "q1")["bankA"]  # both derive it
+    variants = [label_keys(pairs["bankA"], "bankA", SESSION, LABEL, BANKS[:3], "q1")["bankB"],
+                label_keys(pairs["bankA"], "bankA", SESSION, LABEL, BANKS, "q2")["bankB"],
+                label_keys(pairs["bankA"], "bankA", SESSION, LABEL + "0", BANKS, "q1")["bankB"],
+                pairs["bankA"]["bankB"]]
+    assert len({ab, *variants}) == 5  # bank list, question, label: each its own key, none the pair's
+
+
+def test_label_keys_refuse_by_name(pki):
+    keys, offers = session_of(pki, BANKS[:3])
+    pairs = keys["bankA"].pair_keys(offers, trust(pki), BANKS[:3])
+    for label in ("", "a label with spaces", "x" * 121, 7):
+        with pytest.raises(KeyAgreementRefused, match="label_malformed"):
+            label_keys(pairs, "bankA", SESSION, label, BANKS[:3], "q")
+    with pytest.raises(KeyAgreementRefused, match="session_bank_unknown"):
+        label_keys(pairs, "bankA", SESSION, LABEL, BANKS, "q")  # bankD: no agreed key
+    with pytest.raises(KeyAgreementRefused, match="session_without_me"):
+        label_keys(pairs, "bankA", SESSION, LABEL, BANKS[1:], "q")
