@@ -69,8 +69,8 @@ def label_masker(node: "BankNode", question: ScoreQuestion) -> tuple[str, str, l
         raise KeyAgreementRefused("label_malformed", f"label {label!r} is not stage-<turn>/<first|pairs>/"
                                                      "attempt-<n>/<16 hex>")
     banks = session_banks(node.bank, masking["banks"])
-    node.secagg_store.bind_phase(session, PHASE)
     keys = node.secagg_store.keys(session, credentials.identity, create=False)
+    node.secagg_store.bind_phase(session, PHASE)
     peers = _peers(node, keys, session, masking.get("offers"), credentials.trust)
     unknown = [b for b in banks if b != node.bank and b not in peers]
     if unknown:

@@ -101,9 +101,12 @@ OUTGOING: dict[str, Fields] = {
     "masked evaluation": Fields({"bank": str, "model_id": str, "session": str, "purpose": str, "words": BASE64,
                                  "metrics": METRICS}),
     # acceptance and cross-evaluation (masked, the defaults): per variant scored, its histograms as pairwise-masked
-    # words (cross-evaluation: zeros in the bank's own model's slot)
+    # words (cross-evaluation: zeros in the bank's own model's slot); acceptance: the label of the round's key
+    # session they are masked under (bank_node/acceptance_keys.py)
     "masked score answer": Fields({"bank": str, "round_id": int, "purpose": str, "session": str,
-                                   "question": Text(r"[0-9a-f]{64}"), "words": MapOf(BASE64)}),
+                                   "question": Text(r"[0-9a-f]{64}"), "words": MapOf(BASE64),
+                                   "label": OneOf((Text(r"stage-\d{1,4}/(first|pairs)/attempt-\d{1,2}/[0-9a-f]{16}"),
+                                                   None))}),
     # acceptance_masked or crossval_masked off (a consortium's choice): one evaluation report per variant scored
     # (documented: in the clear)
     "evaluation reports": Fields({"bank": str, "round_id": int, "purpose": str, "reports": MapOf(EVALUATION_REPORT)}),
