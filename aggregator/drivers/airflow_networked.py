@@ -3,6 +3,11 @@ banks' agents do the bank work. Each task asks the service to act (start, plan, 
 or waits, bounded, for one bank's answer or the round's verdict, and fails by name at the
 deadline. Nothing is shared through files; the service's round states are the bank phases'
 (``aggregator.protocol.phases``).
+
+A failed attempt of a round fails the task that saw it *with* Airflow's retries (``RoundAttemptFailed``); the
+retry of any of the round's tasks finds the round failed and opens it again at the service: its next attempt,
+with the banks still healthy (``aggregator.service.attempts``). When no attempt is left, or too few healthy
+banks, the task fails as ``RoundFailed`` (no retries: a verdict).
 """
 
 from __future__ import annotations
@@ -16,10 +21,15 @@ from aggregator.protocol.errors import RoundFailed
 from aggregator.protocol.phases import bank_phase
 from fedfraud.protocol import TaskKind
 from fedfraud.settings import requested_options
-from fedfraud.transport import AggregatorClient
+from fedfraud.transport import AggregatorClient, ServiceRefused
 
 FINISHED_TASK = ("done", "failed", "expired")
 REGISTERED = "registered"
+FINAL_REFUSALS = ("round_attempts_exhausted", "below_quorum")  # a failed round that cannot run again
+
+
+class RoundAttemptFailed(RuntimeError):
+    """An attempt of a round failed and another may run: Airflow retries the task, and the retry opens it."""
 
 
 def federation_key(spec: RunSpec) -> str:
@@ -56,7 +66,8 @@ class NetworkedTasks:
         return status["banks"]
 
     def open_round(self, round_id: int) -> list[str]:
-        status = self.service.open_round(self.key, round_id)
+        """Open the round (or, failed, its next attempt); the banks that train in their own task."""
+        status = self._open(round_id)
         return sorted(b for b, kinds in status["tasks"].items()
                       if TaskKind.TRAIN in kinds and not status.get("collective"))
 
@@ -89,18 +100,38 @@ class NetworkedTasks:
 
     # ---- helpers ---------------------------------------------------------------------------
 
+    def _open(self, round_id: int) -> dict[str, Any]:
+        try:
+            return self.service.open_round(self.key, round_id)
+        except ServiceRefused as refused:
+            if refused.check in FINAL_REFUSALS:
+                raise RoundFailed(f"round {round_id}: {refused.check}: {refused.detail}") from refused
+            raise
+
     def _round_state(self, round_id: int, done: Callable[[dict], bool], what: str) -> dict[str, Any]:
-        """The round's status once ``done`` holds; a failed round raises RoundFailed with its reason."""
+        """The round's status once ``done`` holds. A round found failed is opened again (a retry of this task:
+        the next attempt); an attempt failing meanwhile raises ``RoundAttemptFailed`` (``RoundFailed`` after
+        the last attempt)."""
+        if self.service.round(self.key, round_id)["state"] == "failed":
+            self._open(round_id)
         status = wait_until(lambda: self.service.round(self.key, round_id), lambda s: done(s) or s["state"] == "failed",
                             self.spec.wait_seconds, what)
         if status["state"] == "failed":
-            raise RoundFailed(f"round {round_id}: {status['error']}")
+            where = f"round {round_id}, attempt {status['attempt']} of at most {status['max_attempts']}"
+            if status["attempt"] >= status["max_attempts"]:
+                raise RoundFailed(f"{where}: {status['error']}")
+            raise RoundAttemptFailed(f"{where}: {status['error']}; a retry opens the next attempt with the banks "
+                                     "still healthy")
         return status
 
     def _bank_answer(self, round_id: int, bank: str, kind: str) -> str:
-        """Wait for ``bank``'s answer to its ``kind`` task; an expired or failed one fails this bank's task."""
-        status = self._round_state(round_id, lambda s: s["tasks"].get(bank, {}).get(kind) in FINISHED_TASK,
-                                   f"{bank}'s {kind} for round {round_id}")
+        """Wait for ``bank``'s answer to its ``kind`` task; an expired or failed one fails this bank's task, as does
+        an attempt of the round the bank is left out of."""
+        status = self._round_state(round_id, lambda s: s["tasks"].get(bank, {}).get(kind) in FINISHED_TASK
+                                   or bank not in s["banks"], f"{bank}'s {kind} for round {round_id}")
+        if bank not in status["banks"]:
+            left_out = (status["earlier_attempts"] or [{}])[-1].get("left_out", {}).get(bank, "not in its banks")
+            raise RuntimeError(f"{bank} is left out of attempt {status['attempt']} of round {round_id}: {left_out}")
         state = status["tasks"][bank][kind]
         if state != "done":
             raise RuntimeError(f"{bank}: {kind} for round {round_id} {state} "

@@ -103,7 +103,7 @@ def propose(r: RoundState) -> None:
     updates = sorted((ModelUpdate.from_bytes(r.path(checked, b).read_bytes(),
                                              max_bytes=r.plan.settings.max_update_bytes) for b in accepted),
                      key=lambda u: u.bank)  # the strategies append in bank order
-    candidate = r.strategy.aggregate(base, updates, r.plan.banks)
+    candidate = r.strategy.aggregate(base, updates, r.banks)
     start, own = len(model_json.trees(base)) if base is not None else 0, {}
     for u in updates:
         own[u.bank] = list(range(start, start + len(model_json.trees(u.model))))
@@ -116,7 +116,7 @@ def propose(r: RoundState) -> None:
     r.ws.write_json({"banks": list(own), "trees": own, "total": start, "second_pass": second_pass}, judged_path(r))
     write_bytes(question.to_bytes(), question_path(r))
     if secure.masked(r):
-        secure.open_session(r, "first", question_path(r), list(r.plan.banks))
+        secure.open_session(r, "first", question_path(r), list(r.banks))
 
 
 def _variants(own: dict[str, list[int]], trees: int, groups: list[list[str]]) -> dict[str, dict]:
@@ -156,7 +156,7 @@ def accept_banks(r: RoundState) -> list[str]:
         return sorted(set(secure.asked(r)) | set(riding))
     if pairs_question_path(r).exists():
         return list(r.ws.read_json(judged_path(r))["pairs"]["asked"])
-    return list(r.plan.banks) if question_path(r).exists() or riding else []
+    return list(r.banks) if question_path(r).exists() or riding else []
 
 
 def accept_exchanges(r: RoundState, bank: str) -> list[Exchange]:
@@ -279,7 +279,7 @@ def gate(r: RoundState) -> None:
         return
     question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
     labels = sorted(question.variants)
-    answers, faults, evaluators, answered = _scores(r, "first", labels, list(r.plan.banks), answer_path)
+    answers, faults, evaluators, answered = _scores(r, "first", labels, list(r.banks), answer_path)
     verdict, stage = checks(r), {"stage": list(r.stage), "faults": faults, "banks": {},
                                  "masked": secure.masked(r)}
     judged = r.ws.read_json(judged_path(r))  # as proposed: a re-run of the gate judges the same banks

@@ -84,7 +84,7 @@ def propose(r: RoundState) -> None:
             or not training.checks(r)["stage_accepted"]):
         return
     updates = _accepted(r)
-    candidate = r.strategy.aggregate(base, updates, r.plan.banks)
+    candidate = r.strategy.aggregate(base, updates, r.banks)
     weakest_of = len(model_json.trees(candidate)) if s.compaction_new_trees else droppable
     expanded, labels, thins = compaction.variants(candidate, _origins(r, updates), droppable, s.compaction_steps,
                                                   s.compaction_max_fraction, weakest_of)
@@ -97,7 +97,7 @@ def propose(r: RoundState) -> None:
 
 
 def banks(r: RoundState) -> list[str]:
-    return list(r.plan.banks) if question_path(r).exists() else []
+    return list(r.banks) if question_path(r).exists() else []
 
 
 def exchanges(r: RoundState, bank: str) -> list[Exchange]:

@@ -106,9 +106,9 @@ def open_session(r: RoundState) -> None:
     session = f"{r.plan.federation_id}/round-{r.round_id}/refit/{secrets.token_hex(8)}"
     r.ws.write_json(cut, _folder(r) / "start.json")
     r.ws.write_json([origins[i] for i in kept], _folder(r) / "provenance.json")
-    _save(r, {"session": session, "banks": sorted(r.plan.banks), "step": 0, "trees_before": len(origins),
+    _save(r, {"session": session, "banks": sorted(r.banks), "step": 0, "trees_before": len(origins),
               "trees_after": len(kept), "keep_per_block": keep, "loss": []})
-    write_bytes(KeyRequest(session, sorted(r.plan.banks)).to_bytes(), _folder(r) / "request.json")
+    write_bytes(KeyRequest(session, sorted(r.banks)).to_bytes(), _folder(r) / "request.json")
 
 
 def _only(doc: Doc, indices: list[int]) -> Doc:

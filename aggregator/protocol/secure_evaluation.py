@@ -73,7 +73,7 @@ def _open_attempt(r: RoundState, banks: list[str], history: list[dict]) -> None:
 def open_session(r: RoundState) -> None:
     """Attempt 1: every bank of the round is asked for a key offer."""
     r.ws.write_json({"attempt": 0, "history": []}, _root(r) / "attempts.json")
-    _open_attempt(r, list(r.plan.banks), [])
+    _open_attempt(r, list(r.banks), [])
 
 
 def _part(r: RoundState) -> str:

@@ -67,7 +67,9 @@ def store_carried(ws: Workspace, plan: Plan, strategy: Strategy) -> None:
 
 @dataclass
 class RoundState:
-    """One round: its workspace, plan and strategy; ``stage`` is the banks training now."""
+    """One round: its workspace, plan and strategy; ``stage`` is the banks training now. ``banks``: the round's
+    banks, the plan's unless a driver runs it with fewer (the service's next attempt of a failed round: the
+    banks still healthy); the plan (bank indices, model limits) stays the federation's."""
 
     ws: Workspace
     plan: Plan
@@ -76,9 +78,14 @@ class RoundState:
     strategy: Strategy | None = None
     stage: list[str] | None = None
     on_progress: Callable[[str], None] = field(default=lambda message: None, repr=False)
+    banks: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.plan = Plan.from_dict(self.plan)
+        unknown = sorted(set(self.banks or ()) - set(self.plan.banks))
+        if unknown:
+            raise RoundFailed(f"round {self.round_id}: {unknown} are not banks of the plan {self.plan.banks}")
+        self.banks = [b for b in self.plan.banks if self.banks is None or b in self.banks]
         if not self.plan.consortium_params:
             raise RoundFailed(f"round {self.round_id}: plan_unsettled: the banks' label counts were never summed "
                               "(aggregator.protocol.secure_planning), so the plan has no consortium parameters")
@@ -86,11 +93,11 @@ class RoundState:
         self.stage = self.stage if self.stage is not None else self.stages()[0]
 
     def stages(self) -> list[list[str]]:
-        return self.strategy.stages(self.round_id, self.plan.banks)
+        return self.strategy.stages(self.round_id, self.banks)
 
     def trains_in_one_task(self) -> bool:
         """True when one call must drive the whole training: stages in turn, or collective training."""
-        return self.strategy.trains_in_one_task(self.round_id, self.plan.banks)
+        return self.strategy.trains_in_one_task(self.round_id, self.banks)
 
     def path(self, kind: str, bank: str | None = None) -> Path:
         return self.ws.path(self.round_id, kind, bank)

@@ -100,7 +100,7 @@ def aggregate(r: RoundState) -> None:
     accepted = [ModelUpdate.from_bytes(r.path(CHECKED, b).read_bytes(), max_bytes=r.plan.model_limits.max_bytes)
                 for b in checks(r)["stage_accepted"]]
     if accepted:
-        doc = r.strategy.aggregate(r.ws.working_model(r.round_id), accepted, r.plan.banks)
+        doc = r.strategy.aggregate(r.ws.working_model(r.round_id), accepted, r.banks)
         try:
             doc = rebuild_model(doc, r.plan.model_limits, r.plan.header)
         except ModelRefused as refused:

@@ -7,7 +7,8 @@ answered or at its deadline; the aggregator phases after it then run (check, agg
 candidate: the round fails below quorum; register, promote). Cyclic and histogram rounds
 train in one call here, through ``RemoteNode``s that turn each bank call into a task.
 A histogram federation keeps its world (server, banks' workers, shared bins) across rounds
-(``aggregator.service.kept``).
+(``aggregator.service.kept``). A failed round opened again runs its next attempt with the banks still
+healthy, a bounded number of times (``aggregator.service.attempts``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from aggregator.service.kept import KeptStrategies
 from aggregator.strategies.base import Strategy
 from aggregator.protocol.training import checks
 from aggregator.protocol.workspace import Workspace
-from aggregator.service import cross_evaluation, store
+from aggregator.service import attempts, cross_evaluation, store
 from aggregator.service.config import ServiceConfig
 from aggregator.service.intake import Refused
 from aggregator.service.tasks import BankTasks
@@ -93,9 +94,15 @@ class Coordinator(BankTasks):
     def workspace(self, federation: store.Federation) -> Workspace:
         return Workspace(self.config.work_dir / "runs" / federation.key, federation.model_name)
 
-    def round_state(self, federation: store.Federation, round_id: int, strategy: Strategy | None = None) -> RoundState:
+    def round_state(self, federation: store.Federation, round_id: int, strategy: Strategy | None = None,
+                    banks: list[str] | None = None) -> RoundState:
+        """The round as its current attempt runs it: with that attempt's banks (given, else as recorded)."""
+        if banks is None:
+            with self.Session() as s:
+                row = s.get(store.Round, (federation.key, round_id))
+                banks = row.banks if row is not None else None
         return RoundState(self.workspace(federation), Plan.from_dict(federation.plan), round_id,
-                          self.tracker(federation.model_name), strategy)
+                          self.tracker(federation.model_name), strategy, banks=banks)
 
     def tracker(self, model_name: str):
         from aggregator.tracking import FederationTracker, default_tracking_uri
@@ -157,17 +164,28 @@ class Coordinator(BankTasks):
         return self.federation_status(key)
 
     def open_round(self, key: str, round_id: int) -> dict[str, Any]:
-        """Write the round's tasks (or start its collective training); idempotent."""
+        """Write the round's tasks (or start its collective training); idempotent. A failed round starts its
+        next attempt with its healthy banks (``attempts.reopen``; refused by name beyond the bound or quorum)."""
         collective = False
         with self.lock, self.Session.begin() as s:
             federation = self._federation(s, key)
-            if s.get(store.Round, (key, round_id)) is None:
-                self._check_can_open(s, federation, round_id)
-                r = self.round_state(federation, round_id)
-                r.ws.clear_round(round_id)
+            row = s.get(store.Round, (key, round_id))
+            if row is None or row.state == "failed":
+                if row is None:
+                    self._check_can_open(s, federation, round_id)
+                    r = self.round_state(federation, round_id, banks=list(federation.plan["banks"]))
+                    r.ws.clear_round(round_id)
+                    row = store.Round(federation=key, round_id=round_id, attempt=1)
+                    s.add(row)
+                else:
+                    banks = attempts.reopen(s, row, Plan.from_dict(federation.plan), self.workspace(federation),
+                                            self.config.liveness_seconds, self.started_at)
+                    r = self.round_state(federation, round_id, banks=banks)
+                    log.warning("round %s of %s: attempt %s with %s", round_id, key, row.attempt, banks)
                 collective = r.trains_in_one_task()
-                s.add(store.Round(federation=key, round_id=round_id, collective=collective, state=TRAINING,
-                                  deadline=time.time() + self.config.deadline_seconds))
+                row.collective, row.state = collective, TRAINING
+                row.deadline = time.time() + self.config.deadline_seconds
+                s.flush()  # the round's tasks are named after its attempt
                 if not collective:
                     phases.run_aggregator_phases(r, after=None)
                     self._ask_banks(s, federation, r, phases.BANK_PHASES[0])
@@ -184,7 +202,9 @@ class Coordinator(BankTasks):
         previous = s.get(store.Round, (federation.key, round_id - 1)) if round_id > 1 else None
         if round_id > 1 and (previous is None or previous.state != "registered"):
             state = previous.state if previous else "not opened"
-            raise Refused(409, "previous_round", f"round {round_id - 1} is {state}; round {round_id} cannot open")
+            again = " (open it again: its next attempt)" if state == "failed" else ""
+            raise Refused(409, "previous_round", f"round {round_id - 1} is {state}{again}; round {round_id} cannot "
+                          "open")
 
     def federation_status(self, key: str) -> dict[str, Any]:
         with self.Session() as s:
@@ -200,20 +220,30 @@ class Coordinator(BankTasks):
             row = s.get(store.Round, (key, round_id))
             if row is None:
                 raise Refused(404, "unknown_round", f"round {round_id} of {key} is not open")
-            rejections = s.scalars(select(store.Rejection).where(
-                store.Rejection.federation == key, store.Rejection.round_id == round_id))
+            earlier = [{**attempt, "tasks": self._task_states(s, key, round_id, attempt["attempt"]),
+                        "rejections": self._rejections(s, key, round_id, attempt["attempt"])}
+                       for attempt in row.earlier or []]
             return {"federation": key, "round": round_id, "state": row.state, "error": row.error,
                     "version": row.version, "collective": row.collective, "model_name": federation.model_name,
-                    "tasks": self._task_states(s, key, round_id),
-                    "rejections": [{"bank": r.caller, "check": r.check, "detail": r.detail} for r in rejections]}
+                    "attempt": row.attempt, "max_attempts": attempts.MAX_ROUND_ATTEMPTS,
+                    "banks": attempts.attempt_banks(row, (federation.plan or {}).get("banks", [])),
+                    "tasks": self._task_states(s, key, round_id, row.attempt),
+                    "rejections": self._rejections(s, key, round_id, row.attempt), "earlier_attempts": earlier}
 
     @staticmethod
-    def _task_states(s, key: str, round_id: int) -> dict[str, dict[str, str]]:
+    def _task_states(s, key: str, round_id: int, attempt: int = 1) -> dict[str, dict[str, str]]:
         states: dict[str, dict[str, str]] = {}
-        for t in s.scalars(select(store.Task).where(store.Task.federation == key, store.Task.round_id == round_id)
+        for t in s.scalars(select(store.Task).where(store.Task.federation == key, store.Task.round_id == round_id,
+                                                    store.Task.attempt == attempt)
                            .order_by(store.Task.created_at)):  # the latest of a kind (a resend after a refusal)
             states.setdefault(t.bank, {})[t.kind] = t.state
         return states
+
+    @staticmethod
+    def _rejections(s, key: str, round_id: int, attempt: int) -> list[dict[str, str]]:
+        return [{"bank": r.caller, "check": r.check, "detail": r.detail} for r in s.scalars(select(
+            store.Rejection).where(store.Rejection.federation == key, store.Rejection.round_id == round_id,
+                                   store.Rejection.attempt == attempt).order_by(store.Rejection.id))]
 
     # ---- internal: phases -----------------------------------------------------------------
 
@@ -250,12 +280,12 @@ class Coordinator(BankTasks):
             step(federation, round_id)
         except Exception as exc:
             log.warning("round %s of %s failed: %s", round_id, key, exc)
-            with self.Session.begin() as s:
+            self.kept.release(key)  # its kept world ends first: the next attempt (opened once failed) starts anew
+            with self.lock, self.Session.begin() as s:
                 row = s.get(store.Round, (key, round_id))
                 reason = str(exc) if isinstance(exc, RoundFailed) else f"{exc.__class__.__name__}: {exc}"
                 row.state, row.error = "failed", reason
                 self._expire(s, key, round_id, None, "the round failed")
-            self.kept.release(key)  # a failed round ends the federation's rounds: its kept world too
 
     def _ask_banks(self, s, federation: store.Federation, r: RoundState, phase: Phase) -> None:
         """Open a bank phase: one task per bank and question, the round in that phase's state."""
@@ -276,8 +306,9 @@ class Coordinator(BankTasks):
         def train(federation: store.Federation, r: int) -> None:
             from aggregator.service.remote import RemoteNode
 
-            state = self.round_state(federation, r, self.kept.for_federation(federation.key, federation.plan))
-            phases.train_in_process(state, {b: RemoteNode(self, federation, r, b) for b in state.plan.banks})
+            strategy = self.kept.for_federation(federation.key, federation.plan, self.workspace(federation))
+            state = self.round_state(federation, r, strategy)
+            phases.train_in_process(state, {b: RemoteNode(self, federation, r, b) for b in state.banks})
             self._record_check_rejections(federation.key, r, checks(state)["rejections"])
             self._open_next(federation, state, LAST_STAGE_PHASE)
 
@@ -311,6 +342,7 @@ class Coordinator(BankTasks):
 
     def _record_check_rejections(self, key: str, round_id: int, rejections: list[dict[str, str]]) -> None:
         with self.Session.begin() as s:
+            attempt = s.get(store.Round, (key, round_id)).attempt
             for x in rejections:
-                s.add(store.Rejection(caller=x["bank"], federation=key, round_id=round_id, check=x["check"],
-                                      detail=x["detail"][:2000]))
+                s.add(store.Rejection(caller=x["bank"], federation=key, round_id=round_id, attempt=attempt,
+                                      check=x["check"], detail=x["detail"][:2000]))

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, inspect, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 # A task's life: pending -> fetched -> done | failed (the bank said why) | expired (its phase closed)
 OPEN_TASK_STATES = ("pending", "fetched")
-# A round's life: training -> evaluating -> registered, or failed at any point
+# A round's life: training -> evaluating -> registered, or failed at any point (then opened again: its next attempt)
 ROUND_STATES = ("training", "evaluating", "registered", "failed")
 
 
@@ -51,6 +51,9 @@ class Round(Base):
     deadline: Mapped[float] = mapped_column(Float)  # of the current phase
     version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # the one running or last run
+    banks: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # this attempt's; None: the plan's
+    earlier: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)  # failed attempts, in order
 
 
 class Task(Base):
@@ -58,6 +61,7 @@ class Task(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     federation: Mapped[str] = mapped_column(ForeignKey("federations.key"), index=True)
     round_id: Mapped[int] = mapped_column(Integer)  # 0: the federation's preparation (summaries)
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # of its round
     kind: Mapped[str] = mapped_column(String(32))
     bank: Mapped[str] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
@@ -80,6 +84,7 @@ class Rejection(Base):
     task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     federation: Mapped[str | None] = mapped_column(String(128), nullable=True)
     round_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # of its round
     check: Mapped[str] = mapped_column(String(32))  # too_large, malformed, wrong_sender, late, duplicate, ...
     detail: Mapped[str] = mapped_column(Text)
 
@@ -97,4 +102,22 @@ def open_database(url: str):
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    add_missing_columns(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def add_missing_columns(engine) -> list[str]:
+    """A database an earlier version created lacks the columns added since (each nullable or with a server
+    default): add them, so an upgraded service keeps its federations. Returns the columns added."""
+    added = []
+    tables = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in tables.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    default = f" DEFAULT {column.server_default.arg}" if column.server_default is not None else ""
+                    connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
+                                            f"{column.type.compile(engine.dialect)}{default}"))
+                    added.append(f"{table.name}.{column.name}")
+    return added

@@ -25,9 +25,11 @@ from pipelines.io import write_bytes
 log = logging.getLogger("fedfraud.service")
 
 
-def task_id(federation: str, round_id: int, kind: str, bank: str, part: str = "") -> str:
-    """``part`` tells apart several tasks of one kind for one bank in a round (cyclic acceptance, per turn)."""
-    key = f"{federation}/{round_id}/{kind}/{bank}" + (f"/{part}" if part else "")
+def task_id(federation: str, round_id: int, kind: str, bank: str, part: str = "", attempt: int = 1) -> str:
+    """``part`` tells apart several tasks of one kind for one bank in a round (cyclic acceptance, per turn);
+    ``attempt`` those of a round's attempts (a failed round opened again), in every phase."""
+    key = f"{federation}/{round_id}/{kind}/{bank}" + (f"/{part}" if part else "") + (
+        f"/attempt-{attempt}" if attempt > 1 else "")
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -137,17 +139,20 @@ class BankTasks:
         with self.Session.begin() as s:
             task = s.get(store.Task, tid) if tid else None
             s.add(store.Rejection(caller=caller, task_id=tid, federation=task.federation if task else None,
-                                  round_id=task.round_id if task else None, check=refused.check,
+                                  round_id=task.round_id if task else None, attempt=task.attempt if task else 1,
+                                  check=refused.check,
                                   detail=refused.detail[:2000]))
         log.warning("upload from %s refused by %s: %s", caller, refused.check, refused.detail)
 
     def _add_task(self, s, federation: store.Federation, round_id: int, kind: str, bank: str,
                   input_path: Path | None, result: Path, part: str = "") -> store.Task:
-        tid = task_id(federation.key, round_id, kind, bank, part)
+        row = s.get(store.Round, (federation.key, round_id)) if round_id else None
+        attempt = row.attempt if row is not None else 1
+        tid = task_id(federation.key, round_id, kind, bank, part, attempt)
         task = s.get(store.Task, tid)
         if task is None:
-            task = store.Task(id=tid, federation=federation.key, round_id=round_id, kind=kind, bank=bank,
-                              input_path=str(input_path) if input_path else None, result_path=str(result),
+            task = store.Task(id=tid, federation=federation.key, round_id=round_id, attempt=attempt, kind=kind,
+                              bank=bank, input_path=str(input_path) if input_path else None, result_path=str(result),
                               deadline=time.time() + self.config.deadline_seconds)
             s.add(task)
         return task

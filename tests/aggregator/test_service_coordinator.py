@@ -142,3 +142,86 @@ def test_every_round_state_fits_the_state_column():
     limit = store.Round.__table__.c.state.type.length
     assert all(len(state) <= limit for state in states), sorted(s for s in states if len(s) > limit)
     assert len({p.state for p in BANK_PHASES}) == len(BANK_PHASES)  # the service maps a state to its phase
+
+
+FIVE = ("alpha", "beta", "gamma", "delta", "epsilon")
+
+
+def fail(c, key: str, round_id: int, reason: str) -> None:
+    """Fail the round the way a phase does: its step raises; the coordinator records why."""
+    from aggregator.protocol.errors import RoundFailed
+
+    def step(federation, r):
+        raise RoundFailed(reason)
+
+    c._in_round(key, round_id, step)
+
+
+def test_a_failed_round_opens_again_as_its_next_attempt_with_the_healthy_banks_at_most_three_times(tmp_path):
+    from aggregator.service.attempts import MAX_ROUND_ATTEMPTS
+
+    c = make_coordinator(tmp_path, banks=FIVE, liveness_seconds=0.5)
+    c.start_federation("f1", request(banks=list(FIVE), crossval=False))
+    for bank in FIVE:
+        c.accept_result(bank, c.next_task(bank)["id"], summary(bank))
+    c.plan_federation("f1")
+    assert settle_counts(c, "f1", tmp_path, banks=FIVE)["state"] == "planned"
+    first = c.open_round("f1", 1)
+    assert (first["attempt"], first["banks"]) == (1, sorted(FIVE))
+    old = {bank: c.next_task(bank)["id"] for bank in FIVE}
+    c.accept_failure("delta", old["delta"], "BankDeclined: not today")
+    for bank in FIVE:
+        c.seen(bank)
+    time.sleep(0.6)
+    for bank in ("alpha", "beta", "delta", "epsilon"):  # gamma's agent fell silent
+        c.seen(bank)
+    fail(c, "f1", 1, "round 1: collective training failed (gamma's worker exited)")
+    assert refused(c.open_round, "f1", 2)[1] == "previous_round"
+
+    second = c.open_round("f1", 1)
+    assert (second["state"], second["attempt"], second["banks"]) == ("training", 2, ["alpha", "beta", "epsilon"])
+    assert c.open_round("f1", 1)["attempt"] == 2  # opening a running attempt again changes nothing
+    earlier = second["earlier_attempts"][0]
+    assert earlier["error"].startswith("round 1: collective training failed") and earlier["banks"] == sorted(FIVE)
+    assert earlier["tasks"]["delta"] == {"train": "failed"} and earlier["tasks"]["alpha"] == {"train": "expired"}
+    assert set(earlier["left_out"]) == {"gamma", "delta"} and "silent" in earlier["left_out"]["gamma"]
+    assert {b: t["train"] for b, t in second["tasks"].items()} == dict.fromkeys(["alpha", "beta", "epsilon"],
+                                                                                 "pending")
+    new = {bank: (c.next_task(bank) or {}).get("id") for bank in FIVE}
+    assert new["gamma"] is None and new["delta"] is None  # left out: nothing handed to them
+    assert all(new[b] != old[b] for b in ("alpha", "beta", "epsilon"))
+    assert refused(c.accept_result, "alpha", old["alpha"], b"{}") == (409, "late")
+    workspace = tmp_path / "agg" / "runs" / "f1" / "federations" / "m"
+    assert (workspace / "round-1.attempt-1" / "tasks" / "gamma.json").exists()  # attempt 1's files, kept aside
+    assert sorted(p.stem for p in (workspace / "round-1" / "tasks").glob("*.json")) == ["alpha", "beta", "epsilon"]
+    with c.Session() as s:
+        assert s.get(store.Task, old["alpha"]).input_path.startswith(str(workspace / "round-1.attempt-1"))
+
+    fail(c, "f1", 1, "round 1: attempt 2 failed")
+    time.sleep(0.6)
+    for bank in ("alpha", "beta"):  # epsilon silent: two left, the masked sums need three
+        c.seen(bank)
+    assert refused(c.open_round, "f1", 1) == (409, "below_quorum")
+    assert c.round_status("f1", 1)["state"] == "failed"
+    c.seen("epsilon")
+    third = c.open_round("f1", 1)
+    assert (third["attempt"], third["banks"]) == (3, ["alpha", "beta", "epsilon"])
+    assert len({c.next_task("alpha")["id"], new["alpha"], old["alpha"]}) == 3
+    fail(c, "f1", 1, "round 1: attempt 3 failed")
+    assert MAX_ROUND_ATTEMPTS == 3 and refused(c.open_round, "f1", 1) == (409, "round_attempts_exhausted")
+    status = c.round_status("f1", 1)
+    assert (status["state"], status["attempt"], len(status["earlier_attempts"])) == ("failed", 3, 2)
+
+
+def test_a_database_from_before_round_attempts_gets_their_columns(tmp_path):
+    from sqlalchemy import text
+
+    engine, _ = store.open_database(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as connection:
+        for table, column in (("rounds", "attempt"), ("rounds", "earlier"), ("tasks", "attempt")):
+            connection.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+    engine.dispose()
+    engine, _ = store.open_database(f"sqlite:///{tmp_path / 'old.db'}")
+    assert store.add_missing_columns(engine) == []  # added when opened
+    with engine.begin() as connection:
+        assert {row[1] for row in connection.execute(text("PRAGMA table_info(rounds)"))} >= {"attempt", "earlier"}
