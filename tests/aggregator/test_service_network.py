@@ -39,8 +39,9 @@ def wait(condition, timeout_s: float, what: str, interval: float = 0.3):
 class Stack:
     """The service and the agents, each its own process with its own log file."""
 
-    def __init__(self, root: Path, consortium, banks: list[str] = BANKS, deadline_s: float = DEADLINE_S):
-        self.root, self.consortium = root, consortium
+    def __init__(self, root: Path, consortium, banks: list[str] = BANKS, deadline_s: float = DEADLINE_S,
+                 agent_options: dict | None = None, **service_options):
+        self.root, self.consortium, self.agent_options = root, consortium, agent_options or {}
         self.certs = root / "certs"
         provision("testnet", ["aggregator", *banks], self.certs, days=2, operators=["airflow"])
         self.port = free_port()
@@ -52,7 +53,7 @@ class Stack:
             "database_url": f"sqlite:///{root / 'aggregator' / 'state.db'}", "tracking_uri": self.tracking_uri,
             "work_dir": str(root / "aggregator"), "tls": self._tls("aggregator"), "banks": banks,
             "operators": ["airflow"], "federated_host": "127.0.0.1", "deadline_seconds": deadline_s,
-            "tick_seconds": 0.2})
+            "tick_seconds": 0.2, **service_options})
 
     def _tls(self, name: str) -> dict[str, str]:
         folder = self.certs / name
@@ -76,7 +77,8 @@ class Stack:
         config = self._write(self.root / f"{bank}.yaml", {
             "bank": bank, "aggregator_url": self.url, "data": str(self.consortium.nodes[bank].raw_path),
             "work_dir": str(work), "tls": self._tls(bank), "long_poll_seconds": 2,
-            "retry": {"attempts": 300, "backoff_seconds": 0.25, "max_backoff_seconds": 1}})  # a loaded start
+            "retry": {"attempts": 300, "backoff_seconds": 0.25, "max_backoff_seconds": 1},  # a loaded start
+            **self.agent_options})
         self._start(bank, ["node", "run", "--config", str(config)])
 
     def start_service(self) -> None:
