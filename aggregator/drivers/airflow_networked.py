@@ -130,7 +130,8 @@ class NetworkedTasks:
         status = self._round_state(round_id, lambda s: s["tasks"].get(bank, {}).get(kind) in FINISHED_TASK
                                    or bank not in s["banks"], f"{bank}'s {kind} for round {round_id}")
         if bank not in status["banks"]:
-            left_out = (status["earlier_attempts"] or [{}])[-1].get("left_out", {}).get(bank, "not in its banks")
+            left_out = next((a["left_out"][bank] for a in reversed(status["earlier_attempts"])
+                             if bank in a.get("left_out", {})), "not in its banks")
             raise RuntimeError(f"{bank} is left out of attempt {status['attempt']} of round {round_id}: {left_out}")
         state = status["tasks"][bank][kind]
         if state != "done":
