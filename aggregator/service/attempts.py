@@ -4,7 +4,8 @@
 except those that are not healthy (``healthy_banks``): a bank whose agent has been silent for longer than
 ``liveness_seconds`` (the silence ``expire_silent_banks`` acts on; never heard from counts as silent), and a
 bank that left a task of the failed attempt unanswered (expired at its deadline or for its silence) or said
-it could not do it (failed). A task expired because the round failed names no bank. Banks rejected by a
+it could not do it (failed). A task expired because the round failed names no bank; of a histogram round's
+tasks (its workers all fail once one does) only a silent bank's, else the first failure reported. Banks rejected by a
 check stay: the new attempt checks again. Below the round's quorum (``Plan.masking_quorum``: ``min_banks``, and
 three for the masked sums every round ends with) the reopening is refused by name (``below_quorum``), as is
 an attempt beyond the bound (``round_attempts_exhausted``); the round then stays failed.
@@ -26,6 +27,7 @@ from aggregator.protocol.plan import Plan
 from aggregator.protocol.workspace import Workspace
 from aggregator.service import store
 from aggregator.service.intake import Refused
+from fedfraud.protocol import TaskKind
 from fedfraud.secagg.masking import MIN_PARTIES
 
 MAX_ROUND_ATTEMPTS = 3
@@ -44,13 +46,23 @@ def healthy_banks(s, row: store.Round, plan: Plan, liveness_s: float, started_at
         verdicts[bank] = ("its agent was never heard from" if last is None else
                           f"its agent silent for {silent:.0f}s (liveness {liveness_s:.0f}s)" if silent > liveness_s
                           else None)
-    for task in s.scalars(select(store.Task).where(
-            store.Task.federation == row.federation, store.Task.round_id == row.round_id,
-            store.Task.attempt == row.attempt, store.Task.state.in_(("failed", "expired")))
-            .order_by(store.Task.created_at)):
-        if verdicts.get(task.bank, "") is None and (task.state == "failed" or task.detail not in ROUND_WIDE_EXPIRY):
+    ended = [task for task in s.scalars(select(store.Task).where(
+        store.Task.federation == row.federation, store.Task.round_id == row.round_id,
+        store.Task.attempt == row.attempt, store.Task.state.in_(("failed", "expired")))
+        .order_by(store.Task.finished_at.is_(None), store.Task.finished_at, store.Task.created_at))
+        if task.state == "failed" or task.detail not in ROUND_WIDE_EXPIRY]
+    for task in _named_by_collective(ended):
+        if verdicts.get(task.bank, "") is None:
             verdicts[task.bank] = f"its {task.kind} task {task.state} in attempt {row.attempt} ({task.detail})"
     return verdicts
+
+
+def _named_by_collective(ended: list[store.Task]) -> list[store.Task]:
+    """The tasks that name their bank. Histogram workers all fail once one does: of those, a bank silent or past
+    its deadline is named, else only the first to report a failure."""
+    histogram = [task for task in ended if task.kind == TaskKind.HISTOGRAM]
+    named = [task for task in histogram if task.state == "expired"] or histogram[:1]
+    return [task for task in ended if task.kind != TaskKind.HISTOGRAM] + named
 
 
 def attempt_banks(row: store.Round, plan_banks: list[str]) -> list[str]:

@@ -225,3 +225,16 @@ def test_a_database_from_before_round_attempts_gets_their_columns(tmp_path):
     assert store.add_missing_columns(engine) == []  # added when opened
     with engine.begin() as connection:
         assert {row[1] for row in connection.execute(text("PRAGMA table_info(rounds)"))} >= {"attempt", "earlier"}
+
+
+def test_of_a_histogram_rounds_tasks_a_silent_bank_is_named_else_only_the_first_failure_reported():
+    """Every histogram worker fails once one does: the others' failure reports name no bank."""
+    from aggregator.service.attempts import _named_by_collective
+
+    def task(bank: str, kind: str, state: str, detail: str = "") -> store.Task:
+        return store.Task(id=f"{bank}-{kind}", bank=bank, kind=kind, state=state, detail=detail)
+
+    first, second = task("alpha", "histogram", "failed"), task("beta", "histogram", "failed")
+    silent, declined = task("gamma", "histogram", "expired", "gamma silent for 12s"), task("delta", "train", "failed")
+    assert _named_by_collective([first, second, silent, declined]) == [declined, silent]
+    assert _named_by_collective([first, second]) == [first]
