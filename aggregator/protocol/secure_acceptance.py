@@ -101,7 +101,7 @@ def _write_round_keys(r: RoundState, k: dict) -> None:
 
 def _open_round_keys(r: RoundState) -> dict:
     k = {"session": f"{r.plan.federation_id}/round-{r.round_id}/accept/{secrets.token_hex(8)}",
-         "banks": sorted(r.plan.banks), "holding": []}
+         "banks": sorted(r.banks), "holding": []}
     write_bytes(KeyRequest(k["session"], k["banks"]).to_bytes(), _keys_folder(r) / "request.json")
     _write_round_keys(r, k)
     return k
