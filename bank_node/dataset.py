@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from bank_node.free_memory import release_free_memory
 from pipelines.contract import LABEL
 
 
@@ -171,7 +172,7 @@ def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fra
         holdout_start = pd.Timestamp(first.column("event_time")[0].as_py()).isoformat()
         holdout_first_id = str(first.column("transaction_id")[0].as_py())
     matrices = _float32_rows(source, feature_names, parts, None if spill_dir is None else Path(spill_dir))
-    return BankDataset(
+    data = BankDataset(
         feature_names=list(feature_names),
         X_train=matrices["train"],
         y_train=y["train"],
@@ -180,6 +181,9 @@ def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fra
         holdout_start=holdout_start,
         holdout_first_id=holdout_first_id,
     )
+    del parts, matrices, source
+    release_free_memory()  # the columns read and the row order: ~200 MB kept by the allocators at 10M rows
+    return data
 
 
 def spark_training_rows(spark, features_dir: str | Path, data: BankDataset):

@@ -8,12 +8,14 @@ model's margin on the raw rows as ``base_margin`` (predicting it on the quantize
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
 import xgboost as xgb
 
 from bank_node.dataset import BATCH_ROWS, row_batches
+from bank_node.free_memory import release_free_memory
 from fedfraud import model_json
 from fedfraud.wire import CLEAR_COUNTS, ModelUpdate, TrainTask
 
@@ -87,14 +89,25 @@ def train_trees(task: TrainTask, X: np.ndarray, y: np.ndarray, feature_names: li
     params = {**BASE_PARAMS, **task.params}
     max_bin = int(params.get("max_bin", 256))
     if not task.base_model:
-        matrix = training_matrix(X, y, feature_names, max_bin, cache_dir=cache_dir)
+        matrix = _quantized(training_matrix(X, y, feature_names, max_bin, cache_dir=cache_dir))
         return xgb.train(params, matrix, num_boost_round=task.num_trees, obj=obj)
     params.pop("base_score", None)  # the global model fixes it for every bank
     margin = predict_rows(model_json.to_booster(task.base_model), X, feature_names, output_margin=True)
+    release_free_memory()  # the batches scored
     matrix = training_matrix(X, y, feature_names, max_bin, margin, cache_dir)
+    del margin  # XGBoost holds its copy (base_margin)
+    matrix = _quantized(matrix)
     start = model_json.to_booster(model_json.empty_like(task.base_model))
     new = xgb.train(params, matrix, num_boost_round=task.num_trees, xgb_model=start, obj=obj)
     return model_json.to_booster(model_json.append_trees(task.base_model, model_json.to_doc(new)))
+
+
+def _quantized(matrix: xgb.DMatrix) -> xgb.DMatrix:
+    """``matrix`` once what built it is gone: ``RowBatches`` (its labels and margin) is freed only by a
+    collection (its XGBoost callbacks refer back to it), and the batches and sketches by a release."""
+    gc.collect()
+    release_free_memory()
+    return matrix
 
 
 _SKLEARN_NAMES = {"eta": "learning_rate", "seed": "random_state"}
