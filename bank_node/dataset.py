@@ -87,16 +87,30 @@ def _float32_rows(source: ds.Dataset, feature_names: list[str], parts: dict[str,
     else:
         Path(spill_dir).mkdir(parents=True, exist_ok=True)
         files = {part: tempfile.TemporaryFile(dir=spill_dir, prefix=f"{part}-") for part in parts}
+    pool = pa.default_memory_pool()
     for j, name in enumerate(feature_names):
-        values = pc.cast(source.to_table(columns=[name]).column(0), pa.float64()).to_numpy(zero_copy_only=False)
+        values = _float32_column(source.to_table(columns=[name]).column(0))
         for part, rows in parts.items():
             if spill_dir is None:
                 matrices[part][:, j] = values[rows]
             else:
-                files[part].write(values[rows].astype(np.float32).tobytes())
+                files[part].write(values[rows])
+        del values
+        pool.release_unused()  # else Arrow's pool keeps the pages of every column read so far (~200 MB at 10M)
     if spill_dir is None:
         return matrices
     return {part: _mapped(files[part], shapes[part]) for part in parts}
+
+
+_EXACT_IN_FLOAT32 = (pa.float32(), pa.int8(), pa.int16(), pa.int32(), pa.uint8(), pa.uint16(), pa.bool_())
+
+
+def _float32_column(column: pa.ChunkedArray) -> np.ndarray:
+    """A feature column as float32, nulls as NaN: the value of float32(float64(x)), without a float64 copy
+    of the column where numpy's cast gives it directly (floats, small integers, booleans)."""
+    if column.type in _EXACT_IN_FLOAT32 or column.type == pa.float64():
+        return column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float32)
 
 
 def _mapped(handle, shape: tuple[int, int]) -> np.ndarray:
@@ -146,6 +160,21 @@ def feature_rows(features_dir: str | Path, feature_names: list[str]) -> tuple[pa
     return keys.column("transaction_id").take(order), _float32_rows(source, feature_names, {"all": rows})["all"]
 
 
+def _labelled(label: pa.ChunkedArray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions (in ``order``) of the rows with a label, and their labels as int32. One int32 copy of the
+    labels, not float64 ones: at 10M rows the float64 copies made the load's peak."""
+    known = None if label.null_count == 0 else pc.is_valid(label).to_numpy(zero_copy_only=False)
+    values = label if known is None else pc.fill_null(label, pa.scalar(0).cast(label.type))
+    if pa.types.is_floating(values.type):  # a float label: NaN is "no label" too
+        nan = pc.is_nan(values)
+        numbered = ~nan.to_numpy(zero_copy_only=False)
+        known = numbered if known is None else known & numbered
+        values = pc.if_else(nan, pa.scalar(0, values.type), values)
+    values = values.to_numpy(zero_copy_only=False).astype(np.int32)
+    labelled = order if known is None else order[known[order]]
+    return labelled, values[labelled]
+
+
 def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fraction: float,
                  spill_dir: str | Path | None = None) -> BankDataset:
     """Labelled rows only, ordered by time then id; the latest ``holdout_fraction`` of them is the holdout.
@@ -158,13 +187,11 @@ def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fra
     order = _time_order(source)
     if order is None:
         order = _ordered(source)[1].to_numpy()
-    label = source.to_table(columns=[LABEL]).column(0).to_numpy(zero_copy_only=False)[order]
-    labelled = order[~np.isnan(label)] if label.dtype.kind == "f" else order
-    y = label[~np.isnan(label)] if label.dtype.kind == "f" else label
-    del order, label
+    labelled, y = _labelled(source.to_table(columns=[LABEL]).column(0), order)
+    del order
     cut = int(round(len(labelled) * (1.0 - holdout_fraction)))
     parts = {"train": labelled[:cut], "holdout": labelled[cut:]}
-    y = {"train": y[:cut].astype(np.int32), "holdout": y[cut:].astype(np.int32)}
+    y = {"train": y[:cut], "holdout": y[cut:]}
     del labelled
     holdout_start = holdout_first_id = None
     if len(parts["holdout"]):
