@@ -78,3 +78,40 @@ def test_load_dataset_without_labelled_rows_has_no_holdout(tmp_path):
     data = load_dataset(folder, NAMES, 0.2)
     assert data.X_train.shape == (0, 3) and data.X_holdout.shape == (0, 3)
     assert data.holdout_start is None and data.holdout_first_id is None
+
+
+def test_every_column_type_the_features_use_loads_as_float32_of_its_float64(tmp_path):
+    """The feature pipeline writes float32, int8 and int32 columns (read without a float64 copy where exact)
+    and may write others; a float label's NaN is no label, as a null is. Spilled or not, the same matrices."""
+    rng = np.random.default_rng(11)
+    rows = 503
+    nulls = lambda values: [None if r < 0.07 else v for r, v in zip(rng.random(rows), values)]  # noqa: E731
+    columns = {
+        "f32": pa.array(nulls(rng.normal(0, 1e6, rows).tolist()), pa.float32()),
+        "f64": pa.array(nulls((rng.random(rows) * 1000.123456789).tolist()), pa.float64()),
+        "i8": pa.array(nulls(rng.integers(-128, 128, rows).tolist()), pa.int8()),
+        "i32": pa.array(nulls(rng.integers(-2**31, 2**31, rows).tolist()), pa.int32()),  # not exact in float32
+        "u16": pa.array(nulls(rng.integers(0, 2**16, rows).tolist()), pa.uint16()),
+        "i64": pa.array(nulls(rng.integers(-2**53, 2**53, rows).tolist()), pa.int64()),
+        "flag": pa.array(nulls((rng.random(rows) > 0.5).tolist()), pa.bool_()),
+    }
+    labels = [None if r < 0.05 else float("nan") if r < 0.1 else float(r > 0.8) for r in rng.random(rows)]
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    table = pa.table({"transaction_id": [f"t{i:04d}" for i in range(rows)],
+                      "event_time": pa.array([start + timedelta(minutes=int(m)) for m in rng.integers(0, 90, rows)],
+                                             pa.timestamp("us", tz="UTC")),
+                      LABEL: pa.array(labels, pa.float64()), **columns})
+    (tmp_path / "features").mkdir()
+    pq.write_table(table, tmp_path / "features" / "part-0.parquet")
+    names = list(columns)
+    frame = _sorted_table(tmp_path / "features")
+    labelled = frame[frame[LABEL].notna()]  # pandas: NaN and null alike
+    cut = int(round(len(labelled) * 0.75))
+    expected = labelled[names].astype(np.float64).to_numpy(dtype=np.float32, na_value=np.nan)
+    for spill in (None, tmp_path / "spill"):
+        data = load_dataset(tmp_path / "features", names, 0.25, spill)
+        np.testing.assert_array_equal(data.X_train, expected[:cut])
+        np.testing.assert_array_equal(data.X_holdout, expected[cut:])
+        np.testing.assert_array_equal(data.y_train, labelled[LABEL].to_numpy(np.int32)[:cut])
+        np.testing.assert_array_equal(data.y_holdout, labelled[LABEL].to_numpy(np.int32)[cut:])
+        assert data.y_train.dtype == np.int32
