@@ -45,6 +45,9 @@ def _ordered(source: ds.Dataset) -> tuple[pa.Table, pa.Array]:
     return keys, pc.sort_indices(keys, sort_keys=[("event_time", "ascending"), ("transaction_id", "ascending")])
 
 
+_TIE_CHUNK = 1 << 20  # sorted times compared per chunk when looking for ties
+
+
 def _time_order(source: ds.Dataset) -> np.ndarray | None:
     """Row positions by event time, then transaction id, reading the ids only of rows that tie in time
     (a few in a million): the ids of every row took more memory than the bank's training (issue 14).
@@ -54,18 +57,20 @@ def _time_order(source: ds.Dataset) -> np.ndarray | None:
         return None
     times = times.cast(pa.int64()).to_numpy()
     order = np.argsort(times, kind="stable")
-    ordered_times = times[order]
-    del times
-    same = ordered_times[1:] == ordered_times[:-1]
     tied = np.zeros(len(order), dtype=bool)
-    tied[1:] |= same
-    tied[:-1] |= same
+    for start in range(0, len(order), _TIE_CHUNK):  # the sorted times a chunk at a time, not a copy of them all
+        chunk = times[order[start:start + _TIE_CHUNK + 1]]
+        same = chunk[1:] == chunk[:-1]
+        tied[start + 1:start + len(chunk)] |= same
+        tied[start:start + len(chunk) - 1] |= same
     if not tied.any():
         return order
     slots = np.flatnonzero(tied)
     rows = order[slots]
+    tied_times = times[rows]
+    del times
     ids = source.take(pa.array(rows), columns=["transaction_id"]).column(0)
-    ties = pa.table({"t": ordered_times[slots], "id": ids})
+    ties = pa.table({"t": tied_times, "id": ids})
     order[slots] = rows[pc.sort_indices(ties, sort_keys=[("t", "ascending"), ("id", "ascending")]).to_numpy()]
     return order
 

@@ -115,3 +115,16 @@ def test_every_column_type_the_features_use_loads_as_float32_of_its_float64(tmp_
         np.testing.assert_array_equal(data.y_train, labelled[LABEL].to_numpy(np.int32)[:cut])
         np.testing.assert_array_equal(data.y_holdout, labelled[LABEL].to_numpy(np.int32)[cut:])
         assert data.y_train.dtype == np.int32
+
+
+def test_ties_found_across_chunk_edges(tmp_path, monkeypatch):
+    """Ties in time are looked for a chunk of sorted times at a time: runs of equal times across chunk edges
+    are still ordered by id (chunks of 1, 2, 7 rows: every edge cuts a run somewhere)."""
+    import bank_node.dataset as dataset
+
+    _write_parts(tmp_path / "features")
+    source = dataset.ds.dataset(str(tmp_path / "features"), format="parquet")
+    expected = dataset._ordered(source)[1].to_numpy()
+    for chunk in (1, 2, 7):
+        monkeypatch.setattr(dataset, "_TIE_CHUNK", chunk)
+        np.testing.assert_array_equal(dataset._time_order(source), expected)
