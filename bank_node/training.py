@@ -22,9 +22,6 @@ from fedfraud.wire import CLEAR_COUNTS, ModelUpdate, TrainTask
 # Above this many training rows a bank's node trains from pages on disk (``ExtMemQuantileDMatrix``): the
 # in-memory QuantileDMatrix of rows with missing values keeps 4 bytes a value (~1.4 GB at 8M rows x 44).
 EXTERNAL_MEMORY_ROWS = 2_000_000
-# Rows per page on disk: XGBoost keeps a few pages in memory while it builds and reads them (prefetch), so
-# smaller pages lower the peak (1M rows: +75 MiB to build, not +134 at 131,072 rows a page); same model.
-EXTERNAL_MEMORY_BATCH_ROWS = 32_768
 BASE_PARAMS = {"objective": "binary:logistic", "tree_method": "hist", "eval_metric": "aucpr", "nthread": 2}
 
 
@@ -59,7 +56,7 @@ class RowBatches(xgb.DataIter):
 
 def training_matrix(X: np.ndarray, y: np.ndarray, feature_names: list[str], max_bin: int,
                     margin: np.ndarray | None = None, cache_dir: str | Path | None = None,
-                    page_rows: int = EXTERNAL_MEMORY_BATCH_ROWS) -> xgb.DMatrix:
+                    page_rows: int = BATCH_ROWS) -> xgb.DMatrix:
     """(X, y) quantized for ``hist`` from row batches, ``margin`` as ``base_margin``. In memory
     (``QuantileDMatrix``), or with ``cache_dir`` in pages of ``page_rows`` rows on disk there
     (``ExtMemQuantileDMatrix``)."""

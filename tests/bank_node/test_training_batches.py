@@ -87,7 +87,7 @@ def test_batch_size_and_external_memory_do_not_change_the_model(tmp_path):
     assert models[0] == models[1] == models[2]
     external = train_trees(t, X, y, NAMES, cache_dir=tmp_path / "cache")
     assert model_json.to_doc(external) == model_json.to_doc(train_trees(t, X, y, NAMES))
-    for page_rows in (1000, 777):  # several pages on disk (the node's pages are EXTERNAL_MEMORY_BATCH_ROWS rows)
+    for page_rows in (1000, 777):  # several pages on disk: the same model
         paged = training_matrix(X, y, NAMES, 64, margin, tmp_path / f"pages-{page_rows}", page_rows)
         assert model_json.to_doc(xgb.train(params, paged, num_boost_round=5, xgb_model=start)) == models[0]
 
