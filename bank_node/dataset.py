@@ -56,6 +56,7 @@ def _time_order(source: ds.Dataset) -> np.ndarray | None:
     if times.null_count:
         return None
     times = times.cast(pa.int64()).to_numpy()
+    release_free_memory()  # the Arrow column, now copied: else its pages stay under everything that follows
     order = np.argsort(times, kind="stable")
     tied = np.zeros(len(order), dtype=bool)
     for start in range(0, len(order), _TIE_CHUNK):  # the sorted times a chunk at a time, not a copy of them all
@@ -92,7 +93,6 @@ def _float32_rows(source: ds.Dataset, feature_names: list[str], parts: dict[str,
     else:
         Path(spill_dir).mkdir(parents=True, exist_ok=True)
         files = {part: tempfile.TemporaryFile(dir=spill_dir, prefix=f"{part}-") for part in parts}
-    pool = pa.default_memory_pool()
     for j, name in enumerate(feature_names):
         values = _float32_column(source.to_table(columns=[name]).column(0))
         for part, rows in parts.items():
@@ -101,7 +101,7 @@ def _float32_rows(source: ds.Dataset, feature_names: list[str], parts: dict[str,
             else:
                 files[part].write(values[rows])
         del values
-        pool.release_unused()  # else Arrow's pool keeps the pages of every column read so far (~200 MB at 10M)
+        release_free_memory()  # else Arrow's pool keeps the pages of every column read so far (~200 MB at 10M)
     if spill_dir is None:
         return matrices
     return {part: _mapped(files[part], shapes[part]) for part in parts}
@@ -194,6 +194,7 @@ def load_dataset(features_dir: str | Path, feature_names: list[str], holdout_fra
         order = _ordered(source)[1].to_numpy()
     labelled, y = _labelled(source.to_table(columns=[LABEL]).column(0), order)
     del order
+    release_free_memory()
     cut = int(round(len(labelled) * (1.0 - holdout_fraction)))
     parts = {"train": labelled[:cut], "holdout": labelled[cut:]}
     y = {"train": y[:cut], "holdout": y[cut:]}
