@@ -121,6 +121,23 @@ def toy_label_sums(nodes, banks) -> dict:
             "holdout_positives": sum(int(nodes[b].data.y_holdout.sum()) for b in banks)}
 
 
+def toy_cyclic_federation(root, nodes, banks, settings, rounds: int):
+    """(plan, aggregator workspace) of a settled cyclic federation over the toy banks, their summaries written."""
+    from aggregator.protocol.plan import Plan
+    from aggregator.protocol.workspace import Workspace
+    from fedfraud.settings import consortium_params
+
+    counts = toy_counts(nodes, banks)
+    plan = Plan(model_name="m", strategy="cyclic", rounds=rounds, seed=1, settings=settings, contract_hash="h",
+                feature_names=TOY_FEATURES, banks=banks, excluded={},
+                consortium_params=consortium_params(settings, 50, 500), federation_id="fed0", counts=counts,
+                label_sums=toy_label_sums(nodes, banks))
+    ws = Workspace(root / "aggregator", "m")
+    for bank in banks:
+        ws.write_json({"counts": counts[bank]}, ws.summary_path(bank))
+    return plan, ws
+
+
 def _e2e_settings():
     from fedfraud.settings import FederationSettings
 

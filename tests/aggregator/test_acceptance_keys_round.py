@@ -4,15 +4,13 @@ bank that drops at a later turn re-run under a new label with the others, who ho
 
 from __future__ import annotations
 
-from conftest import TOY_FEATURES, four_toy_banks, masked_toy_nodes, toy_counts, toy_label_sums
+from conftest import four_toy_banks, masked_toy_nodes, toy_cyclic_federation
 
 from aggregator.protocol import phases, records
 from aggregator.protocol import secure_acceptance as secure
-from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
-from aggregator.protocol.workspace import Workspace
 from fedfraud import model_json
-from fedfraud.settings import FederationSettings, consortium_params
+from fedfraud.settings import FederationSettings
 
 BANKS = ["alpha", "beta", "delta", "gamma"]
 SETTINGS = FederationSettings(max_depth=3, trees_per_round=4)  # masked acceptance, as deployed
@@ -46,14 +44,7 @@ class Counting:
 def federate(tmp_path, toy_banks, rounds=(1, 2), silent=None):
     nodes = {b: Counting(n, (silent or {}).get(b, ())) for b, n in
              masked_toy_nodes(four_toy_banks(toy_banks), tmp_path, BANKS).items()}
-    counts = toy_counts(nodes, BANKS)
-    plan = Plan(model_name="m", strategy="cyclic", rounds=len(rounds), seed=1, settings=SETTINGS, contract_hash="h",
-                feature_names=TOY_FEATURES, banks=BANKS, excluded={},
-                consortium_params=consortium_params(SETTINGS, 50, 500), federation_id="fed0", counts=counts,
-                label_sums=toy_label_sums(nodes, BANKS))
-    ws = Workspace(tmp_path / "aggregator", "m")
-    for bank in BANKS:
-        ws.write_json({"counts": counts[bank]}, ws.summary_path(bank))
+    plan, ws = toy_cyclic_federation(tmp_path, nodes, BANKS, SETTINGS, rounds=len(rounds))
     per_round, ids = [], []
     for round_id in rounds:
         before = {b: (n.offers_made, n.offers_received, n.questions) for b, n in nodes.items()}

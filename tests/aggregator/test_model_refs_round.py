@@ -7,16 +7,15 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import TOY_FEATURES, four_toy_banks, toy_counts, toy_label_sums, with_toy_data
+from conftest import four_toy_banks, toy_cyclic_federation, with_toy_data
 
 from aggregator.protocol import model_refs, phases, traffic
-from aggregator.protocol.plan import Plan
 from aggregator.protocol.state import RoundState
 from aggregator.protocol.workspace import Workspace
 from bank_node.masked_evaluation import SecAggCredentials
 from bank_node.node import BankNode
 from fedfraud import model_json, pki
-from fedfraud.settings import FederationSettings, consortium_params
+from fedfraud.settings import FederationSettings
 
 BANKS = ["alpha", "beta", "delta", "gamma"]
 SETTINGS = FederationSettings(max_depth=3, trees_per_round=4)  # masked acceptance, as deployed
@@ -37,14 +36,7 @@ def make_nodes(tmp_path, toy_banks) -> dict[str, BankNode]:
 def federate(tmp_path, toy_banks, restart_before_round_2=False) -> tuple[list[str], list[dict], Workspace]:
     """Two cyclic rounds' training stages; each round's model id and traffic."""
     nodes = make_nodes(tmp_path, toy_banks)
-    counts = toy_counts(nodes, BANKS)
-    plan = Plan(model_name="m", strategy="cyclic", rounds=2, seed=1, settings=SETTINGS, contract_hash="h",
-                feature_names=TOY_FEATURES, banks=BANKS, excluded={},
-                consortium_params=consortium_params(SETTINGS, 50, 500), federation_id="fed0", counts=counts,
-                label_sums=toy_label_sums(nodes, BANKS))
-    ws = Workspace(tmp_path / "aggregator", "m")
-    for bank in BANKS:
-        ws.write_json({"counts": counts[bank]}, ws.summary_path(bank))
+    plan, ws = toy_cyclic_federation(tmp_path, nodes, BANKS, SETTINGS, rounds=2)
     ids, sent = [], []
     for round_id in (1, 2):
         if round_id == 2 and restart_before_round_2:
