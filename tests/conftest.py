@@ -121,6 +121,22 @@ def toy_label_sums(nodes, banks) -> dict:
             "holdout_positives": sum(int(nodes[b].data.y_holdout.sum()) for b in banks)}
 
 
+def assert_masked(words, plain) -> None:
+    """``words`` (uint64) look like noise next to the ``plain`` words they mask: no word left as its plain word,
+    balanced bits and no correlation with the plain values, each within six standard deviations of what uniformly
+    random words give (the bounds widen with fewer words, so a short vector cannot fail by chance)."""
+    import numpy as np
+
+    words, plain = np.asarray(words, dtype=np.uint64), np.asarray(plain).astype(np.uint64)
+    assert words.shape == plain.shape and words.size > 0
+    assert not np.any(words == plain), "a word went out unmasked"
+    bits = np.unpackbits(words.view(np.uint8))
+    assert abs(bits.mean() - 0.5) < 6 * 0.5 / np.sqrt(bits.size), bits.mean()
+    if words.size > 2 and np.ptp(plain.view(np.int64)) > 0:
+        r = np.corrcoef(words.astype(np.float64), plain.view(np.int64).astype(np.float64))[0, 1]
+        assert abs(r) < 6 / np.sqrt(words.size), (r, words.size)
+
+
 def toy_cyclic_federation(root, nodes, banks, settings, rounds: int):
     """(plan, aggregator workspace) of a settled cyclic federation over the toy banks, their summaries written."""
     from aggregator.protocol.plan import Plan

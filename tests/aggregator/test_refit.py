@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TOY_FEATURES, four_toy_banks, masked_toy_nodes, toy_counts, toy_label_sums
+from conftest import TOY_FEATURES, assert_masked, four_toy_banks, masked_toy_nodes, toy_counts, toy_label_sums
 
 from aggregator.protocol import refit
 from aggregator.protocol.errors import PhaseRerun
@@ -22,7 +22,7 @@ from bank_node.training import dmatrix
 from fedfraud import leaf_refit, model_json
 from fedfraud.model_guard import ModelLimits, consortium_header, rebuild_model
 from fedfraud.secagg.keys import KeyAgreementRefused
-from fedfraud.secagg.masking import MaskReuse, words_from_text
+from fedfraud.secagg.masking import MaskReuse, encode, words_from_text
 from fedfraud.settings import FederationSettings, consortium_params
 from fedfraud.wire import KeyRequest, MaskedRefitSums, ModelUpdate, RefitTask, TrainTask
 
@@ -105,12 +105,11 @@ def test_the_refit_cuts_each_block_and_lowers_the_pooled_training_loss(tmp_path,
     # the aggregator never holds one bank's sums: each answer is uniformly random words
     stored = b"".join(p.read_bytes() for p in (tmp_path / "aggregator").rglob("*") if p.is_file())
     for bank in BANKS:
-        G, H, _ = masked_refit.leaf_sums(cut, nodes[bank].data.X_train, nodes[bank].data.y_train, TOY_FEATURES)
+        G, H, loss = masked_refit.leaf_sums(cut, nodes[bank].data.X_train, nodes[bank].data.y_train, TOY_FEATURES)
         answer = MaskedRefitSums.from_bytes(
             (r.ws.round_dir(1) / "refit" / "step-0" / f"{bank}.answer.json").read_bytes())
         words = words_from_text(answer.words, 2 * len(G) + 1)
-        assert abs(np.unpackbits(words.view(np.uint8)).mean() - 0.5) < 0.03
-        assert abs(np.corrcoef(words[len(G):2 * len(G)].astype(np.float64), H)[0, 1]) < 0.3
+        assert_masked(words, encode(np.concatenate([G, H, [loss]]), leaf_refit.FRAC_BITS))
         assert json.dumps(round(float(H[0]), 6)).encode() not in stored
     assert "x25519" not in " ".join(p.name for p in (tmp_path / "aggregator").rglob("*"))
 
