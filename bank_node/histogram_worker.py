@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bank_node.child_process import server_watch, watchdog
+from bank_node.collective_bytes import WIRE_FILE
 from bank_node.policy import ALLOW_UNMASKED_ENV
 from bank_node.kept_worker import persistent_round, stop_live_workers  # noqa: F401
 from bank_node.worker_process import LAUNCH, SIDECAR_LAUNCH, WorkerFailed, WorkerProcess, _launch  # noqa: F401
@@ -131,8 +132,8 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
     folder = Path(work_dir) / "histogram"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / name for name in ("task.json", "job.json", "progress", "update.json", "worker.log",
-                                              "sidecar.log", "sidecar.address", "collectives.jsonl")}
-    for stale in ("progress", "update.json", "sidecar.address", "collectives.jsonl"):
+                                              "sidecar.log", "sidecar.address", "collectives.jsonl", WIRE_FILE)}
+    for stale in ("progress", "update.json", "sidecar.address", "collectives.jsonl", WIRE_FILE):
         paths[stale].unlink(missing_ok=True)
     paths["x.npy"], paths["y.npy"] = _binned_rows(folder, dataset, bins)
     paths["task.json"].write_bytes(task_bytes)
@@ -153,7 +154,7 @@ def start_worker(work_dir: Path, dataset, contract_hash: str, task_bytes: bytes,
             if session.tls and tls else None,
             "session_id": session.secagg_session, "address_file": str(paths["sidecar.address"]),
             "audit": str(paths["collectives.jsonl"]), "timeout_s": session.timeout_s, "max_bytes": MAX_MESSAGE_BYTES,
-            "parent_pid": os.getpid(), "privacy": private and private.noise.to_dict(),
+            "parent_pid": os.getpid(), "privacy": private and private.noise.to_dict(), "wire": str(paths[WIRE_FILE]),
             "egress": str(folder / "egress.jsonl") if os.environ.get(RECORD_EGRESS_ENV) == "1" else None}
     if session.world_id:  # kept for the world: one process per bank for all its rounds
         return persistent_round(folder, paths, job, session, task_bytes, bins.digest,

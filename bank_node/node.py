@@ -262,6 +262,7 @@ class BankNode:
 
     def train_histogram(self, task_bytes: bytes, session_bytes: bytes) -> bytes:
         """Join a collective round in a worker process of this bank; return its update's bytes."""
+        from bank_node.collective_bytes import WIRE_FILE, session_count, with_collective_bytes
         from bank_node.histogram_worker import ClientTLS, HistogramSession, start_worker
 
         task = self.accepted_task(task_bytes)
@@ -279,9 +280,11 @@ class BankNode:
                               private=private)
         self._histogram_worker = worker
         try:
-            return worker.result()
+            update = worker.result()
         finally:
             self._histogram_worker = None
+        counted = session_count(self.work_dir / "histogram" / WIRE_FILE, session.secagg_session)
+        return with_collective_bytes(update, counted)  # the sidecar's bytes with the server, this session's
 
     def abort_histogram(self) -> None:
         """Kill this bank's running worker, if any (the round failed elsewhere)."""

@@ -24,6 +24,7 @@ worker's calls then go upstream one sequence number later. No key ever touches d
 Every request and reply is parsed bounded and rebuilt from its allowed fields
 (``fedfraud.secagg.federated_wire``); a request claiming another rank is refused. After any
 refusal the session is broken: every later call is refused too, so no partial sum goes out.
+Every upstream call's bytes count towards the session's total (``bank_node.collective_bytes``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from bank_node.child_process import publish, server_watch, watchdog
+from bank_node.collective_bytes import WireCount
 from fedfraud.secagg import federated_wire as fw
 from fedfraud.secagg.masking import (
     FRAC_BITS, MIN_PARTIES, WORD_LIMIT, FixedPointOverflow, PairwiseMasker, SecureAggregationError, TooFewParties,
@@ -326,12 +328,15 @@ def run(job_path: str, stdin=None) -> None:
     stubs = {m: channel.unary_unary(f"/{fw.SERVICE}/{m}") for m in fw.METHODS}
 
     egress = Path(job["egress"]) if job.get("egress") else None
+    wire = WireCount(job.get("wire"))  # the session's bytes both ways, reported with the bank's update
 
     def forward(method: str, data: bytes) -> bytes:
         if egress is not None:  # the bank's own record of every byte it sends its aggregator on this channel
             with open(egress, "a") as handle:
                 handle.write(json.dumps({"method": method, "request": base64.b64encode(data).decode()}) + "\n")
-        return stubs[method](data, timeout=max(1.0, deadline[0] - time.monotonic()), wait_for_ready=True)
+        reply = stubs[method](data, timeout=max(1.0, deadline[0] - time.monotonic()), wait_for_ready=True)
+        wire.add(len(data), len(reply))
+        return reply
 
     audit_path = Path(job["audit"])
 
@@ -345,8 +350,9 @@ def run(job_path: str, stdin=None) -> None:
     secrets_in = json.loads((stdin.readline() if persistent else stdin.read()) or "{}")
     identity = _credentials(job["bank"], secrets_in["credentials"]) if "credentials" in secrets_in else None
     if persistent:
-        return _serve_world(job, proxy, secrets_in, identity, deadline, stdin, max_bytes)
+        return _serve_world(job, proxy, secrets_in, identity, deadline, stdin, max_bytes, wire)
     ready = time.monotonic()
+    wire.start(job["session_id"])
     proxy.rekey(job["session_id"], secrets_in, identity, job.get("privacy"))
     server, port = _serve(proxy, max_bytes)
     publish(Path(job["address_file"]), f"127.0.0.1:{port}")
@@ -357,7 +363,7 @@ def run(job_path: str, stdin=None) -> None:
 
 
 def _serve_world(job: dict, proxy: MaskingProxy, secrets_in: dict, identity, deadline: list, stdin,
-                 max_bytes: int) -> None:
+                 max_bytes: int, wire: WireCount) -> None:
     """A kept sidecar: serve the worker for the whole world, agreeing fresh keys for every round's session."""
     import time
     from pathlib import Path
@@ -369,6 +375,7 @@ def _serve_world(job: dict, proxy: MaskingProxy, secrets_in: dict, identity, dea
         command = json.loads(line)
         deadline[0] = time.monotonic() + float(command["timeout_s"])
         started = time.monotonic()
+        wire.start(command["session_id"])  # the round's bytes from its key agreement on
         proxy.rekey(command["session_id"], {**secrets_in, **command}, identity, command.get("noise"))
         publish(Path(job["keyed_file"]), command["session_id"])
         print(f"secagg sidecar for {job['bank']}: keys for {command['session_id']} in "

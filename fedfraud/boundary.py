@@ -94,7 +94,9 @@ OUTGOING: dict[str, Fields] = {
                        "holdout_start": OneOf((str, None))}),
     "update": Fields({"bank": str, "round_id": int, "base_model_id": str, "contract_hash": str, "seed": int,
                       "counts": COUNTS, "metrics": METRICS, "model": MODEL,
-                      "privacy_epsilon": float}),  # only from a bank that trains privately (bank_node/privacy.py)
+                      "privacy_epsilon": float,  # only from a bank that trains privately (bank_node/privacy.py)
+                      # histogram rounds: bytes the bank's sidecar exchanged with the federated server (a count)
+                      "collective_bytes": Fields({"sent": int, "received": int})}),
     "key offer": Fields({"bank": str, "session": str, "public_key": BASE64, "certificate": str, "signature": BASE64}),
     # planning: the bank's label counts (positives, holdout positives) as pairwise-masked words
     "masked counts": Fields({"bank": str, "session": str, "words": BASE64}),

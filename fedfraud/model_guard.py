@@ -285,6 +285,6 @@ def parse_update_bytes(data: Any, limits: ModelLimits, header: ConsortiumHeader,
     except RecursionError:
         raise ModelRefused("malformed", "JSON nested too deeply") from None
     except ValueError as exc:  # WireFormatError, or an integer beyond Python's digit limit
-        check = "not_finite" if "JSON constant" in str(exc) else "malformed"
+        check = getattr(exc, "check", None) or ("not_finite" if "JSON constant" in str(exc) else "malformed")
         raise ModelRefused(check, str(exc)[:160]) from None
     return rebuild_update(update, limits, header)

@@ -26,6 +26,12 @@ class WireFormatError(ValueError):
     """Bytes received are not a well-formed, bounded message."""
 
 
+class CollectiveBytesMalformed(WireFormatError):
+    """An update's ``collective_bytes`` is not two counts within bounds (the refusal's name is ``check``)."""
+
+    check = "collective_bytes_malformed"
+
+
 def _refuse_constant(name: str) -> None:
     raise WireFormatError(f"JSON constant {name} is not allowed (numbers must be finite)")
 
@@ -100,8 +106,12 @@ class ModelUpdate(WireMessage):
     metrics: dict[str, float]
     model: Doc = field(repr=False)
     privacy_epsilon: float | None = None  # ε the bank has spent so far, when it trains privately (its claim)
+    # histogram rounds: the payload bytes the bank's masking sidecar sent to / received from the federated
+    # server in the round's session (``bank_node.collective_bytes``; its claim, counted as its own report)
+    collective_bytes: dict[str, int] | None = None
 
     MAX_EPSILON: ClassVar[float] = 1e6
+    MAX_COLLECTIVE_BYTES: ClassVar[int] = 1 << 40  # per direction and round: 1 TiB, far above any real round
 
     def __post_init__(self) -> None:
         eps = self.privacy_epsilon
@@ -109,12 +119,18 @@ class ModelUpdate(WireMessage):
                                 or not 0 <= eps <= self.MAX_EPSILON):  # NaN fails the comparison too
             raise WireFormatError(f"update privacy_epsilon must be a number in [0, {self.MAX_EPSILON:g}], "
                                   f"got {str(eps)[:24]}")
+        counted = self.collective_bytes
+        if counted is not None and not (isinstance(counted, dict) and set(counted) == {"received", "sent"} and all(
+                type(n) is int and 0 <= n <= self.MAX_COLLECTIVE_BYTES for n in counted.values())):
+            raise CollectiveBytesMalformed(f"collective_bytes_malformed: the update's collective_bytes must be "
+                                           f"{{'sent', 'received'}} integers in [0, 2**40], got {str(counted)[:80]}")
 
     def to_bytes(self) -> bytes:
-        """As every message; without ``privacy_epsilon`` when the bank does not train privately."""
+        """As every message; without ``privacy_epsilon`` (``collective_bytes``) when the bank has none."""
         body = asdict(self)
-        if self.privacy_epsilon is None:
-            del body["privacy_epsilon"]
+        for optional in ("privacy_epsilon", "collective_bytes"):
+            if body[optional] is None:
+                del body[optional]
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 

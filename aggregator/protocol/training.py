@@ -48,6 +48,9 @@ def train(r: RoundState, nodes: dict[str, Node]) -> None:
     if r.strategy.collective:  # the stage's banks build every tree together
         received, left_out = r.strategy.train_collective(nodes, tasks, r.round_id, r.on_progress)
         for bank, data in received.items():
+            if traffic.in_process(nodes[bank]):  # task and session in, update out (the service counts its tasks)
+                traffic.record(r.path("updates", bank), bank, received=getattr(r.strategy, "asked", {}).get(bank, 0),
+                               sent=len(data))
             write_bytes(data, r.path("updates", bank))
         for rejection in left_out:
             r.ws.write_json(rejection.as_dict(), r.path("failures", rejection.bank))
@@ -84,6 +87,8 @@ def check(r: RoundState) -> None:
     accepted, rejections = screen(received, ctx)
     for update in accepted:  # as rebuilt: aggregation never re-reads what a bank sent
         write_bytes(update.to_bytes(), r.path(CHECKED, update.bank))
+        if r.strategy.collective:  # the bank's own count of its round's collectives (traffic.py)
+            traffic.reported_collectives(r.path(traffic.COLLECTIVES, update.bank), update.bank, update.collective_bytes)
     for bank in (b for b in r.stage if b not in received and b not in decided):
         failure = r.path("failures", bank)
         rejections.append(Rejection(**r.ws.read_json(failure)) if failure.exists() else _missing(bank))

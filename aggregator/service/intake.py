@@ -55,8 +55,9 @@ def screen_upload(kind: str, body: bytes, caller: str, round_id: int, max_update
     except Refused:
         raise
     except (WireFormatError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise Refused(400, "malformed", f"{kind} from {caller} is not a well-formed message: "
-                                        f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
+        raise Refused(400, getattr(exc, "check", "malformed"),  # named when the message says which rule
+                      f"{kind} from {caller} is not a well-formed message: {exc.__class__.__name__}: "
+                      f"{str(exc)[:300]}") from None
     if sender != caller:
         raise Refused(403, "wrong_sender", f"{caller} cannot upload a {kind} on behalf of {sender}")
     if for_round is not None and for_round != round_id:

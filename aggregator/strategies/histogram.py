@@ -106,6 +106,7 @@ class Histogram(Strategy):
         self.keep_world = False  # keep the server (and the banks their workers) across rounds; close() ends it
         self.world_state: World | None = None
         self.last_timings: dict[str, Any] = {}  # the last collective stage: where its time went
+        self.asked: dict[str, int] = {}  # the last collective stage: bytes of task and session handed each bank
         if self.server_tls is None and not loopback(f"{self.server_host}:0"):
             raise ServerFailed(f"the federated server on {self.server_host} needs TLS: set "
                                "FEDFRAUD_FEDERATED_SERVER_KEY, _SERVER_CERT, _CLIENT_CA (plain gRPC: 127.0.0.1 only)")
@@ -121,7 +122,7 @@ class Histogram(Strategy):
                          on_progress: Callable[[str], None] = lambda message: None
                          ) -> tuple[dict[str, bytes], list[Rejection]]:
         """Run the stage with the banks ready now; returns (update bytes per bank, banks left out)."""
-        left_out, world = [], []
+        left_out, world, self.asked = [], [], {}
         for bank in sorted(tasks):
             reason = self._not_ready(nodes[bank])
             if reason:
@@ -201,9 +202,11 @@ class Histogram(Strategy):
                 nthread=self.nthread, secagg=self.secagg, banks=world if self.secagg else [],
                 secagg_session=key_session if self.secagg else "", world_id=live.world_id if self.keep_world else "",
                 world_round=live.rounds if self.keep_world else 0).to_bytes() for rank, bank in enumerate(world)}
+            questions = {bank: tasks[bank].to_bytes() for bank in world}
+            for bank in world:  # what each bank is handed, every attempt (``training.train`` counts it in process)
+                self.asked[bank] = self.asked.get(bank, 0) + len(questions[bank]) + len(sessions[bank])
             futures: dict[Future, str] = {
-                pool.submit(nodes[bank].train_histogram, tasks[bank].to_bytes(), sessions[bank]): bank
-                for bank in world}
+                pool.submit(nodes[bank].train_histogram, questions[bank], sessions[bank]): bank for bank in world}
             try:
                 if fresh:  # a kept server listens already (``_watch`` notices if it exits)
                     live.server.wait_ready()

@@ -8,6 +8,7 @@ each bank's worker behind its masking sidecar. The `consortium` tests run the wh
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -31,7 +32,7 @@ from aggregator.strategies import STRATEGIES, Histogram
 from bank_node.dataset import BankDataset
 from bank_node.exact_gradients import fixed_point_logistic
 from bank_node import kept_worker
-from bank_node.histogram_worker import ClientTLS, WorkerFailed, start_worker
+from bank_node.histogram_worker import RECORD_EGRESS_ENV, ClientTLS, WorkerFailed, start_worker
 from fedfraud.histogram_session import HistogramSession
 from bank_node.node import BankNode
 from bank_node.policy import TaskRefused
@@ -320,6 +321,26 @@ def test_a_hung_bank_is_cut_off_by_the_round_timeout(toy):
 
 # ---------------------------------------------------------------------------- kept worlds
 
+class KeepsUpdates:
+    """A bank as is, keeping every update it returns."""
+
+    def __init__(self, node):
+        self.node, self.bank, self.updates = node, node.bank, []
+
+    def __getattr__(self, name):
+        return getattr(self.node, name)
+
+    def train_histogram(self, task_bytes, session_bytes):
+        self.updates.append(self.node.train_histogram(task_bytes, session_bytes))
+        return self.updates[-1]
+
+
+def egress_bytes(node) -> list[int]:
+    """The size of every request the bank's sidecar sent the federated server, in order (its egress record)."""
+    path = node.work_dir / "histogram" / "egress.jsonl"
+    return [len(base64.b64decode(json.loads(line)["request"])) for line in path.read_text().splitlines()]
+
+
 def kept_pids(nodes) -> dict[str, tuple[int, int | None]]:
     """Each bank's kept (worker, sidecar) pids in this process."""
     return {bank: (live.pid, live.sidecar and live.sidecar.pid) for bank, node in nodes.items()
@@ -332,15 +353,22 @@ def keyed_sessions(node) -> list[str]:
     return [line.split(" keys for ", 1)[1].split()[0] for line in log.splitlines() if " keys for " in line]
 
 
-def test_a_kept_world_trains_every_round_on_one_server_and_one_worker_per_bank_with_fresh_keys(toy):
+def test_a_kept_world_trains_every_round_on_one_server_and_one_worker_per_bank_with_fresh_keys(toy, monkeypatch):
+    monkeypatch.setenv(RECORD_EGRESS_ENV, "1")
     nodes, contract = toy
     banks = sorted(nodes)
+    kept = {bank: KeepsUpdates(node) for bank, node in nodes.items()}
     strategy = make_strategy(nodes)
-    doc, servers, workers = None, set(), []
+    doc, servers, workers, sent_before = None, set(), [], dict.fromkeys(banks, 0)
     with processes_kept(strategy):
         for round_id in (1, 2, 3):
-            doc, participants, _ = train_round(nodes, strategy, banks, round_id, doc, contract, SETTINGS)
+            doc, participants, _ = train_round(kept, strategy, banks, round_id, doc, contract, SETTINGS)
             assert participants == set(banks)
+            for bank in banks:  # each round reports its own session's bytes (its key agreement on), none before
+                sent = sum(egress_bytes(nodes[bank]))
+                reported = ModelUpdate.from_bytes(kept[bank].updates[-1]).collective_bytes
+                assert reported["sent"] == sent - sent_before[bank] > 16384 and reported["received"] > 16384
+                sent_before[bank] = sent
             servers.add(strategy.world_state.server.process.pid)
             workers.append(kept_pids(nodes))
             assert strategy.last_timings["world"] == ("new" if round_id == 1 else "kept")
@@ -412,6 +440,63 @@ def test_a_kept_worker_refuses_a_round_of_a_world_it_did_not_train(toy):
                      nodes["alpha"].histogram_tls)
     bad = dataclasses.replace(session, world_id="", world_round=1)
     assert "world round" in bad.world_problem()
+
+
+# ---------------------------------------------------------------------------- bytes on the wire
+
+class MisReports(KeepsUpdates):
+    """A bank whose update reports ``counted`` as its collective bytes."""
+
+    def __init__(self, node, counted):
+        super().__init__(node)
+        self.counted = counted
+
+    def train_histogram(self, task_bytes, session_bytes):
+        body = json.loads(super().train_histogram(task_bytes, session_bytes))
+        self.updates[-1] = json.dumps({**body, "collective_bytes": self.counted}).encode()
+        return self.updates[-1]
+
+
+def test_a_rounds_traffic_holds_each_banks_collectives_as_its_sidecar_sent_them_and_a_malformed_count_is_refused(
+        toy, tmp_path, monkeypatch):
+    """Each bank's report of its sidecar's bytes with the federated server is its round's ``collectives`` exchange:
+    what its egress record shows, far above its task and update. A malformed report refuses the bank's update by
+    name (and so the collective round: every bank's update is needed) and records nothing."""
+    from aggregator.protocol import phases, traffic
+    from aggregator.protocol.plan import Plan
+    from aggregator.protocol.state import RoundState
+    from aggregator.protocol.training import checks
+    from aggregator.protocol.workspace import Workspace
+
+    monkeypatch.setenv(RECORD_EGRESS_ENV, "1")
+    nodes, contract = toy
+    banks = sorted(nodes)
+    strategy = make_strategy(nodes)
+    plan = Plan(model_name="wire", strategy=strategy.name, rounds=1, seed=strategy.seed, settings=SETTINGS,
+                contract_hash=contract["hash"], feature_names=FEATURES, banks=banks, excluded={},
+                consortium_params=strategy.consortium_params, federation_id="wire")
+    ws = Workspace(tmp_path / "aggregator", plan.model_name)
+    r = RoundState(ws, plan, 1, None, strategy)
+    sent = {bank: KeepsUpdates(node) for bank, node in nodes.items()}
+    sent["delta"] = MisReports(nodes["delta"], {"sent": -1, "received": 10})
+    with pytest.raises(RoundFailed, match="world was"):
+        phases.run_stages(r, sent)
+    assert [(x["bank"], x["check"]) for x in checks(r)["rejections"]] == [("delta", "collective_bytes_malformed")]
+    records = {p.stem: ws.read_json(p) for p in (ws.round_dir(1) / traffic.FOLDER).glob("*.json")}
+    assert sorted(records) == sorted([f"updates__{b}" for b in banks] + [f"collectives__{b}" for b in banks[:3]])
+    totals = traffic.totals(ws.round_dir(1))
+    for bank in banks[:3]:
+        collectives, exchange = records[f"collectives__{bank}"], records[f"updates__{bank}"]
+        assert ModelUpdate.from_bytes(sent[bank].updates[0]).collective_bytes == {
+            "sent": collectives["sent"], "received": collectives["received"]}
+        assert collectives["sent"] == sum(egress_bytes(nodes[bank]))
+        assert exchange == {"bank": bank, "received": strategy.asked[bank], "sent": len(sent[bank].updates[0])}
+        assert totals[bank] == {way: collectives[way] + exchange[way] for way in ("received", "sent")}
+        print(bank, collectives, exchange)
+        assert collectives["sent"] > 5 * exchange["sent"] and collectives["received"] > 5 * exchange["received"]
+    assert totals["delta"] == {"received": strategy.asked["delta"], "sent": len(sent["delta"].updates[0])}
+    assert sum(egress_bytes(nodes["delta"])) > 0, "delta did exchange its collectives; only its report is refused"
+    assert our_children() == []
 
 
 # ---------------------------------------------------------------------------- channel security

@@ -7,6 +7,7 @@ overflow, a wrong rank, two banks, a hostile server's reply) is named.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +37,11 @@ class Sidecar:
     def __init__(self, folder: Path, bank: str, banks: list[str], upstream: str, secrets_in: dict):
         folder.mkdir(parents=True, exist_ok=True)
         self.address_file, self.log = folder / "sidecar.address", folder / "sidecar.log"
-        self.audit = folder / "collectives.jsonl"
+        self.audit, self.wire, self.egress = folder / "collectives.jsonl", folder / "wire.json", folder / "egress.jsonl"
         job = {"sidecar": {"bank": bank, "rank": banks.index(bank), "banks": banks, "upstream": upstream,
                            "tls": None, "session_id": "test:r1:a1:0011", "address_file": str(self.address_file),
                            "audit": str(self.audit), "timeout_s": 300, "max_bytes": 1 << 20,
+                           "wire": str(self.wire), "egress": str(self.egress),
                            "parent_pid": __import__("os").getpid()}}
         (folder / "job.json").write_text(json.dumps(job))
         self.process = _launch(SIDECAR_LAUNCH, folder / "job.json", self.log, json.dumps(secrets_in).encode())
@@ -51,6 +53,14 @@ class Sidecar:
             assert time.monotonic() < deadline, "sidecar did not listen"
             time.sleep(0.05)
         return self.address_file.read_text()
+
+    def counted(self) -> dict:
+        """The sidecar's count for its session (``bank_node.collective_bytes``)."""
+        return json.loads(self.wire.read_text())
+
+    def egress_bytes(self) -> list[int]:
+        """The size of every request it sent upstream, in order (its egress record)."""
+        return [len(base64.b64decode(json.loads(line)["request"])) for line in self.egress.read_text().splitlines()]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -91,6 +101,12 @@ def world(tmp_path):
     server.stop()
 
 
+def relayed(records) -> dict[str, int]:
+    """The bytes of ``records`` as the server's side of the channel saw them: requests in, replies out."""
+    return {"sent": sum(len(fw.encode_request(r.request)) for r in records),
+            "received": sum(len(fw.encode_reply(r.reply)) for r in records)}
+
+
 def allreduce(seq, rank, values, dtype, op=SUM):
     return fw.Request("Allreduce", seq, rank, np.ascontiguousarray(values).tobytes(), dtype, op)
 
@@ -105,7 +121,8 @@ def refusal(address: str, method: str, request) -> str:
 def test_three_sidecars_agree_keys_and_return_exact_sums_while_the_server_sees_random_words(world, tmp_path):
     sidecar, recorder = world
     given = credentials(tmp_path / "pki", BANKS)
-    addresses = [s.address() for s in [sidecar(b, secrets_in=given[b]) for b in BANKS]]
+    sidecars = [sidecar(b, secrets_in=given[b]) for b in BANKS]
+    addresses = [s.address() for s in sidecars]
     rng = np.random.default_rng(3)
     doubles = [rng.normal(0, 1e3, 4096) for _ in BANKS]
     counts = [rng.integers(0, 1000, 4096) for _ in BANKS]
@@ -133,6 +150,12 @@ def test_three_sidecars_agree_keys_and_return_exact_sums_while_the_server_sees_r
             words = np.frombuffer(record.request.send_buffer, "<u8")
             assert_masked(words, np.asarray(plain).view(np.uint64))
         assert seen[3].request.send_buffer == np.array([rank + 7], "<u8").tobytes()  # MAX passes in the clear
+        # every byte both ways is counted for the session, key agreement included: as its egress record and
+        # the server's side show them
+        counted = sidecars[rank].counted()
+        assert counted == {"session": "test:r1:a1:0011", **relayed(seen)}
+        assert counted["sent"] == sum(sidecars[rank].egress_bytes()) > OFFER_SLOT_BYTES + 2 * 8 * 4096
+        assert counted["received"] > len(BANKS) * OFFER_SLOT_BYTES
     audit = [json.loads(line) for line in (tmp_path / "alpha-0" / "collectives.jsonl").read_text().splitlines()]
     assert [(a["method"], a["masked"]) for a in audit] == [
         ("Allgather", False), ("Allreduce", True), ("Allreduce", True), ("Allreduce", False)]
@@ -191,11 +214,12 @@ class KeptSidecar(Sidecar):
         folder.mkdir(parents=True, exist_ok=True)
         self.address_file, self.log = folder / "sidecar.address", folder / "sidecar.log"
         self.keyed = folder / "sidecar.keyed"
-        self.audit = folder / "collectives.jsonl"
+        self.audit, self.wire, self.egress = folder / "collectives.jsonl", folder / "wire.json", folder / "egress.jsonl"
         job = {"sidecar": {"bank": bank, "rank": banks.index(bank), "banks": banks, "upstream": upstream,
                            "tls": None, "session_id": "", "address_file": str(self.address_file),
                            "audit": str(self.audit), "timeout_s": 300, "max_bytes": 1 << 20, "persistent": True,
-                           "keyed_file": str(self.keyed), "parent_pid": __import__("os").getpid()}}
+                           "keyed_file": str(self.keyed), "wire": str(self.wire), "egress": str(self.egress),
+                           "parent_pid": __import__("os").getpid()}}
         (folder / "job.json").write_text(json.dumps(job))
         self.process = _launch(SIDECAR_LAUNCH, folder / "job.json", self.log,
                                json.dumps(secrets_in).encode() + b"\n", keep_stdin=True)
@@ -219,6 +243,7 @@ def test_a_kept_sidecar_agrees_fresh_keys_every_round_between_the_workers_calls(
     try:
         addresses = [s.address() for s in kept]
         values = [np.full(512, 10.0 * (rank + 1)) for rank in range(3)]
+        counted = {}  # per round, each bank's count for the round's session
         for round_no, session in enumerate(("test:w1:r1:a1:aa", "test:w1:r2:a2:bb")):
             for s in kept:
                 s.rekey(session)
@@ -228,12 +253,18 @@ def test_a_kept_sidecar_agrees_fresh_keys_every_round_between_the_workers_calls(
                 totals = list(pool.map(lambda rank, seq=round_no: np.frombuffer(call(
                     addresses[rank], "Allreduce", allreduce(seq, rank, values[rank], DOUBLE)), "<f8"), range(3)))
             assert all(np.array_equal(t, np.full(512, 60.0)) for t in totals)
+            counted[session] = [s.counted() for s in kept]
         for rank in range(3):
             seen = recorder.by_rank(rank)
             assert [(r.method, r.request.sequence_number) for r in seen] == [
                 ("Allgather", 0), ("Allreduce", 1), ("Allgather", 2), ("Allreduce", 3)]
             assert seen[0].request.send_buffer != seen[2].request.send_buffer, "a fresh key offer each round"
             assert seen[1].request.send_buffer != seen[3].request.send_buffer, "the same vector, other masks"
+            # each round's bytes (its key agreement and its calls) are that round's session's, none before
+            sent = kept[rank].egress_bytes()
+            for at, session in enumerate(("test:w1:r1:a1:aa", "test:w1:r2:a2:bb")):
+                assert counted[session][rank] == {"session": session, **relayed(seen[2 * at:2 * at + 2])}
+                assert counted[session][rank]["sent"] == sum(sent[2 * at:2 * at + 2])
         assert "sidecar_sequence_reused" in refusal(addresses[0], "Allreduce", allreduce(1, 0, values[0], DOUBLE))
     finally:
         for s in kept:
