@@ -142,6 +142,23 @@ def test_the_federated_channel_over_tls_carries_declared_calls_and_random_sums_o
     assert ranks == set(range(len(net.BANKS)))
 
 
+def test_the_services_round_traffic_holds_each_banks_collectives_as_its_egress_record_shows(stack):
+    """The histogram round's bytes on the wire (``aggregator.protocol.traffic``): each bank's report of its
+    sidecar's gRPC bytes with the service's federated server is its ``collectives`` exchange, exactly what the
+    bank's own egress record shows it sent, next to its tasks fetched and answers uploaded over HTTP."""
+    from aggregator.protocol import traffic
+
+    [round_dir] = (stack.root / "aggregator").glob("runs/*/federations/boundary-histogram/round-1")
+    totals = traffic.totals(round_dir)
+    for bank in net.BANKS:
+        collectives = json.loads((round_dir / traffic.FOLDER / f"collectives__{bank}.json").read_text())
+        egress = map(json.loads, stack.egress(bank).read_text().splitlines())
+        sent = sum(len(base64.b64decode(e["request"])) for e in egress)
+        assert collectives["sent"] == sent and collectives["received"] > sent, (bank, collectives)
+        over_http = {way: totals[bank][way] - collectives[way] for way in ("sent", "received")}
+        assert over_http["sent"] > 0 and over_http["received"] > 0, (bank, totals[bank])
+
+
 def bank_side_plaintext(stack, bank: str, kinds=("evaluate", "evaluate_champion")
                         ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Each model this bank masked in tasks of ``kinds``, scored again on its holdout here (the bank's side): its
