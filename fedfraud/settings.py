@@ -36,6 +36,9 @@ class FederationSettings:
     acceptance_delta: float | str | None = "auto"
     acceptance_z: float = 2.0
     acceptance_delta_floor: float = 0.01
+    # A stage with more than this many banks outside it (a cyclic turn in a large round) is scored by this many
+    # of them, a seeded panel (aggregator/protocol/acceptance_panel.py); None: always every bank of the round.
+    acceptance_evaluators: int | None = 10
     crossval: bool = True  # before round 1: every bank's local model scored at every other bank
     crossval_max_trees: int = 100  # local models: rounds x trees_per_round trees, at most this (bank policies)
     crossval_min_lift: float = 2.0  # a local model must reach this multiple of no-skill AUPRC elsewhere
@@ -80,6 +83,9 @@ class FederationSettings:
             raise ValueError(f"acceptance_z must be a number in (0, 10), not {self.acceptance_z!r}")
         if not _number_in(self.acceptance_delta_floor, 0, 1):
             raise ValueError(f"acceptance_delta_floor must be in [0, 1), not {self.acceptance_delta_floor!r}")
+        panel = self.acceptance_evaluators
+        if not (panel is None or (isinstance(panel, int) and _number_in(panel, 1, 10_001))):
+            raise ValueError(f"acceptance_evaluators must be null or an integer in 1..10000, not {panel!r}")
         if not _number_in(self.compaction_tolerance, 0, 1):
             raise ValueError(f"compaction_tolerance must be in [0, 1), not {self.compaction_tolerance!r}")
         if not (_number_in(self.compaction_steps, 1, 33) and isinstance(self.compaction_steps, int)):
@@ -105,8 +111,9 @@ SWITCHES = ("acceptance", "acceptance_masked", "crossval", "crossval_masked", "c
             "champion_gate", "compaction", "compaction_new_trees", "compaction_budget", "compaction_refit")
 # What one federation may choose (a service request, a DAG run); every other setting is the consortium's default.
 REQUEST_OPTIONS = ("crossval", "crossval_masked", "champion_gate", "acceptance", "acceptance_masked",
-                   "acceptance_delta", "acceptance_z", "acceptance_delta_floor", "compaction", "compaction_tolerance",
-                   "compaction_steps", "compaction_max_fraction", "compaction_new_trees",
+                   "acceptance_delta", "acceptance_z", "acceptance_delta_floor", "acceptance_evaluators",
+                   "compaction", "compaction_tolerance", "compaction_steps", "compaction_max_fraction",
+                   "compaction_new_trees",
                    "compaction_budget", "compaction_refit", "compaction_refit_every", "compaction_refit_keep",
                    "compaction_refit_steps", "compaction_refit_eta", "compaction_refit_lambda")
 

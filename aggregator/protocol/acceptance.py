@@ -5,7 +5,8 @@ Three per-stage phases between ``check`` and ``aggregate``:
 * ``propose`` (aggregator): the stage's candidate — the working model with every update that
   passed the checks, aggregated by the strategy — and, per bank, the variant without its trees
   (and, for the gate's second pass, per pair of banks the variant without both);
-* ``accept`` (bank): every bank of the round scores each variant on its holdout (reports only);
+* ``accept`` (bank): every bank of the round scores each variant on its holdout (reports only); in a
+  large cyclic round, a panel of ``acceptance_evaluators`` banks outside the stage (``acceptance_panel``);
 * ``gate`` (aggregator): for each bank b, the pooled AUPRC at the *other* banks' holdouts with and
   without b's update; if b's update lowers it by more than the allowed drop δ, b is refused by
   name (``acceptance_degrades``) and moves from accepted to rejected in ``checks.json``. Each bank's
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from aggregator.protocol import compaction, records
+from aggregator.protocol.acceptance_panel import panel
 from aggregator.protocol import secure_acceptance as secure
 from aggregator.protocol.errors import PhaseRerun
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
@@ -113,10 +115,14 @@ def propose(r: RoundState) -> None:
     second_pass = r.plan.settings.acceptance_delta is not None and 1 < len(own) <= MAX_VARIANTS
     variants = _variants(own, start, [[]] + [[b] for b in own])
     question = ScoreQuestion(r.round_id, "accept", variants, {"candidate": candidate})
-    r.ws.write_json({"banks": list(own), "trees": own, "total": start, "second_pass": second_pass}, judged_path(r))
+    masked = secure.masked(r)
+    scorers = panel(r.banks, r.stage, r.plan.settings.acceptance_evaluators, r.plan.seed, r.round_id,
+                    r.plan.masking_quorum if masked else 1)
+    r.ws.write_json({"banks": list(own), "trees": own, "total": start, "second_pass": second_pass,
+                     "panel": scorers}, judged_path(r))
     write_bytes(question.to_bytes(), question_path(r))
-    if secure.masked(r):
-        secure.open_session(r, "first", question_path(r), list(r.banks))
+    if masked:
+        secure.open_session(r, "first", question_path(r), scorers)
 
 
 def _variants(own: dict[str, list[int]], trees: int, groups: list[list[str]]) -> dict[str, dict]:
@@ -144,6 +150,13 @@ def _ask_pairs(r: RoundState, worst: str, answered: list[str]) -> None:
                      f"(second pass)")
 
 
+def _panel(r: RoundState) -> list[str]:
+    """The banks asked the stage's first question (``acceptance_panel``; every bank of the round when the
+    question was proposed before panels were recorded)."""
+    path = judged_path(r)
+    return list(r.ws.read_json(path).get("panel", r.banks)) if path.exists() else list(r.banks)
+
+
 def _compaction_rides(r: RoundState) -> bool:
     """Compaction's question rides with the first attempt of the first acceptance question only."""
     s = secure.state(r)
@@ -156,7 +169,10 @@ def accept_banks(r: RoundState) -> list[str]:
         return sorted(set(secure.asked(r)) | set(riding))
     if pairs_question_path(r).exists():
         return list(r.ws.read_json(judged_path(r))["pairs"]["asked"])
-    return list(r.banks) if question_path(r).exists() or riding else []
+    if not question_path(r).exists():
+        return list(r.banks) if riding else []
+    wanted = set(_panel(r)) | set(riding)
+    return [b for b in r.banks if b in wanted]
 
 
 def accept_exchanges(r: RoundState, bank: str) -> list[Exchange]:
@@ -167,13 +183,13 @@ def accept_exchanges(r: RoundState, bank: str) -> list[Exchange]:
         return ([secure.question_exchange(r, bank)] if bank in secure.asked(r) else []) + riding
     if pairs_question_path(r).exists():
         return [Exchange(TaskKind.ACCEPT, bank, pairs_question_path(r), pairs_answer_path(r, bank), PAIRS)]
-    asked = question_path(r).exists()
+    asked = question_path(r).exists() and bank in _panel(r)
     asks = [Exchange(TaskKind.ACCEPT, bank, question_path(r), answer_path(r, bank))] if asked else []
     return asks + riding
 
 
 def accept(r: RoundState, nodes: dict[str, Node]) -> None:
-    """Every bank scores the candidate's variants; one that cannot is left out of the verdict."""
+    """Every bank (or the stage's panel) scores the candidate's variants; one that cannot is left out of the verdict."""
     answer_tolerantly(r, nodes, accept_banks, accept_exchanges, "score the candidate")
 
 
@@ -279,7 +295,7 @@ def gate(r: RoundState) -> None:
         return
     question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
     labels = sorted(question.variants)
-    answers, faults, evaluators, answered = _scores(r, "first", labels, list(r.banks), answer_path)
+    answers, faults, evaluators, answered = _scores(r, "first", labels, _panel(r), answer_path)
     verdict, stage = checks(r), {"stage": list(r.stage), "faults": faults, "banks": {},
                                  "masked": secure.masked(r)}
     judged = r.ws.read_json(judged_path(r))  # as proposed: a re-run of the gate judges the same banks
