@@ -36,8 +36,8 @@ class FederationSettings:
     acceptance_delta: float | str | None = "auto"
     acceptance_z: float = 2.0
     acceptance_delta_floor: float = 0.01
-    # A stage with more than this many banks outside it (a cyclic turn in a large round) is scored by this many
-    # of them, a seeded panel (aggregator/protocol/acceptance_panel.py); None: always every bank of the round.
+    # A federation of at least twice this many banks scores each cyclic turn by a panel of this many (to twice
+    # that minus one) other banks, fixed and disjoint (aggregator/protocol/acceptance_panel.py); None: every bank.
     acceptance_evaluators: int | None = 10
     crossval: bool = True  # before round 1: every bank's local model scored at every other bank
     crossval_max_trees: int = 100  # local models: rounds x trees_per_round trees, at most this (bank policies)

@@ -116,7 +116,7 @@ def propose(r: RoundState) -> None:
     variants = _variants(own, start, [[]] + [[b] for b in own])
     question = ScoreQuestion(r.round_id, "accept", variants, {"candidate": candidate})
     masked = secure.masked(r)
-    scorers = panel(r.banks, r.stage, r.plan.settings.acceptance_evaluators, r.plan.seed, r.round_id,
+    scorers = panel(r.plan.banks, r.banks, r.stage, r.plan.settings.acceptance_evaluators, r.plan.seed,
                     r.plan.masking_quorum if masked else 1)
     r.ws.write_json({"banks": list(own), "trees": own, "total": start, "second_pass": second_pass,
                      "panel": scorers}, judged_path(r))
