@@ -17,6 +17,8 @@ peak memory is its own; a case whose JSON exists is reused unless ``--force``):
   (default the bagging case with the fewest banks) on ``--score-rows`` rows of one bank.
 
     nice -n 19 .venv/bin/python bench/scale.py --parts banks --bank-counts 5,10,20,50
+    nice -n 19 .venv/bin/python bench/scale.py --parts banks --bank-counts 5,50 --strategies cyclic \
+        --option acceptance_evaluators=10        # cases named cyclic-50+acceptance_evaluators=10
     nice -n 19 .venv/bin/python bench/scale.py --parts bank --sizes 1000000
     nice -n 19 .venv/bin/python bench/scale.py --parts scoring --score-rows 1000000
 
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--stop-at", default=None, help="HH:MM (UTC): start no case after this time")
     parser.add_argument("--force", action="store_true", help="re-run cases whose JSON exists")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
+                        help="banks part: a federation option (fedfraud.settings.REQUEST_OPTIONS), e.g. "
+                             "acceptance_evaluators=10; the cases are named with it")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case, this process
     args = parser.parse_args(argv)
     unknown = set(args.strategies) - set(STRATEGIES)
@@ -117,17 +122,36 @@ def launch(args: argparse.Namespace, out: Path, kind: str, **case) -> dict:
 
 def banks_part(args: argparse.Namespace) -> list[dict]:
     common = {"rows": args.rows_per_bank}
+    options = federation_options(args.option)  # refused before any work
     prepared = launch(args, args.work_dir / "banks" / f"prepare-{max(args.bank_counts)}.json", "prepare",
                       n_banks=max(args.bank_counts), seed=args.seed, **common)
     if "failed" in prepared:
         raise SystemExit(f"preparing the banks failed: {prepared['stderr_tail']}")
+    suffix = "".join(f"+{k}={json.dumps(v)}" for k, v in sorted(options.items()))
     results = []
     for n in sorted(args.bank_counts):
         for strategy in args.strategies:
-            results.append(launch(args, args.work_dir / "banks" / f"{strategy}-{n}.json", "banks",
+            results.append(launch(args, args.work_dir / "banks" / f"{strategy}-{n}{suffix}.json", "banks",
                                   strategy=strategy, n_banks=n, rounds=args.rounds, trees=args.trees, seed=args.seed,
-                                  **common))
+                                  options=options, case_name=f"{strategy}-{n}{suffix}", **common))
     return results
+
+
+def federation_options(pairs: list[str]) -> dict:
+    """``NAME=JSON`` pairs as federation options, checked as a federation request's are."""
+    from fedfraud.settings import requested_settings
+
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {pair!r}: expected NAME=JSON, e.g. acceptance_evaluators=10")
+        options[name] = json.loads(value)
+    try:
+        requested_settings(1, 1, options)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"--option: {exc}") from exc
+    return options
 
 
 def scoring_part(args: argparse.Namespace) -> dict:

@@ -135,7 +135,8 @@ def _bank_time(spent: dict[str, dict[str, float]], before: dict[str, dict[str, f
             "busiest_bank_seconds": round(sum(busiest.values()), 2)}
 
 
-def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int, trees: int, seed: int) -> dict:
+def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int, trees: int, seed: int,
+             options: dict | None = None, case_name: str | None = None) -> dict:
     """One federation of ``strategy`` over the first ``n_banks`` prepared banks, in this (fresh) process.
 
     The round driver's phases are wrapped only to read the clock and RSS around them (behaviour unchanged)."""
@@ -152,10 +153,10 @@ def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int
         raise SystemExit(f"banks not prepared: {missing}; run --parts banks without --case first")
     train_rows = sum(n.data.counts()["train_rows"] for n in nodes.values())  # every bank's matrices loaded now
     loaded_mib = own_mib("VmRSS")
-    case_dir = work_dir / "cases" / f"{strategy}-{n_banks}"
+    case_dir = work_dir / "cases" / (case_name or f"{strategy}-{n_banks}")
     shutil.rmtree(case_dir, ignore_errors=True)  # a fresh workspace and MLflow store per case
     consortium = Consortium(nodes, config, case_dir)
-    settings = FederationSettings(trees_per_round=trees)
+    settings = FederationSettings(trees_per_round=trees, **(options or {}))
     model_name = f"scale-{strategy}-{n_banks}"
     rounds_log: list[dict] = []
     stages_log: list[dict] = []
@@ -186,6 +187,7 @@ def run_case(work_dir: Path, strategy: str, n_banks: int, rows: int, rounds: int
     per_round = [{**r, **s} for r, s in zip(rounds_log, stages_log[-len(rounds_log):])]
     return {
         "strategy": strategy, "banks": n_banks, "rows_per_bank": rows, "rounds": rounds, "trees_per_round": trees,
+        "options": dict(options or {}),
         "seed": seed, "train_rows": train_rows,
         "federation_seconds": round(total, 2), "crossval_seconds": crossval_log[0]["seconds"] if crossval_log else None,
         "rounds_detail": per_round,

@@ -9,11 +9,23 @@ def _failed(row: dict) -> str | None:
     return row.get("failed") or row.get("skipped")
 
 
+def label(row: dict) -> str:
+    """The case's strategy and the federation options it ran with (``--option``)."""
+    options = row.get("options") or {}
+    return row.get("strategy", "?") + "".join(f" {k}={v}" for k, v in sorted(options.items()))
+
+
+def as_deployed(row: dict) -> float:
+    """A round as deployed (a machine per bank): the aggregator's own time plus the busiest bank's, per round."""
+    detail = row["rounds_detail"]
+    return sum(x["aggregator_seconds"] + x["busiest_bank_seconds"] for x in detail) / len(detail)
+
+
 def growth(rows: list[dict], key) -> dict[str, dict[int, float]]:
-    """{strategy: {banks: key(row) / key(row at the fewest banks)}} over the cases that ran."""
+    """{case label: {banks: key(row) / key(row at the fewest banks)}} over the cases that ran."""
     out: dict[str, dict[int, float]] = {}
-    for strategy in sorted({r["strategy"] for r in rows if not _failed(r)}):
-        ran = sorted((r for r in rows if r.get("strategy") == strategy and not _failed(r)), key=lambda r: r["banks"])
+    for strategy in sorted({label(r) for r in rows if not _failed(r)}):
+        ran = sorted((r for r in rows if label(r) == strategy and not _failed(r)), key=lambda r: r["banks"])
         base = key(ran[0])
         out[strategy] = {r["banks"]: key(r) / base for r in ran}
     return out
@@ -35,7 +47,7 @@ def print_banks(rows: list[dict]) -> None:
         busiest_cell = f"{sum(busiest) / len(busiest):.1f}" if None not in busiest else "-"
         ways = {w: [b[w] / rounds / MB for b in r["wire_bytes"].values()] for w in ("sent", "received")}
         cells = {w: f"{sum(v) / len(v):.3f} ({max(v):.3f})" if v else "-" for w, v in ways.items()}
-        print(f"| {r['strategy']} | {r['banks']} | {r['federation_seconds']:.1f} | {r['crossval_seconds'] or 0:.1f} | "
+        print(f"| {label(r)} | {r['banks']} | {r['federation_seconds']:.1f} | {r['crossval_seconds'] or 0:.1f} | "
               f"{r['round_seconds_mean']:.1f} | {training:.1f} | {busiest_cell} | {m['process_peak_rss_mib']:.0f} | "
               f"{m['federation_increment_mib']:.0f} | {m['children_peak_rss_mib']:.0f} ({m['children_peak_count']}) | "
               f"{cells['sent']} | {cells['received']} | {r['pooled_auprc']:.3f} | {r.get('model_id') or '-'} |")
@@ -43,7 +55,9 @@ def print_banks(rows: list[dict]) -> None:
     if not ran:
         return
     print("\nGrowth from the fewest banks (x; linear growth = the banks' ratio):")
-    for name, key in (("round", lambda r: r["round_seconds_mean"]), ("federation", lambda r: r["federation_seconds"]),
+    for name, key in (("round", lambda r: r["round_seconds_mean"]),
+                      ("round as deployed", as_deployed),  # the aggregator's own time + the busiest bank's
+                      ("federation", lambda r: r["federation_seconds"]),
                       ("memory above banks loaded", lambda r: max(r["memory"]["federation_increment_mib"], 1.0)),
                       ("bytes a bank received", lambda r: sum(b["received"] for b in r["wire_bytes"].values())
                        / len(r["wire_bytes"]))):  # the mean over banks
