@@ -128,3 +128,21 @@ def test_ties_found_across_chunk_edges(tmp_path, monkeypatch):
     for chunk in (1, 2, 7):
         monkeypatch.setattr(dataset, "_TIE_CHUNK", chunk)
         np.testing.assert_array_equal(dataset._time_order(source), expected)
+
+
+def test_take_reads_row_groups_as_dataset_take(tmp_path):
+    """``_take`` (one row group at a time, only those holding a wanted row) gives ``Dataset.take``'s rows in the
+    order asked, across files and row groups, repeated rows included."""
+    import pyarrow.dataset as ds
+
+    from bank_node.dataset import _take
+
+    _write_parts(tmp_path / "features")
+    table = pq.read_table(tmp_path / "features" / "part-00001.parquet")
+    (tmp_path / "features" / "part-00001.parquet").unlink()
+    pq.write_table(table, tmp_path / "features" / "part-00001.parquet", row_group_size=60)  # several groups
+    source = ds.dataset(str(tmp_path / "features"), format="parquet")
+    rows = np.array([996, 0, 250, 249, 310, 249, 500, 7])
+    columns = ["event_time", "transaction_id"]
+    assert _take(source, rows, columns).equals(source.take(pa.array(rows), columns=columns))
+    assert _take(source, rows[:0], columns).num_rows == 0
