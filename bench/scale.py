@@ -142,12 +142,15 @@ def federation_options(pairs: list[str]) -> dict:
     from fedfraud.settings import requested_settings
 
     options = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--option {pair!r}: expected NAME=JSON, e.g. acceptance_evaluators=10")
-        options[name] = json.loads(value)
     try:
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"{pair!r} is not NAME=JSON, e.g. acceptance_evaluators=10")
+            try:
+                options[name] = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(f"{name}: {value!r} is not a JSON value") from None
         requested_settings(1, 1, options)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"--option: {exc}") from exc

@@ -37,7 +37,8 @@ class FederationSettings:
     acceptance_z: float = 2.0
     acceptance_delta_floor: float = 0.01
     # k: a federation of at least 2k banks scores each cyclic turn by a panel of k to 2k - 1 other banks, fixed and
-    # disjoint (aggregator/protocol/acceptance_panel.py): linear rounds, a wider δ. None: every bank scores every turn.
+    # disjoint (aggregator/protocol/acceptance_panel.py): each bank scores ~k turns a round, not n, with a wider δ.
+    # None: every bank scores every turn.
     acceptance_evaluators: int | None = None
     crossval: bool = True  # before round 1: every bank's local model scored at every other bank
     crossval_max_trees: int = 100  # local models: rounds x trees_per_round trees, at most this (bank policies)

@@ -5,8 +5,9 @@ Three per-stage phases between ``check`` and ``aggregate``:
 * ``propose`` (aggregator): the stage's candidate — the working model with every update that
   passed the checks, aggregated by the strategy — and, per bank, the variant without its trees
   (and, for the gate's second pass, per pair of banks the variant without both);
-* ``accept`` (bank): every bank of the round scores each variant on its holdout (reports only); in a
-  large cyclic round, a panel of ``acceptance_evaluators`` banks outside the stage (``acceptance_panel``);
+* ``accept`` (bank): every bank of the round scores each variant on its holdout (reports only); with
+  ``acceptance_evaluators`` set, a cyclic turn in a federation of at least twice that many banks is scored
+  by its panel only (``acceptance_panel``);
 * ``gate`` (aggregator): for each bank b, the pooled AUPRC at the *other* banks' holdouts with and
   without b's update; if b's update lowers it by more than the allowed drop δ, b is refused by
   name (``acceptance_degrades``) and moves from accepted to rejected in ``checks.json``. Each bank's
