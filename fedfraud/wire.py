@@ -202,7 +202,7 @@ class SessionOffer(WireMessage):
         offer = cls.from_bytes(data)
         if offer.bank != bank or offer.session != session:
             raise WireFormatError(f"offer names {str(offer.bank)[:40]} / session {str(offer.session)[:80]}")
-        return {f.name: getattr(offer, f.name) for f in dataclasses.fields(cls)}
+        return _fields(offer)
 
 
 @dataclass(frozen=True)
