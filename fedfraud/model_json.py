@@ -83,29 +83,33 @@ def scale_leaves(doc: Doc, factor: float) -> Doc:
 
 
 def append_trees(base: Doc, *additions: Doc) -> Doc:
-    """A model with ``base``'s trees followed by each addition's trees (one tree per iteration)."""
-    merged = copy.deepcopy(base)
-    model = merged["learner"]["gradient_booster"]["model"]
+    """A model with ``base``'s trees followed by each addition's trees (one tree per iteration).
+
+    Trees are shared, not copied (an appended tree is a new dict only for its ``id``): models here are
+    never edited in place (``scale_leaves``, ``leaf_refit.newton_step`` copy first), and copying the whole
+    forest on every cyclic turn made each turn cost O(model)."""
+    forest = list(trees(base))
     for addition in additions:
-        for tree in trees(addition):
-            tree = copy.deepcopy(tree)
-            tree["id"] = len(model["trees"])
-            model["trees"].append(tree)
-    count = len(model["trees"])
-    model["tree_info"] = [0] * count
-    model["iteration_indptr"] = list(range(count + 1))
-    model["gbtree_model_param"]["num_trees"] = str(count) if isinstance(
-        model["gbtree_model_param"]["num_trees"], str) else count
-    return merged
+        forest.extend({**tree, "id": len(forest)} for tree in trees(addition))
+    return _with_forest(base, forest)
 
 
 def empty_like(doc: Doc) -> Doc:
-    """``doc`` with no trees: the starting point that keeps its base score and objective."""
-    empty = copy.deepcopy(doc)
-    model = empty["learner"]["gradient_booster"]["model"]
-    model["trees"], model["tree_info"], model["iteration_indptr"] = [], [], [0]
-    model["gbtree_model_param"]["num_trees"] = "0" if isinstance(model["gbtree_model_param"]["num_trees"], str) else 0
-    return empty
+    """``doc`` with no trees: the starting point that keeps its base score and objective (a copy: the
+    trees are left out before copying, not copied and dropped)."""
+    return copy.deepcopy(_with_forest(doc, []))
+
+
+def _with_forest(doc: Doc, forest: list[Doc]) -> Doc:
+    """``doc`` holding ``forest`` (one tree per iteration), copied along the path to the trees only."""
+    booster = doc["learner"]["gradient_booster"]
+    model = booster["model"]
+    param = {**model["gbtree_model_param"]}
+    count = len(forest)
+    param["num_trees"] = str(count) if isinstance(param["num_trees"], str) else count
+    new_model = {**model, "trees": forest, "tree_info": [0] * count, "iteration_indptr": list(range(count + 1)),
+                 "gbtree_model_param": param}
+    return {**doc, "learner": {**doc["learner"], "gradient_booster": {**booster, "model": new_model}}}
 
 
 def all_finite(values: Iterable[float]) -> bool:

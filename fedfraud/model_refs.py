@@ -98,10 +98,29 @@ def extend(base: Doc, appended: list) -> Doc:
     return _with_trees(base, trees, list(model["tree_info"]) + [0] * len(appended))
 
 
-def reference(doc: Doc, k: int, base_sha: str) -> dict:
-    """``doc`` as a reference to its first ``k`` trees (a model hashed ``base_sha``)."""
+def reference(doc: Doc, k: int, base_sha: str, model_sha256: str | None = None) -> dict:
+    """``doc`` as a reference to its first ``k`` trees (a model hashed ``base_sha``); ``model_sha256``:
+    ``doc``'s own hash when the caller has it."""
     return {"base": base_sha, "base_trees": k, "append": _model(doc)["trees"][k:],
-            "model_sha256": content_hash(model_json.to_bytes(doc))}
+            "model_sha256": model_sha256 or content_hash(model_json.to_bytes(doc))}
+
+
+def extends_exactly(doc: Doc, k: int) -> bool:
+    """True when ``extend`` of ``doc``'s first ``k`` trees with the rest gives ``doc`` back byte for byte.
+
+    ``extend`` shares every tree body and rewrites only the tree ids, ``tree_info``, ``iteration_indptr``
+    and ``num_trees``; so comparing ``doc``'s outline (its trees reduced to their ids) with the rebuilt
+    one's is the byte-for-byte comparison, in time linear in the trees' count rather than their size."""
+    rebuilt = extend(prefix(doc, k), _model(doc)["trees"][k:])
+    return _outline(rebuilt) == _outline(doc)
+
+
+def _outline(doc: Doc) -> bytes:
+    """``doc``'s canonical bytes with each tree reduced to its id (or to [0] without one)."""
+    booster = doc["learner"]["gradient_booster"]
+    ids = [[1, tree["id"]] if "id" in tree else [0] for tree in booster["model"]["trees"]]
+    return canonical({**doc, "learner": {**doc["learner"], "gradient_booster": {
+        **booster, "model": {**booster["model"], "trees": ids}}}})
 
 
 def _resolve(ref: Any, lookup: Callable[[str], bytes | None]) -> Doc:

@@ -6,7 +6,8 @@ with the square of the banks. Here a training task or score question of a cyclic
 an envelope referring to the longest model that bank acknowledged (answered a message carrying it) whose
 trees start the model sent, with only the trees after it. The aggregator keeps, per bank, the hashes
 and tree counts of the last models it acknowledged (``<federation>/model-refs/<bank>.json``); it sends
-an envelope only when rebuilding it on this side gives back the question byte for byte, and only when
+an envelope only when what the bank rebuilds from it is the question byte for byte (checked in time linear
+in the trees' count: ``model_refs.extends_exactly``), within the bank's bound, and only when
 it is smaller. A bank that does not hold the base (a restart emptied its cache) refuses by name
 (``model_base_unknown``): the same question is then sent once more, in full. Every other strategy, and
 every other message, is sent as before.
@@ -118,23 +119,31 @@ def envelope(r: "RoundState", bank: str, question: bytes) -> bytes | None:
 
 
 def _build(q: _Question, choice: list, question: bytes) -> bytes | None:
-    message = json.loads(canonical(q.message))  # a copy to put references in
-    slots = model_refs.model_slots(message)
-    known = {}
-    for slot, ((holder, name), found) in enumerate(zip(slots, choice)):
-        if found is not None:
-            sha, k = found
-            holder[name] = model_refs.reference(q.docs[slot], k, sha)
-            known[sha] = q.prefix(slot, k)[0]
+    """The envelope, if it is smaller than ``question`` and what the bank rebuilds from it is ``question``
+    byte for byte (``model_refs.extends_exactly`` on each model sent by reference: the envelope's other
+    bytes are the question's own, copied along the path to each model slot only)."""
+    message, bases = dict(q.message), 0
+    if isinstance(message.get("models"), dict):
+        message["models"] = dict(message["models"])
+    for slot, ((holder, name), found) in enumerate(zip(model_refs.model_slots(message), choice)):
+        if found is None:
+            continue
+        sha, k = found
+        try:
+            exact = model_refs.extends_exactly(q.docs[slot], k)
+        except (KeyError, TypeError, AttributeError) as exc:
+            exact = False
+            log.warning("a model of a question cannot be sent by reference (%r); sent in full", exc)
+        if not exact:
+            log.warning("an envelope would not rebuild its question (slot %s, base of %s trees); sent in full",
+                        name, k)
+            return None
+        holder[name] = model_refs.reference(q.docs[slot], k, sha, q.shas[slot])
+        bases += len(q.prefix(slot, k)[0])
     body = canonical({"by_reference": 1, "message": message})
-    if len(body) >= len(question):
+    if len(body) + bases > MAX_ENVELOPE_BYTES:  # the bank's bound on what it rebuilds (``model_refs.expand``)
         return None
-    try:  # what the bank will rebuild must be this question, byte for byte
-        same = model_refs.expand(body, known.get, MAX_ENVELOPE_BYTES) == question
-    except ModelReferenceRefused as refused:
-        log.warning("an envelope does not rebuild its question (%s); sent in full", refused)
-        return None
-    return body if same else None
+    return body if len(body) < len(question) else None
 
 
 def ask(r: "RoundState | None", kind: str, bank: str, question: bytes, call: Callable[[bytes], bytes]

@@ -62,3 +62,18 @@ def test_model_id_is_a_content_hash(toy_banks):
     assert model_json.model_id(doc) == model_json.model_id(model_json.to_doc(model_json.to_booster(doc)))
     assert model_json.model_id(doc) != model_json.model_id(model_json.scale_leaves(doc, 0.5))
     assert model_json.model_id(None) == "none"
+
+
+def test_append_and_empty_leave_their_inputs_as_they_were(toy_banks):
+    """append_trees shares tree bodies instead of copying the forest (a cyclic turn must not cost O(model)),
+    so it must never write into its inputs; empty_like's result is a copy of everything it keeps."""
+    X, y = toy_banks["alpha"]
+    base, more = model_json.to_doc(fit(X, y, 2)), model_json.to_doc(fit(X, y, 3, seed=4))
+    before = model_json.to_bytes(base), model_json.to_bytes(more)
+    merged = model_json.append_trees(base, more, more)
+    assert (model_json.to_bytes(base), model_json.to_bytes(more)) == before
+    assert [t["id"] for t in model_json.trees(merged)] == list(range(8))
+    assert [t["id"] for t in model_json.trees(more)] == [0, 1, 2]
+    empty = model_json.empty_like(merged)
+    empty["learner"]["learner_model_param"]["base_score"] = "0.9"
+    assert model_json.to_bytes(base) == before[0] and len(model_json.trees(merged)) == 8

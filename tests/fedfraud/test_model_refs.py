@@ -104,3 +104,43 @@ def test_a_malformed_or_oversized_envelope_is_refused_by_name(grown):
         model_refs.expand(body, held, len(body) - 1)  # the envelope itself
     with pytest.raises(ModelReferenceRefused, match="^model_ref_too_large"):
         model_refs.expand(body, held, len(body) + len(raw_base) - 1)  # the message it would rebuild
+
+
+def _aliased(doc, where):
+    """``doc`` with one of the values ``extend`` rewrites spelled another way (equal in Python, not in bytes)."""
+    doc = json.loads(model_json.to_bytes(doc))
+    model = doc["learner"]["gradient_booster"]["model"]
+    if where == "id_true":
+        model["trees"][1]["id"] = True
+    elif where == "id_float":
+        model["trees"][5]["id"] = 5.0
+    elif where == "id_missing":
+        del model["trees"][5]["id"]
+    elif where == "tree_info_float":
+        model["tree_info"][5] = 0.0
+    elif where == "indptr":
+        model["iteration_indptr"] = [0, 2, 3, 4, 5, 6]
+    elif where == "num_trees_int":
+        model["gbtree_model_param"]["num_trees"] = 6
+    elif where == "num_trees_float":
+        model["gbtree_model_param"]["num_trees"] = 6.0
+    return doc
+
+
+@pytest.mark.parametrize("where", ["as_built", "id_true", "id_float", "id_missing", "tree_info_float", "indptr",
+                                   "num_trees_int", "num_trees_float"])
+@pytest.mark.parametrize("k", [0, 2, 4, 6])
+def test_extends_exactly_agrees_with_a_byte_for_byte_rebuild(grown, where, k):
+    """The aggregator's linear check says yes exactly when the bank's rebuild gives back the model's bytes."""
+    doc = _aliased(grown[0], where)
+    raw_base = model_json.to_bytes(model_refs.prefix(doc, k))
+    sent = task(doc).to_bytes()
+    body = envelope(json.loads(sent), ("base_model",), model_refs.reference(doc, k, content_hash(raw_base)))
+    try:
+        rebuilt_same = model_refs.expand(body, {content_hash(raw_base): raw_base}.get, LIMIT) == sent
+    except ModelReferenceRefused as refused:
+        assert refused.check == "model_hash_mismatch"
+        rebuilt_same = False
+    assert model_refs.extends_exactly(doc, k) is rebuilt_same
+    in_base = {"id_true": k > 1, "id_float": k == 6, "id_missing": k == 6, "tree_info_float": k == 6}  # kept
+    assert rebuilt_same is (where in ("as_built", "num_trees_int") or in_base.get(where, False))
