@@ -139,7 +139,7 @@ def _variants(own: dict[str, list[int]], trees: int, groups: list[list[str]]) ->
 
 def _ask_pairs(r: RoundState, worst: str, answered: list[str]) -> None:
     """The second question, for the banks that answered the first; then the drivers ask it (a re-run)."""
-    judged, question = r.ws.read_json(judged_path(r)), ScoreQuestion.from_bytes(question_path(r).read_bytes())
+    judged, question = r.ws.read_json(judged_path(r)), r.ws.read_message(question_path(r), ScoreQuestion.from_bytes)
     variants = _variants(judged["trees"], judged["total"], [[worst]] + [[worst, b] for b in judged["banks"]
                                                                          if b != worst])
     r.ws.write_json({**judged, "pairs": {"without": worst, "asked": answered}}, judged_path(r))
@@ -294,7 +294,7 @@ def gate(r: RoundState) -> None:
     contributions and each judgement's δ."""
     if not question_path(r).exists():
         return
-    question = ScoreQuestion.from_bytes(question_path(r).read_bytes())
+    question = r.ws.read_message(question_path(r), ScoreQuestion.from_bytes)
     labels = sorted(question.variants)
     answers, faults, evaluators, answered = _scores(r, "first", labels, _panel(r), answer_path)
     verdict, stage = checks(r), {"stage": list(r.stage), "faults": faults, "banks": {},

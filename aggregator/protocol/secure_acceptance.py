@@ -189,7 +189,7 @@ def relay(r: RoundState) -> None:
     if len(banks) < r.plan.masking_quorum:
         raise RoundFailed(f"round {r.round_id}: too_few_parties: {len(banks)} bank(s) with a key of the round "
                           f"for attempt {s['attempt']}, at least {r.plan.masking_quorum} needed")
-    plain = ScoreQuestion.from_bytes(Path(s["plain"]).read_bytes())
+    plain = r.ws.read_message(Path(s["plain"]), ScoreQuestion.from_bytes)
     masking = {"session": s["session"], "label": s["label"], "banks": banks}
     folder = _attempt_folder(r, s)
     for name, with_offers in (("question.json", True), ("question-by-reference.json", False)):
@@ -197,6 +197,11 @@ def relay(r: RoundState) -> None:
             body = {**masking, "offers": offers} if with_offers else masking
             write_bytes(ScoreQuestion(plain.round_id, plain.purpose, plain.variants, plain.models, body).to_bytes(),
                         folder / name)
+
+
+def question_digest(data: bytes) -> str:
+    """What the banks' masked answers to the question ``data`` are bound to (``ScoreQuestion.digest``)."""
+    return ScoreQuestion.from_bytes(data).digest()
 
 
 def asked(r: RoundState) -> list[str]:
@@ -217,7 +222,7 @@ def tally(r: RoundState, labels: list[str]) -> tuple[dict[str, EvaluationReport]
     """Each variant's histograms pooled at every session bank (as one report), and every bank left out of an
     attempt, by name; a re-run or a named failure when a bank's answer cannot enter the sum."""
     s = state(r)
-    folder, digest = _attempt_folder(r, s), ScoreQuestion.from_bytes(Path(s["plain"]).read_bytes()).digest()
+    folder, digest = _attempt_folder(r, s), r.ws.read_message(Path(s["plain"]), question_digest)
     uploads: dict[str, list[np.ndarray]] = {label: [] for label in labels}
     answered, faults = [], list(s.get("offer_faults", []))
     for bank in s["masking"]:

@@ -44,8 +44,9 @@ def train_exchanges(r: RoundState, bank: str) -> list[Exchange]:
 def train(r: RoundState, nodes: dict[str, Node]) -> None:
     """The stage's banks train (each alone, or all together for a collective strategy); a bank that
     fails is recorded by name and does not sink the stage."""
-    tasks = {b: TrainTask.from_bytes(r.path("tasks", b).read_bytes()) for b in r.stage}
+    sent = {b: r.path("tasks", b).read_bytes() for b in r.stage}  # as ``configure`` wrote them: sent as they are
     if r.strategy.collective:  # the stage's banks build every tree together
+        tasks = {b: TrainTask.from_bytes(data) for b, data in sent.items()}
         received, left_out = r.strategy.train_collective(nodes, tasks, r.round_id, r.on_progress)
         for bank, data in received.items():
             if traffic.in_process(nodes[bank]):  # task and session in, update out (the service counts its tasks)
@@ -58,10 +59,10 @@ def train(r: RoundState, nodes: dict[str, Node]) -> None:
             r.ws.write_json(r.strategy.last_timings, r.path("collective"))
         store_carried(r.ws, r.plan, r.strategy)  # a strategy built per round (Airflow) bins as this one did
         return
-    for bank, task in tasks.items():
-        r.on_progress(f"round {r.round_id}: {bank} trains {task.num_trees} trees")
+    for bank, task in sent.items():
+        r.on_progress(f"round {r.round_id}: {bank} trains {r.strategy.settings.trees_per_round} trees")
         try:
-            update, received = model_refs.ask(r, TaskKind.TRAIN, bank, task.to_bytes(), nodes[bank].train)
+            update, received = model_refs.ask(r, TaskKind.TRAIN, bank, task, nodes[bank].train)
             if traffic.in_process(nodes[bank]):
                 traffic.record(r.path("updates", bank), bank, received=received, sent=len(update))
             write_bytes(update, r.path("updates", bank))
