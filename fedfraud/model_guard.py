@@ -178,13 +178,15 @@ def _rebuild_tree(tree: Any, index: int, limits: ModelLimits, num_feature: int) 
     }
 
 
-def rebuild_trees(trees_json: Any, limits: ModelLimits, num_feature: int) -> list[Doc]:
-    """Every tree validated and rebuilt from allowed fields, training statistics zeroed."""
+def rebuild_trees(trees_json: Any, limits: ModelLimits, num_feature: int, rebuilt: int = 0) -> list[Doc]:
+    """Every tree validated and rebuilt from allowed fields, training statistics zeroed; the first
+    ``rebuilt`` are kept as they are (the caller's own output of this function, at the same indices)."""
     if not isinstance(trees_json, list):
         raise ModelRefused("wrong_type", f"trees: expected a list, got {type(trees_json).__name__}")
     if len(trees_json) > limits.max_trees:
         raise ModelRefused("too_many_trees", f"{len(trees_json)} trees > {limits.max_trees}")
-    return [_rebuild_tree(tree, index, limits, num_feature) for index, tree in enumerate(trees_json)]
+    return trees_json[:rebuilt] + [_rebuild_tree(tree, index, limits, num_feature)
+                                   for index, tree in enumerate(trees_json) if index >= rebuilt]
 
 
 def _check_declared(learner: Doc, header: ConsortiumHeader) -> None:
@@ -211,9 +213,13 @@ def _check_declared(learner: Doc, header: ConsortiumHeader) -> None:
         raise ModelRefused("categorical_split", "feature_types declares a categorical feature")
 
 
-def rebuild_model(doc: Any, limits: ModelLimits, header: ConsortiumHeader) -> Doc:
+def rebuild_model(doc: Any, limits: ModelLimits, header: ConsortiumHeader, rebuilt_trees: int = 0) -> Doc:
     """The validated model rebuilt inside ``header``: tree ids, ``tree_info``,
-    ``iteration_indptr`` and ``gbtree_model_param`` made consistent (one tree per iteration)."""
+    ``iteration_indptr`` and ``gbtree_model_param`` made consistent (one tree per iteration).
+
+    ``rebuilt_trees``: how many leading trees are this process's own output of ``rebuild_model`` under the
+    same limits and header, at the same indices (the aggregator appending a stage to its working model);
+    they are kept as they are. Never a count from another party."""
     if not isinstance(doc, dict):
         raise ModelRefused("wrong_type", f"a model must be a JSON object, got {type(doc).__name__}")
     learner = _field(doc, "learner", dict, "model")
@@ -225,7 +231,8 @@ def rebuild_model(doc: Any, limits: ModelLimits, header: ConsortiumHeader) -> Do
     cats = model.get("cats", {})
     if not isinstance(cats, dict) or any(cats.get(k) for k in ("enc", "feature_segments", "sorted_idx")):
         raise ModelRefused("categorical_split", "the model carries a category encoder")
-    rebuilt = header.document(rebuild_trees(_field(model, "trees", list, "model"), limits, header.num_feature))
+    rebuilt = header.document(rebuild_trees(_field(model, "trees", list, "model"), limits, header.num_feature,
+                                            rebuilt_trees))
     size = len(model_json.to_bytes(rebuilt))
     if size > limits.max_bytes:
         raise ModelRefused("too_large", f"rebuilt model is {size} bytes > {limits.max_bytes}")

@@ -30,7 +30,6 @@ import numpy as np
 from aggregator.evaluation import metric_problem
 from aggregator.protocol.errors import PhaseRerun, RoundFailed
 from aggregator.protocol.state import Exchange, Node, RoundState, answer_tolerantly
-from fedfraud import model_json
 from fedfraud.protocol import TaskKind
 from fedfraud.scores import BINS
 from fedfraud.secagg.masking import (
@@ -180,7 +179,7 @@ def _answer(r: RoundState, bank: str, purpose: str, session: str) -> tuple[np.nd
         answer = MaskedEvaluation.from_bytes(path.read_bytes())
     except WireFormatError as exc:
         raise AnswerRefused("masked_evaluation_malformed", str(exc)) from None
-    model_id = model_json.model_id(r.ws.read_json(r.path(source)))
+    model_id = r.ws.model_id_of(r.path(source))  # once per model, not once per bank
     named = {"wrong_sender": (answer.bank, bank), "wrong_session": (answer.session, session),
              "wrong_purpose": (answer.purpose, purpose), "wrong_model": (answer.model_id, model_id)}
     for check, (got, expected) in named.items():

@@ -9,6 +9,7 @@ rebuilt within the plan's model limits).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from aggregator.checks import Rejection, RoundContext, screen
@@ -83,7 +84,7 @@ def check(r: RoundState) -> None:
     verdict = checks(r)
     decided = set(verdict["participants"]) | {x["bank"] for x in verdict["rejections"]}
     received = {b: data for b, data in r.ws.messages(r.round_id, "updates").items() if b not in decided}
-    base_id = model_json.model_id(r.ws.working_model(r.round_id))
+    base_id = r.ws.working_model_id(r.round_id)
     ctx = RoundContext.for_stage(r.round_id, r.plan, r.stage, base_id, verdict["participants"])
     accepted, rejections = screen(received, ctx)
     for update in accepted:  # as rebuilt: aggregation never re-reads what a bank sent
@@ -106,13 +107,34 @@ def aggregate(r: RoundState) -> None:
     accepted = [ModelUpdate.from_bytes(r.path(CHECKED, b).read_bytes(), max_bytes=r.plan.model_limits.max_bytes)
                 for b in checks(r)["stage_accepted"]]
     if accepted:
-        doc = r.strategy.aggregate(r.ws.working_model(r.round_id), accepted, r.banks)
+        base = r.ws.working_model(r.round_id)
+        doc = r.strategy.aggregate(base, accepted, r.banks)
         try:
-            doc = rebuild_model(doc, r.plan.model_limits, r.plan.header)
+            doc = rebuild_model(doc, r.plan.model_limits, r.plan.header, _rebuilt_here(r, base, doc))
         except ModelRefused as refused:
             raise RoundFailed(f"round {r.round_id}: the aggregated model is refused by {refused.check}: "
                               f"{refused.detail}") from None
-        write_bytes(model_json.to_bytes(doc), r.path("working"))
+        raw = model_json.to_bytes(doc)
+        write_bytes(raw, r.path("working"))
+        r.ws.write_json({"sha256": hashlib.sha256(raw).hexdigest(), "trees": len(model_json.trees(doc))},
+                        r.path(REBUILT))
+
+
+def _rebuilt_here(r: RoundState, base: dict | None, doc: dict) -> int:
+    """How many leading trees of ``doc`` are the working model's as this phase rebuilt and wrote it at the
+    last stage (its record names the file's sha256), unchanged: those need no second rebuild, so a cyclic
+    turn rebuilds its own trees only. 0 when anything else wrote the working model (compaction, a refit)."""
+    record, working = r.path(REBUILT), r.path("working")
+    if base is None or not record.exists() or not working.exists():
+        return 0
+    mine = r.ws.read_json(record)
+    if mine.get("sha256") != hashlib.sha256(working.read_bytes()).hexdigest():
+        return 0
+    kept, before, after = mine.get("trees", 0), model_json.trees(base), model_json.trees(doc)
+    if not (isinstance(kept, int) and kept == len(before) <= len(after)
+            and all(a is b for a, b in zip(before, after))):
+        return 0
+    return kept
 
 
 def publish_candidate(r: RoundState) -> dict:
@@ -148,6 +170,7 @@ def publish_candidate(r: RoundState) -> dict:
 
 
 CHECKED = "updates-checked"
+REBUILT = "working-rebuilt"  # the working model's sha256 and trees, as ``aggregate`` rebuilt and wrote it
 
 
 def _missing(bank: str) -> Rejection:

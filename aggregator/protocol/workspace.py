@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from fedfraud import model_json
 from fedfraud.model_json import Doc
 from pipelines.io import write_bytes
 
@@ -30,6 +31,10 @@ _lock = threading.Lock()
 
 def dump(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, indent=1, default=str).encode()
+
+
+def _model_id(data: bytes) -> str:
+    return model_json.model_id(json.loads(data))
 
 
 def parsed(data: bytes, parse: Callable[[bytes], T]) -> T:
@@ -92,6 +97,17 @@ class Workspace:
         """The model the rounds before ``round_id`` produced (None before the first round; shared: never edit
         it in place, nor ``working_model``'s)."""
         return self.read_message(self.path(round_id - 1, "model"), json.loads) if round_id > 1 else None
+
+    def model_id_of(self, path: Path) -> str:
+        """``model_json.model_id`` of the model at ``path``, remembered (``parsed``) by its content."""
+        return self.read_message(path, _model_id)
+
+    def working_model_id(self, round_id: int) -> str:
+        """``model_json.model_id`` of ``working_model`` ("none" before the first round's first stage)."""
+        working = self.path(round_id, "working")
+        if working.exists():
+            return self.model_id_of(working)
+        return self.model_id_of(self.path(round_id - 1, "model")) if round_id > 1 else model_json.model_id(None)
 
     def working_model(self, round_id: int) -> Doc | None:
         """The model this round has aggregated so far (its stages before), else the global model."""
