@@ -3,8 +3,9 @@
 The first four run once per stage (cyclic: once per bank's turn). Between phases everything
 lives in the round's workspace folder: tasks/, updates/, failures/, ``checks.json`` (accepted
 banks and named rejections so far), updates-checked/ (each accepted update as ``check`` rebuilt
-it: the only bytes a strategy aggregates) and ``working.json`` (the model aggregated so far,
-rebuilt within the plan's model limits).
+it: the only bytes a strategy aggregates), ``working.json`` (the model aggregated so far,
+rebuilt within the plan's model limits) and ``working-rebuilt.json`` (that file's sha256 and tree
+count: the next stage rebuilds only its own trees).
 """
 
 from __future__ import annotations

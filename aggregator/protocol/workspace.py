@@ -3,7 +3,7 @@
     <work_dir>/federations/<model>/summaries/<bank>.json
     <work_dir>/federations/<model>/plan.json
     <work_dir>/federations/<model>/round-<r>/{tasks,updates,evaluations,champion_evaluations}/<bank>.json
-    <work_dir>/federations/<model>/round-<r>/{working,checks,model,champion,outcome,registered}.json
+    <work_dir>/federations/<model>/round-<r>/{working,working-rebuilt,checks,model,champion,outcome,registered}.json
 
 Every file holds exactly a ``fedfraud.wire`` message or a step's JSON record, written
 atomically, so any phase can be re-run from what the earlier ones left.
