@@ -186,7 +186,7 @@ def rebuild_trees(trees_json: Any, limits: ModelLimits, num_feature: int, rebuil
     if len(trees_json) > limits.max_trees:
         raise ModelRefused("too_many_trees", f"{len(trees_json)} trees > {limits.max_trees}")
     return trees_json[:rebuilt] + [_rebuild_tree(tree, index, limits, num_feature)
-                                   for index, tree in enumerate(trees_json) if index >= rebuilt]
+                                   for index, tree in enumerate(trees_json[rebuilt:], start=rebuilt)]
 
 
 def _check_declared(learner: Doc, header: ConsortiumHeader) -> None:

@@ -91,24 +91,25 @@ def append_trees(base: Doc, *additions: Doc) -> Doc:
     forest = list(trees(base))
     for addition in additions:
         forest.extend({**tree, "id": len(forest)} for tree in trees(addition))
-    return _with_forest(base, forest)
+    return with_trees(base, forest)
 
 
 def empty_like(doc: Doc) -> Doc:
     """``doc`` with no trees: the starting point that keeps its base score and objective (a copy: the
     trees are left out before copying, not copied and dropped)."""
-    return copy.deepcopy(_with_forest(doc, []))
+    return copy.deepcopy(with_trees(doc, []))
 
 
-def _with_forest(doc: Doc, forest: list[Doc]) -> Doc:
-    """``doc`` holding ``forest`` (one tree per iteration), copied along the path to the trees only."""
+def with_trees(doc: Doc, forest: list[Doc], tree_info: list | None = None) -> Doc:
+    """``doc`` holding ``forest`` (one tree per iteration; ``tree_info`` all 0 unless given), copied along the
+    path to the trees only: the trees and everything beside them are shared."""
     booster = doc["learner"]["gradient_booster"]
     model = booster["model"]
-    param = {**model["gbtree_model_param"]}
     count = len(forest)
-    param["num_trees"] = str(count) if isinstance(param["num_trees"], str) else count
-    new_model = {**model, "trees": forest, "tree_info": [0] * count, "iteration_indptr": list(range(count + 1)),
-                 "gbtree_model_param": param}
+    param = {**model["gbtree_model_param"]}
+    param["num_trees"] = str(count) if isinstance(param.get("num_trees"), str) else count
+    new_model = {**model, "trees": forest, "tree_info": [0] * count if tree_info is None else tree_info,
+                 "iteration_indptr": list(range(count + 1)), "gbtree_model_param": param}
     return {**doc, "learner": {**doc["learner"], "gradient_booster": {**booster, "model": new_model}}}
 
 

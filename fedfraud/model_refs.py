@@ -72,22 +72,10 @@ def _model(doc: Doc) -> dict:
     return doc["learner"]["gradient_booster"]["model"]
 
 
-def _with_trees(doc: Doc, trees: list, tree_info: list) -> Doc:
-    """``doc`` (shallow copies along the way) holding ``trees``, one per iteration."""
-    booster = doc["learner"]["gradient_booster"]
-    model = booster["model"]
-    count = len(trees)
-    param = {**model["gbtree_model_param"]}
-    param["num_trees"] = str(count) if isinstance(param.get("num_trees"), str) else count
-    new_model = {**model, "trees": trees, "tree_info": tree_info, "iteration_indptr": list(range(count + 1)),
-                 "gbtree_model_param": param}
-    return {**doc, "learner": {**doc["learner"], "gradient_booster": {**booster, "model": new_model}}}
-
-
 def prefix(doc: Doc, k: int) -> Doc:
     """``doc`` cut to its first ``k`` trees (the model ``extend`` grows back into ``doc``)."""
     model = _model(doc)
-    return _with_trees(doc, list(model["trees"][:k]), list(model["tree_info"][:k]))
+    return model_json.with_trees(doc, list(model["trees"][:k]), list(model["tree_info"][:k]))
 
 
 def extend(base: Doc, appended: list) -> Doc:
@@ -95,7 +83,7 @@ def extend(base: Doc, appended: list) -> Doc:
     model = _model(base)
     start = len(model["trees"])
     trees = list(model["trees"]) + [{**tree, "id": start + i} for i, tree in enumerate(appended)]
-    return _with_trees(base, trees, list(model["tree_info"]) + [0] * len(appended))
+    return model_json.with_trees(base, trees, list(model["tree_info"]) + [0] * len(appended))
 
 
 def reference(doc: Doc, k: int, base_sha: str, model_sha256: str | None = None) -> dict:

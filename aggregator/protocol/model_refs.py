@@ -130,13 +130,11 @@ def _build(q: _Question, choice: list, question: bytes) -> bytes | None:
             continue
         sha, k = found
         try:
-            exact = model_refs.extends_exactly(q.docs[slot], k)
+            why = None if model_refs.extends_exactly(q.docs[slot], k) else "it would not rebuild the model's bytes"
         except (KeyError, TypeError, AttributeError) as exc:
-            exact = False
-            log.warning("a model of a question cannot be sent by reference (%r); sent in full", exc)
-        if not exact:
-            log.warning("an envelope would not rebuild its question (slot %s, base of %s trees); sent in full",
-                        name, k)
+            why = f"the model cannot be extended ({exc!r:.80})"
+        if why:
+            log.warning("model %s of a question by reference to its first %s trees: %s; sent in full", name, k, why)
             return None
         holder[name] = model_refs.reference(q.docs[slot], k, sha, q.shas[slot])
         bases += len(q.prefix(slot, k)[0])

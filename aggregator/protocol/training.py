@@ -61,10 +61,10 @@ def train(r: RoundState, nodes: dict[str, Node]) -> None:
             r.ws.write_json(r.strategy.last_timings, r.path("collective"))
         store_carried(r.ws, r.plan, r.strategy)  # a strategy built per round (Airflow) bins as this one did
         return
-    for bank, task in sent.items():
+    for bank, task_bytes in sent.items():
         r.on_progress(f"round {r.round_id}: {bank} trains {r.strategy.settings.trees_per_round} trees")
         try:
-            update, received = model_refs.ask(r, TaskKind.TRAIN, bank, task, nodes[bank].train)
+            update, received = model_refs.ask(r, TaskKind.TRAIN, bank, task_bytes, nodes[bank].train)
             if traffic.in_process(nodes[bank]):
                 traffic.record(r.path("updates", bank), bank, received=received, sent=len(update))
             write_bytes(update, r.path("updates", bank))
